@@ -1,0 +1,198 @@
+"""ModelConfig: the static description of a Llama / Mistral decoder.
+
+A frozen dataclass, hashable, so it can be a static argument of `jax.jit`. Built from a
+Hugging Face `config.json` (transformers v4 and v5 spellings) and round-tripped to json
+next to a converted checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a model this package runs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.x `rope_scaling` of type "llama3" (frequency-dependent NTK-by-parts)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {self.model_type!r}: rocketkv-jax runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} decoders"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    # ------------------------------------------------------------------ HF json
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Read an HF `config.json` dict (Llama or Mistral, transformers v4 or v5)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = cfg.get("architectures")
+            raise ConfigError(
+                f"unsupported architecture: model_type={model_type!r} architectures={archs!r}; "
+                f"rocketkv-jax converts only {', '.join(SUPPORTED_MODEL_TYPES)} models"
+            )
+        try:
+            hidden = int(cfg["hidden_size"])
+            num_heads = int(cfg["num_attention_heads"])
+            layers = int(cfg["num_hidden_layers"])
+            intermediate = int(cfg["intermediate_size"])
+            vocab = int(cfg["vocab_size"])
+        except KeyError as e:
+            raise ConfigError(f"config.json is missing required key {e.args[0]!r}") from None
+        num_kv = int(cfg.get("num_key_value_heads") or num_heads)
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        # transformers v5 moved rope_theta / rope_scaling into rope_parameters.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = cfg.get("rope_scaling") or None
+        if rope_params and rope_params.get("rope_type", "default") != "default":
+            scaling = rope_params
+        rope_scaling = _parse_rope_scaling(scaling)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        sliding = cfg.get("sliding_window") if model_type == "mistral" else None
+        return cls(
+            model_type=model_type,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_layers=layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv,
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=rope_scaling,
+            sliding_window=None if sliding is None else int(sliding),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid json: {e}") from None
+        if data.get("rocketkv_config_version") == 1:
+            return cls.from_dict(data)
+        return cls.from_hf_dict(data)
+
+    # ------------------------------------------------------------ own json form
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        d["rocketkv_config_version"] = 1
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = {k: v for k, v in d.items() if k != "rocketkv_config_version"}
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every parameter, keyed by its path in the params pytree.
+
+        Layers are stacked on a leading axis of size `num_layers` (the forward scans
+        over them). Linear weights are stored [in, out].
+        """
+        E, F, V, Ly = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        shapes = {
+            "embed": (V, E),
+            "final_norm": (E,),
+            "layers/attn_norm": (Ly, E),
+            "layers/wq": (Ly, E, H * D),
+            "layers/wk": (Ly, E, K * D),
+            "layers/wv": (Ly, E, K * D),
+            "layers/wo": (Ly, H * D, E),
+            "layers/mlp_norm": (Ly, E),
+            "layers/w_gate": (Ly, E, F),
+            "layers/w_up": (Ly, E, F),
+            "layers/w_down": (Ly, F, E),
+        }
+        if not self.tie_word_embeddings:
+            shapes["lm_head"] = (E, V)
+        return shapes
+
+
+def _parse_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ConfigError(
+            f"unsupported rope_scaling type {kind!r}: only 'llama3' (Llama-3.x) is implemented"
+        )
+    try:
+        return RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"rope_scaling of type llama3 is missing {e.args[0]!r}") from None

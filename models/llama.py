@@ -1,0 +1,131 @@
+"""Functional Llama / Mistral decoder.
+
+The forward is a pure function of (params, config, tokens, positions, cache, plan). The
+KV method is passed in as a resolved plan with three pure functions (`compress` once
+after prefill, `append` and `attend` at every decode step); the model never branches on
+which method it is. Layers are scanned with `lax.scan` over params stacked on a leading
+layer axis, so compile time does not grow with depth.
+
+Padding convention: prompts are right-padded; token t of a row sits at position t, and
+`lengths` [B] says how many tokens of each row are real.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
+from .rope import apply_rope, inverse_frequencies
+
+Params = dict[str, Any]
+
+
+class KVPlan(Protocol):
+    """What the model needs from a KV-cache method (a resolved, hashable plan)."""
+
+    capacity: int
+
+    def compress(self, k, v, q, lengths):
+        """k, v: [B, K, T, D], q: [B, H, T, D] (RoPE applied), lengths: [B] -> cache."""
+
+    def append(self, cache, k, v, position):
+        """k, v: [B, K, D], position: [B] -> cache with the token written."""
+
+    def attend(self, q, cache, query_pos, sliding_window):
+        """q: [B, H, D], query_pos: [B] -> attention output [B, H, D]."""
+
+
+def _project_qkv(p, config: ModelConfig, h, positions, inv_freq):
+    """h [B, T, E] -> q [B, H, T, D], k, v [B, K, T, D] with RoPE on q and k."""
+    B, T, _ = h.shape
+    H, K, D = config.num_heads, config.num_kv_heads, config.head_dim
+    q = (h @ p["wq"]).reshape(B, T, H, D).transpose(0, 2, 1, 3)  # [B, H, T, D]
+    k = (h @ p["wk"]).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    v = (h @ p["wv"]).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    q = apply_rope(q, positions[:, None, :], inv_freq)
+    k = apply_rope(k, positions[:, None, :], inv_freq)
+    return q, k, v
+
+
+def _mlp_block(p, config: ModelConfig, x):
+    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+    return x + swiglu_mlp(h, p["w_gate"], p["w_up"], p["w_down"])
+
+
+def _unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final norm and LM head: x [..., E] -> float32 logits [..., V]."""
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]  # [E, V]
+    return jnp.dot(x, head, preferred_element_type=jnp.float32)
+
+
+def forward_prefill(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    plan: KVPlan,
+    *,
+    all_logits: bool = True,
+) -> tuple[jax.Array, Any]:
+    """Run the prompt through the model and build the (compressed) KV cache.
+
+    tokens: [B, T] int32, right-padded; lengths: [B] int32 real tokens per row (>= 1).
+    Returns (logits, cache): logits [B, T, V] float32 when `all_logits`, else the
+    logits of each row's last real token [B, V]; cache: the plan's cache pytree with a
+    leading layer axis, after the plan's `compress`.
+    """
+    B, T = tokens.shape
+    inv_freq = inverse_frequencies(config)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))  # [B, T]
+    key_pos = jnp.where(positions < lengths[:, None], positions, -1)  # [B, T]
+    mask = attention_mask(positions, key_pos, config.sliding_window)[:, None]  # [B, 1, T, T]
+    x = params["embed"][tokens]  # [B, T, E]
+
+    def layer(x, p):
+        h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(p, config, h, positions, inv_freq)
+        attn = dense_attention(q, k, v, mask)  # [B, H, T, D]
+        cache = plan.compress(k, v, q, lengths)
+        attn = attn.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H*D]
+        x = x + attn @ p["wo"]
+        return _mlp_block(p, config, x), cache
+
+    x, cache = jax.lax.scan(layer, x, params["layers"])
+    if not all_logits:
+        x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, E]
+    return _unembed(params, config, x), cache
+
+
+def forward_decode(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Any,
+    plan: KVPlan,
+) -> tuple[jax.Array, Any]:
+    """One decode step: tokens [B] int32 at positions [B] -> (logits [B, V] float32, cache).
+
+    Each layer appends the new token to its cache (plan.append) and attends with
+    plan.attend, which is where sparse methods read only their selected tokens.
+    """
+    B = tokens.shape[0]
+    inv_freq = inverse_frequencies(config)
+    x = params["embed"][tokens][:, None]  # [B, 1, E]
+
+    def layer(x, layer_in):
+        p, c = layer_in
+        h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(p, config, h, positions[:, None], inv_freq)
+        c = plan.append(c, k[:, :, 0], v[:, :, 0], positions)
+        attn = plan.attend(q[:, :, 0], c, positions, config.sliding_window)  # [B, H, D]
+        x = x + attn.reshape(B, 1, -1) @ p["wo"]
+        return _mlp_block(p, config, x), c
+
+    x, cache = jax.lax.scan(layer, x, (params["layers"], cache))
+    return _unembed(params, config, x[:, 0]), cache
