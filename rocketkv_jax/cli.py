@@ -1,0 +1,234 @@
+"""`rocketkv`: generate text with a compressed KV cache, evaluate and benchmark methods.
+
+Errors in what the user asked for (a missing checkpoint, an over-long prompt, an unknown
+method) end with one `error:` line and exit code 2, never a traceback from inside JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  rocketkv generate --chat --prompt "What is the capital of France?"
+  rocketkv generate --method rocketkv --token-budget 256 --prompt-file essay.txt
+  echo "Once upon a time" | rocketkv generate --method full --max-new-tokens 64
+  rocketkv generate --batch-file prompts.txt --temperature 0.7 --top-p 0.9 --seed 1
+"""
+
+GENERATE_HELP = """Generate text with SmolLM2 (embedded, the default) or a converted checkpoint.
+The prompt comes from --prompt, --prompt-file, or standard input. With one prompt, tokens
+are streamed to stdout as they are produced; with --batch-file, prompts (one per line, or
+JSON lines with a "prompt" field) run as batches and one JSON line per prompt is printed.
+A statistics line (prompt/generated tokens, prefill time, decode tokens/s, compile time,
+KV cache bytes) is printed to stderr at the end."""
+
+
+class UserError(Exception):
+    """Raised for bad CLI input; printed as one line, exit code 2."""
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from .methods import METHOD_NAMES
+
+    p.add_argument(
+        "--method", default="rocketkv", metavar="NAME",
+        help=f"KV-cache method, one of: {', '.join(METHOD_NAMES)} (default: rocketkv)",
+    )
+    p.add_argument(
+        "--token-budget", type=int, default=256, metavar="M",
+        help="KV tokens read per decode step per KV head (the paper's token budget); "
+        "ignored by --method full (default: 256)",
+    )
+    p.add_argument(
+        "--kernels", default="reference", choices=("reference", "interpret", "triton", "auto"),
+        help="stage-2 kernels: jnp reference, Pallas in interpret mode (CPU, slow), Pallas "
+        "Triton (CUDA GPU), or auto (Triton on GPU, else reference) (default: reference)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rocketkv",
+        description="RocketKV KV-cache compression for Llama/Mistral in JAX.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    g = sub.add_parser(
+        "generate", help="generate text", description=GENERATE_HELP, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    src.add_argument("--batch-file", type=Path,
+                     help="many prompts: one per line, or JSON lines with a 'prompt' field")
+    g.add_argument("--model", type=Path, default=None,
+                   help="converted checkpoint directory (default: embedded SmolLM2-135M)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template as a user turn")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    _add_method_args(g)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k best (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--batch-file)")
+    g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    g.set_defaults(func=cmd_generate)
+    try:
+        from .eval.cli import add_eval_parser
+
+        add_eval_parser(sub)
+    except ImportError:  # pragma: no cover - eval extras missing
+        pass
+    return parser
+
+
+def _read_prompts(args) -> tuple[list[str], bool]:
+    """Returns (prompts, batch_mode)."""
+    if args.batch_file is not None:
+        if not args.batch_file.is_file():
+            raise UserError(f"batch file {args.batch_file} does not exist")
+        prompts = []
+        for n, line in enumerate(args.batch_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(
+                        f"{args.batch_file}:{n}: a JSON line needs a string 'prompt' field"
+                    ) from None
+            else:
+                prompts.append(line)
+        if not prompts:
+            raise UserError(f"batch file {args.batch_file} holds no prompts")
+        return prompts, True
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise UserError(f"prompt file {args.prompt_file} does not exist")
+        text = args.prompt_file.read_text()
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise UserError("no prompt: give --prompt, --prompt-file, --batch-file or pipe stdin")
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    return [text], False
+
+
+def make_method_from_args(args):
+    from .methods import make_method
+
+    budget = None if args.method == "full" else args.token_budget
+    kw = {} if args.kernels == "reference" else {"kernels": args.kernels}
+    try:
+        return make_method(args.method, budget, **kw)
+    except TypeError:
+        raise UserError(
+            f"method {args.method!r} does not use Pallas kernels; drop --kernels"
+        ) from None
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate_ids
+    from .model_store import load_model
+    from .sampling import Sampling
+
+    prompts, batch_mode = _read_prompts(args)
+    method = make_method_from_args(args)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    model = load_model(args.model)
+    tok = model.tokenizer
+    ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
+    stop = set(model.config.eos_token_ids)
+    if tok.eos_token_id is not None:
+        stop.add(tok.eos_token_id)
+    if args.chat:  # chat models end a turn with their end-of-turn token
+        for t in ("<|im_end|>", "<|eot_id|>", "</s>"):
+            if (i := tok.token_id(t)) is not None:
+                stop.add(i)
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                  stop_ids=sorted(stop))
+    if not batch_mode:
+        streamer = None if args.no_stream else _Streamer(tok, stop)
+        out = generate_ids(model.params, model.config, ids, method,
+                           on_step=streamer, **common)
+        text = tok.decode([t for t in out.tokens[0] if t not in stop])
+        if streamer is None:
+            print(text, flush=True)
+        else:
+            streamer.finish(text)
+        print(out.stats.summary(), file=sys.stderr, flush=True)
+        return 0
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(ids), args.batch_size), desc="batches", file=sys.stderr):
+        chunk = ids[start : start + args.batch_size]
+        out = generate_ids(model.params, model.config, chunk, method, **common)
+        for i, toks in enumerate(out.tokens):
+            text = tok.decode([t for t in toks if t not in stop])
+            print(json.dumps({"index": start + i, "prompt": prompts[start + i],
+                              "output": text}), flush=True)
+        print(out.stats.summary(), file=sys.stderr, flush=True)
+    return 0
+
+
+class _Streamer:
+    """Prints the growing decoded text of row 0 as tokens arrive."""
+
+    def __init__(self, tokenizer, stop):
+        self.tok, self.stop, self.ids, self.printed = tokenizer, stop, [], ""
+        self.finished = False
+
+    def __call__(self, step, tokens, done):
+        if self.finished:
+            return
+        t = int(tokens[0])
+        self.finished = bool(done[0])
+        if t in self.stop:
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if "\ufffd" in text[len(self.printed):]:  # wait for the rest of a multi-byte char
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+    def finish(self, text: str) -> None:
+        sys.stdout.write(text[len(self.printed):] + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .generate import GenerateError
+    from .model_store import ModelNotFoundError
+    from .models.config import ConfigError
+    from .tokenizer import TokenizerError
+
+    try:
+        return args.func(args)
+    except (UserError, GenerateError, ModelNotFoundError, ConfigError, TokenizerError,
+            ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
