@@ -1,0 +1,91 @@
+"""The one place where a kernel backend is chosen.
+
+Backends:
+  - "auto": the Triton-lowered Pallas kernel when JAX's default backend is a GPU, otherwise the
+    pure-jnp reference. This is what the method layer uses.
+  - "reference": the pure-jnp reference beside each kernel (XLA on any device).
+  - "interpret": the Pallas kernel run by the Pallas interpreter (`interpret=True`). Slow; for
+    CPU tests of the kernel body.
+  - "triton": the Pallas kernel lowered through Triton. Needs a CUDA GPU to run; on a CPU-only
+    machine it can still be lowered with `lower(lowering_platforms=("cuda",))`.
+
+Why Triton params are always passed explicitly: `pallas_call` picks its GPU lowering from the
+type of `compiler_params`. Without any, JAX 0.10 lowers GPU kernels with Mosaic GPU, which these
+kernels are not written for (they use `plgpu.load` masks and pointer gathers). Pallas-Triton is
+deprecated upstream from JAX 0.11 (see docs/kernels.md for the migration path); keeping the choice
+here means a future Mosaic GPU or jax-triton port only touches this file and the kernel bodies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+Backend = Literal["auto", "reference", "interpret", "triton"]
+ResolvedBackend = Literal["reference", "interpret", "triton"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def resolve_backend(backend: str) -> ResolvedBackend:
+    """Maps a requested backend name to the one that runs ("auto" is resolved here).
+
+    Called at trace time (the backend is a static argument), so "auto" follows the default
+    device of the process that traces.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}. "
+            "Use 'auto' to get the Triton kernel on GPU and the jnp reference elsewhere."
+        )
+    if backend == "auto":
+        return "triton" if jax.default_backend() == "gpu" else "reference"
+    return backend  # type: ignore[return-value]
+
+
+def is_pallas(backend: str) -> bool:
+    """True when `backend` resolves to a Pallas kernel (interpret or Triton)."""
+    return resolve_backend(backend) != "reference"
+
+
+def pallas_call(
+    kernel: Callable[..., None],
+    *,
+    backend: str,
+    out_shape: Any,
+    grid: tuple[int, ...],
+    in_specs: Sequence[Any],
+    out_specs: Any,
+    num_warps: int,
+    num_stages: int,
+    name: str,
+    input_output_aliases: dict[int, int] | None = None,
+) -> Callable[..., Any]:
+    """`pl.pallas_call` with the backend-specific arguments filled in.
+
+    `backend` must resolve to "interpret" or "triton". Triton gets explicit
+    `plgpu.CompilerParams` so the Triton lowering (not Mosaic GPU) is used.
+    """
+    resolved = resolve_backend(backend)
+    if resolved == "reference":
+        raise ValueError("pallas_call needs a Pallas backend ('interpret' or 'triton').")
+    interpret = resolved == "interpret"
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        input_output_aliases=input_output_aliases or {},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of 2 that is >= n (and >= 1). Triton arrays need power-of-2 sizes."""
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -1,0 +1,100 @@
+"""GPU lowering without a GPU: both kernels must lower to the Triton custom call.
+
+`lower(lowering_platforms=("cuda",))` runs the real Pallas->Triton lowering on CPU and raises
+Triton's refusals (non-power-of-2 arrays, unsupported primitives), so a block shape that would
+fail on an H100 fails here. Shapes are Llama-3.1-8B-like: K=8, G=4, D=128, 32k/128k context.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+
+from rocketkv_jax.kernels import approx_scores, backend, sparse_decode_attention
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+S = jax.ShapeDtypeStruct
+DTYPES = [jnp.bfloat16, jnp.float32]
+
+
+def lower_for_cuda(f, *shapes) -> str:
+    return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+    "b,c,m", [(1, 32768, 2048), (1, 131072, 4096), (4, 32768, 256), (2, 5000, 300)]
+)
+def test_sparse_decode_attention_lowers_to_triton(dtype, b, c, m):
+    kv, g, d = 8, 4, 128
+    text = lower_for_cuda(
+        lambda *a: sparse_decode_attention(*a, backend="triton"),
+        S((b, kv, g, d), dtype), S((b, kv, c, d), dtype), S((b, kv, c, d), dtype),
+        S((b, kv, m), jnp.int32),
+    )
+    assert TRITON_CALL in text
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("channel_major", [False, True], ids=["PD", "DP"])
+@pytest.mark.parametrize("b,c,page_size,r", [(1, 32768, 16, 32), (2, 131072, 32, 7),
+                                             (1, 4000, 8, 128)])
+def test_approx_scores_lowers_to_triton(dtype, channel_major, b, c, page_size, r):
+    kv, g, d = 8, 4, 128
+    p = -(-c // page_size)
+    meta = (b, kv, d, p) if channel_major else (b, kv, p, d)
+    text = lower_for_cuda(
+        lambda *a: approx_scores(*a, page_size=page_size, backend="triton",
+                                 channel_major=channel_major),
+        S((b, kv, g, d), dtype), S(meta, dtype), S(meta, dtype), S((b, kv, r), jnp.int32),
+        S((b,), jnp.int32),
+    )
+    assert TRITON_CALL in text
+
+
+@pytest.mark.parametrize("g", [1, 3, 8])
+def test_gqa_ratios_and_vmap_lower_to_triton(g):
+    """G != 16 is padded; a vmap adds the third (and last allowed) Triton grid axis."""
+    n, b, kv, d, c, m, r = 2, 1, 8, 128, 8192, 512, 16
+    dt = jnp.bfloat16
+    attn = jax.vmap(lambda *a: sparse_decode_attention(*a, backend="triton"))
+    text = lower_for_cuda(attn, S((n, b, kv, g, d), dt), S((n, b, kv, c, d), dt),
+                          S((n, b, kv, c, d), dt), S((n, b, kv, m), jnp.int32))
+    assert TRITON_CALL in text
+    scores = jax.vmap(lambda *a: approx_scores(*a, page_size=16, backend="triton"))
+    p = c // 16
+    text = lower_for_cuda(scores, S((n, b, kv, g, d), dt), S((n, b, kv, p, d), dt),
+                          S((n, b, kv, p, d), dt), S((n, b, kv, r), jnp.int32),
+                          S((n, b), jnp.int32))
+    assert TRITON_CALL in text
+
+
+def test_lowering_check_rejects_non_power_of_2_blocks():
+    """Control: the same check fails for an array shape Triton cannot hold."""
+
+    def bad_kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2.0
+
+    def f(x):
+        return backend.pallas_call(
+            bad_kernel, backend="triton", out_shape=S((24, 16), jnp.float32), grid=(1,),
+            in_specs=[pl.BlockSpec((24, 16), lambda i: (0, 0))],
+            out_specs=pl.BlockSpec((24, 16), lambda i: (0, 0)),
+            num_warps=4, num_stages=2, name="bad",
+        )(x)
+
+    with pytest.raises(Exception, match="power of 2"):
+        lower_for_cuda(f, S((24, 16), jnp.float32))
+
+
+def test_triton_backend_uses_triton_not_mosaic():
+    """Without explicit Triton params, JAX 0.10 would lower GPU Pallas with Mosaic GPU."""
+    text = lower_for_cuda(
+        lambda *a: sparse_decode_attention(*a, backend="triton"),
+        S((1, 2, 4, 64), jnp.bfloat16), S((1, 2, 1024, 64), jnp.bfloat16),
+        S((1, 2, 1024, 64), jnp.bfloat16), S((1, 2, 128), jnp.int32),
+    )
+    assert TRITON_CALL in text
+    assert "mosaic_gpu" not in text.lower()
