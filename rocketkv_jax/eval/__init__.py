@@ -1,0 +1,82 @@
+"""Accuracy evaluation: NIAH / RULER-style tasks, RULER scoring, resumable runs, fidelity
+to full KV, markdown + PNG reports, and the `rocketkv eval` subcommand.
+
+Importing this package does not import JAX or matplotlib (the plot imports it lazily).
+"""
+
+from rocketkv_jax.eval.cli import (
+    EvalArgumentError,
+    EvalConfig,
+    add_eval_parser,
+    run_eval_command,
+    validate_eval_args,
+)
+from rocketkv_jax.eval.fidelity import (
+    FIDELITY_FILE,
+    fidelity_metrics,
+    identical_prefix_length,
+    kl_per_step,
+    run_fidelity,
+    token_agreement,
+)
+from rocketkv_jax.eval.report import PLOT_FILE, TABLE_FILE, render_markdown, write_report
+from rocketkv_jax.eval.runner import (
+    FULL_METHOD,
+    METHOD_NAMES,
+    RESULTS_FILE,
+    EngineContractError,
+    ResultsFileError,
+    read_jsonl,
+    run_eval,
+)
+from rocketkv_jax.eval.scoring import (
+    METRIC_BY_TASK,
+    corpus_score,
+    score_output,
+    string_match_all,
+    string_match_part,
+)
+from rocketkv_jax.eval.tasks import (
+    DEFAULT_MAX_NEW_TOKENS,
+    TASK_NAMES,
+    TaskError,
+    TaskSample,
+    generate_samples,
+    make_sample,
+)
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "FIDELITY_FILE",
+    "FULL_METHOD",
+    "METHOD_NAMES",
+    "METRIC_BY_TASK",
+    "PLOT_FILE",
+    "RESULTS_FILE",
+    "TABLE_FILE",
+    "TASK_NAMES",
+    "EngineContractError",
+    "EvalArgumentError",
+    "EvalConfig",
+    "ResultsFileError",
+    "TaskError",
+    "TaskSample",
+    "add_eval_parser",
+    "corpus_score",
+    "fidelity_metrics",
+    "generate_samples",
+    "identical_prefix_length",
+    "kl_per_step",
+    "make_sample",
+    "read_jsonl",
+    "render_markdown",
+    "run_eval",
+    "run_eval_command",
+    "run_fidelity",
+    "score_output",
+    "string_match_all",
+    "string_match_part",
+    "token_agreement",
+    "validate_eval_args",
+    "write_report",
+]

@@ -1,0 +1,348 @@
+"""`rocketkv eval`: argument parsing, validation and the run -> fidelity -> report pipeline.
+
+The model engine is wired in by the caller (rocketkv_jax/cli.py):
+
+    parser = argparse.ArgumentParser(prog="rocketkv")
+    sub = parser.add_subparsers(dest="command")
+    add_eval_parser(sub)
+    args = parser.parse_args()
+    config = validate_eval_args(args, max_context_length=...)   # optional: fail before loading
+    ... load the model named by args.model ...
+    return run_eval_command(args, generate_fn, tokenizer, forced_logprobs_fn, greedy_tokens_fn,
+                            max_context_length=model_config.max_position_embeddings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rocketkv_jax.eval.fidelity import (
+    FIDELITY_FILE,
+    ForcedLogprobsFn,
+    GreedyTokensFn,
+    run_fidelity,
+)
+from rocketkv_jax.eval.report import (
+    load_records,
+    markdown_table,
+    mean_cells,
+    score_percent,
+    write_report,
+)
+from rocketkv_jax.eval.runner import (
+    FULL_METHOD,
+    METHOD_NAMES,
+    GenerateFn,
+    ResultsFileError,
+    prepare_samples,
+    resolve_max_new_tokens,
+    run_eval,
+)
+from rocketkv_jax.eval.tasks import TASK_NAMES, TaskError
+
+DEFAULTS = {
+    "methods": ("full", "streaming", "snapkv", "quest", "sparq", "rocketkv"),
+    "budgets": (256, 512, 1024, 2048),
+    "contexts": (2048, 4096, 8192),
+    "tasks": TASK_NAMES,
+    "samples": 5,
+    "fidelity_tokens": 32,
+    "fidelity_samples": 1,
+}
+SMOKE_DEFAULTS = {
+    "methods": ("full", "streaming", "rocketkv"),
+    "budgets": (128, 256),
+    "contexts": (1024,),
+    "tasks": ("niah_single", "qa"),
+    "samples": 2,
+    "fidelity_tokens": 8,
+    "fidelity_samples": 1,
+}
+
+
+class EvalArgumentError(ValueError):
+    """A user-facing problem with the eval command line."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validated eval settings (lists deduplicated, order kept)."""
+
+    model: str | None
+    methods: tuple[str, ...]
+    budgets: tuple[int, ...]
+    contexts: tuple[int, ...]
+    tasks: tuple[str, ...]
+    samples: int
+    seed: int
+    out: Path
+    fidelity_tokens: int
+    fidelity_samples: int
+    batch_size: int
+    progress: bool
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `eval` subcommand to an argparse subparsers object and return its parser."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="accuracy of KV methods on NIAH / RULER-style tasks vs token budget",
+        description=(
+            "Evaluate KV-cache methods on synthetic long-context tasks (needle in a "
+            "haystack over Paul Graham essays, RULER-style multikey / multivalue needles, "
+            "variable tracking, common words, QA) at several token budgets and context "
+            "lengths, plus token-level fidelity to full KV. Writes results.jsonl, "
+            "fidelity.jsonl, table.md and accuracy_vs_budget.png into --out. Runs are "
+            "resumable: re-running the same command skips finished records."
+        ),
+        epilog=(
+            "examples:\n"
+            "  rocketkv eval --smoke --out runs/smoke\n"
+            "  rocketkv eval --methods full,snapkv,rocketkv --budgets 256,512 "
+            "--contexts 2k,4k --samples 10 --out runs/ruler"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="model checkpoint directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--methods",
+        metavar="LIST",
+        help=f"comma list from {{{','.join(METHOD_NAMES)}}}; full KV always runs as the "
+        f"reference (default: {','.join(DEFAULTS['methods'])})",
+    )
+    parser.add_argument(
+        "--budgets",
+        metavar="LIST",
+        help="comma list of positive token budgets, e.g. 256,512,1k "
+        f"(default: {','.join(map(str, DEFAULTS['budgets']))})",
+    )
+    parser.add_argument(
+        "--contexts",
+        metavar="LIST",
+        help="comma list of context lengths in tokens; k = 1024 (default: 2k,4k,8k)",
+    )
+    parser.add_argument(
+        "--tasks",
+        metavar="LIST",
+        help=f"comma list from {{{','.join(TASK_NAMES)}}} (default: all)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        metavar="N",
+        help=f"samples per task and context length (default: {DEFAULTS['samples']})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="task generation seed (default: 0)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default="eval-results",
+        help="output directory; an existing run there is resumed (default: eval-results)",
+    )
+    parser.add_argument(
+        "--fidelity-tokens",
+        type=int,
+        metavar="N",
+        help="greedy tokens compared with full KV per prompt; 0 skips fidelity "
+        f"(default: {DEFAULTS['fidelity_tokens']})",
+    )
+    parser.add_argument(
+        "--fidelity-samples",
+        type=int,
+        metavar="N",
+        help="prompts per task and context length used for fidelity "
+        f"(default: {DEFAULTS['fidelity_samples']})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="prompts per generate call (default: 8)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny grid for a quick check: methods full,streaming,rocketkv, budgets "
+        "128,256, context 1k, tasks niah_single,qa, 2 samples, 8 fidelity tokens; "
+        "flags given explicitly still win",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def parse_token_count(text: str, what: str) -> int:
+    """'2k' -> 2048, '4096' -> 4096; raise EvalArgumentError unless a positive integer."""
+    raw = text.strip().lower()
+    scale = 1024 if raw.endswith("k") else 1
+    digits = raw[:-1] if scale > 1 else raw
+    try:
+        value = int(digits) * scale
+    except ValueError:
+        raise EvalArgumentError(f"{what} {text!r} is not a whole number (like 512 or 4k)") from None
+    if value <= 0:
+        raise EvalArgumentError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+def _split(text: str | None, default: tuple) -> list[str] | tuple:
+    if text is None:
+        return default
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return list(dict.fromkeys(items))
+
+
+def _names(text: str | None, default: tuple, known: tuple, what: str) -> tuple[str, ...]:
+    names = tuple(_split(text, default))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise EvalArgumentError(
+            f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"
+        )
+    if not names:
+        raise EvalArgumentError(f"--{what}s is empty")
+    return names
+
+
+def _counts(text: str | None, default: tuple, what: str) -> tuple[int, ...]:
+    if text is None:
+        return default
+    values = tuple(dict.fromkeys(parse_token_count(v, what) for v in _split(text, ())))
+    if not values:
+        raise EvalArgumentError(f"no {what}s given")
+    return values
+
+
+def validate_eval_args(
+    args: argparse.Namespace, *, max_context_length: int | None = None
+) -> EvalConfig:
+    """Turn parsed `eval` arguments into an EvalConfig; raise EvalArgumentError if bad.
+
+    max_context_length: the model's position limit; longer --contexts are refused.
+    """
+    defaults = SMOKE_DEFAULTS if getattr(args, "smoke", False) else DEFAULTS
+    methods = _names(args.methods, defaults["methods"], METHOD_NAMES, "method")
+    if FULL_METHOD not in methods:
+        methods = (FULL_METHOD, *methods)
+    budgets = _counts(args.budgets, defaults["budgets"], "budget")
+    contexts = _counts(args.contexts, defaults["contexts"], "context length")
+    if max_context_length is not None:
+        too_long = [c for c in contexts if c > max_context_length]
+        if too_long:
+            raise EvalArgumentError(
+                f"context length(s) {', '.join(map(str, too_long))} exceed the model's limit "
+                f"of {max_context_length} tokens; pick --contexts at most {max_context_length}"
+            )
+    tasks = _names(args.tasks, defaults["tasks"], TASK_NAMES, "task")
+    pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)
+    samples, fidelity_tokens = pick("samples"), pick("fidelity_tokens")
+    fidelity_samples = pick("fidelity_samples")
+    if samples <= 0:
+        raise EvalArgumentError(f"--samples must be positive, got {samples}")
+    if fidelity_tokens < 0:
+        raise EvalArgumentError(f"--fidelity-tokens must be >= 0, got {fidelity_tokens}")
+    if fidelity_samples <= 0 or fidelity_samples > samples:
+        raise EvalArgumentError(
+            f"--fidelity-samples must be in 1..--samples ({samples}), got {fidelity_samples}"
+        )
+    if args.batch_size <= 0:
+        raise EvalArgumentError(f"--batch-size must be positive, got {args.batch_size}")
+    return EvalConfig(
+        model=args.model,
+        methods=methods,
+        budgets=budgets,
+        contexts=contexts,
+        tasks=tasks,
+        samples=samples,
+        seed=args.seed,
+        out=Path(args.out),
+        fidelity_tokens=fidelity_tokens,
+        fidelity_samples=fidelity_samples,
+        batch_size=args.batch_size,
+        progress=not getattr(args, "no_progress", False),
+    )
+
+
+def _error(message: str) -> int:
+    print(f"rocketkv eval: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_eval_command(
+    args: argparse.Namespace,
+    generate_fn: GenerateFn,
+    tokenizer: Any,
+    forced_logprobs_fn: ForcedLogprobsFn | None = None,
+    greedy_tokens_fn: GreedyTokensFn | None = None,
+    *,
+    max_context_length: int | None = None,
+) -> int:
+    """Validate, run accuracy + fidelity (resumable), write the report; return exit code.
+
+    Bad arguments, prompts that cannot be built and incompatible output directories
+    print one `rocketkv eval: error: ...` line to stderr and return 2 (no traceback).
+    Engine contract violations (EngineContractError) propagate: they are bugs.
+    Fidelity is skipped when --fidelity-tokens is 0 or either fidelity callable is None.
+    """
+    try:
+        config = validate_eval_args(args, max_context_length=max_context_length)
+    except EvalArgumentError as err:
+        return _error(str(err))
+    try:
+        results = run_eval(
+            generate_fn,
+            tokenizer,
+            methods=config.methods,
+            budgets=config.budgets,
+            context_lengths=config.contexts,
+            tasks=config.tasks,
+            samples_per_task=config.samples,
+            seed=config.seed,
+            out_dir=config.out,
+            batch_size=config.batch_size,
+            show_progress=config.progress,
+        )
+        fidelity_ready = forced_logprobs_fn is not None and greedy_tokens_fn is not None
+        if config.fidelity_tokens > 0 and fidelity_ready:
+            keys = [
+                (task, context, index)
+                for context in config.contexts
+                for task in config.tasks
+                for index in range(config.fidelity_samples)
+            ]
+            samples = prepare_samples(
+                tokenizer,
+                keys,
+                seed=config.seed,
+                max_new_tokens=resolve_max_new_tokens(config.tasks, None),
+                show_progress=config.progress,
+            )
+            run_fidelity(
+                forced_logprobs_fn,
+                greedy_tokens_fn,
+                list(samples.values()),
+                methods=config.methods,
+                budgets=config.budgets,
+                n_tokens=config.fidelity_tokens,
+                out_dir=config.out,
+                show_progress=config.progress,
+            )
+        elif config.fidelity_tokens > 0:
+            print("rocketkv eval: fidelity skipped (no logprob functions given)", file=sys.stderr)
+        paths = write_report(config.out)
+    except (TaskError, ResultsFileError) as err:
+        return _error(str(err))
+    overall = markdown_table(mean_cells(load_records(results), score_percent))
+    print(f"\nAccuracy (mean score %):\n\n{overall}")
+    written = [results, *(p for p in [config.out / FIDELITY_FILE] if p.exists()), *paths.values()]
+    print("wrote " + ", ".join(map(str, written)))
+    return 0

@@ -1,0 +1,200 @@
+"""Markdown tables and the accuracy-vs-budget plot from results.jsonl / fidelity.jsonl.
+
+Cell values are plain means over the records in the cell (every task, context length
+and sample weighs the same; with a complete grid this equals RULER's mean of per-task
+scores). Full KV has no budget; its row repeats its one value in every budget column
+and the plot draws it as a dashed horizontal line, as in the RocketKV paper's figures.
+A cell with fewer records than the fullest cell of its table is marked with `*`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rocketkv_jax.eval.fidelity import FIDELITY_FILE
+from rocketkv_jax.eval.runner import FULL_METHOD, METHOD_NAMES, RESULTS_FILE, read_jsonl
+
+TABLE_FILE = "table.md"
+PLOT_FILE = "accuracy_vs_budget.png"
+
+Record = Mapping[str, Any]
+Cells = dict[tuple[str, int | None], tuple[float, int]]  # (method, budget) -> (mean, count)
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file ([] if missing); a truncated last line is skipped."""
+    return read_jsonl(path, repair=False)
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Methods in the canonical order of METHOD_NAMES, unknown ones after, sorted."""
+    present = set(methods)
+    known = [m for m in METHOD_NAMES if m in present]
+    return known + sorted(present - set(METHOD_NAMES))
+
+
+def mean_cells(records: Iterable[Record], value: Callable[[Record], float | None]) -> Cells:
+    """(method, budget) -> (mean of value(record), count), skipping None values."""
+    sums: dict[tuple[str, int | None], list[float]] = {}
+    for record in records:
+        v = value(record)
+        if v is not None:
+            sums.setdefault((record["method"], record["budget"]), []).append(float(v))
+    return {key: (sum(vs) / len(vs), len(vs)) for key, vs in sums.items()}
+
+
+def markdown_table(cells: Cells, *, fmt: str = "{:.1f}", full_label: str = "full KV") -> str:
+    """Rows = methods, columns = budgets; full KV (budget None) repeated in every column."""
+    if not cells:
+        return "_no records_\n"
+    budgets = sorted({b for _, b in cells if b is not None})
+    methods = method_order(m for m, _ in cells)
+    most = max(count for _, count in cells.values())
+    incomplete = False
+
+    def cell(method: str, budget: int | None) -> str:
+        nonlocal incomplete
+        if (method, budget) not in cells:
+            return "–"
+        mean, count = cells[(method, budget)]
+        mark = "*" if count < most else ""
+        incomplete |= bool(mark)
+        return fmt.format(mean) + mark
+
+    columns = [str(b) for b in budgets] or ["(no budget)"]
+    lines = [
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for method in methods:
+        if method == FULL_METHOD and (FULL_METHOD, None) in cells:
+            values = [cell(FULL_METHOD, None)] * len(columns)
+            label = full_label
+        else:
+            values = [cell(method, b) for b in budgets] or ["–"]
+            label = method
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    text = "\n".join(lines) + "\n"
+    if incomplete:
+        text += f"\n\\* fewer records than the {most} of the fullest cell (run incomplete).\n"
+    return text
+
+
+def score_percent(record: Record) -> float | None:
+    """A result record's score in percent (None if it has no score)."""
+    score = record.get("score")
+    return None if score is None else 100.0 * float(score)
+
+
+def accuracy_section(records: Sequence[Record]) -> str:
+    """Overall, per-context-length and per-task accuracy tables (mean score, %)."""
+    parts = [
+        "## Accuracy (mean score %, all tasks and context lengths)\n",
+        markdown_table(mean_cells(records, score_percent)),
+    ]
+    contexts = sorted({r["context_length"] for r in records})
+    for context in contexts:
+        subset = [r for r in records if r["context_length"] == context]
+        table = markdown_table(mean_cells(subset, score_percent))
+        parts += [f"\n### Context length {context} tokens\n", table]
+    for task in sorted({r["task"] for r in records}):
+        subset = [r for r in records if r["task"] == task]
+        parts += [f"\n### Task {task}\n", markdown_table(mean_cells(subset, score_percent))]
+    return "\n".join(parts)
+
+
+def fidelity_section(records: Sequence[Record]) -> str:
+    """Token agreement, identical prefix and mean KL tables of compressed methods."""
+    methods = [r for r in records if r["method"] != FULL_METHOD]
+    agreement = lambda r: None if r.get("token_agreement") is None else 100 * r["token_agreement"]
+    parts = [
+        "## Fidelity to full KV\n",
+        "### Greedy token agreement with full KV (% of positions)\n",
+        markdown_table(mean_cells(methods, agreement)),
+        "\n### Identical prefix with full KV (tokens)\n",
+        markdown_table(mean_cells(methods, lambda r: r.get("identical_prefix"))),
+        "\n### Mean KL(full || method) per teacher-forced step (nats)\n",
+        markdown_table(mean_cells(methods, lambda r: r.get("mean_kl")), fmt="{:.4f}"),
+    ]
+    consistency = [r["argmax_agreement"] for r in records if r.get("argmax_agreement") is not None]
+    if consistency:
+        parts.append(
+            "\nEngine self-check: argmax of full KV's forced log-probs reproduces its greedy "
+            f"tokens at {100 * sum(consistency) / len(consistency):.1f}% of positions.\n"
+        )
+    return "\n".join(parts)
+
+
+def render_markdown(results: Sequence[Record], fidelity: Sequence[Record] = ()) -> str:
+    """The whole table.md text: accuracy tables, then fidelity tables if any."""
+    text = "# RocketKV-JAX accuracy evaluation\n\n" + accuracy_section(results)
+    if fidelity:
+        text += "\n" + fidelity_section(fidelity)
+    return text
+
+
+def plot_accuracy(records: Sequence[Record], path: str | os.PathLike) -> Path:
+    """Accuracy (%) vs token budget on a log2 axis, one panel overall + one per context.
+
+    One line per compressed method; full KV is a dashed horizontal reference line.
+    Uses the Agg canvas directly (no pyplot, no global backend switch).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    contexts = sorted({r["context_length"] for r in records})
+    panels: list[tuple[str, Sequence[Record]]] = [("all context lengths", records)]
+    if len(contexts) > 1:
+        panels += [
+            (f"context {c}", [r for r in records if r["context_length"] == c]) for c in contexts
+        ]
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    budgets = sorted({r["budget"] for r in records if r["budget"] is not None})
+    methods = [m for m in method_order(r["method"] for r in records) if m != FULL_METHOD]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    markers = {m: "os^vDPX*"[i % 8] for i, m in enumerate(methods)}  # overlaps stay visible
+    for ax, (title, subset) in zip(axes, panels, strict=True):
+        cells = mean_cells(subset, score_percent)
+        for method in methods:
+            xs = [b for b in budgets if (method, b) in cells]
+            if xs:
+                ys = [cells[(method, b)][0] for b in xs]
+                ax.plot(xs, ys, marker=markers[method], color=colors[method], label=method)
+        if (FULL_METHOD, None) in cells:
+            ax.axhline(
+                cells[(FULL_METHOD, None)][0], color="black", linestyle="--", label="full KV"
+            )
+        if budgets:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("token budget")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write table.md and accuracy_vs_budget.png from the run files in `out_dir`.
+
+    Returns {"table": path, "plot": path}. Raises FileNotFoundError if results.jsonl
+    is missing or holds no records.
+    """
+    out = Path(out_dir)
+    results = load_records(out / RESULTS_FILE)
+    if not results:
+        raise FileNotFoundError(f"no accuracy records in {out / RESULTS_FILE}; run eval first")
+    fidelity = load_records(out / FIDELITY_FILE)
+    table = out / TABLE_FILE
+    table.write_text(render_markdown(results, fidelity), encoding="utf-8")
+    return {"table": table, "plot": plot_accuracy(results, out / PLOT_FILE)}
