@@ -101,18 +101,22 @@ def append_token(cache: KVCache, k: jax.Array, v: jax.Array, position: jax.Array
     k, v: [B, K, D]; position: [B] int32. The caller sizes the cache so it never
     overflows (generate reserves max_new_tokens slots).
     """
-    B, K, C, D = cache.k.shape
-    b = jnp.arange(B)
+    C = cache.capacity
     slot = jnp.minimum(cache.length, C - 1)  # [B]
-    new_k = cache.k.at[b, :, slot].set(k.astype(cache.k.dtype))
-    new_v = cache.v.at[b, :, slot].set(v.astype(cache.v.dtype))
-    new_pos = cache.pos.at[b, :, slot].set(position[:, None].astype(jnp.int32))
+    # one dynamic_update_slice per row (vmapped): a scatter whose window is the token's
+    # [K, 1, D] row, so XLA updates the cache in place without relayouting it
+    write = jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=1))
+    new_k = write(cache.k, k[:, :, None].astype(cache.k.dtype), slot)  # [B, K, C, D]
+    new_v = write(cache.v, v[:, :, None].astype(cache.v.dtype), slot)  # [B, K, C, D]
+    pos = jnp.broadcast_to(position.astype(jnp.int32)[:, None, None], cache.pos.shape[:2] + (1,))
+    new_pos = write(cache.pos, pos, slot)  # [B, K, C]
     page_max, page_min = cache.page_max, cache.page_min
     if cache.page_size:
-        page = slot // cache.page_size
-        kf = k.astype(page_max.dtype)
-        page_max = page_max.at[b, :, page].set(jnp.maximum(page_max[b, :, page], kf))
-        page_min = page_min.at[b, :, page].set(jnp.minimum(page_min[b, :, page], kf))
+        page = slot // cache.page_size  # [B]
+        read = jax.vmap(lambda buf, p: jax.lax.dynamic_slice_in_dim(buf, p, 1, axis=1))
+        kf = k[:, :, None].astype(page_max.dtype)  # [B, K, 1, D]
+        page_max = write(page_max, jnp.maximum(read(page_max, page), kf), page)
+        page_min = write(page_min, jnp.minimum(read(page_min, page), kf), page)
     return KVCache(new_k, new_v, new_pos, cache.length + 1, page_max, page_min)
 
 

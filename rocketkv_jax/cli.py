@@ -80,12 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--batch-file)")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     g.set_defaults(func=cmd_generate)
-    try:
-        from .eval.cli import add_eval_parser
+    from .eval.cli import add_eval_parser
 
-        add_eval_parser(sub)
-    except ImportError:  # pragma: no cover - eval extras missing
-        pass
+    e = add_eval_parser(sub)
+    if not any(a.dest == "kernels" for a in e._actions):
+        e.add_argument("--kernels", default="reference",
+                       choices=("reference", "interpret", "triton", "auto"),
+                       help="stage-2 kernels (see `rocketkv generate --help`)")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -182,6 +184,19 @@ def cmd_generate(args) -> int:
                               "output": text}), flush=True)
         print(out.stats.summary(), file=sys.stderr, flush=True)
     return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.cli import run_eval_command, validate_eval_args
+    from .eval.engine import engine_functions
+    from .model_store import load_model
+
+    validate_eval_args(args)  # fail on bad flags before loading the model
+    model = load_model(args.model)
+    gen, forced, greedy = engine_functions(model, kernels=args.kernels,
+                                           batch_size=getattr(args, "batch_size", 8))
+    return run_eval_command(args, gen, model.tokenizer, forced, greedy,
+                            max_context_length=model.config.max_position_embeddings)
 
 
 class _Streamer:

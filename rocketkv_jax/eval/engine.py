@@ -1,0 +1,51 @@
+"""Binds the evaluation harness to the JAX engine: the three callables it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..generate import forced_decode_logprobs, generate_ids
+from ..methods import make_method
+from ..model_store import Model
+
+
+def engine_functions(
+    model: Model, *, kernels: str = "reference", batch_size: int = 8
+) -> tuple[Callable, Callable, Callable]:
+    """(generate_fn, forced_logprobs_fn, greedy_tokens_fn) over `model`, greedy decoding.
+
+    Prompts are raw text (no chat template); generation stops at the model's EOS ids.
+    """
+    tok, config = model.tokenizer, model.config
+    stop = set(config.eos_token_ids)
+    if tok.eos_token_id is not None:
+        stop.add(tok.eos_token_id)
+
+    def method_for(name: str, budget: int | None):
+        if name == "full":
+            return make_method("full")
+        kw = {} if kernels == "reference" else {"kernels": kernels}
+        return make_method(name, budget, **kw)
+
+    def generate_fn(prompts: list[str], method: str, budget: int, max_new: int) -> list[str]:
+        m = method_for(method, budget)
+        ids = [tok.encode(p) for p in prompts]
+        texts: list[str] = []
+        for start in range(0, len(ids), batch_size):
+            out = generate_ids(model.params, config, ids[start : start + batch_size], m,
+                               max_new_tokens=max_new, stop_ids=sorted(stop))
+            texts += [tok.decode([t for t in row if t not in stop]) for row in out.tokens]
+        return texts
+
+    def greedy_tokens_fn(prompt: str, method: str, budget: int, n: int) -> list[int]:
+        out = generate_ids(model.params, config, [tok.encode(prompt)], method_for(method, budget),
+                           max_new_tokens=n, stop_ids=sorted(stop))
+        return out.tokens[0]
+
+    def forced_logprobs_fn(prompt: str, forced: list[int], method: str, budget: int) -> np.ndarray:
+        return forced_decode_logprobs(model.params, config, tok.encode(prompt), forced,
+                                      method_for(method, budget))
+
+    return generate_fn, forced_logprobs_fn, greedy_tokens_fn
