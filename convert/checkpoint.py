@@ -1,0 +1,270 @@
+"""Converted checkpoints on disk: orbax params + our config.json + tokenizer files.
+
+Layout of a checkpoint directory OUT:
+
+    OUT/params/          orbax StandardCheckpointer tree (the params pytree)
+    OUT/config.json      `ModelConfig.to_dict()` (has "rocketkv_config_version")
+    OUT/tokenizer.json   and friends, when the source had them
+
+A checkpoint appears atomically: everything is written into a hidden sibling temporary
+directory which is renamed to OUT at the end, and removed on any failure (Ctrl-C too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rocketkv_jax.models.config import ConfigError, ModelConfig
+
+from .gguf import load_gguf
+from .hf import ConversionError, Params, flatten, load_hf, resolve_dtype, unflatten
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+# Copied from an HF directory next to the checkpoint when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",  # transformers >= 4.43 saves the chat template here
+    "chat_template.json",
+)
+
+
+def _quiet_orbax() -> None:
+    # orbax/absl log every save and restore at INFO/WARNING; the CLI output is ours.
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    params: Params,
+    config: ModelConfig,
+    extra_files: dict[str, bytes | str] | None = None,
+    *,
+    force: bool = False,
+) -> Path:
+    """Write params (orbax), config.json and `extra_files` (name -> content) to `out_dir`.
+
+    Checks `params` against `config.param_shapes()` first. Atomic: `out_dir` either does
+    not change or is complete. An existing `out_dir` is an error unless `force`, in which
+    case it is replaced. Returns the absolute checkpoint path.
+    """
+    out = Path(out_dir).absolute()
+    _check_params(params, config)
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_orbax()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    checkpointer = None
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            if Path(name).name != name or name in (CONFIG_FILE, PARAMS_DIR):
+                raise ConversionError(f"extra file name {name!r} is not allowed")
+            data = content.encode() if isinstance(content, str) else content
+            (tmp / name).write_bytes(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        _move_into_place(tmp, out, force)
+    except BaseException:
+        if checkpointer is not None and hasattr(checkpointer, "close"):
+            try:  # let orbax's background writes end before deleting under them
+                checkpointer.close()
+            except BaseException:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    checkpointer.close()
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise ConversionError(f"{out} appeared while converting (another conversion?)")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / out.name, out)  # put the previous checkpoint back
+            os.rmdir(old)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.replace(tmp, out)
+    except OSError as e:  # lost a race: another process created `out` meanwhile
+        raise ConversionError(f"cannot move the checkpoint into {out}: {e}") from None
+
+
+def _check_params(params: Params, config: ModelConfig) -> None:
+    expected = config.param_shapes()
+    flat = flatten(params)
+    for key, shape in expected.items():
+        if key not in flat:
+            raise ConversionError(f"params lack {key!r} (expected shape {shape})")
+        if tuple(flat[key].shape) != shape:
+            raise ConversionError(
+                f"param {key!r} has shape {tuple(flat[key].shape)}, expected {shape}"
+            )
+    for key in flat.keys() - expected.keys():
+        raise ConversionError(f"unexpected param {key!r} with shape {tuple(flat[key].shape)}")
+
+
+def read_checkpoint_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a converted checkpoint, with a clear error for anything else."""
+    path = Path(path)
+    hint = "make one with: rocketkv-convert SRC OUT"
+    cfg_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise ConversionError(f"{path} is not a converted checkpoint directory; {hint}")
+    if not cfg_path.is_file() or not (path / PARAMS_DIR).is_dir():
+        raise ConversionError(
+            f"{path} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/); {hint}"
+        )
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{cfg_path} is not valid json: {e}") from None
+    if not isinstance(data, dict) or data.get("rocketkv_config_version") != 1:
+        raise ConversionError(
+            f"{cfg_path} is not a rocketkv-jax config (a Hugging Face directory?); {hint}"
+        )
+    try:
+        return ModelConfig.from_dict(data)
+    except TypeError as e:
+        raise ConversionError(f"{cfg_path} is malformed: {e}") from None
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    dtype: str | np.dtype | None = None,
+    shardings: Any = None,
+) -> tuple[Params, ModelConfig]:
+    """Restore (params, config) from a converted checkpoint.
+
+    dtype: cast every param to this dtype ("bfloat16" / "float32"); default: as stored.
+    shardings: a pytree matching params whose leaves are `jax.sharding.Sharding`s (or one
+      Sharding for all leaves); each array is restored directly into its sharding.
+      Default: the first local device.
+    Returns params as `jax.Array`s with shapes `config.param_shapes()`.
+    """
+    path = Path(path).absolute()
+    config = read_checkpoint_config(path)
+    _quiet_orbax()
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        stored = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
+    except Exception as e:  # orbax raises a zoo of types for a broken directory
+        raise ConversionError(
+            f"{path / PARAMS_DIR} is not a readable orbax checkpoint: {e}"
+        ) from None
+    stored_flat = flatten(dict(stored))
+    expected = config.param_shapes()
+    if stored_flat.keys() != expected.keys():
+        diff = sorted(stored_flat.keys() ^ expected.keys())
+        raise ConversionError(f"checkpoint {path} does not match its config.json: params {diff}")
+    for key, shape in expected.items():
+        if tuple(stored_flat[key].shape) != shape:
+            raise ConversionError(
+                f"checkpoint {path}: param {key!r} has shape {tuple(stored_flat[key].shape)}, "
+                f"config.json says {shape}"
+            )
+
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        sharding_flat = dict.fromkeys(expected, shardings or default)
+    else:
+        sharding_flat = flatten(shardings)
+        if sharding_flat.keys() != expected.keys():
+            diff = sorted(sharding_flat.keys() ^ expected.keys())
+            raise ValueError(f"shardings must be a pytree matching params; differs at {diff}")
+    cast = None if dtype is None else resolve_dtype(dtype)
+    abstract = {
+        key: jax.ShapeDtypeStruct(
+            shape, cast if cast is not None else stored_flat[key].dtype,
+            sharding=sharding_flat[key],
+        )
+        for key, shape in expected.items()
+    }
+    params = checkpointer.restore(path / PARAMS_DIR, unflatten(abstract))
+    checkpointer.close()
+    return params, config
+
+
+# ------------------------------------------------------------------ conversion
+def is_gguf(src: Path) -> bool:
+    if src.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(src, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def convert_any(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "bfloat16",
+    progress: bool = True,
+    *,
+    force: bool = False,
+) -> ModelConfig:
+    """Convert an HF safetensors directory or a Llama `.gguf` file into a checkpoint at `out`.
+
+    Everything is read and validated before anything is written; `out` appears atomically
+    (see `save_checkpoint`). Raises `ConversionError` / `ConfigError` for bad input.
+    Returns the model's config.
+    """
+    src, out_path = Path(src), Path(out).absolute()
+    resolve_dtype(dtype)
+    if out_path.exists() and not force:
+        raise ConversionError(f"{out_path} already exists; pass --force to overwrite it")
+    if not src.exists():
+        raise ConversionError(f"{src} does not exist")
+    if src.resolve() == out_path.resolve() or out_path.resolve() in src.resolve().parents:
+        raise ConversionError(f"output {out_path} would overwrite the source {src}")
+    if src.is_dir():
+        params, config = load_hf(src, dtype, progress=progress)
+        extra: dict[str, bytes | str] = {
+            name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()
+        }
+    elif is_gguf(src):
+        params, config, _, extra = load_gguf(src, dtype, progress=progress)
+    else:
+        raise ConversionError(
+            f"{src} is neither a Hugging Face model directory nor a .gguf file"
+        )
+    save_checkpoint(out_path, params, config, extra, force=force)
+    return config
+
+
+__all__ = [
+    "ConfigError",
+    "ConversionError",
+    "convert_any",
+    "load_checkpoint",
+    "read_checkpoint_config",
+    "save_checkpoint",
+]

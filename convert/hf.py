@@ -1,0 +1,301 @@
+"""Hugging Face safetensors directory -> params pytree.
+
+The HF tensor naming is the canonical one here: the GGUF reader maps its names onto it and
+reuses `check_tensor_shapes` and `assemble_params`, so both sources are validated against
+`ModelConfig.param_shapes()` the same way. No torch, no transformers: tensors are read with
+`safetensors.safe_open(framework="flax")` (the numpy reader cannot hold bf16) and kept as
+host numpy arrays (`ml_dtypes.bfloat16` for bf16).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from rocketkv_jax.models.config import ConfigError, ModelConfig
+
+Params = dict[str, Any]
+
+DTYPES: dict[str, np.dtype] = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+}
+
+# params key -> (HF name, with "{i}" for the layer index; stored transposed?)
+HF_TENSORS: dict[str, tuple[str, bool]] = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+    "layers/attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
+    "layers/wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
+    "layers/wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
+    "layers/wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
+    "layers/wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
+    "layers/mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "layers/w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
+    "layers/w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
+    "layers/w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
+}
+
+# Non-parameter buffers some exporters write; skipped without complaint.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted: missing files, corrupt data, mismatched shapes."""
+
+
+def resolve_dtype(dtype: str | np.dtype) -> np.dtype:
+    """"bfloat16" / "float32" (or the numpy dtype itself) -> numpy dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    dtype = np.dtype(dtype)
+    if dtype not in DTYPES.values():
+        raise ConversionError(f"unsupported dtype {dtype}; choose bfloat16 or float32")
+    return dtype
+
+
+# ------------------------------------------------------------------------- naming
+def hf_tensor_index(config: ModelConfig) -> dict[str, tuple[str, int | None, bool]]:
+    """Every HF tensor the model needs: HF name -> (params key, layer index or None, transposed)."""
+    shapes = config.param_shapes()
+    index = {}
+    for key, (pattern, transposed) in HF_TENSORS.items():
+        if key not in shapes:  # lm_head when embeddings are tied
+            continue
+        if key.startswith("layers/"):
+            for i in range(config.num_layers):
+                index[pattern.format(i=i)] = (key, i, transposed)
+        else:
+            index[pattern] = (key, None, transposed)
+    return index
+
+
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> HF shape ([out, in] for Linear weights), derived from `param_shapes()`."""
+    shapes = config.param_shapes()
+    expected = {}
+    for name, (key, layer, transposed) in hf_tensor_index(config).items():
+        shape = shapes[key][1:] if layer is not None else shapes[key]
+        expected[name] = tuple(reversed(shape)) if transposed else tuple(shape)
+    return expected
+
+
+def check_tensor_shapes(
+    config: ModelConfig,
+    found: dict[str, tuple[int, ...]],
+    *,
+    describe: Callable[[str], str] = str,
+    optional: Iterable[str] = (),
+) -> None:
+    """Raise `ConversionError` naming the first missing, unexpected or misshapen tensor.
+
+    `found` maps HF names to the shapes the source holds. `describe(hf_name)` spells a
+    tensor for the message (the GGUF reader adds its own name and file). Tensors in
+    `optional` may be present or absent (a tied `lm_head.weight`); when present their
+    shape must still match the embedding.
+    """
+    expected = expected_hf_shapes(config)
+    optional = set(optional)
+    for name, shape in expected.items():
+        if name not in found:
+            raise ConversionError(
+                f"missing tensor {describe(name)}: expected shape {shape} from the config"
+            )
+        if tuple(found[name]) != shape:
+            raise ConversionError(
+                f"tensor {describe(name)} has shape {tuple(found[name])}, expected {shape} "
+                f"from the config (config and weights disagree)"
+            )
+    for name, shape in found.items():
+        if name in expected or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name in optional:
+            want = expected["model.embed_tokens.weight"]
+            if tuple(shape) != want:
+                raise ConversionError(
+                    f"tensor {describe(name)} has shape {tuple(shape)}, expected {want} "
+                    f"(tied to the embedding)"
+                )
+            continue
+        raise ConversionError(
+            f"unexpected tensor {describe(name)} with shape {tuple(shape)}: "
+            f"not part of a {config.model_type} model with this config"
+        )
+
+
+def assemble_params(
+    config: ModelConfig,
+    get_tensor: Callable[[str], np.ndarray],
+    dtype: str | np.dtype = "bfloat16",
+    *,
+    progress: bool = True,
+    desc: str = "converting",
+) -> Params:
+    """Read every tensor through `get_tensor(hf_name)` into the stacked params pytree.
+
+    `get_tensor` returns the HF-orientation array (any float dtype). Returns nested dicts
+    of host numpy arrays in `dtype`, shapes exactly `config.param_shapes()`. Call
+    `check_tensor_shapes` first: this only asserts.
+    """
+    dtype = resolve_dtype(dtype)
+    flat = {key: np.empty(shape, dtype) for key, shape in config.param_shapes().items()}
+    index = hf_tensor_index(config)
+    bar = tqdm(index.items(), desc=desc, unit="tensor", disable=not progress, leave=False)
+    for name, (key, layer, transposed) in bar:
+        w = np.asarray(get_tensor(name))
+        if not np.issubdtype(w.dtype, np.floating) and w.dtype != DTYPES["bfloat16"]:
+            raise ConversionError(f"tensor {name} has non-float dtype {w.dtype}")
+        if transposed:
+            w = w.T
+        target = flat[key] if layer is None else flat[key][layer]
+        assert w.shape == target.shape, (name, w.shape, target.shape)
+        target[...] = w.astype(dtype)
+    return unflatten(flat)
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+    """{"layers/wq": x} -> {"layers": {"wq": x}}."""
+    tree: Params = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+    """Inverse of `unflatten`."""
+    flat = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, path + "/"))
+        else:
+            flat[path] = v
+    return flat
+
+
+# ---------------------------------------------------------------- HF directory
+def read_hf_config(src: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """`src/config.json` -> (ModelConfig, raw dict). Rejects features the model lacks."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise ConversionError(
+            f"{src} has no config.json: expected a Hugging Face model directory "
+            f"(config.json + model.safetensors) or a .gguf file"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid json: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} does not hold a json object")
+    config = ModelConfig.from_hf_dict(raw)  # ConfigError for unsupported architectures
+    act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ConfigError(f"unsupported hidden_act {act!r} in {path}: only 'silu' is implemented")
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise ConfigError(f"unsupported {flag}=true in {path}: the model has no biases")
+    return config, raw
+
+
+def safetensors_files(src: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from `model.safetensors.index.json` or `model.safetensors`."""
+    index_path = src / "model.safetensors.index.json"
+    single = src / "model.safetensors"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ConversionError(f"{index_path} is not a valid safetensors index: {e}") from None
+        files = {name: src / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise ConversionError(f"{index_path} lists shard {shard.name}, which is missing")
+        return files
+    if single.is_file():
+        return {}  # names come from the file header; see `read_safetensors_headers`
+    raise ConversionError(
+        f"{src} has no model.safetensors or model.safetensors.index.json "
+        f"(only safetensors weights are supported, not pytorch_model.bin)"
+    )
+
+
+def read_safetensors_headers(src: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape) for every tensor of the directory, from headers only."""
+    files = safetensors_files(src)
+    shards = sorted(set(files.values())) if files else [src / "model.safetensors"]
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="flax") as f:
+                for name in f.keys():
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if name in found:
+                        raise ConversionError(
+                            f"tensor {name} appears in both {found[name][0].name} and {shard.name}"
+                        )
+                    found[name] = (shard, shape)
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(
+                f"{shard} is not a readable safetensors file (truncated or corrupt?): {e}"
+            ) from None
+    for name, shard in files.items():
+        if name not in found:
+            raise ConversionError(f"tensor {name} is listed for {shard.name} but not stored there")
+    return found
+
+
+def load_hf(
+    src: str | Path, dtype: str | np.dtype = "bfloat16", *, progress: bool = True
+) -> tuple[Params, ModelConfig]:
+    """Read an HF Llama/Mistral safetensors directory into (params, config).
+
+    Validates every tensor name and shape before reading any data. Params are nested
+    dicts of host numpy arrays in `dtype` with the layout of `config.param_shapes()`.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a directory")
+    config, _ = read_hf_config(src)
+    headers = read_safetensors_headers(src)
+    optional = ["lm_head.weight"] if config.tie_word_embeddings else []
+    check_tensor_shapes(
+        config,
+        {name: shape for name, (_, shape) in headers.items()},
+        describe=lambda n: f"{n} ({headers[n][0].name})" if n in headers else n,
+        optional=optional,
+    )
+
+    open_files: dict[Path, Any] = {}
+    cpu = jax.devices("cpu")[0]
+
+    def get_tensor(name: str) -> np.ndarray:
+        shard = headers[name][0]
+        try:
+            if shard not in open_files:
+                open_files[shard] = safe_open(shard, framework="flax")
+            with jax.default_device(cpu):
+                return np.asarray(open_files[shard].get_tensor(name))
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"cannot read tensor {name} from {shard}: {e}") from None
+
+    try:
+        params = assemble_params(config, get_tensor, dtype, progress=progress, desc=src.name)
+    finally:
+        open_files.clear()
+    return params, config
