@@ -26,8 +26,9 @@ import orbax.checkpoint as ocp
 
 from rocketkv_jax.models.config import ConfigError, ModelConfig
 
+from ..models.params import flatten, unflatten
 from .gguf import load_gguf
-from .hf import ConversionError, Params, flatten, load_hf, resolve_dtype, unflatten
+from .hf import ConversionError, Params, load_hf, resolve_dtype
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"

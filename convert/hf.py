@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from rocketkv_jax.models.config import ConfigError, ModelConfig
 
+from ..models.params import unflatten
+
 Params = dict[str, Any]
 
 DTYPES: dict[str, np.dtype] = {
@@ -162,30 +164,6 @@ def assemble_params(
         assert w.shape == target.shape, (name, w.shape, target.shape)
         target[...] = w.astype(dtype)
     return unflatten(flat)
-
-
-def unflatten(flat: dict[str, Any]) -> Params:
-    """{"layers/wq": x} -> {"layers": {"wq": x}}."""
-    tree: Params = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
-    """Inverse of `unflatten`."""
-    flat = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(flatten(v, path + "/"))
-        else:
-            flat[path] = v
-    return flat
 
 
 # ---------------------------------------------------------------- HF directory
