@@ -1,0 +1,108 @@
+"""Pieces shared by the compressed-KV methods: budget validation, static capacity rounding,
+and the dense plan every method resolves to when its budget covers the whole sequence.
+
+The rule for a budget that covers everything: when `token_budget >= L = T + N` a method
+keeps every token and attends densely, so it generates exactly what `full` generates
+(`DensePlan`). Methods never evict or approximate when they could afford not to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
+from .full import dense_decode_attention, keep_all
+
+CAPACITY_MULTIPLE = 16  # cache capacities are multiples of 16 (and of the page size)
+
+
+class MethodConfigError(ValueError):
+    """A KV method's hyperparameters cannot work (raised at construction or plan time)."""
+
+
+def check_token_budget(name: str, token_budget: object) -> None:
+    """Raise if `token_budget` is not a positive int."""
+    if token_budget is None:
+        raise MethodConfigError(
+            f"method {name!r} needs a token_budget (KV tokens read per decode step per KV "
+            "head), e.g. 256"
+        )
+    if isinstance(token_budget, bool) or not isinstance(token_budget, int):
+        raise MethodConfigError(
+            f"{name}: token_budget must be an int, got {token_budget!r} "
+            f"({type(token_budget).__name__})"
+        )
+    if token_budget <= 0:
+        raise MethodConfigError(f"{name}: token_budget must be positive, got {token_budget}")
+
+
+def check_positive_int(name: str, what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MethodConfigError(f"{name}: {what} must be a positive int, got {value!r}")
+
+
+def check_page_size(name: str, page_size: object) -> None:
+    """Raise unless `page_size` is a positive power of two."""
+    check_positive_int(name, "page_size", page_size)
+    if page_size & (page_size - 1):  # type: ignore[operator]
+        raise MethodConfigError(
+            f"{name}: page_size must be a power of two (1, 2, 4, 8, 16, ...), got {page_size}"
+        )
+
+
+def check_top_r(name: str, top_r: int, head_dim: int) -> None:
+    """Raise unless 1 <= top_r <= head_dim (checked at plan time, when D is known)."""
+    if not 1 <= top_r <= head_dim:
+        raise MethodConfigError(
+            f"{name}: top_r (channels kept for approximate scores) must be in [1, head_dim="
+            f"{head_dim}], got {top_r}"
+        )
+
+
+def round_capacity(tokens: int, page_size: int = 1) -> int:
+    """Smallest multiple of lcm(16, page_size) that holds `tokens` slots."""
+    multiple = math.lcm(CAPACITY_MULTIPLE, max(page_size, 1))
+    return max(multiple, -(-tokens // multiple) * multiple)
+
+
+def cached_tokens(context: int, prompt_len: int, prompt_budget: int) -> int:
+    """Tokens held by a cache whose prompt part was cut to `prompt_budget`, when the
+    uncompressed sequence has `context` tokens (prompt_len prompt + the rest generated)."""
+    generated = max(0, context - prompt_len)
+    return min(context - generated, prompt_budget) + generated
+
+
+@dataclasses.dataclass(frozen=True)
+class DensePlan:
+    """What every method resolves to when its budget covers the whole sequence (M >= L):
+    no eviction, exact dense attention, i.e. `full` under the method's name.
+
+    `name` is left out of equality and hashing: the dense fallbacks of all methods are the
+    same computation, so as a static jit argument they share one compiled program.
+    """
+
+    name: str = dataclasses.field(compare=False)
+    capacity: int
+    prompt_len: int
+    token_budget: int
+
+    def compress(self, k, v, q, lengths) -> KVCache:
+        """Keep every prompt token. k, v [B, K, T, D]; q [B, H, T, D]; lengths [B]."""
+        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
+        return cache_from_prompt(k, v, keep, lengths, self.capacity)
+
+    def append(self, cache: KVCache, k, v, position) -> KVCache:
+        return append_token(cache, k, v, position)
+
+    def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
+        """q [B, H, D] -> [B, H, D], dense over every visible slot."""
+        return dense_decode_attention(q, cache, visible_slots(cache, query_pos, sliding_window))
+
+    def read_tokens(self, context: int) -> int:
+        return context
+
+    def describe(self) -> dict:
+        return {**dataclasses.asdict(self), "dense": True}

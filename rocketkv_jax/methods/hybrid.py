@@ -1,0 +1,90 @@
+"""`hybrid`: RocketKV's stage 2 alone on the uncompressed cache.
+
+The whole compression c2 = L / M is left to stage 2: page = ceil(sqrt(c2)) (1 when that
+exceeds c2), r = int(D * page / c2) channels, k_top = M // 2 exact tokens. When M >= L
+the method is exact dense attention (`DensePlan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from .base import (
+    DensePlan,
+    check_page_size,
+    check_positive_int,
+    check_token_budget,
+    check_top_r,
+    round_capacity,
+)
+from .budget import stage2_reduction
+from .sparse_ops import check_kernels
+from .stage2 import TwoStagePlan
+
+
+def resolve_page_and_channels(
+    name: str, c2: float, head_dim: int, page_size: int | None, top_r: int | None,
+    default: tuple[int, int],
+) -> tuple[int, int]:
+    """(page, r): the derived `default` unless overridden. An explicit page size re-derives
+    r = int(D * page / c2) (clamped to [1, D]); an explicit top_r wins over both."""
+    page, r = default
+    if page_size is not None:
+        page = page_size
+        r = min(max(int(head_dim * page / c2), 1), head_dim)
+    if top_r is not None:
+        check_top_r(name, top_r, head_dim)
+        r = top_r
+    return page, r
+
+
+def check_stage2_overrides(name: str, page_size, top_r, kernels: str) -> None:
+    if page_size is not None:
+        check_page_size(name, page_size)
+    if top_r is not None:
+        check_positive_int(name, "top_r", top_r)
+    check_kernels(name, kernels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hybrid:
+    """Stage-2 hybrid sparse attention on the full cache. Optional overrides: page_size
+    (power of two), top_r (channels, checked against head_dim at plan time)."""
+
+    token_budget: int
+    page_size: int | None = None
+    top_r: int | None = None
+    kernels: str = "reference"
+    name: ClassVar[str] = "hybrid"
+
+    def __post_init__(self) -> None:
+        check_token_budget(self.name, self.token_budget)
+        check_stage2_overrides(self.name, self.page_size, self.top_r, self.kernels)
+
+    def plan(self, config, prompt_len: int, max_new_tokens: int):
+        M, L, D = self.token_budget, prompt_len + max_new_tokens, config.head_dim
+        if self.top_r is not None:
+            check_top_r(self.name, self.top_r, D)
+        if M >= L:
+            return DensePlan(self.name, round_capacity(L), prompt_len, M)
+        c2 = max(1.0, L / M)
+        page, r = resolve_page_and_channels(
+            self.name, c2, D, self.page_size, self.top_r, stage2_reduction(c2, D)
+        )
+        k_top = max(1, M // 2)
+        return TwoStagePlan(
+            name=self.name,
+            capacity=round_capacity(L, page),
+            prompt_len=prompt_len,
+            token_budget=M,
+            head_dim=D,
+            prompt_budget=prompt_len,
+            window=0,
+            kernel_size=0,
+            page_size=page,
+            top_r=r,
+            k_top=k_top,
+            stage2_dense=k_top >= L,
+            kernels=self.kernels,
+        )

@@ -1,0 +1,134 @@
+"""`quest`: query-aware page selection (Quest) on the uncompressed cache.
+
+Per query head, page p gets the upper bound sum_i max(q_i * kmax_i, q_i * kmin_i) of q.k
+over its tokens. Quest's own code is per-head MHA; for GQA the bounds are summed over the
+G query heads of each KV head so the whole group shares one page selection (as RocketKV
+does for its baselines). The top M // page_size pages are attended exactly. When M >= L
+the method is exact dense attention (`DensePlan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
+from .base import (
+    DensePlan,
+    MethodConfigError,
+    check_page_size,
+    check_token_budget,
+    round_capacity,
+)
+from .full import keep_all
+from .sparse_ops import check_kernels, sparse_decode_attention
+from .stage2 import group_queries
+
+
+def page_upper_bounds(qg: jax.Array, cache: KVCache, page_visible: jax.Array) -> jax.Array:
+    """Quest's bound summed over the group: qg [B, K, G, D], page_visible [B, K, P] bool
+    -> [B, K, P] float32, -inf on pages with no visible slot.
+
+    max(q*kmax, q*kmin) = relu(q)*kmax + min(q, 0)*kmin because kmax >= kmin, so the bound
+    is two matmuls instead of a [B, K, G, P, D] intermediate.
+    """
+    q32 = qg.astype(jnp.float32)  # [B, K, G, D]
+    pv = page_visible[..., None]  # [B, K, P, 1]
+    # Empty pages hold -inf/+inf: zero them so 0 * inf cannot make a NaN.
+    kmax = jnp.where(pv, cache.page_max.astype(jnp.float32), 0.0)  # [B, K, P, D]
+    kmin = jnp.where(pv, cache.page_min.astype(jnp.float32), 0.0)  # [B, K, P, D]
+    hi = jax.lax.Precision.HIGHEST
+    bound = jnp.einsum("bkgd,bkpd->bkgp", jnp.maximum(q32, 0.0), kmax, precision=hi)
+    bound += jnp.einsum("bkgd,bkpd->bkgp", jnp.minimum(q32, 0.0), kmin, precision=hi)
+    return jnp.where(page_visible, bound.sum(axis=2), -jnp.inf)  # [B, K, P]
+
+
+def quest_select(
+    q: jax.Array, cache: KVCache, visible: jax.Array, *, page_size: int, num_pages: int
+) -> tuple[jax.Array, jax.Array]:
+    """Quest's selection. q [B, H, D]; visible [B, K, C] bool.
+
+    Returns (indices [B, K, num_pages * page_size] int32 slots of the chosen pages, -1 for
+    slots that are not visible; page_scores [B, K, P] float32).
+    """
+    B, K, C, _ = cache.k.shape
+    P = C // page_size
+    page_visible = visible.reshape(B, K, P, page_size).any(axis=-1)  # [B, K, P]
+    scores = page_upper_bounds(group_queries(q, K), cache, page_visible)  # [B, K, P]
+    _, pages = jax.lax.top_k(scores, num_pages)  # [B, K, n]
+    slots = pages[..., None] * page_size + jnp.arange(page_size)  # [B, K, n, page]
+    slots = slots.reshape(B, K, num_pages * page_size)  # [B, K, n * page]
+    ok = jnp.take_along_axis(visible, slots, axis=-1)  # [B, K, n * page]
+    return jnp.where(ok, slots, -1).astype(jnp.int32), scores
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestPlan:
+    """Resolved Quest plan: `num_pages` pages of `page_size` tokens attended per step."""
+
+    name: str
+    capacity: int
+    prompt_len: int
+    token_budget: int
+    page_size: int
+    num_pages: int
+    kernels: str = "reference"
+
+    def compress(self, k, v, q, lengths) -> KVCache:
+        """Keep every prompt token and build the page max/min metadata."""
+        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
+        return cache_from_prompt(k, v, keep, lengths, self.capacity, self.page_size)
+
+    def append(self, cache: KVCache, k, v, position) -> KVCache:
+        return append_token(cache, k, v, position)
+
+    def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
+        """q [B, H, D] -> [B, H, D]: exact attention on the chosen pages' visible slots."""
+        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
+        idx, _ = quest_select(
+            q, cache, visible, page_size=self.page_size, num_pages=self.num_pages
+        )  # [B, K, n * page]
+        qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
+        out = sparse_decode_attention(qg, cache.k, cache.v, idx, kernels=self.kernels)
+        return out.reshape(q.shape)
+
+    def read_tokens(self, context: int) -> int:
+        """Page max + min (one token's worth per page) plus the chosen pages' tokens."""
+        pages = -(-context // self.page_size)
+        return pages + min(self.num_pages * self.page_size, context)
+
+    def describe(self) -> dict:
+        return {**dataclasses.asdict(self), "dense": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Quest:
+    """Quest with page_size tokens per page (default 16, a power of two); token_budget
+    must hold at least one page."""
+
+    token_budget: int
+    page_size: int = 16
+    kernels: str = "reference"
+    name: ClassVar[str] = "quest"
+
+    def __post_init__(self) -> None:
+        check_token_budget(self.name, self.token_budget)
+        check_page_size(self.name, self.page_size)
+        check_kernels(self.name, self.kernels)
+        if self.token_budget < self.page_size:
+            raise MethodConfigError(
+                f"quest: token_budget ({self.token_budget}) must hold at least one page of "
+                f"page_size ({self.page_size}) tokens"
+            )
+
+    def plan(self, config, prompt_len: int, max_new_tokens: int):
+        M, L = self.token_budget, prompt_len + max_new_tokens
+        capacity = round_capacity(L, self.page_size)
+        num_pages = M // self.page_size
+        if M >= L or num_pages >= capacity // self.page_size:
+            return DensePlan(self.name, round_capacity(L), prompt_len, M)
+        return QuestPlan(self.name, capacity, prompt_len, M, self.page_size, num_pages,
+                         self.kernels)

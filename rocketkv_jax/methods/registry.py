@@ -1,0 +1,71 @@
+"""Method names -> method objects, with clear errors for unknown names and bad settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .base import MethodConfigError
+from .full import Full
+from .hybrid import Hybrid
+from .quest import Quest
+from .rocketkv import RocketKV
+from .snapkv import SnapKV, SnapKVPlusPlus
+from .sparq import SparQ
+from .sparse_ops import check_kernels
+from .streaming import Streaming
+from .topk import TopK
+
+_METHODS = {
+    "full": Full,
+    "streaming": Streaming,
+    "snapkv": SnapKV,
+    "snapkv++": SnapKVPlusPlus,
+    "quest": Quest,
+    "sparq": SparQ,
+    "hybrid": Hybrid,
+    "rocketkv": RocketKV,
+    "topk": TopK,
+}
+METHOD_NAMES: tuple[str, ...] = tuple(_METHODS)
+
+
+def method_hparams(name: str) -> tuple[str, ...]:
+    """Hyperparameters `make_method` accepts for `name` besides token_budget."""
+    return tuple(f.name for f in dataclasses.fields(_METHODS[name]) if f.name != "token_budget")
+
+
+def make_method(name: str, token_budget: int | None = None, **hparams):
+    """Build a KV method by name.
+
+    token_budget: M, KV tokens' worth read per decode step per KV head; required by every
+    method except `full` (which ignores it, so a sweep can pass one budget to all names).
+    hparams: optional overrides (window, kernel_size, page_size, top_r, sinks, depending on
+    the method; see `method_hparams`). A value of None keeps the default. `kernels` (the
+    stage-2 kernel backend, see sparse_ops.KERNEL_BACKENDS) is accepted for every method
+    and dropped by those that run no kernel (full, streaming, snapkv, snapkv++), so one
+    setting can be passed to all names.
+    Raises MethodConfigError (a ValueError) for an unknown name or hyperparameter, a missing
+    or non-positive budget, and settings the method rejects.
+    """
+    if name not in _METHODS:
+        raise MethodConfigError(
+            f"unknown KV method {name!r}; expected one of {', '.join(METHOD_NAMES)}"
+        )
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    allowed = method_hparams(name)
+    if "kernels" in hparams and "kernels" not in allowed:
+        check_kernels(name, hparams.pop("kernels"))
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise MethodConfigError(
+            f"method {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"it accepts: {', '.join(allowed) or 'none'}"
+        )
+    if name == "full":
+        return Full()
+    if token_budget is None:
+        raise MethodConfigError(
+            f"method {name!r} needs a token_budget (KV tokens read per decode step per KV "
+            "head), e.g. make_method(name, 256)"
+        )
+    return _METHODS[name](token_budget=token_budget, **hparams)

@@ -1,0 +1,130 @@
+"""`sparq`: SparQ attention on the uncompressed cache.
+
+r = int(D * M / (2 L)) channels (clamped to [1, D]; S = L at plan time) with the largest
+|q| summed over the group score every token approximately, q[r] . k[r], with SparQ's
+temperature sqrt(D * sum|q[r]| / sum|q|). The k_top = M // 2 tokens with the highest
+group-mean approximate probability are attended exactly, and the output is
+alpha * attn(selected) + (1 - alpha) * mean(V), alpha = the approximate probability mass
+of the selected tokens per query head, mean(V) over the visible tokens. When M >= L the
+method is exact dense attention (`DensePlan`).
+
+The approximate scores go through the stage-2 `approx_scores` with page size 1 and the
+keys as both page bounds: sign(q) picks k for both, so the bound is q[r] . k[r] exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
+from .base import (
+    DensePlan,
+    check_positive_int,
+    check_token_budget,
+    check_top_r,
+    round_capacity,
+)
+from .full import keep_all
+from .sparse_ops import check_kernels, sparse_decode_attention
+from .stage2 import group_queries, hybrid_select
+
+
+def sparq_attend(
+    q: jax.Array,
+    cache: KVCache,
+    visible: jax.Array,
+    *,
+    top_r: int,
+    k_top: int,
+    kernels: str = "reference",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SparQ decode attention. q [B, H, D]; visible [B, K, C] bool.
+
+    Returns (out [B, H, D] in q's dtype, indices [B, K, k_top] int32 (-1 = none),
+    alpha [B, K, G] float32).
+    """
+    B, H, D = q.shape
+    idx, s_hat = hybrid_select(
+        q, cache, visible, page_size=1, top_r=top_r, k_top=k_top, kernels=kernels
+    )  # [B, K, k_top], [B, K, G, C]
+    chosen = (idx >= 0)[:, :, None, :]  # [B, K, 1, k_top]
+    mass = jnp.take_along_axis(s_hat, jnp.maximum(idx, 0)[:, :, None, :], axis=-1)
+    alpha = jnp.where(chosen, mass, 0.0).sum(-1)  # [B, K, G]
+    qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
+    attn = sparse_decode_attention(qg, cache.k, cache.v, idx, kernels=kernels)  # [B, K, G, D]
+    v = jnp.where(visible[..., None], cache.v.astype(jnp.float32), 0.0)  # [B, K, C, D]
+    count = jnp.maximum(visible.sum(-1), 1)[..., None]  # [B, K, 1]
+    v_mean = v.sum(axis=2) / count  # [B, K, D]
+    a = alpha[..., None]  # [B, K, G, 1]
+    out = a * attn.astype(jnp.float32) + (1.0 - a) * v_mean[:, :, None, :]  # [B, K, G, D]
+    return out.reshape(B, H, D).astype(q.dtype), idx, alpha
+
+
+@dataclasses.dataclass(frozen=True)
+class SparQPlan:
+    """Resolved SparQ plan: top_r channels for the approximate scores, k_top exact tokens."""
+
+    name: str
+    capacity: int
+    prompt_len: int
+    token_budget: int
+    head_dim: int
+    top_r: int
+    k_top: int
+    kernels: str = "reference"
+
+    def compress(self, k, v, q, lengths) -> KVCache:
+        """Keep every prompt token. k, v [B, K, T, D]; lengths [B]."""
+        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
+        return cache_from_prompt(k, v, keep, lengths, self.capacity)
+
+    def append(self, cache: KVCache, k, v, position) -> KVCache:
+        return append_token(cache, k, v, position)
+
+    def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
+        """q [B, H, D] -> [B, H, D]."""
+        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
+        out, _, _ = sparq_attend(
+            q, cache, visible, top_r=self.top_r, k_top=self.k_top, kernels=self.kernels
+        )
+        return out
+
+    def read_tokens(self, context: int) -> int:
+        """r of D key channels of every token, plus K and V of k_top tokens. mean(V) is not
+        counted: SparQ keeps it as a running mean (this jnp version recomputes it)."""
+        return math.ceil(context * self.top_r / (2 * self.head_dim)) + min(self.k_top, context)
+
+    def describe(self) -> dict:
+        return {**dataclasses.asdict(self), "dense": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparQ:
+    """SparQ attention. Optional `top_r` overrides the derived channel count."""
+
+    token_budget: int
+    top_r: int | None = None
+    kernels: str = "reference"
+    name: ClassVar[str] = "sparq"
+
+    def __post_init__(self) -> None:
+        check_token_budget(self.name, self.token_budget)
+        if self.top_r is not None:
+            check_positive_int(self.name, "top_r", self.top_r)
+        check_kernels(self.name, self.kernels)
+
+    def plan(self, config, prompt_len: int, max_new_tokens: int):
+        M, L, D = self.token_budget, prompt_len + max_new_tokens, config.head_dim
+        if self.top_r is not None:
+            check_top_r(self.name, self.top_r, D)
+        if M >= L:
+            return DensePlan(self.name, round_capacity(L), prompt_len, M)
+        r = self.top_r if self.top_r is not None else min(max(int(D * M / (2 * L)), 1), D)
+        return SparQPlan(
+            self.name, round_capacity(L), prompt_len, M, D, r, max(1, M // 2), self.kernels
+        )

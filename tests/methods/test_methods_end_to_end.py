@@ -1,0 +1,127 @@
+"""Every method through the real model: prefill + decode steps under jax.jit with the plan
+as a static argument, on a tiny random Llama / Mistral."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rocketkv_jax.methods import METHOD_NAMES, DensePlan, Full, make_method
+from rocketkv_jax.models.config import ModelConfig
+from rocketkv_jax.models.llama import forward_decode, forward_prefill
+
+T, N = 48, 5
+LENGTHS = (48, 37)
+# Budgets that compress at T=48, N=5 with the tiny model (head_dim 16), and overrides so
+# windows/pages fit. rocketkv at M=16, window 8: capacity 37, prompt budget 32, page 2.
+COMPRESSED = {
+    "full": (None, {}),
+    "streaming": (12, {}),
+    "snapkv": (20, {"window": 8}),
+    "snapkv++": (20, {"window": 8}),
+    "quest": (16, {"page_size": 4}),
+    "sparq": (16, {}),
+    "hybrid": (16, {}),
+    "rocketkv": (16, {"window": 8}),
+    "topk": (16, {}),
+}
+
+
+def tiny_config(sliding_window=None) -> ModelConfig:
+    return ModelConfig(
+        model_type="mistral" if sliding_window else "llama", vocab_size=61, hidden_size=48,
+        intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=16,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+        tie_word_embeddings=False, sliding_window=sliding_window,
+    )
+
+
+@functools.cache
+def tiny_params(config: ModelConfig):
+    rng = np.random.default_rng(0)
+    params: dict = {"layers": {}}
+    for path, shape in config.param_shapes().items():
+        w = rng.standard_normal(shape) * 0.02
+        if path.endswith("norm"):
+            w = 1.0 + w  # RMSNorm gains near 1, so attention is not washed out
+        if path == "embed":
+            w = w * 50  # larger activations make the attention patterns sharper
+        *parents, leaf = path.split("/")
+        (params[parents[0]] if parents else params)[leaf] = jnp.asarray(w, jnp.float32)
+    return params
+
+
+prefill_jit = jax.jit(forward_prefill, static_argnames=("config", "plan", "all_logits"))
+decode_jit = jax.jit(forward_decode, static_argnames=("config", "plan"))
+
+
+def run(params, tokens, lengths, new_tokens, *, config, plan):
+    """Prefill, then N teacher-forced decode steps (one compiled step reused); returns
+    (last-token logits [B, V], step logits [N, B, V])."""
+    logits, cache = prefill_jit(params, config, tokens, lengths, plan, all_logits=False)
+    step_logits = []
+    for i in range(new_tokens.shape[0]):
+        out, cache = decode_jit(params, config, new_tokens[i], lengths + i, cache, plan)
+        step_logits.append(out)
+    return logits, jnp.stack(step_logits)
+
+
+def inputs(config):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, config.vocab_size, (len(LENGTHS), T))
+    new_tokens = rng.integers(1, config.vocab_size, (N, len(LENGTHS)))
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(LENGTHS, jnp.int32), jnp.asarray(
+        new_tokens, jnp.int32)
+
+
+@functools.cache
+def full_logits(config):
+    tokens, lengths, new = inputs(config)
+    plan = Full().plan(config, T, N)
+    return tuple(np.asarray(x) for x in run(tiny_params(config), tokens, lengths, new,
+                                            config=config, plan=plan))
+
+
+@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_method_runs_under_jit(name, sliding_window):
+    config = tiny_config(sliding_window)
+    budget, over = COMPRESSED[name]
+    plan = make_method(name, budget, **over).plan(config, T, N)
+    hash(plan)  # a static jit argument
+    if name != "full":
+        assert not isinstance(plan, DensePlan), plan
+        assert plan.describe()["name"] == name
+        assert 0 < plan.read_tokens(T + N) <= T + N
+    tokens, lengths, new = inputs(config)
+    prefill, steps = run(tiny_params(config), tokens, lengths, new, config=config, plan=plan)
+    assert np.isfinite(np.asarray(prefill)).all()
+    assert np.isfinite(np.asarray(steps)).all()
+    want_prefill, want_steps = full_logits(config)
+    # The prefill logits never depend on the method (compression happens after attention).
+    np.testing.assert_allclose(np.asarray(prefill), want_prefill, rtol=1e-5, atol=1e-5)
+    if name == "full":
+        return
+    # Compression changes the decode logits (otherwise the test would not exercise it).
+    assert not np.allclose(np.asarray(steps), want_steps, rtol=1e-6, atol=1e-7)
+
+
+DENSE_CASES = [(n, None) for n in METHOD_NAMES if n != "full"] + [
+    ("rocketkv", 20), ("streaming", 20)]
+
+
+@pytest.mark.parametrize(("name", "sliding_window"), DENSE_CASES)
+def test_budget_covering_sequence_equals_full(name, sliding_window):
+    """M >= L: no eviction, exact dense attention, the same logits as `full`."""
+    config = tiny_config(sliding_window)
+    _, over = COMPRESSED[name]
+    plan = make_method(name, T + N, **over).plan(config, T, N)
+    assert isinstance(plan, DensePlan) and plan.name == name
+    assert plan.read_tokens(T + N) == T + N
+    tokens, lengths, new = inputs(config)
+    prefill, steps = run(tiny_params(config), tokens, lengths, new, config=config, plan=plan)
+    want_prefill, want_steps = full_logits(config)
+    np.testing.assert_allclose(np.asarray(prefill), want_prefill, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(steps), want_steps, rtol=1e-5, atol=1e-6)
