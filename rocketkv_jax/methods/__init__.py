@@ -12,7 +12,7 @@ per KV head when the uncompressed sequence, prompt + generated, has `context` to
 
 from .base import DensePlan, MethodConfigError
 from .budget import RocketKVSplit, rocketkv_split
-from .full import Full, FullPlan
+from .full import Full
 from .hybrid import Hybrid
 from .quest import Quest, QuestPlan
 from .registry import METHOD_NAMES, make_method, method_hparams
@@ -29,7 +29,6 @@ __all__ = [
     "METHOD_NAMES",
     "DensePlan",
     "Full",
-    "FullPlan",
     "Hybrid",
     "MethodConfigError",
     "PromptEvictionPlan",

@@ -14,7 +14,7 @@ import math
 import jax
 
 from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
-from .full import dense_decode_attention, keep_all
+from .dense import dense_decode_attention, keep_all
 
 CAPACITY_MULTIPLE = 16  # cache capacities are multiples of 16 (and of the page size)
 

@@ -23,7 +23,7 @@ from .base import (
     check_token_budget,
     round_capacity,
 )
-from .full import keep_all
+from .dense import keep_all
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries
 

@@ -24,7 +24,7 @@ from .base import (
     check_token_budget,
     round_capacity,
 )
-from .full import dense_decode_attention
+from .dense import dense_decode_attention
 from .stage1 import compress_prompt, resolve_pool_kernel
 
 

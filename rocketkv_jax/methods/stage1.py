@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, cache_from_prompt
 from ..models.layers import NEG_INF
-from .full import keep_all
+from .dense import keep_all
 
 POOLS = ("avg", "max")
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ..cache import KVCache, append_token, visible_slots
 from ..models.layers import NEG_INF
 from .base import cached_tokens
-from .full import dense_decode_attention
+from .dense import dense_decode_attention
 from .sparse_ops import approx_scores, sparse_decode_attention
 from .stage1 import compress_prompt
 

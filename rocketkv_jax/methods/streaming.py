@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
 from .base import DensePlan, MethodConfigError, check_token_budget, round_capacity
-from .full import dense_decode_attention, keep_all
+from .dense import dense_decode_attention, keep_all
 
 
 def streaming_keep(

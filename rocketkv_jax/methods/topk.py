@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
 from ..models.layers import NEG_INF
 from .base import DensePlan, check_token_budget, round_capacity
-from .full import keep_all
+from .dense import keep_all
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries, select_tokens
 

@@ -139,17 +139,28 @@ def test_resolved_rocketkv_parameters():
     assert plan.read_tokens(2080) == 256
 
 
-def test_unwired_kernel_backend_fails_at_trace_time():
+@pytest.mark.parametrize("kernels", ["reference", "interpret", "auto"])
+def test_kernel_backends_give_zeros_when_nothing_is_selected(kernels):
     import jax.numpy as jnp
 
     from rocketkv_jax.methods.sparse_ops import sparse_decode_attention
 
     q = jnp.ones((1, 1, 2, 4))
     k = jnp.ones((1, 1, 8, 4))
-    with pytest.raises(NotImplementedError, match="not plugged into"):
-        sparse_decode_attention(q, k, k, jnp.zeros((1, 1, 2), jnp.int32), kernels="triton")
-    out = sparse_decode_attention(q, k, k, jnp.full((1, 1, 2), -1, jnp.int32), kernels="auto")
+    out = sparse_decode_attention(q, k, k, jnp.full((1, 1, 2), -1, jnp.int32), kernels=kernels)
     assert (out == 0).all()  # no selected slot -> zeros, never NaN
+
+
+def test_unknown_kernel_backend_is_rejected():
+    import jax.numpy as jnp
+
+    from rocketkv_jax.methods.sparse_ops import sparse_decode_attention
+
+    q = jnp.ones((1, 1, 2, 4))
+    with pytest.raises(ValueError, match="unknown kernels backend 'cuda'"):
+        sparse_decode_attention(q, q, q, jnp.zeros((1, 1, 2), jnp.int32), kernels="cuda")
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        make_method("rocketkv", 256, kernels="cuda")
 
 
 def test_budget_covering_sequence_resolves_dense():
