@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from . import sharding as shd
 from .models.config import ModelConfig
 from .models.llama import forward_decode, forward_prefill
 from .sampling import Sampling, sample
@@ -67,13 +68,15 @@ def _emit(step, tokens, done):
         fn(int(step), np.asarray(tokens), np.asarray(done))
 
 
-def _stream(step, tokens, done):
+def _stream(step, tokens, done, mesh=None):
+    tokens, done = shd.replicate((tokens, done), mesh)  # the host reads whole rows
     io_callback(_emit, None, step, tokens, done, ordered=True)
 
 
 # ------------------------------------------------------------------- the program
 def _generate_program(
-    params, tokens, lengths, key, *, config, plan, max_new_tokens, sampling, stop_ids, pad_id
+    params, tokens, lengths, key, *, config, plan, max_new_tokens, sampling, stop_ids, pad_id,
+    mesh=None,
 ):
     """tokens [B, T] int32 right-padded, lengths [B] -> (out [B, N] int32, n_generated [B]).
 
@@ -83,11 +86,12 @@ def _generate_program(
     N = max_new_tokens
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     logits, cache = forward_prefill(params, config, tokens, lengths, plan, all_logits=False)
+    cache = shd.constrain_cache(cache, mesh)  # B over "data", KV heads over "model"
     key, sub = jax.random.split(key)
     tok = sample(logits, sub, sampling)  # [B]
     out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)  # [B, N]
     done = jnp.isin(tok, stop)  # [B]
-    _stream(0, tok, done)
+    _stream(0, tok, done, mesh)
 
     def cond(state):
         step, _, done, *_ = state
@@ -97,12 +101,13 @@ def _generate_program(
         step, tok, done, out, n_gen, cache, key = state
         positions = lengths + step - 1  # position of `tok`, the previous step's token
         logits, cache = forward_decode(params, config, tok, positions, cache, plan)
+        cache = shd.constrain_cache(cache, mesh)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad_id, sample(logits, sub, sampling))  # [B]
         out = out.at[:, step].set(nxt)
         n_gen = n_gen + (~done).astype(jnp.int32)
         done = done | jnp.isin(nxt, stop)
-        _stream(step, nxt, done)
+        _stream(step, nxt, done, mesh)
         return step + 1, nxt, done, out, n_gen, cache, key
 
     state = (jnp.int32(1), tok, done, out, jnp.ones((B,), jnp.int32), cache, key)
@@ -150,20 +155,24 @@ def _fmt_bytes(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config, plan, B, T, N, sampling, stop_ids, pad_id, params_struct):
+def _compiled(config, plan, B, T, N, sampling, stop_ids, pad_id, params_struct, mesh=None):
     fn = functools.partial(
         _generate_program, config=config, plan=plan, max_new_tokens=N, sampling=sampling,
-        stop_ids=stop_ids, pad_id=pad_id,
+        stop_ids=stop_ids, pad_id=pad_id, mesh=mesh,
     )
     params_abstract = jax.tree.unflatten(params_struct[0], params_struct[1])
+    tok_s, len_s, key_s = (None,) * 3 if mesh is None else (
+        shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh), shd.replicated(mesh))
     args = (
         params_abstract,
-        jax.ShapeDtypeStruct((B, T), jnp.int32),
-        jax.ShapeDtypeStruct((B,), jnp.int32),
-        jax.ShapeDtypeStruct((2,), jnp.uint32),
+        jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=tok_s),
+        jax.ShapeDtypeStruct((B,), jnp.int32, sharding=len_s),
+        jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=key_s),
     )
+    # outputs replicated, so every process (multi-host) can read them
+    out_shardings = None if mesh is None else shd.replicated(mesh)
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -216,17 +225,20 @@ def generate_ids(
     stop_ids: Sequence[int] | None = None,
     pad_id: int = 0,
     on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    mesh=None,
 ) -> GenerateOutput:
     """Generate for a batch of token-id prompts of any lengths (one compiled program).
 
     method: an unresolved KV method (e.g. `make_method("rocketkv", 256)`); it is planned
     for the bucketed prompt length. stop_ids default to the config's EOS ids.
     on_step(step, tokens [B], done [B]) is called on the host as tokens are produced.
+    mesh: a `sharding.make_mesh` mesh to run on (batch over "data", heads over "model");
+    params not yet laid out on it are moved there by `sharding.PARAM_RULES`.
     """
     check_request(config, prompts, max_new_tokens)
     stop = tuple(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)))
     n = len(prompts)
-    B = batch_bucket(n)
+    B = shd.round_batch(batch_bucket(n), mesh)  # a multiple of the data axis
     lens = [len(p) for p in prompts]
     T = length_bucket(max(lens), limit=config.max_position_embeddings - max_new_tokens)
     plan = method.plan(config, T, max_new_tokens)
@@ -235,8 +247,11 @@ def generate_ids(
     for i, p in enumerate(list(prompts) + [prompts[0]] * (B - n)):  # pad rows repeat row 0
         tokens[i, : len(p)] = p
         lengths[i] = len(p)
+    if mesh is not None:
+        shd.check_mesh(config, mesh, B)
+        params = shd.place_params(params, config, mesh)
     compiled, compile_s = _compiled(
-        config, plan, B, T, max_new_tokens, sampling, stop, pad_id, _params_struct(params)
+        config, plan, B, T, max_new_tokens, sampling, stop, pad_id, _params_struct(params), mesh
     )
     times: list[float] = []
 
@@ -249,8 +264,11 @@ def generate_ids(
         _sink.fn = sink
         try:
             t0 = time.perf_counter()
-            out, n_gen = compiled(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                  jax.random.key_data(jax.random.key(seed)))
+            key = jax.random.key_data(jax.random.key(seed))
+            args = (jnp.asarray(tokens), jnp.asarray(lengths), key) if mesh is None else (
+                shd.put_batch(tokens, mesh), shd.put_batch(lengths, mesh),
+                shd.put_replicated(key, mesh))
+            out, n_gen = compiled(params, *args)
             out, n_gen = np.asarray(out), np.asarray(n_gen)
             t_end = time.perf_counter()
         finally:

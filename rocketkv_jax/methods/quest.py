@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
+from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
 from .base import (
     DensePlan,
     MethodConfigError,
@@ -58,7 +59,7 @@ def quest_select(
     P = C // page_size
     page_visible = visible.reshape(B, K, P, page_size).any(axis=-1)  # [B, K, P]
     scores = page_upper_bounds(group_queries(q, K), cache, page_visible)  # [B, K, P]
-    _, pages = jax.lax.top_k(scores, num_pages)  # [B, K, n]
+    _, pages = top_k(scores, num_pages)  # [B, K, n]
     slots = pages[..., None] * page_size + jnp.arange(page_size)  # [B, K, n, page]
     slots = slots.reshape(B, K, num_pages * page_size)  # [B, K, n * page]
     ok = jnp.take_along_axis(visible, slots, axis=-1)  # [B, K, n * page]

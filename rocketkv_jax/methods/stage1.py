@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, cache_from_prompt
 from ..models.layers import NEG_INF
+from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
 from .dense import keep_all
 
 POOLS = ("avg", "max")
@@ -115,7 +116,7 @@ def select_prompt_tokens(
         scored = jnp.arange(T)[None, :] < start[:, None]  # [B, T]
         pooled = jnp.where(scored[:, None, :], pooled, -jnp.inf)
         # lax.top_k breaks ties (frequent after max pooling) towards the lower index.
-        _, top = jax.lax.top_k(pooled, n_select)  # [B, K, budget - w]
+        _, top = top_k(pooled, n_select)  # [B, K, budget - w]
         keep = jnp.concatenate([jnp.sort(top, axis=-1), window_idx], axis=-1)  # [B, K, budget]
     else:
         keep = window_idx

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, append_token, visible_slots
 from ..models.layers import NEG_INF
+from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
 from .base import cached_tokens
 from .dense import dense_decode_attention
 from .sparse_ops import approx_scores, sparse_decode_attention
@@ -39,7 +40,7 @@ def select_channels(qg: jax.Array, top_r: int) -> jax.Array:
     if top_r >= D:
         return jnp.broadcast_to(jnp.arange(D, dtype=jnp.int32), (B, K, D))
     magnitude = jnp.abs(qg.astype(jnp.float32)).mean(axis=2)  # [B, K, D]
-    return jax.lax.top_k(magnitude, top_r)[1].astype(jnp.int32)  # [B, K, R]
+    return top_k(magnitude, top_r)[1].astype(jnp.int32)  # [B, K, R]
 
 
 def sparq_temperature(qg: jax.Array, channels: jax.Array) -> jax.Array:
@@ -88,7 +89,7 @@ def select_tokens(token_scores: jax.Array, visible: jax.Array, k_top: int) -> ja
     slots are visible. Ties go to the lower slot (lax.top_k).
     """
     key = jnp.where(visible, token_scores, -jnp.inf)  # [B, K, C]
-    _, idx = jax.lax.top_k(key, k_top)  # [B, K, k_top]
+    _, idx = top_k(key, k_top)  # [B, K, k_top]
     chosen = jnp.take_along_axis(visible, idx, axis=-1)  # [B, K, k_top]
     return jnp.where(chosen, idx, -1).astype(jnp.int32)
 

@@ -1,0 +1,186 @@
+"""Sharded checks on 4 forced host devices, run by test_sharding.py in ONE subprocess
+(XLA_FLAGS must be set before JAX starts). Prints one JSON report on the last line.
+
+usage: python sharded_checks.py CHECKPOINT_DIR
+
+CHECKPOINT_DIR holds a converted checkpoint of `CFG` (written by the test with
+`save_checkpoint`). Every mesh run restores it straight into that mesh's shardings.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Only when run as a script: test_sharding.py imports the constants below, and must not
+# change the device count of the pytest process.
+if __name__ == "__main__":
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rocketkv_jax import generate as gen  # noqa: E402
+from rocketkv_jax import sharding as shd  # noqa: E402
+from rocketkv_jax.convert.checkpoint import load_checkpoint  # noqa: E402
+from rocketkv_jax.methods import make_method  # noqa: E402
+from rocketkv_jax.models.config import ModelConfig  # noqa: E402
+from rocketkv_jax.models.params import flatten, random_params  # noqa: E402
+from rocketkv_jax.sampling import Sampling  # noqa: E402
+
+# 4 KV heads (so model=4 divides them), G = 2, F = 96 (divisible by 4), V = 128.
+CFG = ModelConfig(
+    model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+    num_heads=8, num_kv_heads=4, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+    max_position_embeddings=512, tie_word_embeddings=False, eos_token_ids=(),
+)
+PROMPT_LENS = (200, 150, 181, 97)  # mixed; the bucket is 256, rocketkv keeps 159 + 8 new
+BUDGET, NEW = 64, 8
+MESHES = ((1, 4), (2, 2), (4, 1))
+
+
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, CFG.vocab_size, n).tolist() for n in PROMPT_LENS]
+
+
+def method(name):
+    return make_method(name, None if name == "full" else BUDGET)
+
+
+def collectives(hlo: str) -> list[str]:
+    """Sorted 'kind op_name' of every collective in a compiled module's HLO text."""
+    return sorted(
+        f"{kind} {name.replace('jit(_generate_program)/', '')}"
+        for kind, name in shd.collectives(hlo)
+    )
+
+
+class Recorder:
+    """Wraps generate._compiled to keep the last compiled program (for its HLO)."""
+
+    def __init__(self):
+        self.inner, self.last = gen._compiled, None
+
+    def __call__(self, *args):
+        compiled, t = self.inner(*args)
+        self.last = compiled
+        return compiled, t
+
+
+def cache_shapes(mesh_shape, capacity):
+    """Global and per-device shape strings of the stacked k cache [Ly, B, K, C, D]."""
+    d, m = mesh_shape
+    Ly, B, K, D = CFG.num_layers, len(PROMPT_LENS), CFG.num_kv_heads, CFG.head_dim
+    return f"f32[{Ly},{B},{K},{capacity},{D}]", f"f32[{Ly},{B // d},{K // m},{capacity},{D}]"
+
+
+def run(ckpt, report, tag, names, reference=True):
+    """Single-device reference, then every mesh (params restored into its shardings)."""
+    single, _ = load_checkpoint(ckpt)
+    for name in names if reference else ():
+        ref = gen.generate_ids(single, CFG, prompts(), method(name), max_new_tokens=NEW)
+        report[f"{tag}/{name}/single"] = ref.tokens
+    for shape in MESHES:
+        mesh = shd.make_mesh(*shape)
+        params, _ = load_checkpoint(ckpt, shardings=shd.param_shardings(CFG, mesh))
+        for name in names:
+            out = gen.generate_ids(
+                params, CFG, prompts(), method(name), max_new_tokens=NEW, mesh=mesh
+            )
+            hlo = gen._compiled.last.as_text()
+            T = out.stats.prompt_bucket
+            capacity = method(name).plan(CFG, T, NEW).capacity
+            whole, local = cache_shapes(shape, capacity)
+            report[f"{tag}/{name}/{shape[0]}x{shape[1]}"] = {
+                "tokens": out.tokens,
+                "collectives": collectives(hlo),
+                "cache_local_in_hlo": local in hlo,
+                "cache_whole_in_hlo": whole in hlo,
+            }
+
+
+def sampled(ckpt, report):
+    """Temperature + top-k + top-p sampling, 3 prompts (padded to 4 rows), on 2x2."""
+    sampling = Sampling(temperature=0.8, top_k=20, top_p=0.9)
+    single, _ = load_checkpoint(ckpt)
+    mesh = shd.make_mesh(2, 2)
+    params, _ = load_checkpoint(ckpt, shardings=shd.param_shardings(CFG, mesh))
+    for tag, p, m in (("single", single, None), ("2x2", params, mesh)):
+        out = gen.generate_ids(
+            p, CFG, prompts()[:3], method("rocketkv"), max_new_tokens=NEW, sampling=sampling,
+            seed=3, mesh=m,
+        )
+        report[f"sampled/{tag}"] = out.tokens
+
+
+def restored_shardings(ckpt, report):
+    mesh = shd.make_mesh(2, 2)
+    expected = flatten(shd.param_shardings(CFG, mesh))
+    params, _ = load_checkpoint(ckpt, shardings=shd.param_shardings(CFG, mesh))
+    rows = {}
+    for path, x in flatten(params).items():
+        rows[path] = {
+            "spec": str(x.sharding.spec),
+            "matches": x.sharding == expected[path],
+            "shard_shape": list(x.addressable_shards[0].data.shape),
+            "shape": list(x.shape),
+            "devices": len(x.sharding.device_set),
+        }
+    report["restored"] = rows
+    # the cache rules as the program applies them, on the real cache pytree
+    plan = method("rocketkv").plan(CFG, 256, NEW)
+    cache = jax.eval_shape(
+        lambda p: gen.forward_prefill(
+            p, CFG, jax.numpy.zeros((4, 256), "int32"), jax.numpy.full((4,), 200, "int32"),
+            plan, all_logits=False,
+        )[1],
+        params,
+    )
+    report["cache_specs"] = {
+        k: str(s.spec) for k, s in vars(shd.cache_shardings(cache, mesh)).items()
+    }
+
+
+def errors(report):
+    msgs = {}
+    big = ModelConfig(**{**vars(CFG), "num_kv_heads": 6, "num_heads": 12})
+    try:
+        gen.generate_ids(
+            random_params(big), big, prompts(), method("full"), max_new_tokens=2,
+            mesh=shd.make_mesh(1, 4),
+        )
+    except ValueError as e:
+        msgs["heads"] = str(e)
+    for shape in ((3, 1), (4, 2)):
+        try:
+            shd.make_mesh(*shape)
+        except ValueError as e:
+            msgs[f"devices {shape}"] = str(e)
+    report["errors"] = msgs
+
+
+def main():
+    ckpt = sys.argv[1]
+    gen._compiled = Recorder()
+    report = {"devices": jax.device_count()}
+    run(ckpt, report, "stock", ("full", "rocketkv"))
+    restored_shardings(ckpt, report)
+    sampled(ckpt, report)
+    errors(report)
+    # The rocketkv runs again with the partition-aware top-k swapped in for lax.top_k
+    # (compared with the stock single-device tokens).
+    jax.lax.top_k = shd.top_k
+    gen._compiled.inner.cache_clear()
+    run(ckpt, report, "patched", ("rocketkv",), reference=False)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
