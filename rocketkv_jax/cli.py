@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--batch-file)")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    g.add_argument(
+        "--mesh", default=None, metavar="SPEC",
+        help="run on several devices, e.g. data=2,model=2: batch over 'data', attention "
+        "heads / KV heads and the MLP over 'model' (default: one device). On several "
+        "hosts, every process runs the same command after jax.distributed.initialize()",
+    )
     g.set_defaults(func=cmd_generate)
     from .eval.cli import add_eval_parser
 
@@ -150,7 +156,15 @@ def cmd_generate(args) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    model = load_model(args.model)
+    from . import sharding
+
+    mesh = sharding.mesh_from_flag(args.mesh)
+    shardings = None
+    if mesh is not None:
+        from .model_store import default_checkpoint
+
+        shardings = sharding.checkpoint_shardings(args.model or default_checkpoint(), mesh)
+    model = load_model(args.model, shardings=shardings)
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     stop = set(model.config.eos_token_ids)
@@ -161,7 +175,7 @@ def cmd_generate(args) -> int:
             if (i := tok.token_id(t)) is not None:
                 stop.add(i)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                  stop_ids=sorted(stop))
+                  stop_ids=sorted(stop), mesh=mesh)
     if not batch_mode:
         streamer = None if args.no_stream else _Streamer(tok, stop)
         out = generate_ids(model.params, model.config, ids, method,
