@@ -74,18 +74,25 @@ def _stream(step, tokens, done, mesh=None):
 
 
 # ------------------------------------------------------------------- the program
-def _generate_program(
-    params, tokens, lengths, key, *, config, plan, max_new_tokens, sampling, stop_ids, pad_id,
-    mesh=None,
-):
+def _generate_program(params, tokens, lengths, key, *, config, plan, mesh=None, **loop):
     """tokens [B, T] int32 right-padded, lengths [B] -> (out [B, N] int32, n_generated [B]).
 
     Row b's output stops after its first stop id (included) and is padded with pad_id.
     """
-    B = tokens.shape[0]
+    logits, cache = forward_prefill(params, config, tokens, lengths, plan, all_logits=False)
+    return _decode_loop(params, logits, cache, lengths, key, config=config, plan=plan,
+                        mesh=mesh, **loop)
+
+
+def _decode_loop(
+    params, logits, cache, lengths, key, *, config, plan, max_new_tokens, sampling, stop_ids,
+    pad_id, mesh=None,
+):
+    """Sample from the prefill logits [B, V], then decode until every row stopped or
+    max_new_tokens were produced. Returns (out [B, N] int32, n_generated [B])."""
+    B = logits.shape[0]
     N = max_new_tokens
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    logits, cache = forward_prefill(params, config, tokens, lengths, plan, all_logits=False)
     cache = shd.constrain_cache(cache, mesh)  # B over "data", KV heads over "model"
     key, sub = jax.random.split(key)
     tok = sample(logits, sub, sampling)  # [B]
@@ -236,23 +243,52 @@ def generate_ids(
     params not yet laid out on it are moved there by `sharding.PARAM_RULES`.
     """
     check_request(config, prompts, max_new_tokens)
-    stop = tuple(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)))
+    stop = _stop_tuple(config, stop_ids)
     n = len(prompts)
-    B = shd.round_batch(batch_bucket(n), mesh)  # a multiple of the data axis
-    lens = [len(p) for p in prompts]
-    T = length_bucket(max(lens), limit=config.max_position_embeddings - max_new_tokens)
+    tokens, lengths = _pack(config, prompts, max_new_tokens, pad_id, mesh)
+    B, T = tokens.shape
     plan = method.plan(config, T, max_new_tokens)
-    tokens = np.full((B, T), pad_id, np.int32)
-    lengths = np.ones((B,), np.int32)
-    for i, p in enumerate(list(prompts) + [prompts[0]] * (B - n)):  # pad rows repeat row 0
-        tokens[i, : len(p)] = p
-        lengths[i] = len(p)
     if mesh is not None:
         shd.check_mesh(config, mesh, B)
         params = shd.place_params(params, config, mesh)
     compiled, compile_s = _compiled(
         config, plan, B, T, max_new_tokens, sampling, stop, pad_id, _params_struct(params), mesh
     )
+    if mesh is None:
+        args = (jnp.asarray(tokens), jnp.asarray(lengths), _key(seed))
+    else:
+        args = (shd.put_batch(tokens, mesh), shd.put_batch(lengths, mesh),
+                shd.put_replicated(_key(seed), mesh))
+    return _run(compiled, (params, *args), n, lengths, on_step, GenerateStats(
+        prompt_tokens=int(lengths[:n].sum()), generated_tokens=0, compile_s=compile_s,
+        prefill_s=0.0, decode_s=0.0, kv_cache_bytes=kv_cache_bytes(params, config, plan, B, T),
+        batch=n, prompt_bucket=T))
+
+
+def _stop_tuple(config: ModelConfig, stop_ids) -> tuple[int, ...]:
+    return tuple(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)))
+
+
+def _key(seed: int) -> jax.Array:
+    return jax.random.key_data(jax.random.key(seed))
+
+
+def _pack(config, prompts, max_new_tokens, pad_id, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad prompts into buckets: tokens [B, T] int32, lengths [B] int32. Padding
+    rows (up to the batch bucket) repeat row 0 and are dropped from the results."""
+    B = shd.round_batch(batch_bucket(len(prompts)), mesh)  # a multiple of the data axis
+    T = length_bucket(max(map(len, prompts)),
+                      limit=config.max_position_embeddings - max_new_tokens)
+    tokens = np.full((B, T), pad_id, np.int32)
+    lengths = np.ones((B,), np.int32)
+    for i, p in enumerate(list(prompts) + [prompts[0]] * (B - len(prompts))):
+        tokens[i, : len(p)] = p
+        lengths[i] = len(p)
+    return tokens, lengths
+
+
+def _run(compiled, args, n, lengths, on_step, stats: GenerateStats) -> GenerateOutput:
+    """Run a compiled generate program with the host stream attached; fill in timings."""
     times: list[float] = []
 
     def sink(step, toks, done):
@@ -264,27 +300,82 @@ def generate_ids(
         _sink.fn = sink
         try:
             t0 = time.perf_counter()
-            key = jax.random.key_data(jax.random.key(seed))
-            args = (jnp.asarray(tokens), jnp.asarray(lengths), key) if mesh is None else (
-                shd.put_batch(tokens, mesh), shd.put_batch(lengths, mesh),
-                shd.put_replicated(key, mesh))
-            out, n_gen = compiled(params, *args)
+            out, n_gen = compiled(*args)
             out, n_gen = np.asarray(out), np.asarray(n_gen)
             t_end = time.perf_counter()
         finally:
             _sink.fn = None
-    prefill_s = (times[0] - t0) if times else t_end - t0
-    stats = GenerateStats(
-        prompt_tokens=sum(lens),
-        generated_tokens=int(n_gen[:n].sum()),
-        compile_s=compile_s,
-        prefill_s=prefill_s,
-        decode_s=(t_end - times[0]) if times else 0.0,
-        kv_cache_bytes=kv_cache_bytes(params, config, plan, B, T),
-        batch=n,
-        prompt_bucket=T,
-    )
+    stats.prefill_s = stats.prefill_s + ((times[0] - t0) if times else t_end - t0)
+    stats.decode_s = (t_end - times[0]) if times else 0.0
+    stats.generated_tokens = int(n_gen[:n].sum())
     return GenerateOutput([out[i, : n_gen[i]].tolist() for i in range(n)], stats)
+
+
+# ------------------------------------------------------------ one prefill, many methods
+@dataclasses.dataclass(frozen=True)
+class _KeepRaw:
+    """A plan whose `compress` keeps each layer's raw prompt k, v and q, so several
+    methods can compress the same dense prefill later."""
+
+    capacity: int
+
+    def compress(self, k, v, q, lengths):
+        return k, v, q
+
+
+def _from_prefill_program(params, logits, states, lengths, key, *, config, plan, **loop):
+    """Compress the stored per-layer (k, v, q) with `plan`, then decode as generate does."""
+    cache = jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), states)  # layer by layer
+    return _decode_loop(params, logits, cache, lengths, key, config=config, plan=plan, **loop)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_from_prefill(config, plan, N, sampling, stop_ids, pad_id, arg_structs):
+    fn = functools.partial(_from_prefill_program, config=config, plan=plan, max_new_tokens=N,
+                           sampling=sampling, stop_ids=stop_ids, pad_id=pad_id)
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*jax.tree.unflatten(*arg_structs)).compile()
+    return compiled, time.perf_counter() - t0
+
+
+class SharedPrefill:
+    """Prefill a batch once (dense, as every method's prefill is), then generate from it
+    with several methods: what `generate_ids` would give, at one prefill's cost.
+
+    Holds each layer's prompt k, v [Ly, B, K, T, D] and q [Ly, B, H, T, D] in memory.
+    Used by the evaluation, which runs many (method, budget) pairs on the same prompts.
+    """
+
+    def __init__(self, params, config: ModelConfig, prompts, *, max_new_tokens: int,
+                 pad_id: int = 0):
+        check_request(config, prompts, max_new_tokens)
+        self.params, self.config, self.n = params, config, len(prompts)
+        self.max_new_tokens, self.pad_id = max_new_tokens, pad_id
+        self.tokens, self.lengths = _pack(config, prompts, max_new_tokens, pad_id)
+        B, T = self.tokens.shape
+        prefill = jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, _KeepRaw(T),
+                                                          all_logits=False))
+        t0 = time.perf_counter()
+        self.logits, self.states = prefill(params, jnp.asarray(self.tokens),
+                                           jnp.asarray(self.lengths))
+        jax.block_until_ready(self.logits)
+        self.prefill_s = time.perf_counter() - t0
+
+    def generate(self, method, *, sampling: Sampling = GREEDY, seed: int = 0,
+                 stop_ids: Sequence[int] | None = None) -> GenerateOutput:
+        B, T = self.tokens.shape
+        plan = method.plan(self.config, T, self.max_new_tokens)
+        args = (self.params, self.logits, self.states, jnp.asarray(self.lengths), _key(seed))
+        structs = jax.tree.flatten(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args))
+        compiled, compile_s = _compiled_from_prefill(
+            self.config, plan, self.max_new_tokens, sampling,
+            _stop_tuple(self.config, stop_ids), self.pad_id, (structs[1], tuple(structs[0])))
+        return _run(compiled, args, self.n, self.lengths, None, GenerateStats(
+            prompt_tokens=int(self.lengths[: self.n].sum()), generated_tokens=0,
+            compile_s=compile_s, prefill_s=self.prefill_s, decode_s=0.0,
+            kv_cache_bytes=kv_cache_bytes(self.params, self.config, plan, B, T), batch=self.n,
+            prompt_bucket=T))
 
 
 # ------------------------------------------------------- step-wise API (bench, eval)

@@ -308,12 +308,12 @@ def run_eval(
 
     Grid: full KV once per sample (budget None; added even if not in `methods` unless
     include_full=False), then every other method at every budget, for every context
-    length, task and sample index 0..samples_per_task-1. Prompts of one (method, budget,
-    context length, answer allowance) are sent to `generate_fn` in batches of up to
-    `batch_size`; each batch's records are appended and fsynced before the next call,
-    so a kill loses at most one batch. Raises ValueError for bad arguments,
-    ResultsFileError for an incompatible existing file, TaskError if prompts cannot be
-    built, EngineContractError if generate_fn breaks its contract.
+    length, task and sample index 0..samples_per_task-1. Prompts of one (context length,
+    answer allowance) form batches of up to `batch_size`; each batch runs every (method,
+    budget) in turn, one `generate_fn` call each, and each call's records are appended
+    and fsynced before the next, so a kill loses at most one call. Raises ValueError for
+    bad arguments, ResultsFileError for an incompatible existing file, TaskError if
+    prompts cannot be built, EngineContractError if generate_fn breaks its contract.
     """
     validate_grid(methods, budgets, context_lengths, tasks, samples_per_task)
     if batch_size <= 0:
@@ -327,17 +327,23 @@ def run_eval(
     done = index_records(existing, path)
 
     grid = method_budget_grid(methods, budgets, include_full=include_full)
+    # Prompts are grouped by (context, answer allowance) and batched; each batch then runs
+    # every (method, budget) back to back, so an engine that caches a batch's dense
+    # prefill (engine_functions does) computes it once for the whole grid.
     groups: dict[tuple, list[SampleKey]] = {}
+    todo: dict[SampleKey, list[tuple]] = {}
     total = 0
-    for method, budget in grid:
-        for context in context_lengths:
-            for task in tasks:
-                for index in range(samples_per_task):
+    for context in context_lengths:
+        for task in tasks:
+            for index in range(samples_per_task):
+                key = (task, context, index)
+                groups.setdefault((context, new_tokens[task]), []).append(key)
+                for method, budget in grid:
                     total += 1
                     if (method, budget, task, context, index) not in done:
-                        group = (method, budget, context, new_tokens[task])
-                        groups.setdefault(group, []).append((task, context, index))
-    pending = sum(len(keys) for keys in groups.values())
+                        todo.setdefault(key, []).append((method, budget))
+    groups = {g: [k for k in keys if k in todo] for g, keys in groups.items()}
+    pending = sum(len(v) for v in todo.values())
     # Build every pending prompt first, so a context the essays cannot fill fails now and
     # not hours into the run; also rebuild one finished sample per (task, context) to
     # catch a resume with another tokenizer or changed task code.
@@ -366,19 +372,23 @@ def run_eval(
             dynamic_ncols=True,
         ) as bar,
     ):
-        for (method, budget, context, max_new), keys in groups.items():
+        for (context, max_new), keys in groups.items():
             for chunk in _chunks(keys, batch_size):
-                batch = [samples[key] for key in chunk]
-                bar.set_postfix_str(f"{method} budget={budget} ctx={context}", refresh=False)
-                token_budget = context if budget is None else budget
-                outputs = generate_fn([s.prompt for s in batch], method, token_budget, max_new)
-                outputs = _checked_outputs(outputs, len(batch), method)
-                append_jsonl(
-                    handle,
-                    [
-                        _result_record(s, method, budget, o)
-                        for s, o in zip(batch, outputs, strict=True)
-                    ],
-                )
-                bar.update(len(batch))
+                for method, budget in grid:
+                    batch = [samples[k] for k in chunk if (method, budget) in todo[k]]
+                    if not batch:
+                        continue
+                    bar.set_postfix_str(f"{method} budget={budget} ctx={context}", refresh=False)
+                    token_budget = context if budget is None else budget
+                    prompts = [s.prompt for s in batch]
+                    outputs = generate_fn(prompts, method, token_budget, max_new)
+                    outputs = _checked_outputs(outputs, len(batch), method)
+                    append_jsonl(
+                        handle,
+                        [
+                            _result_record(s, method, budget, o)
+                            for s, o in zip(batch, outputs, strict=True)
+                        ],
+                    )
+                    bar.update(len(batch))
     return path

@@ -133,3 +133,16 @@ def test_eos_from_config_is_the_default_stop():
     cfg = dataclasses.replace(CFG, eos_token_ids=(free[4],))
     out = generate_ids(PARAMS, cfg, [prompt], Full(), max_new_tokens=10)
     assert out.tokens[0] == free[: free.index(free[4]) + 1]
+
+
+@pytest.mark.parametrize("method", ["full", "rocketkv", "snapkv", "quest", "streaming"])
+def test_shared_prefill_generates_what_generate_ids_does(method):
+    from rocketkv_jax.generate import SharedPrefill
+    from rocketkv_jax.methods import make_method
+
+    prompts = _prompts([60, 41, 75], seed=7)
+    m = make_method(method, None if method == "full" else 40)
+    shared = SharedPrefill(PARAMS, CFG, prompts, max_new_tokens=6)
+    got = shared.generate(m, stop_ids=[]).tokens
+    want = generate_ids(PARAMS, CFG, prompts, m, max_new_tokens=6, stop_ids=[]).tokens
+    assert got == want

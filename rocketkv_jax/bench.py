@@ -1,0 +1,555 @@
+"""`rocketkv bench`: decode speed, KV bytes and peak memory of every KV method vs full KV, and
+vs peers (Hugging Face transformers, kvpress), measured in one run on this machine.
+
+For each model, context T and token budget M, every method's jitted decode step
+(`make_decode_step`, cache donated) runs on the cache its prefill builds, all methods
+interleaved step by step; the table shows full time / method time (medians). Beside it:
+KV bytes read per step from the plans' own accounting (`read_tokens`), XLA's cost-model
+bytes of the compiled step, XLA's memory analysis of the decode step and of the whole
+`generate` program, and the analytic H100 roofline for Llama-3.1-8B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .bench_bytes import (
+    fmt_bytes,
+    kv_read_bytes,
+    llama_weight_bytes,
+    model_dims,
+    print_method_roofline,
+    print_roofline,
+    print_table,
+    read_split,
+)
+
+ALL_METHODS = ("full", "streaming", "snapkv", "snapkv++", "quest", "sparq", "hybrid",
+               "rocketkv", "topk")
+DEFAULTS = dict(
+    models="smollm2,llama8b-shape", contexts="4k,8k,16k,32k", budgets="256,512,1024,2048,4096",
+    methods=",".join(ALL_METHODS), new_tokens=256, warmup=3, iters=20, batch=1,
+    llama_layers=2, llama_vocab=8192, prefill="auto", prefill_memory_gb=10.0,
+    peer_context="4k", peer_new_tokens=64, peer_budget=256, peer_rounds=3, peer_threads="1,2",
+    roofline_context="32k",
+)
+QUICK = dict(models="tiny", contexts="1k", budgets="128", methods="full,rocketkv", new_tokens=32,
+             warmup=1, iters=5, peers=False)
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1].strip() + """
+
+Models: `smollm2` = SmolLM2-135M, real weights (8k context, so 4k and 8k only; its 8k prompt
+is 8192 - N tokens); `llama8b-shape` = Llama-3.1-8B layer shapes with random weights and
+--llama-layers layers (vocab shrunk to --llama-vocab); `tiny` = a toy model (--quick).
+Caches come from the model's real prefill, once per context (then each method's compress);
+where XLA's memory analysis of that prefill exceeds --prefill-memory-gb (the dense T x T
+attention: ~27 GB at 8k and ~415 GB at 32k for the 8B shape), k/v/q are random normal
+stand-ins of the same shapes (--prefill auto)."""
+
+EPILOG = """examples:
+  rocketkv bench --quick                      # CI smoke, well under a minute
+  rocketkv bench                              # the full grid + peers (an hour or more on CPU)
+  rocketkv bench --models smollm2 --contexts 4k --budgets 256,1024 --no-peers
+  rocketkv bench --kvpress-python /tmp/kvpress-venv/bin/python --json bench.json
+"""
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments."""
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse_size(s: str) -> int:
+    """'4k' -> 4096, '32K' -> 32768, '1000' -> 1000."""
+    s = s.strip().lower()
+    try:
+        return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
+    except ValueError:
+        raise BenchError(f"not a token count: {s!r} (use e.g. 4096 or 4k)") from None
+
+
+def parse_list(s: str, what: str) -> list[int]:
+    out = [parse_size(x) for x in s.split(",") if x.strip()]
+    if not out or any(x <= 0 for x in out):
+        raise BenchError(f"--{what} needs positive token counts, got {s!r}")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: tiny random model, 1 context (1k), 2 methods (full, "
+                   "rocketkv), budget 128, no peers; well under a minute")
+    g = p.add_argument_group("grid")
+    g.add_argument("--models", default=None, metavar="LIST",
+                   help=f"comma list of smollm2, llama8b-shape, tiny (default: {d['models']})")
+    g.add_argument("--contexts", default=None, metavar="LIST",
+                   help=f"prompt lengths T, e.g. 4k,8k (default: {d['contexts']}); contexts "
+                   "past a model's limit are skipped")
+    g.add_argument("--budgets", default=None, metavar="LIST",
+                   help=f"token budgets M (default: {d['budgets']})")
+    g.add_argument("--methods", default=None, metavar="LIST",
+                   help=f"KV methods; full always runs as the reference (default: all: "
+                   f"{d['methods']})")
+    g.add_argument("--new-tokens", type=int, default=None, metavar="N",
+                   help=f"max_new_tokens the plans are sized for; enters RocketKV's split as "
+                   f"L = T + N (default: {d['new_tokens']})")
+    g.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed decode steps per method (default: {d['warmup']})")
+    g.add_argument("--iters", type=int, default=None,
+                   help=f"timed decode steps per method and (T, M); the median is reported "
+                   f"(default: {d['iters']}); warmup + iters <= N")
+    g.add_argument("--batch", type=int, default=None, help=f"batch size (default: {d['batch']})")
+    g.add_argument("--model", type=Path, default=None, metavar="PATH",
+                   help="converted checkpoint used as `smollm2` (default: the embedded SmolLM2)")
+    g.add_argument("--llama-layers", type=int, default=None,
+                   help=f"layers of the llama8b-shape model (default: {d['llama_layers']})")
+    g.add_argument("--llama-vocab", type=int, default=None,
+                   help=f"vocabulary of the llama8b-shape model (default: {d['llama_vocab']})")
+    g.add_argument("--prefill", choices=("auto", "model", "synthetic"), default=None,
+                   help="how decode caches are built: the model's prefill, random k/v/q, or "
+                   "auto = the model's prefill when it fits --prefill-memory-gb (default)")
+    g.add_argument("--prefill-memory-gb", type=float, default=None,
+                   help=f"XLA peak memory above which auto uses random k/v/q (default: "
+                   f"{d['prefill_memory_gb']})")
+    g.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip XLA's memory analysis of the whole generate program")
+    g.add_argument("--roofline-context", default=None,
+                   help=f"context of the H100 roofline tables (default: {d['roofline_context']})")
+    g.add_argument("--seed", type=int, default=0)
+    pe = p.add_argument_group("peers (SmolLM2 only)")
+    pe.add_argument("--peers", dest="peers", action="store_true", default=None,
+                    help="run the peer comparison (default: on, off with --quick)")
+    pe.add_argument("--no-peers", dest="peers", action="store_false")
+    pe.add_argument("--peer-context", default=None,
+                    help=f"prompt tokens (default: {d['peer_context']})")
+    pe.add_argument("--peer-new-tokens", type=int, default=None,
+                    help=f"greedy new tokens (default: {d['peer_new_tokens']})")
+    pe.add_argument("--peer-budget", type=int, default=None,
+                    help=f"token budget of rocketkv / snapkv / kvpress SnapKV (default: "
+                    f"{d['peer_budget']})")
+    pe.add_argument("--peer-rounds", type=int, default=None,
+                    help=f"interleaved rounds; medians are reported (default: "
+                    f"{d['peer_rounds']})")
+    pe.add_argument("--peer-threads", default=None, metavar="LIST",
+                    help=f"torch thread counts to run the transformers / kvpress peers with "
+                    f"(default: {d['peer_threads']}; on a shared machine 2 OpenMP threads can "
+                    f"be much slower than 1)")
+    pe.add_argument("--kvpress-python", default=None, metavar="PYTHON",
+                    help="interpreter of a venv with kvpress (it pins transformers<5.3); "
+                    "default: $ROCKETKV_BENCH_KVPRESS_PYTHON, else this one if it has kvpress")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="also write every measurement as JSON")
+    o.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars on stderr")
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill defaults (quick ones under --quick), parse lists, validate."""
+    base = {**DEFAULTS, **(QUICK if args.quick else {})}
+    for key, value in base.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    from .bench_decode import MODEL_KEYS
+
+    bad = [m for m in args.models if m not in MODEL_KEYS]
+    if bad or not args.models:
+        raise BenchError(f"unknown model(s) {bad}; --models takes {', '.join(MODEL_KEYS)}")
+    args.contexts = parse_list(args.contexts, "contexts")
+    args.budgets = parse_list(args.budgets, "budgets")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise BenchError(f"unknown method(s) {bad}; --methods takes {', '.join(ALL_METHODS)}")
+    args.methods = ["full"] + [m for m in methods if m != "full"]
+    args.peer_context = parse_size(str(args.peer_context))
+    args.peer_threads = tuple(parse_list(str(args.peer_threads), "peer-threads"))
+    args.roofline_context = parse_size(str(args.roofline_context))
+    for name in ("new_tokens", "iters", "batch", "llama_layers", "llama_vocab", "peer_new_tokens",
+                 "peer_budget", "peer_rounds"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise BenchError("--warmup must be >= 0")
+    if args.warmup + args.iters > args.new_tokens:
+        raise BenchError(
+            f"--warmup + --iters ({args.warmup + args.iters}) must be <= --new-tokens "
+            f"({args.new_tokens}): the plans size the cache for N new tokens"
+        )
+    return args
+
+
+# ------------------------------------------------------------------------------ grid
+def model_contexts(config, contexts: list[int], N: int) -> list[tuple[int, str]]:
+    """(T, label) per requested context that fits: T + N <= the model's context; a request
+    of the full context (e.g. 8k for an 8k model) becomes T = max_position - N."""
+    limit = config.max_position_embeddings
+    out = []
+    for c in contexts:
+        if c + N <= limit:
+            out.append((c, f"{c // 1024}k" if c % 1024 == 0 else str(c)))
+        elif c <= limit and limit - N > 0:
+            out.append((limit - N, f"{c // 1024}k*"))
+    return out
+
+
+def plan_methods(config, methods, budget, T, N) -> dict:
+    """{method: plan or the MethodConfigError message}."""
+    from .methods import make_method
+    from .methods.base import MethodConfigError
+
+    out = {}
+    for m in methods:
+        try:
+            out[m] = make_method(m, budget).plan(config, T, N)
+        except MethodConfigError as e:
+            out[m] = str(e)
+    return out
+
+
+def cache_bytes(cache) -> int:
+    import jax
+
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
+
+
+def run_model(bm, args, bar) -> dict:
+    """The decode grid of one model: returns its records (see --json)."""
+    import jax
+
+    from . import bench_decode as bd
+    from .methods import Full
+
+    cfg, B, N = bm.config, args.batch, args.new_tokens
+    elem = 4  # float32 params and caches
+    weights = llama_weight_bytes(model_dims(cfg), elem)
+    base_plan = Full().plan(cfg, 16, 0)
+    base = bd.compile_step(cfg, base_plan, bm.params,
+                           bd.abstract_cache(cfg, base_plan, bm.params, 16, B), B)
+    rec = {"model": bm.key, "label": bm.label, "note": bm.note, "weights_bytes": weights,
+           "layers": cfg.num_layers, "xla_base_bytes": base.loop_bytes, "prefill": [],
+           "steps": [], "memory": [], "contexts": []}
+    for T, label in model_contexts(cfg, args.contexts, N):
+        rec["contexts"].append([T, label])
+        bar.set_postfix_str(f"{bm.key} T={T}: prefill")
+        cap, pre = _prefill(bm, T, B, args)
+        rec["prefill"].append(pre)
+        compiled: dict = {}
+        for M in args.budgets:
+            bar.set_postfix_str(f"{bm.key} T={T} M={M}")
+            plans = plan_methods(cfg, args.methods, M, T, N)
+            ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
+            caches, compress_s = {}, {}
+            for m, p in ok.items():
+                caches[m], compress_s[m] = bd.compress_cache(p, cap)
+                if p not in compiled:
+                    compiled[p] = bd.compile_step(cfg, p, bm.params, caches[m], B)
+            kv_cache = {m: cache_bytes(c) for m, c in caches.items()}
+            times = bd.time_interleaved({m: compiled[p].fn for m, p in ok.items()}, caches,
+                                        bm.params, B=B, T=T, warmup=args.warmup,
+                                        iters=args.iters)
+            del caches
+            full_t = bd.median(times["full"])
+            for m, p in plans.items():
+                if isinstance(p, str):
+                    rec["steps"].append({"T": T, "M": M, "method": m, "error": p})
+                    continue
+                cs, S = compiled[p], T + 1
+                attended, selection = read_split(p, S)
+                kv = kv_read_bytes(p, S, cfg, elem, B)
+                med = bd.median(times[m])
+                rec["steps"].append({
+                    "T": T, "M": M, "method": m, "plan": _jsonable(p.describe()
+                                                                   if hasattr(p, "describe")
+                                                                   else {"capacity": p.capacity}),
+                    "median_s": med, "ratio": full_t / med, "times_s": times[m],
+                    "compile_s": cs.compile_s, "compress_s": compress_s[m],
+                    "read_tokens": p.read_tokens(S), "attended": attended,
+                    "selection": selection, "kv_read_bytes": kv, "xla_bytes": cs.bytes_accessed,
+                    "xla_loop_bytes": cs.loop_bytes,
+                    "kv_cache_bytes": kv_cache[m], "step_memory": cs.memory,
+                })
+            if args.memory:
+                for m in ("full", "rocketkv"):
+                    p = plans.get(m)
+                    if p is None or isinstance(p, str) or (m == "full" and M != args.budgets[0]):
+                        continue
+                    mem, cs = bd.generate_program_memory(bm, p, T, N, B)
+                    rec["memory"].append({"T": T, "M": None if m == "full" else M, "method": m,
+                                          "generate_memory": mem, "generate_compile_s": cs})
+            bar.update(1)
+        del cap, compiled
+        bd.clear_compress_cache()
+        jax.clear_caches()
+    return rec
+
+
+def _prefill(bm, T, B, args):
+    """Decode-cache source for context T (see --prefill) and its record."""
+    from . import bench_decode as bd
+
+    compiled, compile_s = bd.compile_capture_prefill(bm, T, B)
+    mem = bd.memory_stats(compiled)
+    peak = mem["peak"] if mem else 0
+    use_model = args.prefill == "model" or (
+        args.prefill == "auto" and peak <= args.prefill_memory_gb * 1e9)
+    if use_model:
+        cap = bd.capture_prefill(bm, T, B, compiled, compile_s)
+    else:
+        del compiled
+        cap = bd.synthetic_capture(bm.config, T, B, args.seed)
+    return cap, {"T": T, "mode": cap.mode, "prefill_s": cap.prefill_s if use_model else None,
+                 "compile_s": compile_s, "memory": mem}
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (v if isinstance(v, int | float | str | bool | type(None)) else str(v))
+            for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- tables
+def _grid_table(rec, args, title, cell, methods=None, extra=None) -> None:
+    """One row per (T, M), one column per method; cell(step record) -> str."""
+    methods = methods or args.methods
+    by = {(s["T"], s["M"], s["method"]): s for s in rec["steps"]}
+    labels = dict(rec["contexts"])
+    rows = []
+    for T, _ in rec["contexts"]:
+        for M in args.budgets:
+            row = [labels[T] + (f" ({T})" if labels[T].endswith("*") else ""), str(M)]
+            if extra:
+                row += extra(by, T, M)
+            for m in methods:
+                s = by.get((T, M, m))
+                row.append("-" if s is None else "n/a" if "error" in s else cell(s))
+            rows.append(row)
+    head = ["T", "M"] + (["full ms"] if extra else []) + list(methods)
+    print_table(title, head, rows)
+
+
+def print_model_tables(rec, args) -> None:
+    print(f"\n=== {rec['label']}: {rec['note']}")
+    for p in rec["prefill"]:
+        mem = p["memory"]
+        how = (f"model prefill {p['prefill_s']:.1f} s" if p["mode"] == "model"
+               else "synthetic k/v/q (prefill not run)")
+        print(f"  T={p['T']}: {how}; prefill compile {p['compile_s']:.1f} s; XLA peak memory "
+              f"of the prefill forward {fmt_bytes(mem['peak']) if mem else 'n/a'}")
+    if rec["xla_base_bytes"]:
+        print(f"  weights read per step (analytic) {fmt_bytes(rec['weights_bytes'])}; XLA bytes of "
+              f"a 16-token full-cache decode step (loop-aware) {fmt_bytes(rec['xla_base_bytes'])}"
+              f" = {rec['xla_base_bytes'] / rec['weights_bytes']:.2f} x the weights")
+    others = [m for m in args.methods if m != "full"]
+
+    def full_ms(by, T, M):
+        s = by.get((T, M, "full"))
+        return [f"{s['median_s'] * 1e3:.1f}" if s and "error" not in s else "n/a"]
+
+    _grid_table(rec, args,
+                f"Decode step speedup vs full KV = full time / method time (>1: faster), "
+                f"{rec['label']}, batch {args.batch}, float32; median of {args.iters} steps "
+                f"after {args.warmup} warm-up, methods interleaved step by step",
+                lambda s: f"{s['ratio']:.2f}", others, extra=full_ms)
+    if any(lbl.endswith("*") for _, lbl in rec["contexts"]):
+        print("  * the model's whole context: T = max_position_embeddings - N")
+    _grid_table(rec, args, f"Decode step compile time (s), {rec['label']}",
+                lambda s: f"{s['compile_s']:.1f}")
+    _grid_table(rec, args,
+                f"Analytic KV bytes read per decode step (MB; read_tokens(S) x layers x KV heads"
+                f" x 2 x D x 4 B x batch, S = T + 1), {rec['label']}; weights read per step "
+                f"{fmt_bytes(rec['weights_bytes'])}",
+                lambda s: f"{s['kv_read_bytes'] / 1e6:.1f}")
+    _grid_table(rec, args,
+                f"XLA bytes accessed per decode step (layer loop counted {rec['layers']} times) "
+                f"/ analytic bytes (weights + KV), {rec['label']}",
+                lambda s: f"{s['xla_loop_bytes'] / (rec['weights_bytes'] + s['kv_read_bytes']):.2f}"
+                if s["xla_loop_bytes"] else "n/a")
+    base = rec["xla_base_bytes"]
+    _grid_table(rec, args,
+                f"XLA KV multiplier = (XLA bytes - XLA bytes of a 16-token full-cache step, "
+                f"{fmt_bytes(base)}) / analytic KV bytes (both loop-aware), {rec['label']}",
+                lambda s: f"{(s['xla_loop_bytes'] - base) / s['kv_read_bytes']:.1f}"
+                if s["xla_loop_bytes"] and base else "n/a")
+    _print_split(rec, args)
+    _print_memory(rec, args)
+
+
+def _print_split(rec, args) -> None:
+    """Largest context: tokens read per step and head, split into attended and selection."""
+    T = rec["contexts"][-1][0] if rec["contexts"] else None
+    rows = []
+    for s in rec["steps"]:
+        if s["T"] != T or "error" in s:
+            continue
+        rows.append([str(s["M"]), s["method"], str(s["plan"].get("capacity", "")),
+                     str(s["read_tokens"]), str(s["attended"]), str(s["selection"]),
+                     fmt_bytes(s["kv_read_bytes"]), fmt_bytes(s["xla_bytes"]),
+                     fmt_bytes(s["xla_loop_bytes"]), fmt_bytes(s["kv_cache_bytes"])])
+    if rows:
+        print_table(
+            f"Per-step reads at T={T}, {rec['label']}: read_tokens = attended + selection "
+            "(tokens' worth of K+V per KV head; selection = page max/min, R-channel bounds or "
+            "key channels read to choose the attended tokens)",
+            ["M", "method", "capacity", "read_tokens", "attended", "selection", "KV bytes",
+             "XLA bytes (as reported)", "XLA bytes (loop-aware)", "cache bytes"], rows)
+        print("  XLA's cost analysis counts the body of a while loop once; the decode step "
+              "scans the layers,\n  so 'as reported' holds one layer's weights and per-layer "
+              "cache traffic. 'loop-aware' re-runs\n  XLA's cost analysis on the loop body and "
+              "counts it once per layer.")
+
+
+def _print_memory(rec, args) -> None:
+    steps = {(s["T"], s["M"], s["method"]): s for s in rec["steps"] if "error" not in s}
+    rows = []
+    for m in rec["memory"]:
+        M = m["M"] if m["M"] is not None else args.budgets[0]
+        s = steps.get((m["T"], M, m["method"]))
+        full = next((x for x in rec["memory"] if x["T"] == m["T"] and x["method"] == "full"),
+                    None)
+        gen, step = m["generate_memory"], s["step_memory"] if s else None
+        ratio = ""
+        if full and gen and full["generate_memory"]:
+            ratio = f"{gen['peak'] / full['generate_memory']['peak'] - 1:+.0%}"
+        rows.append([
+            str(m["T"]), m["method"], "-" if m["M"] is None else str(m["M"]),
+            fmt_bytes(s["kv_cache_bytes"]) if s else "n/a",
+            fmt_bytes(step["peak"]) if step else "n/a",
+            fmt_bytes(step["temp"]) if step else "n/a",
+            fmt_bytes(gen["peak"]) if gen else "n/a", fmt_bytes(gen["temp"]) if gen else "n/a",
+            ratio,
+        ])
+    if rows:
+        print_table(
+            f"Peak memory from XLA's memory analysis (argument + output + temp - donated), "
+            f"{rec['label']}, batch {args.batch}, N={args.new_tokens}",
+            ["T", "method", "M", "KV cache", "decode step peak", "decode step temp",
+             "generate program peak", "generate temp", "generate peak vs full"], rows)
+        print("  generate program = prefill + compress + while-loop decode (what generate_ids "
+              "runs); its temp\n  is dominated by the dense prefill attention scores "
+              "[B, H, T, T] f32, not by the cache.")
+
+
+def machine_line() -> str:
+    import jax
+    import numpy as np
+
+    from .bench_bytes import cpu_name
+
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = float("nan")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return (f"machine: {cpu_name()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; "
+            f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+            f"jax {jax.__version__}, numpy {np.__version__}, python {platform.python_version()}; "
+            f"nice {os.nice(0)}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
+# ------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark for resolved args; prints the tables, returns every record."""
+    from tqdm import tqdm
+
+    from .bench_decode import load_bench_model
+
+    t_start = time.perf_counter()
+    print(machine_line(), flush=True)
+    print(f"command: {args.command_line}", flush=True)
+    results: dict = {"machine": machine_line(), "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                         for k, v in vars(args).items()
+                                                         if k != "func"}, "models": []}
+    models = [load_bench_model(key, model_path=args.model, layers=args.llama_layers,
+                                vocab=args.llama_vocab, seed=args.seed) for key in args.models]
+    total = sum(len(model_contexts(bm.config, args.contexts, args.new_tokens)) for bm in models)
+    with tqdm(total=total * len(args.budgets), desc="decode grid", unit="group",
+              file=sys.stderr, disable=not args.progress) as bar:
+        while models:
+            bm = models.pop(0)
+            rec = run_model(bm, args, bar)
+            results["models"].append(rec)
+            print_model_tables(rec, args)
+            sys.stdout.flush()
+            if bm.key == "smollm2" and args.peers:
+                results["peers"] = _run_peers(bm, args)
+            del bm
+    if args.peers and "smollm2" not in args.models:
+        results["peers"] = _run_peers(
+            load_bench_model("smollm2", model_path=args.model, seed=args.seed), args)
+    print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets)
+    results["h100_bound"] = print_method_roofline(args.methods, args.roofline_context,
+                                                  args.new_tokens, [1, 8], args.budgets)
+    results["wall_s"] = time.perf_counter() - t_start
+    print(f"\nwall time {results['wall_s']:.0f} s; {machine_line().split('; ')[-1]}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return results
+
+
+def _run_peers(bm, args) -> dict:
+    from .bench_peers import PeerError, run_peers
+
+    try:
+        return run_peers(bm, T=args.peer_context, N=args.peer_new_tokens,
+                         budget=args.peer_budget, rounds=args.peer_rounds,
+                         kvpress_python=args.kvpress_python, threads=args.peer_threads,
+                         progress=args.progress)
+    except PeerError as e:
+        print(f"\npeers: not run: {e}")
+        return {"error": str(e)}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`func` of the `bench` subcommand."""
+    args.command_line = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    resolve_args(args)
+    run(args)
+    return 0
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `bench` subcommand to an argparse subparsers object (sets func=cmd_bench)."""
+    p = subparsers.add_parser(
+        "bench", help="decode speed, KV bytes and peak memory: methods vs full KV and peers",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def build_parser(prog: str = "rocketkv bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "rocketkv bench") -> int:
+    """Standalone entry point (benchmarks/decode.py): parse, run, exit code 2 on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    args.command_line = " ".join([prog, *argv])
+    try:
+        resolve_args(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Measuring machinery of `rocketkv bench`: benchmark models, the prefill that builds decode
+caches, compiled decode steps with XLA's cost and memory analysis, and interleaved timing.
+
+Caches are built the way `make_prefill(config, plan)` builds them, but with one model
+forward per context instead of one per (context, method): the prefill forward does not
+depend on the method (prefill attention is dense for every method), only the per-layer
+`plan.compress(k, v, q, lengths)` at its end does. `capture_prefill` runs the forward once
+and keeps every layer's (k, v, q); `compress_cache` then applies a method's `compress` layer
+by layer, which is exactly what `forward_prefill` does inside its layer scan
+(tests/bench/test_bench_smoke.py checks the two caches are equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .generate import GREEDY, _compiled, _params_struct, make_decode_step
+from .models.config import ModelConfig, RopeScaling
+from .models.llama import forward_prefill
+from .models.params import random_params
+
+MODEL_KEYS = ("smollm2", "llama8b-shape", "tiny")
+
+
+@dataclasses.dataclass
+class BenchModel:
+    """A model to benchmark: config, params and a deterministic prompt of any length."""
+
+    key: str
+    label: str
+    config: ModelConfig
+    params: Any
+    prompt_ids: Callable[[int], np.ndarray]  # T -> [T] int32
+    note: str = ""
+    gguf: str | None = None  # the GGUF the weights came from (peers load the same file)
+
+
+def llama8b_shape_config(layers: int, vocab: int) -> ModelConfig:
+    """Llama-3.1-8B's layer shapes (hidden 4096, 32 / 8 heads, head_dim 128, MLP 14336, llama3
+    RoPE scaling, 128k positions) with `layers` layers and a `vocab`-token vocabulary."""
+    return ModelConfig(
+        model_type="llama", vocab_size=vocab, hidden_size=4096, intermediate_size=14336,
+        num_layers=layers, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
+        eos_token_ids=(128001,),
+    )
+
+
+TINY_CONFIG = ModelConfig(
+    model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+    max_position_embeddings=4096, tie_word_embeddings=False,
+)
+
+
+def _random_prompt(vocab: int, seed: int) -> Callable[[int], np.ndarray]:
+    def ids(T: int) -> np.ndarray:
+        return np.random.default_rng(seed).integers(3, vocab, T).astype(np.int32)
+
+    return ids
+
+
+def _essay_prompt(tokenizer, fallback: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+    """Paul Graham essay text (the eval haystack) tokenized, cut (or repeated) to T tokens."""
+    try:
+        from .eval.tasks import load_sentences
+
+        text = " ".join(load_sentences())
+    except Exception:  # noqa: BLE001 - the essays are optional; random ids time the same
+        return fallback
+    corpus: list[np.ndarray] = []
+
+    def ids(T: int) -> np.ndarray:
+        if not corpus:
+            corpus.append(np.asarray(tokenizer.encode(text), np.int32))
+        c = corpus[0]
+        return np.tile(c, -(-T // len(c)))[:T]
+
+    return ids
+
+
+def load_bench_model(key: str, *, model_path=None, layers: int = 2, vocab: int = 8192,
+                     seed: int = 0) -> BenchModel:
+    """Build a benchmark model by key (see MODEL_KEYS)."""
+    if key == "smollm2":
+        from .convert import embedded_smollm2_gguf
+        from .model_store import load_model
+
+        m = load_model(model_path, progress=False)
+        gguf = None
+        if model_path is None:
+            try:
+                gguf = str(embedded_smollm2_gguf())
+            except Exception:  # noqa: BLE001 - peers are skipped without the GGUF
+                gguf = None
+        cfg = m.config
+        return BenchModel(
+            key, "SmolLM2-135M" if model_path is None else str(model_path), cfg, m.params,
+            _essay_prompt(m.tokenizer, _random_prompt(cfg.vocab_size, seed)),
+            note=f"real weights, float32, {cfg.num_layers} layers, {cfg.num_heads}/"
+            f"{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, prompt = essay text",
+            gguf=gguf,
+        )
+    if key == "llama8b-shape":
+        cfg = llama8b_shape_config(layers, vocab)
+        params = random_params(cfg, seed=seed, scale=0.02)
+        return BenchModel(
+            key, f"Llama-3.1-8B shape, {layers} layers", cfg, params,
+            _random_prompt(vocab, seed),
+            note=f"random weights, float32, {layers} of 32 layers, vocab {vocab} (of 128256; "
+            "keeps the LM head's share of the weight bytes near the real model's), "
+            "prompt = random ids",
+        )
+    if key == "tiny":
+        params = random_params(TINY_CONFIG, seed=seed, scale=0.1)
+        return BenchModel(key, "tiny (CI smoke)", TINY_CONFIG, params,
+                          _random_prompt(TINY_CONFIG.vocab_size, seed),
+                          note="random weights, float32, 2 layers, hidden 256")
+    raise ValueError(f"unknown benchmark model {key!r}; expected one of {', '.join(MODEL_KEYS)}")
+
+
+# --------------------------------------------------------------------------- prefill
+@dataclasses.dataclass(frozen=True)
+class CapturePlan:
+    """A KV plan whose `compress` returns the layer's raw (k, v, q): forward_prefill then
+    returns them stacked over layers, for `compress_cache` to compress per method."""
+
+    capacity: int = 0
+
+    def compress(self, k, v, q, lengths):
+        return k, v, q
+
+
+@dataclasses.dataclass
+class Capture:
+    """Every layer's prefill keys, values and queries (RoPE applied).
+
+    k, v: [Ly, B, K, T, D]; q: [Ly, B, H, T, D]; lengths: [B] int32.
+    mode: "model" (the real forward) or "synthetic" (standard normal stand-ins).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    q: jax.Array
+    lengths: jax.Array
+    mode: str
+    compile_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+def memory_stats(compiled) -> dict[str, int] | None:
+    """XLA's buffer assignment of a compiled program: argument, output, temp and aliased
+    (donated) bytes, and peak = argument + output + temp - alias. None if unavailable."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - memory analysis is best effort per platform
+        return None
+    if m is None:
+        return None
+    out = {
+        "argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+        "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes),
+    }
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def bytes_accessed(compiled) -> float | None:
+    """XLA's cost-model "bytes accessed" of a compiled program (None if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return None if not cost else cost.get("bytes accessed")
+
+
+_WHILE = re.compile(
+    r"\) while\(.*?condition=%[\w.\-]+, body=%([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+
+
+def loop_aware_bytes(compiled) -> float | None:
+    """XLA's "bytes accessed" with every while loop's body counted trip-count times.
+
+    XLA's cost analysis counts a while body once, so for the decode step (a `lax.scan` over
+    layers) the plain number holds one layer's weights and per-layer cache traffic, not L.
+    This re-runs XLA's own cost analysis on each loop body (the compiled HLO with the body
+    made the entry computation) and adds (trip count - 1) x body bytes. Loops without a
+    known trip count are left as XLA counts them. None if XLA's HLO cannot be re-parsed.
+    """
+    total = bytes_accessed(compiled)
+    if total is None:
+        return None
+    try:
+        import jaxlib._hlo as hlo
+        from jax._src import xla_bridge
+        from jax._src.lib import xla_client
+
+        text = compiled.as_text()
+        lines = text.split("\n")
+        lines[0] = "HloModule loop_body"  # drop the entry layout and aliasing of the program
+        module_text = re.sub(r"^ENTRY ", "", "\n".join(lines), flags=re.M)
+        client = xla_bridge.get_backend()
+        for body, trips in {(m.group(1), int(m.group(2))) for m in _WHILE.finditer(text)}:
+            body_text = re.sub(rf"^%{re.escape(body)} \(", f"ENTRY %{body} (", module_text,
+                               flags=re.M)
+            cost = xla_client._xla.hlo_module_cost_analysis(
+                client, hlo.hlo_module_from_text(body_text))
+            total += (trips - 1) * cost["bytes accessed"]
+    except Exception:  # noqa: BLE001 - private XLA APIs; the plain number is still reported
+        return None
+    return total
+
+
+def _prompt_arrays(model: BenchModel, T: int, B: int):
+    ids = model.prompt_ids(T)
+    tokens = jnp.asarray(np.broadcast_to(ids, (B, T)))
+    return tokens, jnp.full((B,), T, jnp.int32)
+
+
+def compile_capture_prefill(model: BenchModel, T: int, B: int):
+    """Compile (do not run) the capturing prefill: (compiled, compile seconds)."""
+    fn = jax.jit(lambda p, t, n: forward_prefill(p, model.config, t, n, CapturePlan(),
+                                                 all_logits=False)[1])
+    t0 = time.perf_counter()
+    compiled = fn.lower(model.params, jax.ShapeDtypeStruct((B, T), jnp.int32),
+                        jax.ShapeDtypeStruct((B,), jnp.int32)).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def capture_prefill(model: BenchModel, T: int, B: int, compiled=None, compile_s=0.0) -> Capture:
+    """Run the model's prefill forward once and keep every layer's (k, v, q)."""
+    if compiled is None:
+        compiled, compile_s = compile_capture_prefill(model, T, B)
+    tokens, lengths = _prompt_arrays(model, T, B)
+    t0 = time.perf_counter()
+    k, v, q = jax.block_until_ready(compiled(model.params, tokens, lengths))
+    return Capture(k, v, q, lengths, "model", compile_s, time.perf_counter() - t0)
+
+
+def synthetic_capture(config: ModelConfig, T: int, B: int, seed: int = 0) -> Capture:
+    """Standard normal k, v, q of the shapes a prefill produces (for contexts whose dense
+    prefill does not fit in memory). A random-weight model's k, v, q are noise too; the
+    decode step's cost does not depend on the values."""
+    Ly, H, K, D = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+    kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
+    k = jax.random.normal(kk, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
+    v = jax.random.normal(kv, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
+    q = jax.random.normal(kq, (Ly, B, H, T, D), jnp.float32)  # [Ly, B, H, T, D]
+    return Capture(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32),
+                   "synthetic")
+
+
+_COMPRESS: dict[Any, Any] = {}
+
+
+def compress_cache(plan, cap: Capture):
+    """plan.compress on every layer of a capture: the cache `make_prefill(config, plan)`
+    returns (leading layer axis), and the seconds it took (compile excluded)."""
+    if plan not in _COMPRESS:
+        def run(k, v, q, lengths):
+            return jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), (k, v, q))
+
+        _COMPRESS[plan] = jax.jit(run)
+    fn = _COMPRESS[plan]
+    jax.block_until_ready(fn.lower(cap.k, cap.v, cap.q, cap.lengths).compile())
+    t0 = time.perf_counter()
+    cache = jax.block_until_ready(fn(cap.k, cap.v, cap.q, cap.lengths))
+    return cache, time.perf_counter() - t0
+
+
+def clear_compress_cache() -> None:
+    _COMPRESS.clear()
+
+
+# ------------------------------------------------------------------------ decode step
+@dataclasses.dataclass
+class CompiledStep:
+    """A compiled `make_decode_step(config, plan)` and what XLA says about it: bytes accessed
+    as XLA reports it (layer loop counted once) and loop-aware (`loop_aware_bytes`)."""
+
+    fn: Any
+    compile_s: float
+    bytes_accessed: float | None
+    loop_bytes: float | None
+    memory: dict[str, int] | None
+
+
+def compile_step(config: ModelConfig, plan, params, cache, B: int) -> CompiledStep:
+    """Lower and compile the jitted decode step for these (possibly abstract) arguments."""
+    step = make_decode_step(config, plan)
+    tok = jax.ShapeDtypeStruct((B,), jnp.int32)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, tok, tok, cache).compile()
+    compile_s = time.perf_counter() - t0
+    return CompiledStep(compiled, compile_s, bytes_accessed(compiled),
+                        loop_aware_bytes(compiled), memory_stats(compiled))
+
+
+def abstract_cache(config: ModelConfig, plan, params, T: int, B: int):
+    """Shapes of the cache `make_prefill(config, plan)` returns for a [B, T] prompt."""
+    _, cache = jax.eval_shape(
+        lambda p, t, n: forward_prefill(p, config, t, n, plan, all_logits=False), params,
+        jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32),
+    )
+    return cache
+
+
+def time_interleaved(
+    steps: dict[str, Any], caches: dict[str, Any], params, *, B: int, T: int, warmup: int,
+    iters: int,
+) -> dict[str, list[float]]:
+    """Seconds per decode step of each method, round-robin: every step runs each method once
+    (starting from a rotating method), so load changes hit all methods alike.
+
+    steps[name] is a compiled decode step, caches[name] its cache (donated and replaced
+    every step). Step i decodes token 1 at position T + i; the first `warmup` are dropped.
+    """
+    names = list(steps)
+    tok = jnp.ones((B,), jnp.int32)
+    positions = [jnp.full((B,), T + i, jnp.int32) for i in range(warmup + iters)]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + iters):
+        r = i % len(names)
+        for n in names[r:] + names[:r]:
+            t0 = time.perf_counter()
+            logits, caches[n] = steps[n](params, tok, positions[i], caches[n])
+            logits.block_until_ready()
+            if i >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ------------------------------------------------------------------- whole program
+def generate_program_memory(model: BenchModel, plan, T: int, N: int, B: int):
+    """Memory analysis of the one jitted program `generate_ids` runs (prefill + compress +
+    while-loop decode) for a [B, T] prompt and N new tokens: (stats, compile seconds)."""
+    compiled, compile_s = _compiled(
+        model.config, plan, B, T, N, GREEDY, (), 0, _params_struct(model.params)
+    )
+    return memory_stats(compiled), compile_s
