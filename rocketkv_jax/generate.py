@@ -329,7 +329,7 @@ def _from_prefill_program(params, logits, states, lengths, key, *, config, plan,
     return _decode_loop(params, logits, cache, lengths, key, config=config, plan=plan, **loop)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=256)  # an eval grid cycles through ~40 plans per batch
 def _compiled_from_prefill(config, plan, N, sampling, stop_ids, pad_id, arg_structs):
     fn = functools.partial(_from_prefill_program, config=config, plan=plan, max_new_tokens=N,
                            sampling=sampling, stop_ids=stop_ids, pad_id=pad_id)

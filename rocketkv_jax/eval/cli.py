@@ -45,8 +45,9 @@ from rocketkv_jax.eval.runner import (
 from rocketkv_jax.eval.tasks import TASK_NAMES, TaskError
 
 DEFAULTS = {
-    "methods": ("full", "streaming", "snapkv", "quest", "sparq", "rocketkv"),
-    "budgets": (256, 512, 1024, 2048),
+    "methods": ("full", "streaming", "snapkv", "snapkv++", "quest", "sparq", "hybrid",
+                "rocketkv"),
+    "budgets": (64, 128, 256, 512, 1024),
     "contexts": (2048, 4096, 8192),
     "tasks": TASK_NAMES,
     "samples": 5,
@@ -84,6 +85,7 @@ class EvalConfig:
     fidelity_samples: int
     batch_size: int
     progress: bool
+    max_new_tokens: int | None = None
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -176,6 +178,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "128,256, context 1k, tasks niah_single,qa, 2 samples, 8 fidelity tokens; "
         "flags given explicitly still win",
     )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="answer allowance for every task (default: per task, e.g. 24 for the needle "
+        "tasks); one value for all tasks lets one batch serve every task",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -256,6 +265,9 @@ def validate_eval_args(
         )
     if args.batch_size <= 0:
         raise EvalArgumentError(f"--batch-size must be positive, got {args.batch_size}")
+    max_new = getattr(args, "max_new_tokens", None)
+    if max_new is not None and max_new <= 0:
+        raise EvalArgumentError(f"--max-new-tokens must be positive, got {max_new}")
     return EvalConfig(
         model=args.model,
         methods=methods,
@@ -269,6 +281,7 @@ def validate_eval_args(
         fidelity_samples=fidelity_samples,
         batch_size=args.batch_size,
         progress=not getattr(args, "no_progress", False),
+        max_new_tokens=max_new,
     )
 
 
@@ -297,6 +310,8 @@ def run_eval_command(
         config = validate_eval_args(args, max_context_length=max_context_length)
     except EvalArgumentError as err:
         return _error(str(err))
+    overrides = None if config.max_new_tokens is None else {
+        t: config.max_new_tokens for t in config.tasks}
     try:
         results = run_eval(
             generate_fn,
@@ -310,6 +325,7 @@ def run_eval_command(
             out_dir=config.out,
             batch_size=config.batch_size,
             show_progress=config.progress,
+            max_new_tokens_per_task=overrides,
         )
         fidelity_ready = forced_logprobs_fn is not None and greedy_tokens_fn is not None
         if config.fidelity_tokens > 0 and fidelity_ready:
@@ -323,7 +339,7 @@ def run_eval_command(
                 tokenizer,
                 keys,
                 seed=config.seed,
-                max_new_tokens=resolve_max_new_tokens(config.tasks, None),
+                max_new_tokens=resolve_max_new_tokens(config.tasks, overrides),
                 show_progress=config.progress,
             )
             run_fidelity(
