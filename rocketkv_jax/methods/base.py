@@ -75,8 +75,29 @@ def cached_tokens(context: int, prompt_len: int, prompt_budget: int) -> int:
     return min(context - generated, prompt_budget) + generated
 
 
+class AppendsTokens:
+    """Plan mixin: `append` writes the new token at slot `length` and keeps its page's
+    max/min current (what every method does at decode)."""
+
+    def append(self, cache: KVCache, k, v, position) -> KVCache:
+        """k, v [B, K, D]; position [B] -> cache with the token written."""
+        return append_token(cache, k, v, position)
+
+
+class KeepsEveryToken(AppendsTokens):
+    """Plan mixin for methods without prompt eviction: `compress` keeps every prompt token
+    and builds page max/min when `metadata_page_size` > 0."""
+
+    metadata_page_size = 0
+
+    def compress(self, k, v, q, lengths) -> KVCache:
+        """Keep every prompt token. k, v [B, K, T, D]; q [B, H, T, D]; lengths [B]."""
+        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
+        return cache_from_prompt(k, v, keep, lengths, self.capacity, self.metadata_page_size)
+
+
 @dataclasses.dataclass(frozen=True)
-class DensePlan:
+class DensePlan(KeepsEveryToken):
     """What every method resolves to when its budget covers the whole sequence (M >= L):
     no eviction, exact dense attention, i.e. `full` under the method's name.
 
@@ -88,14 +109,6 @@ class DensePlan:
     capacity: int
     prompt_len: int
     token_budget: int
-
-    def compress(self, k, v, q, lengths) -> KVCache:
-        """Keep every prompt token. k, v [B, K, T, D]; q [B, H, T, D]; lengths [B]."""
-        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
-        return cache_from_prompt(k, v, keep, lengths, self.capacity)
-
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        return append_token(cache, k, v, position)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D], dense over every visible slot."""

@@ -15,16 +15,16 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
+from ..cache import KVCache, visible_slots
 from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
 from .base import (
     DensePlan,
+    KeepsEveryToken,
     MethodConfigError,
     check_page_size,
     check_token_budget,
     round_capacity,
 )
-from .dense import keep_all
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries
 
@@ -67,7 +67,7 @@ def quest_select(
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestPlan:
+class QuestPlan(KeepsEveryToken):
     """Resolved Quest plan: `num_pages` pages of `page_size` tokens attended per step."""
 
     name: str
@@ -78,13 +78,10 @@ class QuestPlan:
     num_pages: int
     kernels: str = "reference"
 
-    def compress(self, k, v, q, lengths) -> KVCache:
-        """Keep every prompt token and build the page max/min metadata."""
-        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
-        return cache_from_prompt(k, v, keep, lengths, self.capacity, self.page_size)
-
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        return append_token(cache, k, v, position)
+    @property
+    def metadata_page_size(self) -> int:
+        """Quest keeps page max/min for its page upper bounds."""
+        return self.page_size
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D]: exact attention on the chosen pages' visible slots."""

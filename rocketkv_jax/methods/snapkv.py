@@ -15,8 +15,9 @@ from typing import ClassVar
 
 import jax
 
-from ..cache import KVCache, append_token, visible_slots
+from ..cache import KVCache, visible_slots
 from .base import (
+    AppendsTokens,
     DensePlan,
     MethodConfigError,
     cached_tokens,
@@ -29,7 +30,7 @@ from .stage1 import compress_prompt, resolve_pool_kernel
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptEvictionPlan:
+class PromptEvictionPlan(AppendsTokens):
     """Resolved stage-1-only plan (snapkv, snapkv++).
 
     prompt_budget: prompt tokens kept per row; >= prompt_len means nothing is evicted.
@@ -51,9 +52,6 @@ class PromptEvictionPlan:
             k, v, q, lengths, budget=self.prompt_budget, window=self.window,
             kernel_size=self.kernel_size, pool=self.pool, capacity=self.capacity,
         )
-
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        return append_token(cache, k, v, position)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D]: dense over the kept prompt + generated tokens."""

@@ -21,15 +21,15 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
+from ..cache import KVCache, visible_slots
 from .base import (
     DensePlan,
+    KeepsEveryToken,
     check_positive_int,
     check_token_budget,
     check_top_r,
     round_capacity,
 )
-from .dense import keep_all
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries, hybrid_select
 
@@ -66,7 +66,7 @@ def sparq_attend(
 
 
 @dataclasses.dataclass(frozen=True)
-class SparQPlan:
+class SparQPlan(KeepsEveryToken):
     """Resolved SparQ plan: top_r channels for the approximate scores, k_top exact tokens."""
 
     name: str
@@ -77,14 +77,6 @@ class SparQPlan:
     top_r: int
     k_top: int
     kernels: str = "reference"
-
-    def compress(self, k, v, q, lengths) -> KVCache:
-        """Keep every prompt token. k, v [B, K, T, D]; lengths [B]."""
-        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
-        return cache_from_prompt(k, v, keep, lengths, self.capacity)
-
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        return append_token(cache, k, v, position)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D]."""

@@ -19,10 +19,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, append_token, visible_slots
+from ..cache import KVCache, visible_slots
 from ..models.layers import NEG_INF
 from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
-from .base import cached_tokens
+from .base import AppendsTokens, cached_tokens
 from .dense import dense_decode_attention
 from .sparse_ops import approx_scores, sparse_decode_attention
 from .stage1 import compress_prompt
@@ -117,7 +117,7 @@ def hybrid_select(
 
 
 @dataclasses.dataclass(frozen=True)
-class TwoStagePlan:
+class TwoStagePlan(AppendsTokens):
     """Resolved plan of `hybrid` and `rocketkv`.
 
     prompt_budget: prompt tokens stage 1 keeps; >= prompt_len means no stage 1 (hybrid,
@@ -152,9 +152,6 @@ class TwoStagePlan:
             kernel_size=self.kernel_size, pool="max", capacity=self.capacity,
             page_size=self.cache_page_size,
         )
-
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        return append_token(cache, k, v, position)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D]: exact attention on the k_top selected slots."""

@@ -15,8 +15,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
-from .base import DensePlan, MethodConfigError, check_token_budget, round_capacity
+from ..cache import KVCache, cache_from_prompt, visible_slots
+from .base import AppendsTokens, DensePlan, MethodConfigError, check_token_budget, round_capacity
 from .dense import dense_decode_attention, keep_all
 
 
@@ -43,7 +43,7 @@ def streaming_slots(cache: KVCache, *, budget: int, sinks: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingPlan:
+class StreamingPlan(AppendsTokens):
     """Resolved StreamingLLM plan: `sinks` + `token_budget - sinks` recent tokens."""
 
     name: str
@@ -62,9 +62,6 @@ class StreamingPlan:
                 lengths, K, budget=self.token_budget, sinks=self.sinks
             )
         return cache_from_prompt(k, v, keep, keep_length, self.capacity)
-
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        return append_token(cache, k, v, position)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D]: dense over sinks + recent slots."""

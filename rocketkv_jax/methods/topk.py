@@ -13,10 +13,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
+from ..cache import KVCache, visible_slots
 from ..models.layers import NEG_INF
-from .base import DensePlan, check_token_budget, round_capacity
-from .dense import keep_all
+from .base import DensePlan, KeepsEveryToken, check_token_budget, round_capacity
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries, select_tokens
 
@@ -41,7 +40,7 @@ def topk_select(q: jax.Array, cache: KVCache, visible: jax.Array, k_top: int) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKPlan:
+class TopKPlan(KeepsEveryToken):
     """Resolved oracle plan: k_top exact tokens per KV head."""
 
     name: str
@@ -50,13 +49,6 @@ class TopKPlan:
     token_budget: int
     k_top: int
     kernels: str = "reference"
-
-    def compress(self, k, v, q, lengths) -> KVCache:
-        keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
-        return cache_from_prompt(k, v, keep, lengths, self.capacity)
-
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        return append_token(cache, k, v, position)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D]."""
