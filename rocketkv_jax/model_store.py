@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def default_checkpoint(progress: bool = True) -> Path:
     if not (out / "config.json").is_file():
         src = embedded_smollm2_gguf()
         if progress:
-            print(f"[rocketkv] first run: converting {src.name} into {out} (once)", flush=True)
+            print(f"[rocketkv] first run: converting {src.name} into {out} (once)",
+                  file=sys.stderr, flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_any(src, out, dtype="float32", progress=progress)
     return out
