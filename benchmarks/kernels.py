@@ -17,11 +17,9 @@ Llama-3.1-8B roofline (weights + KV bytes per step, H100 HBM) with the bound on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import os
-import platform
 import statistics
 import time
 
@@ -29,107 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rocketkv_jax.kernels import approx_scores, sparse_decode_attention
-
-H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM5 HBM3 peak
-SECTOR_BYTES = 32  # DRAM -> L2 transfer granularity on NVIDIA GPUs
-
-# Llama-3.1-8B (HF config.json)
-LLAMA_8B = dict(
-    layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
-    vocab=128256, tied_embeddings=False,
+# byte accounting shared with `rocketkv bench` (rocketkv_jax/bench.py)
+from rocketkv_jax.bench_bytes import (
+    LLAMA_8B,
+    cpu_name,
+    dense_layer_bytes,
+    fmt_bytes,
+    print_roofline,
+    print_table,
+    rocketkv_plan,
+    sparse_layer_bytes,
 )
-
-
-# ------------------------------------------------------------------------- budget split
-@dataclasses.dataclass(frozen=True)
-class Stage2Plan:
-    """What RocketKV's stage 2 reads per KV head at budget M (see ALGORITHM.md)."""
-
-    budget: int
-    capacity: int  # tokens kept by stage 1 (prompt + new)
-    page_size: int
-    top_r: int
-    k_top: int
-
-
-def rocketkv_plan(budget: int, context: int, new_tokens: int, head_dim: int) -> Stage2Plan:
-    """ALGORITHM.md's budget split, via the method layer's `rocketkv_split` when present."""
-    try:
-        from rocketkv_jax.methods.budget import rocketkv_split
-    except ImportError:
-        rocketkv_split = None
-    seq = context + new_tokens
-    if rocketkv_split is not None:
-        s = rocketkv_split(budget, seq, new_tokens, head_dim)
-        return Stage2Plan(s.token_budget, s.capacity, s.page_size, s.top_r, s.k_top)
-    m = min(budget, seq)
-    c = max(1.0, seq / m)
-    a = min(0.2 + 0.06 * math.log2(c), 0.8)
-    capacity = max(int(seq / c**a), min(2 * new_tokens, seq))
-    c2 = max(1.0, capacity / m)
-    page = math.ceil(math.sqrt(c2))
-    page = page if page <= c2 else 1
-    r = min(max(int(head_dim * page / c2), 1), head_dim)
-    return Stage2Plan(m, capacity, page, r, m // 2)
-
-
-# ------------------------------------------------------------------- bytes from shapes
-def sector_fraction(head_dim: int, top_r: int, elem_bytes: int) -> float:
-    """Expected fraction of a [D]-row's DRAM sectors fetched from ONE of page_max/page_min.
-
-    Row-major [P, D] metadata: a sector holds 32 / elem_bytes channels; it is fetched when any
-    of the R selected channels in it reads that array (sign + reads max, - reads min, taken as
-    a fair coin). Channels are taken as uniformly random (top-|q| is not, so this is a model).
-    """
-    per_sector = max(1, SECTOR_BYTES // elem_bytes)
-    d, r = head_dim, top_r
-    untouched = sum(
-        math.comb(per_sector, j) * math.comb(d - per_sector, r - j) / math.comb(d, r) * 0.5**j
-        for j in range(0, min(per_sector, r) + 1)
-    )
-    return 1.0 - untouched
-
-
-def dense_layer_bytes(context: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
-    """K and V of every cached token, one layer, batch 1."""
-    return 2 * context * kv_heads * head_dim * elem_bytes
-
-
-def sparse_layer_bytes(
-    plan: Stage2Plan, kv_heads: int, group: int, head_dim: int, elem_bytes: int,
-    layout: str = "ideal",
-) -> dict[str, float]:
-    """Bytes of RocketKV's stage 2 for one layer, batch 1, cache of `plan.capacity` tokens.
-
-    layout: "ideal" = only the R selected elements of one of max/min per page (what the
-    kernel requests; achieved by channel-major [B, K, D, P] metadata), "row-major" = DRAM
-    sectors fetched from [B, K, P, D] metadata (`sector_fraction`).
-    """
-    pages = math.ceil(plan.capacity / plan.page_size)
-    if layout == "ideal":
-        meta = pages * plan.top_r * elem_bytes
-    else:
-        meta = 2 * pages * head_dim * elem_bytes * sector_fraction(
-            head_dim, plan.top_r, elem_bytes
-        )
-    scores = 2 * group * pages * 4  # approx [G, P] f32 written by the kernel, read by top-k
-    n_sel = plan.k_top
-    attn = n_sel * 2 * head_dim * elem_bytes + 2 * n_sel * 4  # K/V rows + indices (w + r)
-    parts = {"metadata": meta, "scores": scores, "attention": attn}
-    parts = {k: v * kv_heads for k, v in parts.items()}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def llama_weight_bytes(cfg: dict, elem_bytes: int) -> int:
-    """Weights read per decode step: all matrices, but one embedding row (a lookup)."""
-    h, kvh, hd = cfg["hidden"], cfg["kv_heads"], cfg["head_dim"]
-    attn = h * cfg["heads"] * hd * 2 + h * kvh * hd * 2  # q, o + k, v
-    mlp = 3 * h * cfg["intermediate"]
-    per_layer = attn + mlp + 2 * h  # + two RMSNorm vectors
-    lm_head = cfg["vocab"] * h
-    return (cfg["layers"] * per_layer + lm_head + h + h) * elem_bytes  # + final norm + 1 row
+from rocketkv_jax.kernels import approx_scores, sparse_decode_attention
 
 
 # ------------------------------------------------------------------- the two decode paths
@@ -221,24 +130,6 @@ def copy_bandwidth(n_bytes: int, iters: int) -> float:
     return 2 * x.size * 4 / time_call(f, x, iters=iters)
 
 
-# ------------------------------------------------------------------------------ tables
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-
-
 def bytes_table(args, dtype) -> None:
     """Per-layer bytes from shapes, and XLA's cost analysis of the reference paths."""
     e = jnp.dtype(dtype).itemsize
@@ -290,42 +181,6 @@ def bytes_table(args, dtype) -> None:
           "sparse-rowmaj = DRAM sectors\n  fetched from row-major [P, D] metadata "
           "(random-channel model). XLA's cost model charges a\n  gather its whole operand, "
           "so 'XLA sparse(ref)' over-states the reference path's real traffic.")
-
-
-def roofline_table(args) -> None:
-    """Llama-3.1-8B per-step bytes (weights + KV) and the H100 bound on decode speedup."""
-    cfg, e = LLAMA_8B, 2
-    kv, g, d = cfg["kv_heads"], cfg["heads"] // cfg["kv_heads"], cfg["head_dim"]
-    weights = llama_weight_bytes(cfg, e)
-    context = args.roofline_context
-    seq = context + args.new_tokens
-    full_kv = cfg["layers"] * dense_layer_bytes(seq, kv, d, e)
-    rows = []
-    for batch in args.batches:
-        full = weights + batch * full_kv
-        rows.append([str(batch), "full", "-", fmt_bytes(batch * full_kv), fmt_bytes(full),
-                     f"{full / H100_HBM_BYTES_PER_S * 1e3:.2f}", "1.00x", "1.00x"])
-        for budget in args.budgets:
-            plan = rocketkv_plan(budget, context, args.new_tokens, d)
-            ideal = batch * cfg["layers"] * sparse_layer_bytes(plan, kv, g, d, e)["total"]
-            rowm = batch * cfg["layers"] * sparse_layer_bytes(plan, kv, g, d, e,
-                                                              "row-major")["total"]
-            rows.append([
-                str(batch), "rocketkv", str(budget), fmt_bytes(ideal), fmt_bytes(weights + ideal),
-                f"{(weights + ideal) / H100_HBM_BYTES_PER_S * 1e3:.2f}",
-                f"{full / (weights + ideal):.2f}x", f"{full / (weights + rowm):.2f}x",
-            ])
-    print_table(
-        f"Llama-3.1-8B roofline at {context // 1024}k context (+{args.new_tokens} new), "
-        f"bf16, H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s; weights read per step "
-        f"{fmt_bytes(weights)}",
-        ["batch", "method", "M", "KV bytes", "total bytes", "ms/step", "speedup bound",
-         "bound (row-major meta)"],
-        rows,
-    )
-    print("  KV bytes = 32 layers x (full: K+V of every token; rocketkv: stage-2 reads of the "
-          "stage-1 cache).\n  Bound = full bytes / rocketkv bytes, i.e. a memory-bound step "
-          "with perfect kernels.")
 
 
 def timing_table(args, dtype, on_gpu: bool) -> None:
@@ -381,16 +236,6 @@ def timing_table(args, dtype, on_gpu: bool) -> None:
     )
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -428,7 +273,7 @@ def main(argv=None) -> None:
           f"{jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}, "
           f"numpy {np.__version__}")
     bytes_table(args, dtype)
-    roofline_table(args)
+    print_roofline(args.roofline_context, args.new_tokens, args.batches, args.budgets)
     if on_gpu or args.time:
         timing_table(args, dtype, on_gpu)
     elif args.quick:  # exercise the timing code path on a tiny shape

@@ -37,8 +37,8 @@ DEFAULTS = dict(
     models="smollm2,llama8b-shape", contexts="4k,8k,16k,32k", budgets="256,512,1024,2048,4096",
     methods=",".join(ALL_METHODS), new_tokens=256, warmup=3, iters=20, batch=1,
     llama_layers=2, llama_vocab=8192, prefill="auto", prefill_memory_gb=10.0,
-    peer_context="4k", peer_new_tokens=64, peer_budget=256, peer_rounds=3, peer_threads="1,2",
-    roofline_context="32k",
+    peers=True, peer_context="4k", peer_new_tokens=64, peer_budget=256, peer_rounds=3,
+    peer_threads="1,2", roofline_context="32k",
 )
 QUICK = dict(models="tiny", contexts="1k", budgets="128", methods="full,rocketkv", new_tokens=32,
              warmup=1, iters=5, peers=False)
@@ -89,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "rocketkv), budget 128, no peers; well under a minute")
     g = p.add_argument_group("grid")
     g.add_argument("--models", default=None, metavar="LIST",
-                   help=f"comma list of smollm2, llama8b-shape, tiny (default: {d['models']})")
+                   help=f"comma list of smollm2, llama8b-shape, tiny, or none (no decode grid: "
+                   f"peers and roofline only) (default: {d['models']})")
     g.add_argument("--contexts", default=None, metavar="LIST",
                    help=f"prompt lengths T, e.g. 4k,8k (default: {d['contexts']}); contexts "
                    "past a model's limit are skipped")
@@ -147,7 +148,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "default: $ROCKETKV_BENCH_KVPRESS_PYTHON, else this one if it has kvpress")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, metavar="PATH",
-                   help="also write every measurement as JSON")
+                   help="also write every measurement as JSON (updated after every group)")
+    o.add_argument("--report", type=Path, default=None, metavar="PATH",
+                   help="measure nothing: re-print the tables of a --json file (also a partial "
+                   "one from an interrupted run)")
     o.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars on stderr")
 
@@ -158,12 +162,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in base.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip() not in ("", "none")]
     from .bench_decode import MODEL_KEYS
 
     bad = [m for m in args.models if m not in MODEL_KEYS]
-    if bad or not args.models:
-        raise BenchError(f"unknown model(s) {bad}; --models takes {', '.join(MODEL_KEYS)}")
+    if bad:
+        raise BenchError(f"unknown model(s) {bad}; --models takes {', '.join(MODEL_KEYS)} "
+                         "or none")
     args.contexts = parse_list(args.contexts, "contexts")
     args.budgets = parse_list(args.budgets, "budgets")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -222,8 +227,8 @@ def cache_bytes(cache) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
 
 
-def run_model(bm, args, bar) -> dict:
-    """The decode grid of one model: returns its records (see --json)."""
+def run_model(bm, args, bar, rec: dict, save=None) -> dict:
+    """The decode grid of one model, filling `rec` (see --json); `save()` after each group."""
     import jax
 
     from . import bench_decode as bd
@@ -235,9 +240,9 @@ def run_model(bm, args, bar) -> dict:
     base_plan = Full().plan(cfg, 16, 0)
     base = bd.compile_step(cfg, base_plan, bm.params,
                            bd.abstract_cache(cfg, base_plan, bm.params, 16, B), B)
-    rec = {"model": bm.key, "label": bm.label, "note": bm.note, "weights_bytes": weights,
-           "layers": cfg.num_layers, "xla_base_bytes": base.loop_bytes, "prefill": [],
-           "steps": [], "memory": [], "contexts": []}
+    rec.update({"model": bm.key, "label": bm.label, "note": bm.note, "weights_bytes": weights,
+                "layers": cfg.num_layers, "xla_base_bytes": base.loop_bytes, "prefill": [],
+                "steps": [], "memory": [], "contexts": []})
     for T, label in model_contexts(cfg, args.contexts, N):
         rec["contexts"].append([T, label])
         bar.set_postfix_str(f"{bm.key} T={T}: prefill")
@@ -287,9 +292,13 @@ def run_model(bm, args, bar) -> dict:
                     rec["memory"].append({"T": T, "M": None if m == "full" else M, "method": m,
                                           "generate_memory": mem, "generate_compile_s": cs})
             bar.update(1)
+            bd.release_memory()
+            if save is not None:
+                save()
         del cap, compiled
         bd.clear_compress_cache()
         jax.clear_caches()
+        bd.release_memory()
     return rec
 
 
@@ -297,18 +306,29 @@ def _prefill(bm, T, B, args):
     """Decode-cache source for context T (see --prefill) and its record."""
     from . import bench_decode as bd
 
+    bd.release_memory()
     compiled, compile_s = bd.compile_capture_prefill(bm, T, B)
     mem = bd.memory_stats(compiled)
     peak = mem["peak"] if mem else 0
-    use_model = args.prefill == "model" or (
-        args.prefill == "auto" and peak <= args.prefill_memory_gb * 1e9)
+    avail = bd.available_memory()
+    why = "--prefill " + args.prefill
+    use_model = args.prefill == "model"
+    if args.prefill == "auto":
+        fits = peak <= args.prefill_memory_gb * 1e9
+        free = avail is None or peak + 1e9 <= avail  # 1 GB for the process around it
+        use_model = fits and free
+        why = (f"XLA peak {fmt_bytes(peak)}" + ("" if fits else f" > --prefill-memory-gb "
+               f"{args.prefill_memory_gb:g}") + ("" if free else
+               f"; {fmt_bytes(avail)} available on the machine"))
     if use_model:
         cap = bd.capture_prefill(bm, T, B, compiled, compile_s)
     else:
-        del compiled
         cap = bd.synthetic_capture(bm.config, T, B, args.seed)
+    del compiled
+    bd.release_memory()
     return cap, {"T": T, "mode": cap.mode, "prefill_s": cap.prefill_s if use_model else None,
-                 "compile_s": compile_s, "memory": mem}
+                 "compile_s": compile_s, "memory": mem, "why": why,
+                 "available_bytes": avail}
 
 
 def _jsonable(d: dict) -> dict:
@@ -341,7 +361,7 @@ def print_model_tables(rec, args) -> None:
     for p in rec["prefill"]:
         mem = p["memory"]
         how = (f"model prefill {p['prefill_s']:.1f} s" if p["mode"] == "model"
-               else "synthetic k/v/q (prefill not run)")
+               else f"synthetic k/v/q, prefill not run ({p['why']})")
         print(f"  T={p['T']}: {how}; prefill compile {p['compile_s']:.1f} s; XLA peak memory "
               f"of the prefill forward {fmt_bytes(mem['peak']) if mem else 'n/a'}")
     if rec["xla_base_bytes"]:
@@ -361,6 +381,30 @@ def print_model_tables(rec, args) -> None:
                 lambda s: f"{s['ratio']:.2f}", others, extra=full_ms)
     if any(lbl.endswith("*") for _, lbl in rec["contexts"]):
         print("  * the model's whole context: T = max_position_embeddings - N")
+    by = {(s["T"], s["M"], s["method"]): s for s in rec["steps"] if "error" not in s}
+    W = rec["weights_bytes"]
+
+    def analytic_bound(s):
+        full = by.get((s["T"], s["M"], "full"))
+        return f"{(W + full['kv_read_bytes']) / (W + s['kv_read_bytes']):.2f}" if full else "n/a"
+
+    def xla_ratio(s):
+        full = by.get((s["T"], s["M"], "full"))
+        ok = full and full["xla_loop_bytes"] and s["xla_loop_bytes"]
+        return f"{full['xla_loop_bytes'] / s['xla_loop_bytes']:.2f}" if ok else "n/a"
+
+    _grid_table(rec, args,
+                f"Analytic bound = (weights + full KV bytes) / (weights + method KV bytes), what "
+                f"an ideal memory-bound step would gain, {rec['label']}", analytic_bound, others)
+    _grid_table(rec, args,
+                f"XLA bytes ratio = full / method XLA bytes accessed (loop-aware): the speedup "
+                f"if time followed XLA's byte count, {rec['label']}", xla_ratio, others)
+    _grid_table(rec, args,
+                f"Effective bandwidth = XLA bytes accessed (loop-aware) / measured step time "
+                f"(GB/s); similar values across methods mean time follows XLA's bytes, "
+                f"{rec['label']}",
+                lambda s: f"{s['xla_loop_bytes'] / s['median_s'] / 1e9:.1f}"
+                if s["xla_loop_bytes"] else "n/a")
     _grid_table(rec, args, f"Decode step compile time (s), {rec['label']}",
                 lambda s: f"{s['compile_s']:.1f}")
     _grid_table(rec, args,
@@ -467,7 +511,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"command: {args.command_line}", flush=True)
     results: dict = {"machine": machine_line(), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                          for k, v in vars(args).items()
-                                                         if k != "func"}, "models": []}
+                                                         if k not in ("func", "report")},
+                     "models": []}
     models = [load_bench_model(key, model_path=args.model, layers=args.llama_layers,
                                 vocab=args.llama_vocab, seed=args.seed) for key in args.models]
     total = sum(len(model_contexts(bm.config, args.contexts, args.new_tokens)) for bm in models)
@@ -475,8 +520,9 @@ def run(args: argparse.Namespace) -> dict:
               file=sys.stderr, disable=not args.progress) as bar:
         while models:
             bm = models.pop(0)
-            rec = run_model(bm, args, bar)
+            rec: dict = {}
             results["models"].append(rec)
+            run_model(bm, args, bar, rec, save=lambda: _save(results, args))
             print_model_tables(rec, args)
             sys.stdout.flush()
             if bm.key == "smollm2" and args.peers:
@@ -491,10 +537,16 @@ def run(args: argparse.Namespace) -> dict:
     results["wall_s"] = time.perf_counter() - t_start
     print(f"\nwall time {results['wall_s']:.0f} s; {machine_line().split('; ')[-1]}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+        _save(results, args)
         print(f"wrote {args.json}")
     return results
+
+
+def _save(results: dict, args) -> None:
+    """Write the results so far to --json (after every group, so a killed run keeps them)."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
 def _run_peers(bm, args) -> dict:
@@ -510,9 +562,35 @@ def _run_peers(bm, args) -> dict:
         return {"error": str(e)}
 
 
+def report(path: Path) -> None:
+    """Print the tables of a results JSON written by --json."""
+    if not path.is_file():
+        raise BenchError(f"no results file {path}")
+    res = json.loads(path.read_text())
+    args = argparse.Namespace(**res["args"])
+    print(res["machine"])
+    print(f"command: {args.command_line}")
+    for rec in res["models"]:
+        if rec.get("steps"):
+            print_model_tables(rec, args)
+    if res.get("peers", {}).get("summary"):
+        from .bench_peers import print_peers
+
+        print_peers(res["peers"])
+    if "h100_bound" in res:
+        print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets)
+        print_method_roofline(args.methods, args.roofline_context, args.new_tokens, [1, 8],
+                              args.budgets)
+    if "wall_s" in res:
+        print(f"\nwall time {res['wall_s']:.0f} s")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`func` of the `bench` subcommand."""
     args.command_line = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    if args.report is not None:
+        report(args.report)
+        return 0
     resolve_args(args)
     run(args)
     return 0
@@ -543,6 +621,9 @@ def main(argv: list[str] | None = None, prog: str = "rocketkv bench") -> int:
     args = build_parser(prog).parse_args(argv)
     args.command_line = " ".join([prog, *argv])
     try:
+        if args.report is not None:
+            report(args.report)
+            return 0
         resolve_args(args)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)

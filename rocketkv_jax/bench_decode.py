@@ -129,6 +129,31 @@ def load_bench_model(key: str, *, model_path=None, layers: int = 2, vocab: int =
     raise ValueError(f"unknown benchmark model {key!r}; expected one of {', '.join(MODEL_KEYS)}")
 
 
+def release_memory() -> None:
+    """Return freed host memory to the OS (glibc keeps XLA's freed CPU buffers otherwise, and
+    a later, larger prefill then adds to them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # --------------------------------------------------------------------------- prefill
 @dataclasses.dataclass(frozen=True)
 class CapturePlan:

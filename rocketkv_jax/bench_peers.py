@@ -121,7 +121,7 @@ def run_peers(model, *, T: int, N: int, budget: int, rounds: int,
     _print_peers(summary, T=T, N=N, budget=budget, rounds=rounds, kv_why=kv_why,
                  kv_python=kv_python, errors=errors)
     return {"T": T, "N": N, "budget": budget, "rounds": rounds, "versions": versions,
-            "summary": summary, "errors": errors, "kvpress": kv_why,
+            "summary": summary, "errors": errors, "kvpress": kv_why, "kv_python": kv_python,
             "raw": {k: [{kk: vv for kk, vv in r.items() if kk != "tokens"} for r in v]
                     for k, v in res.items()}}
 
@@ -135,6 +135,13 @@ def _summarize(res: dict[str, list[dict]], budget: int) -> dict[str, dict]:
             "tokens": runs[0]["tokens"], "kept": runs[0].get("kept"), "n": len(runs),
         }
     return out
+
+
+def print_peers(res: dict) -> None:
+    """Re-print the peers table from `run_peers`' returned record."""
+    _print_peers(res["summary"], T=res["T"], N=res["N"], budget=res["budget"],
+                 rounds=res["rounds"], kv_why=res["kvpress"], kv_python=res.get("kv_python"),
+                 errors=res["errors"])
 
 
 def _print_peers(summary, *, T, N, budget, rounds, kv_why, kv_python, errors) -> None:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("reference", "interpret", "triton", "auto"),
                        help="stage-2 kernels (see `rocketkv generate --help`)")
     e.set_defaults(func=cmd_eval)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

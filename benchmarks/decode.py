@@ -1,0 +1,16 @@
+"""Decode benchmark: every KV method vs full KV (step time ratios, KV bytes, XLA bytes, peak
+memory) and vs peers (transformers, kvpress), measured in one run.
+
+A thin wrapper of `rocketkv bench` (the logic is in rocketkv_jax/bench.py):
+
+    python benchmarks/decode.py --quick      # CI smoke, well under a minute
+    python benchmarks/decode.py              # full grid + peers (see docs/benchmarks.md)
+    python benchmarks/decode.py --help
+"""
+
+import sys
+
+from rocketkv_jax.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(prog="benchmarks/decode.py"))
