@@ -517,7 +517,7 @@ def run(args: argparse.Namespace) -> dict:
                                 vocab=args.llama_vocab, seed=args.seed) for key in args.models]
     total = sum(len(model_contexts(bm.config, args.contexts, args.new_tokens)) for bm in models)
     with tqdm(total=total * len(args.budgets), desc="decode grid", unit="group",
-              file=sys.stderr, disable=not args.progress) as bar:
+              file=sys.stderr, disable=not args.progress or not total) as bar:
         while models:
             bm = models.pop(0)
             rec: dict = {}
