@@ -154,7 +154,7 @@ class ModelConfig:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected shape of every parameter, keyed by its path in the params pytree.
 
-        Layers are stacked on a leading axis of size `num_layers` (the forward scans
+        Layers are stacked on a leading axis of size `num_layers` (the forward loops
         over them). Linear weights are stored [in, out].
         """
         E, F, V, Ly = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers

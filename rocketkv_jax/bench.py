@@ -446,7 +446,7 @@ def _print_split(rec, args) -> None:
             ["M", "method", "capacity", "read_tokens", "attended", "selection", "KV bytes",
              "XLA bytes (as reported)", "XLA bytes (loop-aware)", "cache bytes"], rows)
         print("  XLA's cost analysis counts the body of a while loop once; the decode step "
-              "scans the layers,\n  so 'as reported' holds one layer's weights and per-layer "
+              "loops over the layers,\n  so 'as reported' holds one layer's weights and per-layer "
               "cache traffic. 'loop-aware' re-runs\n  XLA's cost analysis on the loop body and "
               "counts it once per layer.")
 

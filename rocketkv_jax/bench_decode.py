@@ -218,8 +218,8 @@ _WHILE = re.compile(
 def loop_aware_bytes(compiled) -> float | None:
     """XLA's "bytes accessed" with every while loop's body counted trip-count times.
 
-    XLA's cost analysis counts a while body once, so for the decode step (a `lax.scan` over
-    layers) the plain number holds one layer's weights and per-layer cache traffic, not L.
+    XLA's cost analysis counts a while body once, so for the decode step (a `lax.fori_loop`
+    over layers) the plain number holds one layer's weights and per-layer cache traffic, not L.
     This re-runs XLA's own cost analysis on each loop body (the compiled HLO with the body
     made the entry computation) and adds (trip count - 1) x body bytes. Loops without a
     known trip count are left as XLA counts them. None if XLA's HLO cannot be re-parsed.

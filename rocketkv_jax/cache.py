@@ -9,9 +9,13 @@ position for masks (sliding window, streaming sinks) and for debugging selection
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @jax.tree_util.register_dataclass
@@ -95,29 +99,91 @@ def cache_from_prompt(
     return KVCache(kk, vv, pos, keep_length.astype(jnp.int32), kmax, kmin)
 
 
-def append_token(cache: KVCache, k: jax.Array, v: jax.Array, position: jax.Array) -> KVCache:
+def append_token(
+    cache: KVCache,
+    k: jax.Array,
+    v: jax.Array,
+    position: jax.Array,
+    layer: jax.Array | int | None = None,
+) -> KVCache:
     """Write one new token per row at slot `length` and keep its page's max/min current.
 
-    k, v: [B, K, D]; position: [B] int32. The caller sizes the cache so it never
-    overflows (generate reserves max_new_tokens slots).
+    k, v: [B, K, D]; position: [B] int32. With `layer` (a traced or static index), `cache`
+    is the stacked cache of all layers (leading layer axis) and only that layer's slot is
+    written, in place inside the decode layer loop, so a step touches the cache only where
+    attention reads it. Without `layer`, `cache` is one
+    layer's. The caller sizes the cache so it never overflows (generate reserves
+    max_new_tokens slots).
     """
+    if layer is None:
+        stacked = jax.tree.map(lambda a: a[None], cache)
+        return jax.tree.map(lambda a: a[0], append_token(stacked, k, v, position, 0))
     C = cache.capacity
-    slot = jnp.minimum(cache.length, C - 1)  # [B]
-    # one dynamic_update_slice per row (vmapped): a scatter whose window is the token's
-    # [K, 1, D] row, so XLA updates the cache in place without relayouting it
-    write = jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=1))
-    new_k = write(cache.k, k[:, :, None].astype(cache.k.dtype), slot)  # [B, K, C, D]
-    new_v = write(cache.v, v[:, :, None].astype(cache.v.dtype), slot)  # [B, K, C, D]
-    pos = jnp.broadcast_to(position.astype(jnp.int32)[:, None, None], cache.pos.shape[:2] + (1,))
-    new_pos = write(cache.pos, pos, slot)  # [B, K, C]
+    slot = jnp.minimum(cache.length[layer], C - 1)  # [B]
+    layer = jnp.asarray(layer, jnp.int32)
+
+    def write(buf, x, index, combine="set"):  # buf [L, B, K, S, ...], x [B, K, ...]
+        x5 = x.astype(buf.dtype).reshape(x.shape[:2] + (-1,))  # [B, K, E]
+        buf5 = buf.reshape(buf.shape[:4] + (-1,))  # [L, B, K, S, E]
+        return write_rows(buf5, x5, layer, index, combine).reshape(buf.shape)
+
+    new_k = write(cache.k, k, slot)  # [L, B, K, C, D]
+    new_v = write(cache.v, v, slot)
+    pos = jnp.broadcast_to(position.astype(jnp.int32)[:, None], k.shape[:2])  # [B, K]
+    new_pos = write(cache.pos, pos, slot)  # [L, B, K, C]
     page_max, page_min = cache.page_max, cache.page_min
     if cache.page_size:
         page = slot // cache.page_size  # [B]
-        read = jax.vmap(lambda buf, p: jax.lax.dynamic_slice_in_dim(buf, p, 1, axis=1))
-        kf = k[:, :, None].astype(page_max.dtype)  # [B, K, 1, D]
-        page_max = write(page_max, jnp.maximum(read(page_max, page), kf), page)
-        page_min = write(page_min, jnp.minimum(read(page_min, page), kf), page)
-    return KVCache(new_k, new_v, new_pos, cache.length + 1, page_max, page_min)
+        page_max = write(page_max, k, page, "max")
+        page_min = write(page_min, k, page, "min")
+    length = cache.length.at[layer].add(1)
+    return KVCache(new_k, new_v, new_pos, length, page_max, page_min)
+
+
+def _write_rows(buf, x, layer, index, combine):
+    at = buf.at[layer, jnp.arange(x.shape[0]), :, index]
+    return getattr(at, combine)(x, mode="promise_in_bounds")
+
+
+@functools.partial(custom_partitioning, static_argnums=(4,))
+def write_rows(
+    buf: jax.Array, x: jax.Array, layer: jax.Array, index: jax.Array, combine: str = "set"
+) -> jax.Array:
+    """buf[layer, b, :, index[b]] = x[b] for every row b: buf [L, B, K, S, E], x [B, K, E]
+    (`combine` "max" / "min": the element-wise max / min with what is there).
+
+    A scatter that XLA's CPU and GPU backends perform in place when `buf` is a loop carry
+    (a vmapped write becomes a scatter with batching dims, which XLA rewrites with a
+    transpose of the whole buffer: a copy). Under a mesh, each device writes its own rows
+    and heads (B and K keep their sharding; the partitioner would otherwise all-gather
+    the cache, as it cannot see that the row indices are an iota).
+    """
+    return _write_rows(buf, x, layer, index, combine)
+
+
+def _write_rows_shardings(mesh, buf_sharding):
+    spec = tuple(buf_sharding.spec) + (None,) * (5 - len(buf_sharding.spec))
+    b, k = spec[1], spec[2]
+    return (NamedSharding(mesh, P(None, b, k, None, None)), NamedSharding(mesh, P(b, k, None)),
+            NamedSharding(mesh, P()), NamedSharding(mesh, P(b)))
+
+
+def _write_rows_partition(combine, mesh, arg_shapes, result_shape):
+    shardings = _write_rows_shardings(mesh, arg_shapes[0].sharding)
+    lower = functools.partial(_write_rows, combine=combine)
+    return mesh, lower, shardings[0], shardings
+
+
+def _write_rows_infer(combine, mesh, arg_shapes, result_shape):
+    return _write_rows_shardings(mesh, arg_shapes[0].sharding)[0]
+
+
+write_rows.def_partition(
+    partition=_write_rows_partition,
+    infer_sharding_from_operands=_write_rows_infer,
+    sharding_rule="l b k s e, b k e, , b -> l b k s e",
+    need_replication_factors=("l", "s", "e"),
+)
 
 
 def visible_slots(

@@ -42,7 +42,7 @@ class MeshError(ValueError):
 
 
 # Params: first rule whose regex fullmatches the param path wins. Layer params carry a
-# leading layer axis (never sharded: `lax.scan` walks it). Linear weights are [in, out].
+# leading layer axis (never sharded: the layer loop walks it). Linear weights are [in, out].
 PARAM_RULES: tuple[tuple[str, P], ...] = (
     # column-parallel over heads: q/k/v of a device's heads are computed locally
     (r"layers/(wq|wk|wv)", P(None, None, MODEL)),

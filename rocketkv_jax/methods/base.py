@@ -79,9 +79,10 @@ class AppendsTokens:
     """Plan mixin: `append` writes the new token at slot `length` and keeps its page's
     max/min current (what every method does at decode)."""
 
-    def append(self, cache: KVCache, k, v, position) -> KVCache:
-        """k, v [B, K, D]; position [B] -> cache with the token written."""
-        return append_token(cache, k, v, position)
+    def append(self, cache: KVCache, k, v, position, layer=None) -> KVCache:
+        """k, v [B, K, D]; position [B] -> cache with the token written (into `layer` of
+        a stacked cache when given; see `append_token`)."""
+        return append_token(cache, k, v, position, layer)
 
 
 class KeepsEveryToken(AppendsTokens):
