@@ -4,7 +4,7 @@ memory) and vs peers (transformers, kvpress), measured in one run.
 A thin wrapper of `rocketkv bench` (the logic is in rocketkv_jax/bench.py):
 
     python benchmarks/decode.py --quick      # CI smoke, well under a minute
-    python benchmarks/decode.py              # full grid + peers (see docs/benchmarks.md)
+    python benchmarks/decode.py              # full grid + peers (results: docs/benchmarks.md)
     python benchmarks/decode.py --help
 """
 

@@ -152,12 +152,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--report", type=Path, default=None, metavar="PATH",
                    help="measure nothing: re-print the tables of a --json file (also a partial "
                    "one from an interrupted run)")
+    o.add_argument("--markdown", action="store_true",
+                   help="with --report: print the tables as GitHub markdown")
     o.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars on stderr")
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults (quick ones under --quick), parse lists, validate."""
+    if getattr(args, "markdown", False):
+        raise BenchError("--markdown only formats the tables of --report PATH")
     base = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key, value in base.items():
         if getattr(args, key, None) is None:
@@ -562,8 +566,11 @@ def _run_peers(bm, args) -> dict:
         return {"error": str(e)}
 
 
-def report(path: Path) -> None:
-    """Print the tables of a results JSON written by --json."""
+def report(path: Path, markdown: bool = False) -> None:
+    """Print the tables of a results JSON written by --json (as markdown tables if asked)."""
+    from . import bench_bytes
+
+    bench_bytes.MARKDOWN = markdown
     if not path.is_file():
         raise BenchError(f"no results file {path}")
     res = json.loads(path.read_text())
@@ -589,7 +596,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`func` of the `bench` subcommand."""
     args.command_line = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if args.report is not None:
-        report(args.report)
+        report(args.report, args.markdown)
         return 0
     resolve_args(args)
     run(args)
@@ -622,7 +629,7 @@ def main(argv: list[str] | None = None, prog: str = "rocketkv bench") -> int:
     args.command_line = " ".join([prog, *argv])
     try:
         if args.report is not None:
-            report(args.report)
+            report(args.report, args.markdown)
             return 0
         resolve_args(args)
     except BenchError as e:

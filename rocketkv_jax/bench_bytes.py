@@ -124,7 +124,17 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+MARKDOWN = False  # set by `rocketkv bench --report PATH --markdown`
+
+
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    if MARKDOWN:  # GitHub markdown, for pasting into README/docs as is
+        print(f"\n{title}\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in rows:
+            print("| " + " | ".join(c.strip() for c in r) + " |")
+        return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(f"\n{title}")
     print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))

@@ -119,6 +119,20 @@ def test_report_reprints_the_tables(quick_run):
     assert [line for line in again.splitlines() if not line.startswith("wall")] == strip
 
 
+def test_report_as_markdown_has_the_same_cells(quick_run, capsys):
+    _, stdout, _, path = quick_run
+    code, md = _main(["--report", str(path), "--markdown"])
+    assert code == 0
+    header, *rows = _table(stdout, "Decode step speedup vs full KV")
+    lines = md.split("Decode step speedup vs full KV", 1)[1].splitlines()
+    table = [line for line in lines[2:] if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert cells[0] == ["T", "M", "full ms", *header[4:]] and set(cells[1]) == {"---"}
+    assert [c for row in cells[2:2 + len(rows)] for c in row] == [c for r in rows for c in r]
+    assert bench.main(["--quick", "--markdown"]) == 2  # formats a report, measures nothing
+    assert "--markdown only formats" in capsys.readouterr().err
+
+
 def test_quest_and_sparq_split_by_hand():
     cfg = bd.TINY_CONFIG
     T, N, M, S = 1024, 32, 128, 1025
