@@ -81,4 +81,5 @@ class RocketKV:
             k_top=k_top,
             stage2_dense=k_top >= kept,
             kernels=self.kernels,
+            sliding_window=config.sliding_window,
         )

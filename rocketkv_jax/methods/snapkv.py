@@ -45,12 +45,14 @@ class PromptEvictionPlan(AppendsTokens):
     window: int
     kernel_size: int
     pool: str
+    sliding_window: int | None = None  # the model's (Mistral): stage 1 scores within it
 
     def compress(self, k, v, q, lengths) -> KVCache:
         """k, v [B, K, T, D]; q [B, H, T, D]; lengths [B] -> cache of the kept tokens."""
         return compress_prompt(
             k, v, q, lengths, budget=self.prompt_budget, window=self.window,
             kernel_size=self.kernel_size, pool=self.pool, capacity=self.capacity,
+            sliding_window=self.sliding_window,
         )
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
@@ -67,7 +69,7 @@ class PromptEvictionPlan(AppendsTokens):
 
 def plan_prompt_eviction(
     name: str, token_budget: int, window: int, kernel_size: int, pool: str,
-    prompt_len: int, max_new_tokens: int,
+    prompt_len: int, max_new_tokens: int, sliding_window: int | None = None,
 ) -> PromptEvictionPlan | DensePlan:
     """Shared `plan` of snapkv / snapkv++: keep token_budget prompt tokens."""
     L = prompt_len + max_new_tokens
@@ -83,6 +85,7 @@ def plan_prompt_eviction(
         window=window,
         kernel_size=resolve_pool_kernel(kernel_size, prompt_len - window),
         pool=pool,
+        sliding_window=sliding_window,
     )
 
 
@@ -112,7 +115,7 @@ class SnapKV:
     def plan(self, config, prompt_len: int, max_new_tokens: int):
         return plan_prompt_eviction(
             self.name, self.token_budget, self.window, self.kernel_size, "avg",
-            prompt_len, max_new_tokens,
+            prompt_len, max_new_tokens, config.sliding_window,
         )
 
 
@@ -131,5 +134,5 @@ class SnapKVPlusPlus:
     def plan(self, config, prompt_len: int, max_new_tokens: int):
         return plan_prompt_eviction(
             self.name, self.token_budget, self.window, self.kernel_size, "max",
-            prompt_len, max_new_tokens,
+            prompt_len, max_new_tokens, config.sliding_window,
         )

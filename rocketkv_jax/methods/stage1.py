@@ -10,6 +10,10 @@ so kept tokens keep their original positions.
 
 Rows whose real length is <= budget keep every token. Prompts are right-padded; token t of
 a row sits at position t.
+
+With a sliding window W (Mistral), a window query at position p scores only the keys it
+attends, (p - W, p], and tokens no decode query can see again (t <= length - W) are never
+selected: the budget goes to tokens inside the window.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def resolve_pool_kernel(kernel_size: int, span: int) -> int:
 
 
 def observation_scores(
-    k: jax.Array, q: jax.Array, lengths: jax.Array, window: int
+    k: jax.Array, q: jax.Array, lengths: jax.Array, window: int,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Attention mass each prompt token receives from its row's observation window.
 
@@ -45,7 +50,8 @@ def observation_scores(
     that get compressed). Returns float32 [B, K, T]: the softmax probabilities of the window
     queries (positions lengths - window .. lengths - 1, causal inside the window) summed over
     the window queries and the G heads of each group, for tokens t < lengths - window; 0 for
-    the window itself and the padding.
+    the window itself and the padding. With `sliding_window` W the window queries see only
+    keys within W of them, as the model's attention does.
     """
     B, K, T, D = k.shape
     G = q.shape[1] // K
@@ -57,6 +63,8 @@ def observation_scores(
         "bkgwd,bktd->bkgwt", q_obs, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     ) / jnp.sqrt(jnp.float32(D))  # [B, K, G, w, T]
     causal = jnp.arange(T)[None, None, :] <= q_pos[:, :, None]  # [B, w, T]
+    if sliding_window is not None:
+        causal &= jnp.arange(T)[None, None, :] > q_pos[:, :, None] - sliding_window
     causal = causal[:, None, None]  # [B, 1, 1, w, T]
     probs = jax.nn.softmax(jnp.where(causal, logits, NEG_INF), axis=-1)
     probs = jnp.where(causal, probs, 0.0)  # [B, K, G, w, T]
@@ -94,6 +102,7 @@ def select_prompt_tokens(
     window: int,
     kernel_size: int,
     pool: str,
+    sliding_window: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Indices of the prompt tokens stage 1 keeps.
 
@@ -101,7 +110,8 @@ def select_prompt_tokens(
     kept per row, window <= budget < T), window, kernel_size (already resolved), pool.
     Returns (keep [B, K, budget] int32 ascending, keep_length [B] int32 =
     min(lengths, budget)). Rows with lengths <= budget keep 0 .. lengths - 1 (entries from
-    keep_length on are unused).
+    keep_length on are unused). With `sliding_window` W, tokens t <= lengths - W (outside
+    every later query's window) rank below every token inside it.
     """
     B, K, T, _ = k.shape
     if not window <= budget < T:
@@ -111,10 +121,13 @@ def select_prompt_tokens(
     window_idx = jnp.broadcast_to(window_idx[:, None, :], (B, K, window))  # [B, K, w]
     n_select = budget - window
     if n_select:
-        scores = observation_scores(k, q, lengths, window)  # [B, K, T]
+        scores = observation_scores(k, q, lengths, window, sliding_window)  # [B, K, T]
         pooled = pool_scores(scores, kernel_size, pool)  # [B, K, T]
         scored = jnp.arange(T)[None, :] < start[:, None]  # [B, T]
         pooled = jnp.where(scored[:, None, :], pooled, -jnp.inf)
+        if sliding_window is not None:  # never visible again: below every visible token
+            stale = jnp.arange(T)[None, :] <= (lengths - sliding_window)[:, None]  # [B, T]
+            pooled = jnp.where(stale[:, None, :], -jnp.finfo(jnp.float32).max, pooled)
         # lax.top_k breaks ties (frequent after max pooling) towards the lower index.
         _, top = top_k(pooled, n_select)  # [B, K, budget - w]
         keep = jnp.concatenate([jnp.sort(top, axis=-1), window_idx], axis=-1)  # [B, K, budget]
@@ -137,6 +150,7 @@ def compress_prompt(
     pool: str,
     capacity: int,
     page_size: int = 0,
+    sliding_window: int | None = None,
 ) -> KVCache:
     """Stage 1 into a fresh cache. k, v [B, K, T, D]; q [B, H, T, D]; lengths [B].
 
@@ -148,6 +162,7 @@ def compress_prompt(
         keep, keep_length = keep_all(lengths, k.shape[1], T), lengths  # [B, K, T], [B]
     else:
         keep, keep_length = select_prompt_tokens(
-            k, q, lengths, budget=budget, window=window, kernel_size=kernel_size, pool=pool
+            k, q, lengths, budget=budget, window=window, kernel_size=kernel_size, pool=pool,
+            sliding_window=sliding_window,
         )
     return cache_from_prompt(k, v, keep, keep_length, capacity, page_size)

@@ -139,6 +139,7 @@ class TwoStagePlan(AppendsTokens):
     k_top: int
     stage2_dense: bool
     kernels: str = "reference"
+    sliding_window: int | None = None  # the model's (Mistral): stage 1 scores within it
 
     @property
     def cache_page_size(self) -> int:
@@ -150,7 +151,7 @@ class TwoStagePlan(AppendsTokens):
         return compress_prompt(
             k, v, q, lengths, budget=self.prompt_budget, window=self.window,
             kernel_size=self.kernel_size, pool="max", capacity=self.capacity,
-            page_size=self.cache_page_size,
+            page_size=self.cache_page_size, sliding_window=self.sliding_window,
         )
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:

@@ -84,7 +84,7 @@ def full_logits(config):
                                             config=config, plan=plan))
 
 
-@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("sliding_window", [None, 32])
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_method_runs_under_jit(name, sliding_window):
     config = tiny_config(sliding_window)
@@ -95,6 +95,8 @@ def test_method_runs_under_jit(name, sliding_window):
         assert not isinstance(plan, DensePlan), plan
         assert plan.describe()["name"] == name
         assert 0 < plan.read_tokens(T + N) <= T + N
+    if name in ("snapkv", "snapkv++", "rocketkv"):  # stage 1 scores within the model's window
+        assert plan.sliding_window == sliding_window
     tokens, lengths, new = inputs(config)
     prefill, steps = run(tiny_params(config), tokens, lengths, new, config=config, plan=plan)
     assert np.isfinite(np.asarray(prefill)).all()
@@ -106,6 +108,18 @@ def test_method_runs_under_jit(name, sliding_window):
         return
     # Compression changes the decode logits (otherwise the test would not exercise it).
     assert not np.allclose(np.asarray(steps), want_steps, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "snapkv++"])
+def test_sliding_window_inside_the_budget_decodes_as_full(name):
+    """Mistral, W = 16 <= budget 20: stage 1 keeps every prompt token a decode query can
+    still see (not tokens that fell out of the window), so decoding equals full KV."""
+    config = tiny_config(16)
+    plan = make_method(name, 20, window=8).plan(config, T, N)
+    assert not isinstance(plan, DensePlan) and plan.sliding_window == 16
+    tokens, lengths, new = inputs(config)
+    _, steps = run(tiny_params(config), tokens, lengths, new, config=config, plan=plan)
+    np.testing.assert_allclose(np.asarray(steps), full_logits(config)[1], rtol=1e-5, atol=1e-6)
 
 
 DENSE_CASES = [(n, None) for n in METHOD_NAMES if n != "full"] + [

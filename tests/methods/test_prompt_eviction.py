@@ -47,11 +47,12 @@ def ref_pool_kernel(kernel_size, T, window):
     return max(k - 1 if k % 2 == 0 else k, 1)
 
 
-def ref_stage1(k, q, length, budget, window, kernel, pool):
+def ref_stage1(k, q, length, budget, window, kernel, pool, sliding_window=None):
     """One row: k [K, T, D], q [H, T, D] float64. Returns (keep per KV head, pooled scores
     per KV head) with plain loops: softmax of each window query over its causal keys,
     summed over window queries and the group, pooled (torch-style padding: -inf for max,
-    zeros counted for avg), stable top-(budget - window), then the window."""
+    zeros counted for avg), stable top-(budget - window), then the window. With a sliding
+    window W, a query at p sees keys (p - W, p], and tokens t <= length - W rank last."""
     Kh, T, Dh = k.shape
     G = q.shape[0] // Kh
     if length <= budget:
@@ -64,10 +65,14 @@ def ref_stage1(k, q, length, budget, window, kernel, pool):
             h = kv * G + g
             for j in range(window):
                 qp = span + j
-                logits = np.array([q[h, qp] @ k[kv, t] for t in range(qp + 1)]) / math.sqrt(Dh)
+                first = 0 if sliding_window is None else max(0, qp - sliding_window + 1)
+                seen = range(first, qp + 1)
+                logits = np.array([q[h, qp] @ k[kv, t] for t in seen]) / math.sqrt(Dh)
                 p = np.exp(logits - logits.max())
                 p /= p.sum()
-                score += p[:span]
+                for t, pt in zip(seen, p, strict=True):
+                    if t < span:
+                        score[t] += pt
         pad = kernel // 2
         pooled = np.empty(span)
         for t in range(span):
@@ -78,6 +83,8 @@ def ref_stage1(k, q, length, budget, window, kernel, pool):
                 else:
                     window_vals.append(-np.inf if pool == "max" else 0.0)
             pooled[t] = max(window_vals) if pool == "max" else sum(window_vals) / kernel
+            if sliding_window is not None and t <= length - sliding_window:
+                pooled[t] = -1e300  # no later query can see it
         order = np.argsort(-pooled, kind="stable")[: budget - window]
         keeps.append(sorted(order.tolist()) + list(range(span, length)))
         pooled_all.append(pooled)
@@ -111,12 +118,24 @@ STAGE1_CASES = [
 
 @pytest.mark.parametrize(("name", "G", "T", "window", "budget", "dtype"), STAGE1_CASES)
 def test_stage1_selection_matches_numpy(name, G, T, window, budget, dtype):
+    check_stage1(name, G, T, window, budget, dtype)
+
+
+@pytest.mark.parametrize(("name", "G", "sliding_window"), [
+    ("snapkv", 1, 40), ("snapkv++", 3, 40), ("snapkv++", 2, 20)])
+def test_stage1_with_a_sliding_window_matches_numpy(name, G, sliding_window):
+    """Mistral: window queries score only keys inside their sliding window, and tokens no
+    later query can see are kept only when nothing visible is left to keep."""
+    check_stage1(name, G, 64, 8, 24, jnp.float32, sliding_window)
+
+
+def check_stage1(name, G, T, window, budget, dtype, sliding_window=None):
     lengths = np.array([T, T - 7, budget + 1, max(budget - 3, 1)])
     B = len(lengths)
     k, v, q, k64, v64, q64 = random_prompt(G * 100 + T, B, G, T, dtype)
     N = 4
-    plan = make_method(name, budget, window=window).plan(config(G), T, N)
-    assert isinstance(plan, PromptEvictionPlan)
+    plan = make_method(name, budget, window=window).plan(config(G, sliding_window), T, N)
+    assert isinstance(plan, PromptEvictionPlan) and plan.sliding_window == sliding_window
     default_kernel = 7 if name == "snapkv" else 63
     kernel = ref_pool_kernel(default_kernel, T, window)
     assert plan.kernel_size == kernel
@@ -126,7 +145,8 @@ def test_stage1_selection_matches_numpy(name, G, T, window, budget, dtype):
     np.testing.assert_array_equal(np.asarray(cache.length), np.minimum(lengths, budget))
     pool = "avg" if name == "snapkv" else "max"
     for b, length in enumerate(lengths):
-        keeps, pooled = ref_stage1(k64[b], q64[b], int(length), budget, window, kernel, pool)
+        keeps, pooled = ref_stage1(k64[b], q64[b], int(length), budget, window, kernel, pool,
+                                   sliding_window)
         n_kept = min(int(length), budget)  # kept count = min(real length, budget)
         for kv in range(K):
             got = pos[b, kv, :n_kept].tolist()
