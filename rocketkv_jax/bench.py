@@ -570,26 +570,29 @@ def report(path: Path, markdown: bool = False) -> None:
     """Print the tables of a results JSON written by --json (as markdown tables if asked)."""
     from . import bench_bytes
 
-    bench_bytes.MARKDOWN = markdown
     if not path.is_file():
         raise BenchError(f"no results file {path}")
     res = json.loads(path.read_text())
     args = argparse.Namespace(**res["args"])
-    print(res["machine"])
-    print(f"command: {args.command_line}")
-    for rec in res["models"]:
-        if rec.get("steps"):
-            print_model_tables(rec, args)
-    if res.get("peers", {}).get("summary"):
-        from .bench_peers import print_peers
+    bench_bytes.MARKDOWN = markdown
+    try:
+        print(res["machine"])
+        print(f"command: {args.command_line}")
+        for rec in res["models"]:
+            if rec.get("steps"):
+                print_model_tables(rec, args)
+        if res.get("peers", {}).get("summary"):
+            from .bench_peers import print_peers
 
-        print_peers(res["peers"])
-    if "h100_bound" in res:
-        print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets)
-        print_method_roofline(args.methods, args.roofline_context, args.new_tokens, [1, 8],
-                              args.budgets)
-    if "wall_s" in res:
-        print(f"\nwall time {res['wall_s']:.0f} s")
+            print_peers(res["peers"])
+        if "h100_bound" in res:
+            print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets)
+            print_method_roofline(args.methods, args.roofline_context, args.new_tokens,
+                                  [1, 8], args.budgets)
+        if "wall_s" in res:
+            print(f"\nwall time {res['wall_s']:.0f} s")
+    finally:
+        bench_bytes.MARKDOWN = False  # later tables in this process print as text again
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -129,6 +129,8 @@ def test_report_as_markdown_has_the_same_cells(quick_run, capsys):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
     assert cells[0] == ["T", "M", "full ms", *header[4:]] and set(cells[1]) == {"---"}
     assert [c for row in cells[2:2 + len(rows)] for c in row] == [c for r in rows for c in r]
+    code, text = _main(["--report", str(path)])  # markdown does not stick to later reports
+    assert code == 0 and _table(text, "Decode step speedup vs full KV") == [header, *rows]
     assert bench.main(["--quick", "--markdown"]) == 2  # formats a report, measures nothing
     assert "--markdown only formats" in capsys.readouterr().err
 
