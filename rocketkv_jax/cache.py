@@ -111,9 +111,8 @@ def append_token(
     k, v: [B, K, D]; position: [B] int32. With `layer` (a traced or static index), `cache`
     is the stacked cache of all layers (leading layer axis) and only that layer's slot is
     written, in place inside the decode layer loop, so a step touches the cache only where
-    attention reads it. Without `layer`, `cache` is one
-    layer's. The caller sizes the cache so it never overflows (generate reserves
-    max_new_tokens slots).
+    attention reads it. Without `layer`, `cache` is one layer's. The caller sizes the cache
+    so it never overflows (generate reserves max_new_tokens slots).
     """
     if layer is None:
         stacked = jax.tree.map(lambda a: a[None], cache)

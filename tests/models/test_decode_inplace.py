@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rocketkv_jax.bench_decode import loop_aware_bytes
+from rocketkv_jax.cache import KVCache, append_token, page_bounds
 from rocketkv_jax.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods.registry import make_method
 from rocketkv_jax.models.config import ModelConfig
@@ -56,3 +57,37 @@ def test_decode_step_reads_the_cache_about_once(name, kw):
     accessed = loop_aware_bytes(compiled)
     assert accessed is not None
     assert accessed < 6 * cache_bytes, accessed / cache_bytes  # was ~11x with the scan
+
+
+def test_stacked_append_writes_one_layer_like_numpy():
+    """append_token(..., layer) on a stacked cache: only that layer changes; each row's token
+    lands at its own slot `length[b]` and its page's max/min take it in (numpy reference)."""
+    Ly, B, K, C, D, page = 3, 2, 2, 8, 4, 2
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((Ly, B, K, C, D)).astype(np.float32)
+    v = rng.standard_normal((Ly, B, K, C, D)).astype(np.float32)
+    length = np.array([[3, 5], [2, 6], [4, 1]], np.int32)  # [Ly, B]
+    pos = np.where(np.arange(C) < length[:, :, None, None], np.arange(C), -1)
+    pos = np.broadcast_to(pos, (Ly, B, K, C)).astype(np.int32)
+    kmax, kmin = page_bounds(jnp.asarray(k.reshape(Ly * B, K, C, D)),
+                             jnp.asarray(pos.reshape(Ly * B, K, C)), page)
+    cache = KVCache(*map(jnp.asarray, (k, v, pos, length)),
+                    kmax.reshape(Ly, B, K, C // page, D), kmin.reshape(Ly, B, K, C // page, D))
+    kn = rng.standard_normal((B, K, D)).astype(np.float32)
+    vn = rng.standard_normal((B, K, D)).astype(np.float32)
+    position = np.array([40, 41], np.int32)
+    out = jax.jit(append_token)(cache, kn, vn, position, jnp.int32(1))
+
+    want_k, want_v, want_pos = k.copy(), v.copy(), pos.copy()
+    want_max, want_min = np.array(cache.page_max), np.array(cache.page_min)
+    for b in range(B):
+        s = length[1, b]
+        want_k[1, b, :, s], want_v[1, b, :, s], want_pos[1, b, :, s] = kn[b], vn[b], position[b]
+        want_max[1, b, :, s // page] = np.maximum(want_max[1, b, :, s // page], kn[b])
+        want_min[1, b, :, s // page] = np.minimum(want_min[1, b, :, s // page], kn[b])
+    np.testing.assert_array_equal(np.asarray(out.k), want_k)
+    np.testing.assert_array_equal(np.asarray(out.v), want_v)
+    np.testing.assert_array_equal(np.asarray(out.pos), want_pos)
+    np.testing.assert_array_equal(np.asarray(out.length), length + np.array([[0], [1], [0]]))
+    np.testing.assert_array_equal(np.asarray(out.page_max), want_max)
+    np.testing.assert_array_equal(np.asarray(out.page_min), want_min)
