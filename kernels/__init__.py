@@ -1,12 +1,19 @@
-"""Pallas GPU kernels (Triton lowering) of RocketKV's stage 2, each with a pure-jnp reference.
+"""Pallas GPU kernels (Triton lowering), each with a pure-jnp reference beside it.
 
-`approx_scores` scores pages with an upper bound read from R selected channels of the page
-key max/min; XLA's top_k then picks tokens; `sparse_decode_attention` attends exactly over
-them. The backend ("auto", "reference", "interpret", "triton") is chosen in `backend.py`.
+Decode (RocketKV's stage 2): `approx_scores` scores pages with an upper bound read from R
+selected channels of the page key max/min; XLA's top_k then picks tokens;
+`sparse_decode_attention` attends exactly over them.
+
+Prefill: `prefill_attention` is flash-style causal GQA attention of a block of queries
+(a whole prompt, or one chunk at q_start) over the KV buffer, with per-row lengths and
+Mistral's sliding window; its reference `prefill_attention_reference` is also the CPU path.
+
+The backend ("auto", "reference", "interpret", "triton") is chosen in `backend.py`.
 """
 
 from .approx_scores import approx_scores, approx_scores_reference
 from .backend import BACKENDS, Backend, resolve_backend
+from .prefill_attention import prefill_attention, prefill_attention_reference
 from .sparse_decode_attention import (
     sparse_decode_attention,
     sparse_decode_attention_reference,
@@ -17,6 +24,8 @@ __all__ = [
     "Backend",
     "approx_scores",
     "approx_scores_reference",
+    "prefill_attention",
+    "prefill_attention_reference",
     "resolve_backend",
     "sparse_decode_attention",
     "sparse_decode_attention_reference",

@@ -13,13 +13,42 @@ the Pallas kernel. Each block of `block_q` queries runs an online softmax over k
 of `block_k` and visits only the key blocks it can see: from the sliding window's lower
 edge (Mistral) to the causal diagonal, and none past the longest row. GQA folds the G query
 heads of a KV head into the rows of one matmul, so K and V are never repeated.
+
+`prefill_attention(..., backend="triton" | "interpret")` runs the Pallas kernel (Triton
+lowering, like the stage-2 kernels). Its design:
+  - GQA folded into rows: the wrapper lays q out as [B, K, T * G, D] with row t * G + g
+    (query t, head g), so one tile of `block_q` rows holds block_q / G consecutive query
+    positions of all G heads of a KV head, and each K/V tile is loaded once for all of
+    them. Rows are a power of 2 >= 16 (tl.dot's minimum) for any G, with no padded heads
+    (G = 3 would waste a quarter of a [4 * bq] tile); only the last tile has dead rows.
+  - Grid (query-row tiles, B * K): 2-D so a vmap can add Triton's third and last grid
+    axis. Tiles run heaviest-first (the last query tile, with the most causal key blocks,
+    gets program 0) so the causal triangle does not leave a straggler at the end.
+  - Online softmax (f32, exp2) over key tiles of `block_k`, visiting only the key blocks
+    `key_block_range` allows for the tile's positions: from the sliding window's lower
+    edge to the causal diagonal, and none at or past this row's length. lengths [B] and
+    q_start [1] are read from small refs (Triton has no scalar prefetch), so a chunk with
+    a traced q_start is one program.
+  - K/V are not padded or copied: the kernel reads [S, D] per (b, k) in place with masked
+    loads (keys past S and head-dim padding issue no memory traffic), so a 128k buffer is
+    never re-materialised. Only q (transposed anyway) and the output are padded.
+  - Rows that see no key return 0 (the running max starts finite, p is masked, l = 0).
+    bf16 inputs multiply in bf16 with f32 accumulation (P is cast to V's dtype for the
+    second matmul, as in FlashAttention); f32 inputs use f32 (HIGHEST) dots.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import backend as backend_lib
 
 DEFAULT_BLOCK_Q = 256  # measured on the 2-core dev CPU (benchmarks/prefill.py --blocks)
 DEFAULT_BLOCK_K = 512
@@ -103,7 +132,7 @@ def prefill_attention_reference(
                                  num_blocks=nk, sliding_window=sliding_window)
 
         def key_block(j, carry):
-            m, l, acc = carry  # [B, K, G*bq], [B, K, G*bq], [B, K, G*bq, D]
+            m, denom, acc = carry  # [B, K, G*bq], [B, K, G*bq], [B, K, G*bq, D]
             kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2).astype(jnp.float32)
             vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2).astype(jnp.float32)
             s = jnp.einsum("bkrd,bksd->bkrs", qi, kj)  # [B, K, G*bq, bk]
@@ -116,19 +145,166 @@ def prefill_attention_reference(
             m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _M_INIT), axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
-            l = l * correction + p.sum(axis=-1)
+            denom = denom * correction + p.sum(axis=-1)
             acc = acc * correction[..., None] + jnp.einsum("bkrs,bksd->bkrd", p, vj)
-            return m_new, l, acc
+            return m_new, denom, acc
 
         rows = (B, K, G * bq)
         init = (jnp.full(rows, _M_INIT, jnp.float32), jnp.zeros(rows, jnp.float32),
                 jnp.zeros((*rows, D), jnp.float32))
-        _, l, acc = lax.fori_loop(lo, hi, key_block, init)
-        return jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+        _, denom, acc = lax.fori_loop(lo, hi, key_block, init)
+        return jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
 
     out = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))  # [nq, B, K, G*bq, D]
     out = out.reshape(nq, B, K, G, bq, D).transpose(1, 2, 3, 0, 4, 5)
     return out.reshape(B, H, nq * bq, D)[:, :, :T].astype(q.dtype)
+
+
+# Pallas defaults (rows of the folded (query, head) tile, keys per tile), sized like JAX's
+# own Triton flash attention (128 x 128 bf16, 8 warps at D 128) but with half the key tile
+# so the f32 [rows, D] accumulator, the q tile and the K/V tiles fit in registers at f32.
+PALLAS_BLOCK_Q = 128
+PALLAS_BLOCK_K = 64
+_MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
+_LOG2_E = math.log2(math.e)
+
+
+def _prefill_kernel(
+    lengths_ref,  # [] this row's valid keys
+    q_start_ref,  # [1] position of query 0
+    q_ref,  # [R, Dp] one tile of folded rows, row r = t * G + g (zero padded)
+    k_ref,  # [S, D] this KV head's keys, read in place
+    v_ref,  # [S, D] this KV head's values
+    o_ref,  # [R, Dp]
+    *,
+    num_q_tiles: int,
+    group: int,
+    num_queries: int,
+    seq_len: int,
+    head_dim: int,
+    block_k: int,
+    sliding_window: int | None,
+    sm_scale: float,
+    precision,
+):
+    rows, d_pad = q_ref.shape
+    tile = num_q_tiles - 1 - pl.program_id(0)  # heaviest (latest) query tile first
+    q_start = q_start_ref[0]
+    length = jnp.minimum(lengths_ref[()], seq_len)
+    # Folded row -> query index (non-negative, so lax.div is floor division).
+    row = tile * rows + jnp.arange(rows, dtype=jnp.int32)  # [R]
+    row_pos = q_start + lax.div(row, jnp.int32(group))  # [R]
+    q_lo = q_start + lax.div(tile * rows, group)
+    q_hi = q_start + jnp.minimum(lax.div(tile * rows + rows - 1, group) + 1, num_queries)
+    lo, hi = _kernel_key_block_range(q_lo, q_hi, length, block_k=block_k,
+                                     num_blocks=pl.cdiv(seq_len, block_k),
+                                     sliding_window=sliding_window)
+
+    dims = jnp.arange(d_pad, dtype=jnp.int32)  # [Dp]
+    dim_ok = dims < head_dim  # [Dp], all true unless D is not a power of 2
+    cols = jnp.minimum(dims, head_dim - 1)[None, :]  # [1, Dp]
+    q = q_ref[...]  # [R, Dp]
+    qk_scale = sm_scale * _LOG2_E  # exp2 domain
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry  # [R, Dp], [R], [R]
+        k_pos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk]
+        in_buffer = k_pos < seq_len  # [bk]
+        key_rows = jnp.where(in_buffer, k_pos, 0)[:, None]  # [bk, 1]
+        load_mask = in_buffer[:, None] & dim_ok[None, :]  # [bk, Dp]
+        keys = plgpu.load(k_ref.at[key_rows, cols], mask=load_mask, other=0)  # [bk, Dp]
+        logits = plgpu.dot(q, keys.astype(q.dtype), trans_b=True, precision=precision)
+        logits = logits * qk_scale  # [R, bk] f32
+        mask = (k_pos[None, :] <= row_pos[:, None]) & (k_pos < length)[None, :]  # [R, bk]
+        if sliding_window is not None:
+            mask &= row_pos[:, None] - k_pos[None, :] < sliding_window
+        m_next = jnp.maximum(m_prev, jnp.where(mask, logits, _M_INIT).max(axis=-1))  # [R]
+        p = jnp.where(mask, jnp.exp2(logits - m_next[:, None]), 0.0)  # [R, bk]
+        correction = jnp.exp2(m_prev - m_next)  # [R]
+        l_next = correction * l_prev + p.sum(axis=-1)
+        values = plgpu.load(v_ref.at[key_rows, cols], mask=load_mask, other=0)  # [bk, Dp]
+        values = values.astype(q.dtype)
+        acc = correction[:, None] * acc + plgpu.dot(
+            p.astype(values.dtype), values, precision=precision
+        )  # [R, Dp]
+        return acc, m_next, l_next
+
+    init = (
+        jnp.zeros((rows, d_pad), jnp.float32),
+        jnp.full((rows,), _M_INIT, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    acc, _, denom = lax.fori_loop(lo, hi, body, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # 0 for rows that see no key
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _kernel_key_block_range(q_lo, q_hi, length, *, block_k, num_blocks, sliding_window):
+    """`key_block_range` with lax.div (all operands are non-negative): the same blocks, in
+    primitives the Triton lowering has (jnp's floor division adds sign fix-ups)."""
+    hi = lax.div(jnp.minimum(jnp.minimum(q_hi, length) + block_k - 1, num_blocks * block_k),
+                 jnp.int32(block_k))
+    lo = jnp.int32(0)
+    if sliding_window is not None:
+        lo = lax.div(jnp.maximum(q_lo - sliding_window + 1, 0), jnp.int32(block_k))
+    return lo, jnp.maximum(hi, lo)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sliding_window", "backend", "block_q", "block_k", "num_warps",
+                     "num_stages"),
+)
+def _prefill_attention_pallas(
+    q, k, v, lengths, q_start, *, sliding_window, backend, block_q, block_k, num_warps,
+    num_stages,
+):
+    """Pads and folds the operands, runs the kernel, unfolds. Same contract as the reference."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    rows = min(block_q, max(_MIN_DOT, backend_lib.next_power_of_2(T * G)))
+    bk = min(block_k, max(_MIN_DOT, backend_lib.next_power_of_2(S)))
+    d_pad = max(_MIN_DOT, backend_lib.next_power_of_2(D))
+    num_q_tiles = pl.cdiv(T * G, rows)
+    compute_dtype = jnp.promote_types(q.dtype, k.dtype)
+    qf = q.reshape(B, K, G, T, D).transpose(0, 1, 3, 2, 4).reshape(B, K, T * G, D)
+    qf = jnp.pad(qf.astype(compute_dtype),
+                 ((0, 0), (0, 0), (0, num_q_tiles * rows - T * G), (0, d_pad - D)))
+    q_start = jnp.asarray(q_start, jnp.int32).reshape(1)
+    lengths = lengths.astype(jnp.int32)
+
+    def bk_of(j):
+        return j // K, j % K
+
+    in_specs = [
+        pl.BlockSpec((None,), lambda i, j: (j // K,)),
+        pl.BlockSpec((1,), lambda i, j: (0,)),
+        pl.BlockSpec((None, None, rows, d_pad),
+                     lambda i, j: (*bk_of(j), num_q_tiles - 1 - i, 0)),
+        pl.BlockSpec((None, None, S, D), lambda i, j: (*bk_of(j), 0, 0)),
+        pl.BlockSpec((None, None, S, D), lambda i, j: (*bk_of(j), 0, 0)),
+    ]
+    out_spec = pl.BlockSpec((None, None, rows, d_pad),
+                            lambda i, j: (*bk_of(j), num_q_tiles - 1 - i, 0))
+    kernel = functools.partial(
+        _prefill_kernel, num_q_tiles=num_q_tiles, group=G, num_queries=T, seq_len=S,
+        head_dim=D, block_k=bk, sliding_window=sliding_window, sm_scale=1.0 / math.sqrt(D),
+        precision=lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None,
+    )
+    out = backend_lib.pallas_call(
+        kernel,
+        backend=backend,
+        out_shape=jax.ShapeDtypeStruct((B, K, num_q_tiles * rows, d_pad), q.dtype),
+        grid=(num_q_tiles, B * K),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name="rocketkv_prefill_attention",
+    )(lengths, q_start, qf, k, v)  # [B, K, tiles * R, Dp]
+    out = out[:, :, : T * G, :D].reshape(B, K, T, G, D).transpose(0, 1, 3, 2, 4)
+    return out.reshape(B, H, T, D)
 
 
 def prefill_attention(
@@ -144,13 +320,31 @@ def prefill_attention(
     block_k: int | None = None,
 ) -> jax.Array:
     """Prefill attention on the chosen backend (see `backend.py`); same contract as
-    `prefill_attention_reference`. Block sizes default per backend."""
-    from . import backend as backend_lib
+    `prefill_attention_reference`. Block sizes default per backend.
 
+    For the reference, block_q counts query positions (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K).
+    For the Pallas kernel ("interpret", "triton"), block_q counts rows of the folded
+    (query, head) tile, block_q / G query positions of all G heads, and both blocks must
+    be powers of 2 >= 16 (PALLAS_BLOCK_Q, PALLAS_BLOCK_K; shrunk for short T and S).
+    """
     resolved = backend_lib.resolve_backend(backend)
     if resolved == "reference":
         return prefill_attention_reference(
             q, k, v, lengths, q_start, sliding_window=sliding_window,
             block_q=block_q or DEFAULT_BLOCK_Q, block_k=block_k or DEFAULT_BLOCK_K,
         )
-    raise NotImplementedError("the Pallas prefill kernel is not written yet")
+    block_q = block_q or PALLAS_BLOCK_Q
+    block_k = block_k or PALLAS_BLOCK_K
+    _check_args(q, k, v, lengths, block_q, block_k)
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if value < _MIN_DOT or value & (value - 1):
+            raise ValueError(
+                f"{name} must be a power of 2 >= {_MIN_DOT} for the Pallas kernel, got {value}"
+            )
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    return _prefill_attention_pallas(
+        q, k, v, lengths, q_start, sliding_window=sliding_window, backend=resolved,
+        block_q=block_q, block_k=block_k, num_warps=4 if q.shape[-1] <= 64 else 8,
+        num_stages=2,
+    )

@@ -1,8 +1,9 @@
-"""GPU lowering without a GPU: both kernels must lower to the Triton custom call.
+"""GPU lowering without a GPU: every kernel must lower to the Triton custom call.
 
 `lower(lowering_platforms=("cuda",))` runs the real Pallas->Triton lowering on CPU and raises
 Triton's refusals (non-power-of-2 arrays, unsupported primitives), so a block shape that would
-fail on an H100 fails here. Shapes are Llama-3.1-8B-like: K=8, G=4, D=128, 32k/128k context.
+fail on an H100 fails here. Shapes are Llama-3.1-8B-like: K=8, G=4, D=128, 32k/128k context
+(and SmolLM2-like K=3, G=3, D=64 for prefill).
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
-from rocketkv_jax.kernels import approx_scores, backend, sparse_decode_attention
+from rocketkv_jax.kernels import (
+    approx_scores,
+    backend,
+    prefill_attention,
+    sparse_decode_attention,
+)
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 S = jax.ShapeDtypeStruct
@@ -68,6 +74,50 @@ def test_gqa_ratios_and_vmap_lower_to_triton(g):
     text = lower_for_cuda(scores, S((n, b, kv, g, d), dt), S((n, b, kv, p, d), dt),
                           S((n, b, kv, p, d), dt), S((n, b, kv, r), jnp.int32),
                           S((n, b), jnp.int32))
+    assert TRITON_CALL in text
+
+
+PREFILL_SHAPES = {"llama8b": (8, 4, 128), "smollm2": (3, 3, 64)}
+
+
+def lower_prefill(kv, g, d, t, s, dtype, sliding_window, batch=1):
+    return lower_for_cuda(
+        lambda q, k, v, lengths, q_start: prefill_attention(
+            q, k, v, lengths, q_start, sliding_window=sliding_window, backend="triton"),
+        S((batch, kv * g, t, d), dtype), S((batch, kv, s, d), dtype),
+        S((batch, kv, s, d), dtype), S((batch,), jnp.int32), S((), jnp.int32),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("window", [None, 4096], ids=["causal", "window4096"])
+@pytest.mark.parametrize("model", list(PREFILL_SHAPES))
+@pytest.mark.parametrize("t", [32768, 131072], ids=["32k", "128k"])
+def test_prefill_attention_lowers_to_triton(t, model, window, dtype):
+    """One-shot prefill (q_start traced, S = T) at long context."""
+    kv, g, d = PREFILL_SHAPES[model]
+    assert TRITON_CALL in lower_prefill(kv, g, d, t, t, dtype, window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("model", list(PREFILL_SHAPES))
+@pytest.mark.parametrize("t,s,window", [(4096, 32768, None), (4096, 131072, 4096),
+                                        (1000, 5000, None)])
+def test_prefill_attention_chunk_lowers_to_triton(t, s, window, model, dtype):
+    """A chunk of a chunked prefill: T queries at a traced q_start over a longer buffer;
+    T, S not multiples of the blocks are padded/masked, batch 2 has per-row lengths."""
+    kv, g, d = PREFILL_SHAPES[model]
+    assert TRITON_CALL in lower_prefill(kv, g, d, t, s, dtype, window, batch=2)
+
+
+def test_prefill_attention_vmap_lowers_to_triton():
+    """The grid is 2-D, so a vmap (e.g. over stacked layers) adds the third grid axis."""
+    n, kv, g, d, t = 2, 8, 4, 128, 8192
+    dt = jnp.bfloat16
+    f = jax.vmap(lambda q, k, v, lengths: prefill_attention(q, k, v, lengths,
+                                                             backend="triton"))
+    text = lower_for_cuda(f, S((n, 1, kv * g, t, d), dt), S((n, 1, kv, t, d), dt),
+                          S((n, 1, kv, t, d), dt), S((n, 1), jnp.int32))
     assert TRITON_CALL in text
 
 
