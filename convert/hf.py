@@ -45,6 +45,16 @@ HF_TENSORS: dict[str, tuple[str, bool]] = {
     "layers/w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
     "layers/w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
     "layers/w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
+    # present only when the config asks for them (see `ModelConfig.param_shapes`)
+    "layers/bq": ("model.layers.{i}.self_attn.q_proj.bias", False),
+    "layers/bk": ("model.layers.{i}.self_attn.k_proj.bias", False),
+    "layers/bv": ("model.layers.{i}.self_attn.v_proj.bias", False),
+    "layers/bo": ("model.layers.{i}.self_attn.o_proj.bias", False),
+    "layers/b_gate": ("model.layers.{i}.mlp.gate_proj.bias", False),
+    "layers/b_up": ("model.layers.{i}.mlp.up_proj.bias", False),
+    "layers/b_down": ("model.layers.{i}.mlp.down_proj.bias", False),
+    "layers/q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
+    "layers/k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
 }
 
 # Non-parameter buffers some exporters write; skipped without complaint.
@@ -185,9 +195,6 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict[str, Any]]:
     act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
     if act != "silu":
         raise ConfigError(f"unsupported hidden_act {act!r} in {path}: only 'silu' is implemented")
-    for flag in ("attention_bias", "mlp_bias"):
-        if raw.get(flag):
-            raise ConfigError(f"unsupported {flag}=true in {path}: the model has no biases")
     return config, raw
 
 
@@ -241,7 +248,7 @@ def read_safetensors_headers(src: Path) -> dict[str, tuple[Path, tuple[int, ...]
 def load_hf(
     src: str | Path, dtype: str | np.dtype = "bfloat16", *, progress: bool = True
 ) -> tuple[Params, ModelConfig]:
-    """Read an HF Llama/Mistral safetensors directory into (params, config).
+    """Read an HF Llama/Mistral/Qwen2/Qwen3 safetensors directory into (params, config).
 
     Validates every tensor name and shape before reading any data. Params are nested
     dicts of host numpy arrays in `dtype` with the layout of `config.param_shapes()`.

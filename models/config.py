@@ -1,4 +1,4 @@
-"""ModelConfig: the static description of a Llama / Mistral decoder.
+"""ModelConfig: the static description of a Llama / Mistral / Qwen2 / Qwen3 decoder.
 
 A frozen dataclass, hashable, so it can be a static argument of `jax.jit`. Built from a
 Hugging Face `config.json` (transformers v4 and v5 spellings) and round-tripped to json
@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("llama3", "linear")
 
 
 class ConfigError(ValueError):
@@ -21,12 +22,21 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.x `rope_scaling` of type "llama3" (frequency-dependent NTK-by-parts)."""
+    """RoPE scaling: "llama3" (Llama-3.x frequency-dependent NTK-by-parts, all fields) or
+    "linear" (position interpolation: every frequency divided by `factor`)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"  # checkpoints written before "linear" existed are llama3
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope_type {self.rope_type!r}; "
+                              f"implemented: {', '.join(ROPE_TYPES)}")
+        if self.factor <= 0:
+            raise ConfigError(f"rope scaling factor must be positive, got {self.factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +57,12 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # biases: q/k/v projections (Qwen2; Llama/Qwen3 `attention_bias`), the output
+    # projection (Llama/Qwen3 `attention_bias`, not Qwen2) and the MLP (`mlp_bias`)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -104,6 +120,16 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         sliding = cfg.get("sliding_window") if model_type == "mistral" else None
+        if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            raise ConfigError(
+                f"{model_type} config has use_sliding_window=true (layer-wise sliding window "
+                f"attention), which rocketkv-jax does not implement; set it to false in "
+                f"config.json to run every layer with full attention, as Qwen's released "
+                f"models do"
+            )
+        attention_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = model_type == "qwen2" or attention_bias
+        o_bias = model_type != "qwen2" and attention_bias
         return cls(
             model_type=model_type,
             vocab_size=vocab,
@@ -121,6 +147,10 @@ class ModelConfig:
             sliding_window=None if sliding is None else int(sliding),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
         )
 
     @classmethod
@@ -172,6 +202,16 @@ class ModelConfig:
             "layers/w_up": (Ly, E, F),
             "layers/w_down": (Ly, F, E),
         }
+        if self.qkv_bias:
+            shapes.update({"layers/bq": (Ly, H * D), "layers/bk": (Ly, K * D),
+                           "layers/bv": (Ly, K * D)})
+        if self.o_bias:
+            shapes["layers/bo"] = (Ly, E)
+        if self.mlp_bias:
+            shapes.update({"layers/b_gate": (Ly, F), "layers/b_up": (Ly, F),
+                           "layers/b_down": (Ly, E)})
+        if self.qk_norm:
+            shapes.update({"layers/q_norm": (Ly, D), "layers/k_norm": (Ly, D)})
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (E, V)
         return shapes
@@ -183,16 +223,21 @@ def _parse_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
-    if kind != "llama3":
+    if kind not in ROPE_TYPES:
         raise ConfigError(
-            f"unsupported rope_scaling type {kind!r}: only 'llama3' (Llama-3.x) is implemented"
+            f"unsupported rope_scaling type {kind!r}: implemented are "
+            f"{', '.join(ROPE_TYPES)}; 'dynamic' and 'yarn' change the frequencies with the "
+            f"sequence length or attention scale and are refused rather than ignored"
         )
     try:
+        if kind == "linear":
+            return RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
         return RopeScaling(
             factor=float(scaling["factor"]),
             low_freq_factor=float(scaling["low_freq_factor"]),
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            rope_type="llama3",
         )
     except KeyError as e:
-        raise ConfigError(f"rope_scaling of type llama3 is missing {e.args[0]!r}") from None
+        raise ConfigError(f"rope_scaling of type {kind} is missing {e.args[0]!r}") from None

@@ -12,12 +12,14 @@ from .config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies, [D // 2] float32, with Llama-3 scaling if configured."""
+    """Per-pair rotation frequencies, [D // 2] float32, with linear or Llama-3 scaling."""
     D = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
     s = config.rope_scaling
     if s is None:
         return inv_freq.astype(np.float32)
+    if s.rope_type == "linear":  # position interpolation: position p rotates as p / factor
+        return (inv_freq / s.factor).astype(np.float32)
     # Llama-3.x "llama3" rope: long wavelengths are slowed by `factor`, short ones kept,
     # and the band in between interpolated smoothly.
     low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
