@@ -47,16 +47,29 @@ def _project_qkv(p, config: ModelConfig, h, positions, inv_freq):
     """h [B, T, E] -> q [B, H, T, D], k, v [B, K, T, D] with RoPE on q and k."""
     B, T, _ = h.shape
     H, K, D = config.num_heads, config.num_kv_heads, config.head_dim
-    q = (h @ p["wq"]).reshape(B, T, H, D).transpose(0, 2, 1, 3)  # [B, H, T, D]
-    k = (h @ p["wk"]).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # [B, K, T, D]
-    v = (h @ p["wv"]).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]  # [B, T, H*D], [B, T, K*D] x2
+    if config.qkv_bias:  # Qwen2; Llama / Qwen3 attention_bias
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # [B, H, T, D]
+    k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    if config.qk_norm:  # Qwen3: RMSNorm over each head's D channels, before RoPE
+        q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
     q = apply_rope(q, positions[:, None, :], inv_freq)
     k = apply_rope(k, positions[:, None, :], inv_freq)
     return q, k, v
 
 
 def _mlp_block(p, config: ModelConfig, x):
+    """x [B, T, E]: the residual after attention (`x + attn @ wo`) -> the layer's output."""
+    if config.o_bias:  # the o_proj bias: every caller passes x right after `attn @ wo`
+        x = x + p["bo"]
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+    if config.mlp_bias:
+        gate = h @ p["w_gate"] + p["b_gate"]  # [B, T, F]
+        up = h @ p["w_up"] + p["b_up"]  # [B, T, F]
+        return x + (jax.nn.silu(gate) * up) @ p["w_down"] + p["b_down"]
     return x + swiglu_mlp(h, p["w_gate"], p["w_up"], p["w_down"])
 
 
