@@ -1,11 +1,13 @@
-"""GGUF (llama.cpp) Llama file -> params pytree, HF-style config dict and tokenizer files.
+"""GGUF (llama.cpp) Llama / Qwen2 / Qwen3 file -> params, HF-style config dict, tokenizer files.
 
 Weights are dequantized with `gguf.quants.dequantize` (numpy, any quant type gguf-py
 knows). GGUF lists tensor dims fastest-first (`ne0, ne1` = cols, rows), so the HF
 [out, in] shape is the reversed GGUF shape; `dequantize` already returns [rows, cols].
 llama.cpp's converter permutes the rows of q/k from HF's rotate-half RoPE layout (pairs
-i, i + D/2) to interleaved pairs (2i, 2i + 1); `unpermute_qk` undoes it, so the weights
-meet the same forward as HF safetensors.
+i, i + D/2) to interleaved pairs (2i, 2i + 1) for the `llama` architecture only;
+`unpermute_qk` undoes it, so the weights meet the same forward as HF safetensors. `qwen2`
+and `qwen3` files keep HF's layout (llama.cpp's converter and transformers' GGUF loader
+permute only `llama`; checked against transformers' loader in the tests).
 
 The tokenizer is rebuilt from the file's `tokenizer.ggml.*` metadata with the
 `tokenizers` library (byte-level BPE only, the `gpt2` kind llama.cpp writes for
@@ -24,7 +26,16 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from rocketkv_jax.models.config import ConfigError, ModelConfig
 
@@ -49,8 +60,16 @@ GGUF_LAYER_TO_HF = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# GGUF architecture -> (HF model_type, HF architecture class); `llama` q/k rows are permuted
+GGUF_ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
 
 # llama.cpp's pre-tokenizer names -> the split regex its merges were learned with.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -58,6 +77,8 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's split: Llama-3's with single digits (its tokenizer.json, NFC-normalized first)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3")
 # SmolLM, StarCoder & co. split every digit off before the GPT-2 regex (llama.cpp does the
 # same); their vocabularies have no multi-digit tokens, so this only keeps them honest.
@@ -109,19 +130,19 @@ def _f32(x: float) -> float:
 def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
     """An HF-style Llama `config.json` dict from the GGUF metadata."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(
-            f"unsupported GGUF architecture {arch!r}: rocketkv-jax converts only 'llama' GGUF files"
+            f"unsupported GGUF architecture {arch!r}: rocketkv-jax converts "
+            f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} GGUF files"
         )
+    model_type, hf_arch = GGUF_ARCHITECTURES[arch]
     tensor_names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in tensor_names:
         raise ConfigError(
             "this GGUF stores Llama-3.1 rope scaling as a rope_freqs tensor, which cannot be "
             "mapped back to rope_scaling parameters; convert the HF safetensors model instead"
         )
-    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ConfigError(f"unsupported GGUF rope scaling type {scaling!r}")
+    rope_scaling = gguf_rope_scaling(reader, arch)
 
     def get(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -145,8 +166,8 @@ def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     eos = list(dict.fromkeys(int(e) for e in eos if e is not None))
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_arch],
+        "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": intermediate,
@@ -163,7 +184,35 @@ def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
+    if rope_scaling is not None:
+        cfg["rope_scaling"] = rope_scaling
+    if model_type == "llama" and "blk.0.attn_q.bias" in tensor_names:
+        cfg["attention_bias"] = True  # a llama GGUF with biases has them on q, k, v and o
+    if model_type == "llama" and "blk.0.ffn_gate.bias" in tensor_names:
+        cfg["mlp_bias"] = True
     return cfg
+
+
+def gguf_rope_scaling(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
+    """`{arch}.rope.scaling.*` -> an HF rope_scaling dict, or None.
+
+    llama.cpp reads a `rope.scaling.factor` without a `rope.scaling.type` as linear, so
+    that is what it means here too; types other than none/linear are refused, never dropped.
+    """
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind in (None, "none") and factor is None:
+        return None
+    if kind == "none" or (kind is None and float(factor) == 1.0):
+        return None
+    if kind not in (None, "linear"):
+        raise ConfigError(
+            f"unsupported GGUF rope scaling type {kind!r} ({arch}.rope.scaling.type): only "
+            f"'linear' is implemented for GGUF files; convert the HF safetensors model instead"
+        )
+    if factor is None:
+        raise ConfigError(f"GGUF rope scaling type 'linear' has no {arch}.rope.scaling.factor")
+    return {"rope_type": "linear", "factor": _f32(factor)}
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -172,7 +221,7 @@ def gguf_to_hf_name(name: str) -> str | None:
         return GGUF_GLOBAL_TO_HF[name]
     m = _LAYER_NAME.fullmatch(name)
     if m and m.group(2) in GGUF_LAYER_TO_HF:
-        return f"model.layers.{m.group(1)}.{GGUF_LAYER_TO_HF[m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{GGUF_LAYER_TO_HF[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -186,7 +235,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def load_gguf(
     path: str | Path, dtype: str | np.dtype = "bfloat16", *, progress: bool = True
 ) -> tuple[Params, ModelConfig, dict[str, Any], dict[str, str]]:
-    """Read a Llama GGUF file.
+    """Read a Llama / Qwen2 / Qwen3 GGUF file.
 
     Returns (params, config, hf_config_dict, tokenizer_files); params are host numpy
     arrays in `dtype` with the layout of `config.param_shapes()`, tokenizer_files maps
@@ -224,6 +273,8 @@ def load_gguf(
             raise ConversionError(
                 f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}"
             ) from None
+        if config.model_type != "llama":  # only llama.cpp's `llama` converter permutes
+            return w
         if name.endswith("self_attn.q_proj.weight"):
             w = unpermute_qk(w, config.num_heads)
         elif name.endswith("self_attn.k_proj.weight"):
@@ -284,7 +335,13 @@ def build_tokenizer(reader: GGUFReader) -> Tokenizer:
     except Exception as e:  # tokenizers raises a bare Exception for a merge outside the vocab
         raise ConversionError(f"cannot build the tokenizer from the GGUF metadata: {e}") from None
     pre = _field(reader, "tokenizer.ggml.pre", "default")
-    if pre in _LLAMA3_PRES:
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif pre in _LLAMA3_PRES:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

