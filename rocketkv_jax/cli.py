@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--batch-file", type=Path,
                      help="many prompts: one per line, or JSON lines with a 'prompt' field")
     g.add_argument("--model", type=Path, default=None,
-                   help="converted checkpoint directory (default: embedded SmolLM2-135M)")
+                   help="checkpoint dir or a named model: smollm2 (default), qwen2.5-coder-0.5b")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template as a user turn")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
@@ -164,9 +164,9 @@ def cmd_generate(args) -> int:
     mesh = sharding.mesh_from_flag(args.mesh)
     shardings = None
     if mesh is not None:
-        from .model_store import default_checkpoint
+        from .model_store import resolve_model
 
-        shardings = sharding.checkpoint_shardings(args.model or default_checkpoint(), mesh)
+        shardings = sharding.checkpoint_shardings(resolve_model(args.model), mesh)
     model = load_model(args.model, shardings=shardings)
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
