@@ -4,10 +4,16 @@ The forward is a pure function of (params, config, tokens, positions, cache, pla
 KV method is passed in as a resolved plan with three pure functions (`compress` once
 after prefill, `append` and `attend` at every decode step); the model never branches on
 which method it is. Params and caches are stacked on a leading layer axis and the layers
-run in one loop (`lax.scan` at prefill, `lax.fori_loop` at decode), so compile time does
+run in one `lax.fori_loop`, so compile time does
 not grow with depth. At decode the stacked cache is the loop carry: each layer writes its
 new token into it in place and attends on its own slice, so a step reads the cache once
 instead of copying every layer in and out of the loop.
+
+Prefill runs the prompt one chunk at a time through every layer (one chunk of T unless
+`chunk` is given), writing each layer's keys and values into a prompt-sized buffer and
+attending blockwise over it (`kernels.prefill_attention`), so memory is O(T) and no
+[T, T] score matrix exists. The plan's `compress` then runs once per layer over the whole
+buffer, with the queries of each row's last tokens that stage-1 methods score with.
 
 Padding convention: prompts are right-padded; token t of a row sits at position t, and
 `lengths` [B] says how many tokens of each row are real.
@@ -20,6 +26,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from ..kernels.prefill_attention import prefill_attention
 from .config import ModelConfig
 from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
 from .rope import apply_rope, inverse_frequencies
@@ -31,9 +38,11 @@ class KVPlan(Protocol):
     """What the model needs from a KV-cache method (a resolved, hashable plan)."""
 
     capacity: int
+    query_window: int  # trailing queries per row that `compress` reads (0: none)
 
-    def compress(self, k, v, q, lengths):
-        """k, v: [B, K, T, D], q: [B, H, T, D] (RoPE applied), lengths: [B] -> cache."""
+    def compress(self, k, v, q_obs, lengths):
+        """k, v: [B, K, T, D]; q_obs: [B, H, query_window, D], the queries (RoPE applied)
+        of each row's last query_window tokens (`window_queries`); lengths: [B] -> cache."""
 
     def append(self, cache, k, v, position, layer):
         """k, v: [B, K, D], position: [B] -> the stacked cache (leading layer axis) with the
@@ -80,6 +89,36 @@ def _unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     return jnp.dot(x, head, preferred_element_type=jnp.float32)
 
 
+PREFILL_ATTENTION = ("auto", "reference", "interpret", "triton", "dense")
+
+
+def window_queries(q: jax.Array, lengths: jax.Array, width: int, q_start=0):
+    """The queries of each row's last `width` real tokens that lie in a block of queries.
+
+    q: [B, H, T, D] at positions q_start .. q_start + T - 1; lengths: [B]. Returns
+    (q_obs [B, H, width, D], present [B, width] bool): entry j is the query at position
+    lengths - width + j (clipped to 0 for rows shorter than `width`), where it is in the
+    block (`present`), else zeros.
+    """
+    B, H, T, D = q.shape
+    pos = jnp.maximum(lengths[:, None] - width + jnp.arange(width), 0)  # [B, w]
+    local = pos - q_start  # [B, w]
+    present = (local >= 0) & (local < T)
+    idx = jnp.clip(local, 0, T - 1)[:, None, :, None]  # [B, 1, w, 1]
+    q_obs = jnp.take_along_axis(q, idx, axis=2)  # [B, H, w, D]
+    return jnp.where(present[:, None, :, None], q_obs, 0), present
+
+
+def prefill_chunk_size(T: int, chunk: int | None) -> int:
+    """The chunk length a prefill of T (bucketed) tokens runs with: `chunk`, or T when
+    chunking is off (None) or the prompt fits one chunk."""
+    if chunk is None or chunk >= T:
+        return T
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"prefill chunk must be a positive int or None, got {chunk!r}")
+    return chunk
+
+
 def forward_prefill(
     params: Params,
     config: ModelConfig,
@@ -88,33 +127,94 @@ def forward_prefill(
     plan: KVPlan,
     *,
     all_logits: bool = True,
+    chunk: int | None = None,
+    attention: str = "auto",
+    on_chunk: Any = None,
 ) -> tuple[jax.Array, Any]:
     """Run the prompt through the model and build the (compressed) KV cache.
 
     tokens: [B, T] int32, right-padded; lengths: [B] int32 real tokens per row (>= 1).
+    chunk: tokens per prefill chunk (static). The prompt runs through all layers one
+      chunk at a time, each chunk attending to the keys built so far, so activations are
+      O(chunk) and attention never holds a [T, T] matrix; None runs one chunk of T.
+    attention: the prefill attention backend (`kernels.backend`: "auto", "reference",
+      "interpret", "triton"), or "dense" for the materialised [B, H, T, T] softmax (kept as
+      the baseline of benchmarks and tests).
+    on_chunk: a function of the traced chunk index, called inside the chunk loop (the CLI
+      reports progress through an io_callback there).
     Returns (logits, cache): logits [B, T, V] float32 when `all_logits`, else the
     logits of each row's last real token [B, V]; cache: the plan's cache pytree with a
-    leading layer axis, after the plan's `compress`.
+    leading layer axis, from `plan.compress` on every layer's prompt keys and values and
+    the queries of each row's last `plan.query_window` tokens.
     """
+    if attention not in PREFILL_ATTENTION:
+        raise ValueError(f"unknown prefill attention {attention!r}; expected one of "
+                         f"{', '.join(PREFILL_ATTENTION)}")
     B, T = tokens.shape
+    Ly, H, K, D = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+    C = prefill_chunk_size(T, chunk)
+    n_chunks = -(-T // C)
+    Tp = n_chunks * C
+    W = getattr(plan, "query_window", 0)
     inv_freq = inverse_frequencies(config)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))  # [B, T]
-    key_pos = jnp.where(positions < lengths[:, None], positions, -1)  # [B, T]
-    mask = attention_mask(positions, key_pos, config.sliding_window)[:, None]  # [B, 1, T, T]
-    x = params["embed"][tokens]  # [B, T, E]
+    tokens = jnp.pad(tokens, ((0, 0), (0, Tp - T)))
+    dtype = params["embed"].dtype
+    lengths = lengths.astype(jnp.int32)
 
-    def layer(x, p):
-        h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-        q, k, v = _project_qkv(p, config, h, positions, inv_freq)
-        attn = dense_attention(q, k, v, mask)  # [B, H, T, D]
-        cache = plan.compress(k, v, q, lengths)
-        attn = attn.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H*D]
-        x = x + attn @ p["wo"]
-        return _mlp_block(p, config, x), cache
+    def attend(q, k_all, v_all, start):
+        if attention == "dense":  # the [B, H, C, Tp] baseline
+            q_pos = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+            key_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :]
+            key_pos = jnp.where(key_pos < lengths[:, None], key_pos, -1)  # [B, Tp]
+            mask = attention_mask(q_pos, key_pos, config.sliding_window)[:, None]
+            return dense_attention(q, k_all, v_all, mask)
+        return prefill_attention(q, k_all, v_all, lengths, start,
+                                 sliding_window=config.sliding_window, backend=attention)
 
-    x, cache = jax.lax.scan(layer, x, params["layers"])
-    if not all_logits:
-        x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, E]
+    def chunk_step(c, carry):
+        k_buf, v_buf, q_obs, x_last, x_all = carry
+        start = c * C
+        if on_chunk is not None:
+            on_chunk(c)
+        positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+        x = params["embed"][jax.lax.dynamic_slice_in_dim(tokens, start, C, axis=1)]  # [B, C, E]
+
+        def layer(i, lc):
+            x, k_buf, v_buf, q_obs = lc
+            p = jax.tree.map(lambda a: a[i], params["layers"])
+            h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+            q, k, v = _project_qkv(p, config, h, positions, inv_freq)
+            k_buf = jax.lax.dynamic_update_slice(k_buf, k[None].astype(dtype), (i, 0, 0, start, 0))
+            v_buf = jax.lax.dynamic_update_slice(v_buf, v[None].astype(dtype), (i, 0, 0, start, 0))
+            attn = attend(q, k_buf[i], v_buf[i], start)  # [B, H, C, D]
+            if W:
+                qw, present = window_queries(q, lengths, W, start)  # [B, H, W, D], [B, W]
+                q_obs = q_obs.at[i].set(jnp.where(present[:, None, :, None], qw, q_obs[i]))
+            attn = attn.transpose(0, 2, 1, 3).reshape(B, C, H * D)  # [B, C, H*D]
+            x = x + attn @ p["wo"]
+            return _mlp_block(p, config, x), k_buf, v_buf, q_obs
+
+        x, k_buf, v_buf, q_obs = jax.lax.fori_loop(0, Ly, layer, (x, k_buf, v_buf, q_obs))
+        if all_logits:
+            x_all = jax.lax.dynamic_update_slice_in_dim(x_all, x, start, axis=1)
+        last = lengths - 1 - start  # [B]
+        here = (last >= 0) & (last < C)
+        x_row = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
+        x_last = jnp.where(here[:, None], x_row, x_last)  # [B, E]
+        return k_buf, v_buf, q_obs, x_last, x_all
+
+    E = config.hidden_size
+    init = (
+        jnp.zeros((Ly, B, K, Tp, D), dtype),  # every layer's prompt keys, filled by chunk
+        jnp.zeros((Ly, B, K, Tp, D), dtype),
+        jnp.zeros((Ly, B, H, W, D), dtype),  # each row's observation-window queries
+        jnp.zeros((B, E), dtype),  # hidden state of each row's last real token
+        jnp.zeros((B, Tp if all_logits else 0, E), dtype),
+    )
+    k_buf, v_buf, q_obs, x_last, x_all = jax.lax.fori_loop(0, n_chunks, chunk_step, init)
+    k_buf, v_buf = k_buf[:, :, :, :T], v_buf[:, :, :, :T]
+    cache = jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), (k_buf, v_buf, q_obs))
+    x = x_all[:, :T] if all_logits else x_last
     return _unembed(params, config, x), cache
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .generate import GREEDY, _compiled, _params_struct, make_decode_step
+from .methods.base import STORED_QUERY_WINDOW
 from .models.config import ModelConfig, RopeScaling
 from .models.llama import forward_prefill
 from .models.params import random_params
@@ -161,6 +162,7 @@ class CapturePlan:
     returns them stacked over layers, for `compress_cache` to compress per method."""
 
     capacity: int = 0
+    query_window: int = STORED_QUERY_WINDOW
 
     def compress(self, k, v, q, lengths):
         return k, v, q
@@ -168,9 +170,9 @@ class CapturePlan:
 
 @dataclasses.dataclass
 class Capture:
-    """Every layer's prefill keys, values and queries (RoPE applied).
+    """Every layer's prefill keys, values and window queries (RoPE applied).
 
-    k, v: [Ly, B, K, T, D]; q: [Ly, B, H, T, D]; lengths: [B] int32.
+    k, v: [Ly, B, K, T, D]; q: [Ly, B, H, W, D], each row's last W queries; lengths: [B].
     mode: "model" (the real forward) or "synthetic" (standard normal stand-ins).
     """
 
@@ -282,7 +284,8 @@ def synthetic_capture(config: ModelConfig, T: int, B: int, seed: int = 0) -> Cap
     kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
     k = jax.random.normal(kk, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
     v = jax.random.normal(kv, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
-    q = jax.random.normal(kq, (Ly, B, H, T, D), jnp.float32)  # [Ly, B, H, T, D]
+    W = STORED_QUERY_WINDOW
+    q = jax.random.normal(kq, (Ly, B, H, W, D), jnp.float32)  # [Ly, B, H, W, D]
     return Capture(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32),
                    "synthetic")
 

@@ -26,11 +26,13 @@ import numpy as np
 from jax.experimental import io_callback
 
 from . import sharding as shd
+from .methods.base import STORED_QUERY_WINDOW
 from .models.config import ModelConfig
-from .models.llama import forward_decode, forward_prefill
+from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
 from .sampling import Sampling, sample
 
 GREEDY = Sampling()
+DEFAULT_PREFILL_CHUNK = 4096  # prompt tokens per prefill chunk (benchmarks/prefill.py)
 
 
 class GenerateError(ValueError):
@@ -57,7 +59,7 @@ def batch_bucket(n: int) -> int:
 # ---------------------------------------------------------------- host streaming
 # The callback runs on an XLA runtime thread, so the active sink is a process global;
 # a lock keeps two concurrent generate calls from interleaving their streams.
-_sink = types.SimpleNamespace(fn=None)
+_sink = types.SimpleNamespace(fn=None, chunk=None)
 _sink_lock = threading.Lock()
 
 
@@ -68,18 +70,31 @@ def _emit(step, tokens, done):
         fn(int(step), np.asarray(tokens), np.asarray(done))
 
 
+def _emit_chunk(c):
+    """Host side of the per-chunk prefill io_callback (progress)."""
+    fn = _sink.chunk
+    if fn is not None:
+        fn(int(c))
+
+
+def _chunk_done(c):
+    io_callback(_emit_chunk, None, c, ordered=True)
+
+
 def _stream(step, tokens, done, mesh=None):
     tokens, done = shd.replicate((tokens, done), mesh)  # the host reads whole rows
     io_callback(_emit, None, step, tokens, done, ordered=True)
 
 
 # ------------------------------------------------------------------- the program
-def _generate_program(params, tokens, lengths, key, *, config, plan, mesh=None, **loop):
+def _generate_program(params, tokens, lengths, key, *, config, plan, prefill_chunk=None,
+                      mesh=None, **loop):
     """tokens [B, T] int32 right-padded, lengths [B] -> (out [B, N] int32, n_generated [B]).
 
     Row b's output stops after its first stop id (included) and is padded with pad_id.
     """
-    logits, cache = forward_prefill(params, config, tokens, lengths, plan, all_logits=False)
+    logits, cache = forward_prefill(params, config, tokens, lengths, plan, all_logits=False,
+                                    chunk=prefill_chunk, on_chunk=_chunk_done)
     return _decode_loop(params, logits, cache, lengths, key, config=config, plan=plan,
                         mesh=mesh, **loop)
 
@@ -132,6 +147,11 @@ class GenerateStats:
     kv_cache_bytes: int
     batch: int
     prompt_bucket: int
+    prefill_chunk: int = 0  # tokens per prefill chunk (the bucket when not chunked)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -141,7 +161,8 @@ class GenerateStats:
     def summary(self) -> str:
         return (
             f"[stats] prompt tokens: {self.prompt_tokens} | generated tokens: "
-            f"{self.generated_tokens} | prefill: {self.prefill_s:.3f} s | decode: "
+            f"{self.generated_tokens} | prefill: {self.prefill_s:.3f} s "
+            f"({self.prefill_tokens_per_s:.0f} tok/s) | decode: "
             f"{self.decode_tokens_per_s:.1f} tok/s | compile: {self.compile_s:.1f} s | "
             f"KV cache: {_fmt_bytes(self.kv_cache_bytes)}"
         )
@@ -162,10 +183,11 @@ def _fmt_bytes(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config, plan, B, T, N, sampling, stop_ids, pad_id, params_struct, mesh=None):
+def _compiled(config, plan, B, T, N, sampling, stop_ids, pad_id, params_struct, mesh=None,
+              prefill_chunk=None):
     fn = functools.partial(
         _generate_program, config=config, plan=plan, max_new_tokens=N, sampling=sampling,
-        stop_ids=stop_ids, pad_id=pad_id, mesh=mesh,
+        stop_ids=stop_ids, pad_id=pad_id, mesh=mesh, prefill_chunk=prefill_chunk,
     )
     params_abstract = jax.tree.unflatten(params_struct[0], params_struct[1])
     tok_s, len_s, key_s = (None,) * 3 if mesh is None else (
@@ -233,6 +255,8 @@ def generate_ids(
     pad_id: int = 0,
     on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     mesh=None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    on_prefill_chunk: Callable[[int, int], None] | None = None,
 ) -> GenerateOutput:
     """Generate for a batch of token-id prompts of any lengths (one compiled program).
 
@@ -241,28 +265,37 @@ def generate_ids(
     on_step(step, tokens [B], done [B]) is called on the host as tokens are produced.
     mesh: a `sharding.make_mesh` mesh to run on (batch over "data", heads over "model");
     params not yet laid out on it are moved there by `sharding.PARAM_RULES`.
+    prefill_chunk: prompt tokens per prefill chunk (None: the whole prompt at once); a
+    prompt longer than one chunk is padded to a whole number of chunks, so every prompt
+    of n chunks shares one program. on_prefill_chunk(done, total) is called on the host
+    as each chunk finishes.
     """
     check_request(config, prompts, max_new_tokens)
+    check_prefill_chunk(prefill_chunk)
     stop = _stop_tuple(config, stop_ids)
     n = len(prompts)
-    tokens, lengths = _pack(config, prompts, max_new_tokens, pad_id, mesh)
+    tokens, lengths = _pack(config, prompts, max_new_tokens, pad_id, mesh, prefill_chunk)
     B, T = tokens.shape
     plan = method.plan(config, T, max_new_tokens)
     if mesh is not None:
         shd.check_mesh(config, mesh, B)
         params = shd.place_params(params, config, mesh)
+    chunk = prefill_chunk_size(T, prefill_chunk)
     compiled, compile_s = _compiled(
-        config, plan, B, T, max_new_tokens, sampling, stop, pad_id, _params_struct(params), mesh
+        config, plan, B, T, max_new_tokens, sampling, stop, pad_id, _params_struct(params), mesh,
+        chunk,
     )
     if mesh is None:
         args = (jnp.asarray(tokens), jnp.asarray(lengths), _key(seed))
     else:
         args = (shd.put_batch(tokens, mesh), shd.put_batch(lengths, mesh),
                 shd.put_replicated(_key(seed), mesh))
+    on_chunk = None if on_prefill_chunk is None else (
+        lambda c, total=-(-T // chunk): on_prefill_chunk(c + 1, total))
     return _run(compiled, (params, *args), n, lengths, on_step, GenerateStats(
         prompt_tokens=int(lengths[:n].sum()), generated_tokens=0, compile_s=compile_s,
         prefill_s=0.0, decode_s=0.0, kv_cache_bytes=kv_cache_bytes(params, config, plan, B, T),
-        batch=n, prompt_bucket=T))
+        batch=n, prompt_bucket=T, prefill_chunk=chunk), on_chunk)
 
 
 def _stop_tuple(config: ModelConfig, stop_ids) -> tuple[int, ...]:
@@ -273,12 +306,30 @@ def _key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
-def _pack(config, prompts, max_new_tokens, pad_id, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+def check_prefill_chunk(prefill_chunk) -> None:
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(
+            prefill_chunk, int) or prefill_chunk < 16):
+        raise GenerateError(
+            f"prefill_chunk must be an int >= 16 (tokens per prefill chunk) or None, got "
+            f"{prefill_chunk!r}")
+
+
+def prompt_bucket(n: int, limit: int, prefill_chunk: int | None) -> int:
+    """Padded prompt length for a longest prompt of n tokens: a `length_bucket`, or a whole
+    number of chunks once the prompt is longer than one chunk."""
+    T = length_bucket(n, limit=limit)
+    if prefill_chunk is not None and T > prefill_chunk:
+        T = max(n, min(-(-n // prefill_chunk) * prefill_chunk, limit))
+    return T
+
+
+def _pack(config, prompts, max_new_tokens, pad_id, mesh=None,
+          prefill_chunk=None) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad prompts into buckets: tokens [B, T] int32, lengths [B] int32. Padding
     rows (up to the batch bucket) repeat row 0 and are dropped from the results."""
     B = shd.round_batch(batch_bucket(len(prompts)), mesh)  # a multiple of the data axis
-    T = length_bucket(max(map(len, prompts)),
-                      limit=config.max_position_embeddings - max_new_tokens)
+    T = prompt_bucket(max(map(len, prompts)), config.max_position_embeddings - max_new_tokens,
+                      prefill_chunk)
     tokens = np.full((B, T), pad_id, np.int32)
     lengths = np.ones((B,), np.int32)
     for i, p in enumerate(list(prompts) + [prompts[0]] * (B - len(prompts))):
@@ -287,7 +338,8 @@ def _pack(config, prompts, max_new_tokens, pad_id, mesh=None) -> tuple[np.ndarra
     return tokens, lengths
 
 
-def _run(compiled, args, n, lengths, on_step, stats: GenerateStats) -> GenerateOutput:
+def _run(compiled, args, n, lengths, on_step, stats: GenerateStats,
+         on_chunk=None) -> GenerateOutput:
     """Run a compiled generate program with the host stream attached; fill in timings."""
     times: list[float] = []
 
@@ -297,14 +349,14 @@ def _run(compiled, args, n, lengths, on_step, stats: GenerateStats) -> GenerateO
             on_step(step, toks[:n], done[:n])
 
     with _sink_lock:
-        _sink.fn = sink
+        _sink.fn, _sink.chunk = sink, on_chunk
         try:
             t0 = time.perf_counter()
             out, n_gen = compiled(*args)
             out, n_gen = np.asarray(out), np.asarray(n_gen)
             t_end = time.perf_counter()
         finally:
-            _sink.fn = None
+            _sink.fn = _sink.chunk = None
     stats.prefill_s = stats.prefill_s + ((times[0] - t0) if times else t_end - t0)
     stats.decode_s = (t_end - times[0]) if times else 0.0
     stats.generated_tokens = int(n_gen[:n].sum())
@@ -314,10 +366,11 @@ def _run(compiled, args, n, lengths, on_step, stats: GenerateStats) -> GenerateO
 # ------------------------------------------------------------ one prefill, many methods
 @dataclasses.dataclass(frozen=True)
 class _KeepRaw:
-    """A plan whose `compress` keeps each layer's raw prompt k, v and q, so several
-    methods can compress the same dense prefill later."""
+    """A plan whose `compress` keeps each layer's raw prompt k, v and its rows' last
+    STORED_QUERY_WINDOW queries, so several methods can compress the same prefill later."""
 
     capacity: int
+    query_window: int = STORED_QUERY_WINDOW
 
     def compress(self, k, v, q, lengths):
         return k, v, q
@@ -339,22 +392,25 @@ def _compiled_from_prefill(config, plan, N, sampling, stop_ids, pad_id, arg_stru
 
 
 class SharedPrefill:
-    """Prefill a batch once (dense, as every method's prefill is), then generate from it
-    with several methods: what `generate_ids` would give, at one prefill's cost.
+    """Prefill a batch once (as every method's prefill is), then generate from it with
+    several methods: what `generate_ids` would give, at one prefill's cost.
 
-    Holds each layer's prompt k, v [Ly, B, K, T, D] and q [Ly, B, H, T, D] in memory.
-    Used by the evaluation, which runs many (method, budget) pairs on the same prompts.
+    Holds each layer's prompt k, v [Ly, B, K, T, D] and each row's last
+    STORED_QUERY_WINDOW queries [Ly, B, H, W, D] in memory. Used by the evaluation, which
+    runs many (method, budget) pairs on the same prompts.
     """
 
     def __init__(self, params, config: ModelConfig, prompts, *, max_new_tokens: int,
-                 pad_id: int = 0):
+                 pad_id: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         check_request(config, prompts, max_new_tokens)
+        check_prefill_chunk(prefill_chunk)
         self.params, self.config, self.n = params, config, len(prompts)
         self.max_new_tokens, self.pad_id = max_new_tokens, pad_id
-        self.tokens, self.lengths = _pack(config, prompts, max_new_tokens, pad_id)
+        self.tokens, self.lengths = _pack(config, prompts, max_new_tokens, pad_id,
+                                          prefill_chunk=prefill_chunk)
         B, T = self.tokens.shape
         prefill = jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, _KeepRaw(T),
-                                                          all_logits=False))
+                                                          all_logits=False, chunk=prefill_chunk))
         t0 = time.perf_counter()
         self.logits, self.states = prefill(params, jnp.asarray(self.tokens),
                                            jnp.asarray(self.lengths))
@@ -379,9 +435,10 @@ class SharedPrefill:
 
 
 # ------------------------------------------------------- step-wise API (bench, eval)
-def make_prefill(config: ModelConfig, plan):
+def make_prefill(config: ModelConfig, plan, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
     """jitted (params, tokens [B, T], lengths [B]) -> (last logits [B, V], cache)."""
-    return jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, plan, all_logits=False))
+    return jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, plan, all_logits=False,
+                                                   chunk=prefill_chunk))
 
 
 def make_decode_step(config: ModelConfig, plan):

@@ -17,6 +17,9 @@ from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
 from .dense import dense_decode_attention, keep_all
 
 CAPACITY_MULTIPLE = 16  # cache capacities are multiples of 16 (and of the page size)
+# Trailing queries kept per row by the plans that store a raw prefill to compress later
+# with several methods (SharedPrefill, the benchmarks): any stage-1 window up to this.
+STORED_QUERY_WINDOW = 128
 
 
 class MethodConfigError(ValueError):
@@ -79,6 +82,8 @@ class AppendsTokens:
     """Plan mixin: `append` writes the new token at slot `length` and keeps its page's
     max/min current (what every method does at decode)."""
 
+    query_window = 0  # trailing queries `compress` reads; stage-1 plans read their window
+
     def append(self, cache: KVCache, k, v, position, layer=None) -> KVCache:
         """k, v [B, K, D]; position [B] -> cache with the token written (into `layer` of
         a stacked cache when given; see `append_token`)."""
@@ -92,7 +97,7 @@ class KeepsEveryToken(AppendsTokens):
     metadata_page_size = 0
 
     def compress(self, k, v, q, lengths) -> KVCache:
-        """Keep every prompt token. k, v [B, K, T, D]; q [B, H, T, D]; lengths [B]."""
+        """Keep every prompt token. k, v [B, K, T, D]; lengths [B] (q unused)."""
         keep = keep_all(lengths, k.shape[1], k.shape[2])  # [B, K, T]
         return cache_from_prompt(k, v, keep, lengths, self.capacity, self.metadata_page_size)
 

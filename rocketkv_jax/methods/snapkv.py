@@ -47,8 +47,14 @@ class PromptEvictionPlan(AppendsTokens):
     pool: str
     sliding_window: int | None = None  # the model's (Mistral): stage 1 scores within it
 
+    @property
+    def query_window(self) -> int:
+        """Stage 1 scores with each row's last `window` queries."""
+        return self.window
+
     def compress(self, k, v, q, lengths) -> KVCache:
-        """k, v [B, K, T, D]; q [B, H, T, D]; lengths [B] -> cache of the kept tokens."""
+        """k, v [B, K, T, D]; q [B, H, window, D], each row's last queries; lengths [B]
+        -> cache of the kept tokens."""
         return compress_prompt(
             k, v, q, lengths, budget=self.prompt_budget, window=self.window,
             kernel_size=self.kernel_size, pool=self.pool, capacity=self.capacity,

@@ -41,23 +41,28 @@ def resolve_pool_kernel(kernel_size: int, span: int) -> int:
 
 
 def observation_scores(
-    k: jax.Array, q: jax.Array, lengths: jax.Array, window: int,
+    k: jax.Array, q_obs: jax.Array, lengths: jax.Array, window: int,
     sliding_window: int | None = None,
 ) -> jax.Array:
     """Attention mass each prompt token receives from its row's observation window.
 
-    k: [B, K, T, D], q: [B, H, T, D] (RoPE applied); lengths: [B] int32 (>= window for rows
-    that get compressed). Returns float32 [B, K, T]: the softmax probabilities of the window
-    queries (positions lengths - window .. lengths - 1, causal inside the window) summed over
-    the window queries and the G heads of each group, for tokens t < lengths - window; 0 for
-    the window itself and the padding. With `sliding_window` W the window queries see only
+    k: [B, K, T, D]; q_obs: [B, H, W, D] (RoPE applied, W >= window), the queries of each
+    row's last W tokens (`models.llama.window_queries`), of which the last `window` are
+    the observation window; lengths: [B] int32 (>= window for rows that get compressed).
+    Only these w queries are scored, so this costs [B, K, G, w, T], never [T, T].
+    Returns float32 [B, K, T]: the softmax probabilities of the window queries (positions
+    lengths - window .. lengths - 1, causal inside the window) summed over the window
+    queries and the G heads of each group, for tokens t < lengths - window; 0 for the
+    window itself and the padding. With `sliding_window` W the window queries see only
     keys within W of them, as the model's attention does.
     """
     B, K, T, D = k.shape
-    G = q.shape[1] // K
+    G = q_obs.shape[1] // K
+    if q_obs.shape[2] < window:
+        raise ValueError(f"stage 1 needs the last {window} queries, got {q_obs.shape[2]}")
     start = lengths - window  # [B]
     q_pos = start[:, None] + jnp.arange(window)  # [B, w]
-    q_obs = jnp.take_along_axis(q, jnp.clip(q_pos, 0, T - 1)[:, None, :, None], axis=2)
+    q_obs = q_obs[:, :, q_obs.shape[2] - window:]  # [B, H, w, D]
     q_obs = q_obs.reshape(B, K, G, window, D).astype(jnp.float32)  # [B, K, G, w, D]
     logits = jnp.einsum(
         "bkgwd,bktd->bkgwt", q_obs, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
@@ -106,7 +111,8 @@ def select_prompt_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """Indices of the prompt tokens stage 1 keeps.
 
-    k: [B, K, T, D], q: [B, H, T, D], lengths: [B] int32. Static: budget (prompt tokens
+    k: [B, K, T, D], q: [B, H, W, D] the last W >= window queries of each row (see
+    `observation_scores`), lengths: [B] int32. Static: budget (prompt tokens
     kept per row, window <= budget < T), window, kernel_size (already resolved), pool.
     Returns (keep [B, K, budget] int32 ascending, keep_length [B] int32 =
     min(lengths, budget)). Rows with lengths <= budget keep 0 .. lengths - 1 (entries from
@@ -152,7 +158,8 @@ def compress_prompt(
     page_size: int = 0,
     sliding_window: int | None = None,
 ) -> KVCache:
-    """Stage 1 into a fresh cache. k, v [B, K, T, D]; q [B, H, T, D]; lengths [B].
+    """Stage 1 into a fresh cache. k, v [B, K, T, D]; q [B, H, W, D] each row's last
+    W >= window queries; lengths [B].
 
     When the static prompt length T <= budget nothing can be evicted and every token is
     kept. Returns a KVCache of `capacity` slots (page metadata when page_size > 0).

@@ -146,8 +146,14 @@ class TwoStagePlan(AppendsTokens):
         """Page size of the cache's max/min metadata (0: none, page 1 reads the keys)."""
         return 0 if self.page_size == 1 or self.stage2_dense else self.page_size
 
+    @property
+    def query_window(self) -> int:
+        """Stage 1 scores with each row's last `window` queries."""
+        return self.window
+
     def compress(self, k, v, q, lengths) -> KVCache:
-        """k, v [B, K, T, D]; q [B, H, T, D]; lengths [B] -> cache (+ page metadata)."""
+        """k, v [B, K, T, D]; q [B, H, window, D], each row's last queries; lengths [B]
+        -> cache (+ page metadata)."""
         return compress_prompt(
             k, v, q, lengths, budget=self.prompt_budget, window=self.window,
             kernel_size=self.kernel_size, pool="max", capacity=self.capacity,

@@ -16,6 +16,7 @@ from rocketkv_jax.methods import (
     make_method,
 )
 from rocketkv_jax.models.config import ModelConfig
+from rocketkv_jax.models.llama import window_queries
 
 D = 16
 K = 2
@@ -140,7 +141,9 @@ def check_stage1(name, G, T, window, budget, dtype, sliding_window=None):
     kernel = ref_pool_kernel(default_kernel, T, window)
     assert plan.kernel_size == kernel
     assert plan.capacity % 16 == 0 and plan.capacity >= budget + N
-    cache = jax.jit(plan.compress)(k, v, q, jnp.asarray(lengths, jnp.int32))
+    lengths_j = jnp.asarray(lengths, jnp.int32)
+    q_obs, _ = window_queries(q, lengths_j, plan.query_window)  # what the model passes
+    cache = jax.jit(plan.compress)(k, v, q_obs, lengths_j)
     pos = np.asarray(cache.pos)
     np.testing.assert_array_equal(np.asarray(cache.length), np.minimum(lengths, budget))
     pool = "avg" if name == "snapkv" else "max"
@@ -173,7 +176,8 @@ def test_stage1_ties_go_to_lower_index():
     k = jnp.ones((B, K, T, D))
     q = jnp.ones((B, K * G, T, D))
     plan = make_method("snapkv++", budget, window=window).plan(config(G), T, 2)
-    cache = plan.compress(k, k, q, jnp.array([T], jnp.int32))
+    n = jnp.array([T], jnp.int32)
+    cache = plan.compress(k, k, window_queries(q, n, plan.query_window)[0], n)
     want = list(range(budget - window)) + list(range(T - window, T))
     for kv in range(K):
         assert np.asarray(cache.pos[0, kv, :budget]).tolist() == want
@@ -183,7 +187,8 @@ def test_stage1_short_static_prompt_keeps_all():
     G, T = 2, 20
     k, v, q, *_ = random_prompt(0, 2, G, T, jnp.float32)
     plan = make_method("snapkv++", 24, window=8).plan(config(G), T, 8)
-    cache = plan.compress(k, v, q, jnp.array([T, 11], jnp.int32))
+    n = jnp.array([T, 11], jnp.int32)
+    cache = plan.compress(k, v, window_queries(q, n, plan.query_window)[0], n)
     np.testing.assert_array_equal(np.asarray(cache.length), [T, 11])
     np.testing.assert_array_equal(np.asarray(cache.pos[1, 0, :12]), list(range(11)) + [-1])
 

@@ -17,6 +17,7 @@ from rocketkv_jax.methods.sparse_ops import approx_scores
 from rocketkv_jax.methods.stage2 import group_queries, hybrid_select, select_channels
 from rocketkv_jax.methods.topk import topk_select
 from rocketkv_jax.models.config import ModelConfig
+from rocketkv_jax.models.llama import window_queries
 
 D = 16
 K = 2
@@ -40,8 +41,9 @@ def build(plan, seed, G, T, lengths, n_append, dtype):
     def rand(*shape):
         return jnp.asarray(rng.standard_normal(shape) * 1.5, dtype)
 
-    cache = jax.jit(plan.compress)(rand(B, K, T, D), rand(B, K, T, D), rand(B, H, T, D),
-                                   jnp.asarray(lengths, jnp.int32))
+    n = jnp.asarray(lengths, jnp.int32)
+    q_obs, _ = window_queries(rand(B, H, T, D), n, getattr(plan, "query_window", 0))
+    cache = jax.jit(plan.compress)(rand(B, K, T, D), rand(B, K, T, D), q_obs, n)
     first_new = np.asarray(cache.pos).max(axis=(1, 2)) + 1  # [B]
     append = jax.jit(plan.append)
     for i in range(n_append):
