@@ -22,8 +22,13 @@ GENERATE_HELP = """Generate text with SmolLM2 (embedded, the default) or a conve
 The prompt comes from --prompt, --prompt-file, or standard input. With one prompt, tokens
 are streamed to stdout as they are produced; with --batch-file, prompts (one per line, or
 JSON lines with a "prompt" field) run as batches and one JSON line per prompt is printed.
-A statistics line (prompt/generated tokens, prefill time, decode tokens/s, compile time,
-KV cache bytes) is printed to stderr at the end."""
+A long prompt is prefilled in chunks of --prefill-chunk tokens with a progress bar on
+stderr. A statistics line (prompt/generated tokens, prefill time and tokens/s, decode
+tokens/s, compile time, KV cache bytes) is printed to stderr at the end.
+
+Compiled programs are kept in JAX's persistent compilation cache, so a second run with the
+same shapes does not recompile: $ROCKETKV_JAX_COMPILE_CACHE (default:
+~/.cache/rocketkv-jax/jax-compile); set ROCKETKV_JAX_COMPILE_CACHE=off to disable it."""
 
 
 class UserError(Exception):
@@ -79,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--batch-file)")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    g.add_argument(
+        "--prefill-chunk", type=int, default=None, metavar="TOKENS",
+        help="prompt tokens per prefill chunk: memory stays O(chunk) for activations and a "
+        "prompt of n chunks compiles once for any length in it; 0 = the whole prompt in one "
+        "pass (default: 4096)",
+    )
     g.add_argument(
         "--mesh", default=None, metavar="SPEC",
         help="run on several devices, e.g. data=2,model=2: batch over 'data', attention "
@@ -150,12 +161,17 @@ def make_method_from_args(args):
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate_ids
+    from .generate import DEFAULT_PREFILL_CHUNK, generate_ids
     from .model_store import load_model
     from .sampling import Sampling
 
     prompts, batch_mode = _read_prompts(args)
     method = make_method_from_args(args)
+    chunk = DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
+    if chunk != 0 and chunk < 16:
+        raise UserError(f"--prefill-chunk must be 0 (off) or >= 16 tokens, got {chunk}")
+    chunk = chunk or None
+    enable_compilation_cache()
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
@@ -178,11 +194,12 @@ def cmd_generate(args) -> int:
             if (i := tok.token_id(t)) is not None:
                 stop.add(i)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                  stop_ids=sorted(stop), mesh=mesh)
+                  stop_ids=sorted(stop), mesh=mesh, prefill_chunk=chunk)
     if not batch_mode:
         streamer = None if args.no_stream else _Streamer(tok, stop)
-        out = generate_ids(model.params, model.config, ids, method,
-                           on_step=streamer, **common)
+        with _PrefillBar() as bar:
+            out = generate_ids(model.params, model.config, ids, method,
+                               on_step=streamer, on_prefill_chunk=bar, **common)
         text = tok.decode([t for t in out.tokens[0] if t not in stop])
         if streamer is None:
             print(text, flush=True)
@@ -214,6 +231,54 @@ def cmd_eval(args) -> int:
                                            batch_size=getattr(args, "batch_size", 8))
     return run_eval_command(args, gen, model.tokenizer, forced, greedy,
                             max_context_length=model.config.max_position_embeddings)
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in a user cache directory
+    ($ROCKETKV_JAX_COMPILE_CACHE, "off" disables it). Returns the directory or None."""
+    import os
+
+    import jax
+
+    where = os.environ.get("ROCKETKV_JAX_COMPILE_CACHE", "")
+    if where.lower() in ("off", "0", "none", "false"):
+        return None
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "rocketkv-jax", "jax-compile")
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError as e:
+        print(f"warning: compilation cache disabled ({where}: {e.strerror})", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return where
+
+
+class _PrefillBar:
+    """A tqdm bar over prefill chunks on stderr, shown only when there are several."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < 2:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="prefill", unit="chunk", file=sys.stderr,
+                            leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _Streamer:
