@@ -252,7 +252,7 @@ def enable_compilation_cache() -> str | None:
         print(f"warning: compilation cache disabled ({where}: {e.strerror})", file=sys.stderr)
         return None
     jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return where
 
