@@ -84,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--batch-file)")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    from .generate import DEFAULT_PREFILL_CHUNK
+
     g.add_argument(
         "--prefill-chunk", type=int, default=None, metavar="TOKENS",
         help="prompt tokens per prefill chunk: memory stays O(chunk) for activations and a "
         "prompt of n chunks compiles once for any length in it; 0 = the whole prompt in one "
-        "pass (default: 4096)",
+        f"pass (default: {DEFAULT_PREFILL_CHUNK})",
     )
     g.add_argument(
         "--mesh", default=None, metavar="SPEC",
