@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    m = sub.add_parser(
+        "models", help="list the named models (context, installed, cached)",
+        description="List the named models --model accepts: context length, whether their "
+        "wheels are installed, and whether they are already converted into the user cache "
+        "($ROCKETKV_JAX_CACHE or ~/.cache/rocketkv_jax). A model that is not installed is "
+        "listed with its pip line.",
+    )
+    m.add_argument("--json", action="store_true", help="one JSON object per model")
+    m.set_defaults(func=cmd_models)
     return parser
 
 
@@ -188,6 +197,7 @@ def cmd_generate(args) -> int:
     model = load_model(args.model, shardings=shardings)
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
+    _check_vocab(ids, model.config.vocab_size, model.path)
     stop = set(model.config.eos_token_ids)
     if tok.eos_token_id is not None:
         stop.add(tok.eos_token_id)
@@ -222,6 +232,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_vocab(ids: list[list[int]], vocab_size: int, path) -> None:
+    """The tokenizer may know more tokens than the model (added tokens): refuse rather
+    than let the embedding gather clamp them."""
+    for i, row in enumerate(ids):
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise UserError(
+                f"prompt {i}: the tokenizer produced token id {bad[0]}, outside the model's "
+                f"vocabulary of {vocab_size} (ids 0..{vocab_size - 1}); the tokenizer files in "
+                f"{path} do not belong to its checkpoint"
+            )
+
+
 def cmd_eval(args) -> int:
     from .eval.cli import run_eval_command, validate_eval_args
     from .eval.engine import engine_functions
@@ -233,6 +256,29 @@ def cmd_eval(args) -> int:
                                            batch_size=getattr(args, "batch_size", 8))
     return run_eval_command(args, gen, model.tokenizer, forced, greedy,
                             max_context_length=model.config.max_position_embeddings)
+
+
+def cmd_models(args) -> int:
+    from .model_store import cache_root, list_models
+
+    rows = list_models()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return 0
+    yes = {True: "yes", False: "no"}
+    table = [("NAME", "CONTEXT", "INSTALLED", "CACHED", "MODEL")]
+    table += [(str(r["name"]), str(r["context_length"]), yes[r["installed"]],
+               yes[r["cached"]], str(r["description"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True))
+              + "  " + row[4])
+    print(f"\ncache: {cache_root()}")
+    for r in rows:
+        if not r["installed"]:
+            print(f"install {r['name']}: {r['install']}")
+    return 0
 
 
 def enable_compilation_cache() -> str | None:
