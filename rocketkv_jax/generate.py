@@ -221,7 +221,11 @@ def kv_cache_bytes(params, config: ModelConfig, plan, B: int, T: int) -> int:
 
 
 def check_request(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-    """Raise GenerateError for requests the model cannot serve (before any compile)."""
+    """Raise GenerateError for requests the model cannot serve (before any compile).
+
+    A prompt of P tokens with N new tokens needs P + N - 1 positions: the last sampled
+    token is returned, never fed back.
+    """
     if not prompts:
         raise GenerateError("no prompts given")
     if max_new_tokens < 1:
@@ -230,16 +234,33 @@ def check_request(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerateError(f"prompt {i} is empty")
+        check_token_ids(p, config.vocab_size, f"prompt {i}")
         if len(p) > ctx:
             raise GenerateError(
                 f"prompt {i} has {len(p)} tokens, longer than the model's context of {ctx}"
             )
-        if len(p) + max_new_tokens > ctx:
+        if len(p) + max_new_tokens - 1 > ctx:
             raise GenerateError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
-                f"would reach {len(p) + max_new_tokens} > the model's context of {ctx}. "
-                f"Lower --max-new-tokens to at most {ctx - len(p)}."
+                f"needs {len(p) + max_new_tokens - 1} positions > the model's context of "
+                f"{ctx}. Lower --max-new-tokens to at most {ctx - len(p) + 1}."
             )
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, what: str = "prompt") -> None:
+    """Raise GenerateError unless every id is an integer in [0, vocab_size): the embedding
+    gather would clamp an id outside it to the last row and answer silently wrong."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise GenerateError(f"{what} must be a sequence of integer token ids")
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        j = int(bad[0])
+        raise GenerateError(
+            f"{what} holds token id {int(arr[j])} at position {j}, outside the model's "
+            f"vocabulary of {vocab_size} (valid ids: 0..{vocab_size - 1}); the tokenizer "
+            f"and the checkpoint disagree, or the ids are wrong"
+        )
 
 
 def generate_ids(
@@ -460,6 +481,7 @@ def forced_decode_logprobs(
     (row 0 from prefill, row i from decoding forced[i-1]). Used for fidelity metrics.
     """
     check_request(config, [prompt], max(1, len(forced)))
+    check_token_ids(forced, config.vocab_size, "forced tokens")
     T = length_bucket(len(prompt), limit=config.max_position_embeddings - len(forced))
     plan = method.plan(config, T, len(forced))
     tokens = np.zeros((1, T), np.int32)
