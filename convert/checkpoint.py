@@ -161,6 +161,7 @@ def load_checkpoint(
     *,
     dtype: str | np.dtype | None = None,
     shardings: Any = None,
+    check_weights: bool = False,
 ) -> tuple[Params, ModelConfig]:
     """Restore (params, config) from a converted checkpoint.
 
@@ -168,6 +169,8 @@ def load_checkpoint(
     shardings: a pytree matching params whose leaves are `jax.sharding.Sharding`s (or one
       Sharding for all leaves); each array is restored directly into its sharding.
       Default: the first local device.
+    check_weights: refuse a param holding a NaN or Inf, naming it (one pass over every
+      weight; conversion already checks, this catches a file damaged after it).
     Returns params as `jax.Array`s with shapes `config.param_shapes()`.
     """
     path = Path(path).absolute()
@@ -210,7 +213,23 @@ def load_checkpoint(
     }
     params = checkpointer.restore(path / PARAMS_DIR, unflatten(abstract))
     checkpointer.close()
+    if check_weights:
+        check_finite_params(params, path)
     return params, config
+
+
+def check_finite_params(params: Params, path: str | Path) -> None:
+    """Raise ConversionError naming the first param with a NaN or Inf."""
+    import jax.numpy as jnp
+
+    for key, x in flatten(params).items():
+        if not bool(jnp.isfinite(x).all()):
+            nan, inf = int(jnp.isnan(x).sum()), int(jnp.isinf(x).sum())
+            raise ConversionError(
+                f"checkpoint {path}: param {key!r} holds {nan} NaN and {inf} Inf values; the "
+                f"checkpoint is damaged: convert the model again (rocketkv-convert SRC OUT "
+                f"--force)"
+            )
 
 
 # ------------------------------------------------------------------ conversion

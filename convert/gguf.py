@@ -281,7 +281,8 @@ def load_gguf(
             w = unpermute_qk(w, config.num_kv_heads)
         return w
 
-    params = assemble_params(config, get_tensor, dtype, progress=progress, desc=path.name)
+    params = assemble_params(config, get_tensor, dtype, progress=progress, desc=path.name,
+                             describe=lambda n: f"{gguf_names[n]} ({n}) in {path.name}")
     return params, config, hf_config, tokenizer_files
 
 

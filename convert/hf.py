@@ -153,12 +153,15 @@ def assemble_params(
     *,
     progress: bool = True,
     desc: str = "converting",
+    describe: Callable[[str], str] = str,
 ) -> Params:
     """Read every tensor through `get_tensor(hf_name)` into the stacked params pytree.
 
     `get_tensor` returns the HF-orientation array (any float dtype). Returns nested dicts
     of host numpy arrays in `dtype`, shapes exactly `config.param_shapes()`. Call
-    `check_tensor_shapes` first: this only asserts.
+    `check_tensor_shapes` first: this only asserts. A tensor with a NaN or Inf (in the
+    source, or after the cast to `dtype`) is refused with `describe(hf_name)`: such a model
+    converts fine and then generates garbage.
     """
     dtype = resolve_dtype(dtype)
     flat = {key: np.empty(shape, dtype) for key, shape in config.param_shapes().items()}
@@ -173,7 +176,20 @@ def assemble_params(
         target = flat[key] if layer is None else flat[key][layer]
         assert w.shape == target.shape, (name, w.shape, target.shape)
         target[...] = w.astype(dtype)
+        if not np.isfinite(target).all():
+            _refuse_non_finite(describe(name), w, target)
     return unflatten(flat)
+
+
+def _refuse_non_finite(name: str, source: np.ndarray, stored: np.ndarray) -> None:
+    nan = int(np.isnan(stored).sum())
+    inf = int(np.isinf(stored).sum())
+    where = ("in the source" if not np.isfinite(source).all()
+             else f"after the cast to {stored.dtype} (values beyond its range)")
+    raise ConversionError(
+        f"tensor {name} holds {nan} NaN and {inf} Inf values {where}; the weights are "
+        f"damaged (re-download them) and would generate garbage"
+    )
 
 
 # ---------------------------------------------------------------- HF directory
@@ -280,7 +296,8 @@ def load_hf(
             raise ConversionError(f"cannot read tensor {name} from {shard}: {e}") from None
 
     try:
-        params = assemble_params(config, get_tensor, dtype, progress=progress, desc=src.name)
+        params = assemble_params(config, get_tensor, dtype, progress=progress, desc=src.name,
+                                 describe=lambda n: f"{n} ({headers[n][0].name})")
     finally:
         open_files.clear()
     return params, config

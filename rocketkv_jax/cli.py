@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="many prompts: one per line, or JSON lines with a 'prompt' field")
     g.add_argument("--model", type=Path, default=None,
                    help="checkpoint dir or a named model: smollm2 (default), qwen2.5-coder-0.5b")
+    g.add_argument("--check-weights", action="store_true",
+                   help="check every weight is finite (no NaN/Inf) after loading")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template as a user turn")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
@@ -194,7 +196,7 @@ def cmd_generate(args) -> int:
         from .model_store import resolve_model
 
         shardings = sharding.checkpoint_shardings(resolve_model(args.model), mesh)
-    model = load_model(args.model, shardings=shardings)
+    model = load_model(args.model, shardings=shardings, check_weights=args.check_weights)
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     _check_vocab(ids, model.config.vocab_size, model.path)

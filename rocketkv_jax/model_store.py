@@ -221,7 +221,8 @@ def default_checkpoint(progress: bool = True) -> Path:
     return named_checkpoint(DEFAULT_MODEL, progress)
 
 
-def load_model(path: str | Path | None = None, *, shardings=None, progress: bool = True) -> Model:
+def load_model(path: str | Path | None = None, *, shardings=None, progress: bool = True,
+               check_weights: bool = False) -> Model:
     """Load a converted checkpoint, a named model (`NAMED_MODELS`, e.g.
     "qwen2.5-coder-0.5b") or, with no argument, the embedded SmolLM2, with its tokenizer."""
     from .convert.checkpoint import load_checkpoint
@@ -237,5 +238,5 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
             f"{ckpt} is not a converted checkpoint (no config.json); "
             f"create one with `rocketkv-convert SRC {ckpt}`"
         )
-    params, config = load_checkpoint(ckpt, shardings=shardings)
+    params, config = load_checkpoint(ckpt, shardings=shardings, check_weights=check_weights)
     return Model(params, config, Tokenizer(ckpt), ckpt)
