@@ -161,16 +161,67 @@ def _read_prompts(args) -> tuple[list[str], bool]:
 
 
 def make_method_from_args(args):
-    from .methods import make_method
+    from .methods import METHOD_NAMES, make_method, method_hparams
 
+    if args.method not in METHOD_NAMES:
+        raise UserError(f"--method {args.method!r} is not a KV method; choose one of: "
+                        f"{', '.join(METHOD_NAMES)}")
+    if args.method != "full" and args.token_budget < 1:
+        raise UserError(f"--token-budget must be >= 1 (KV tokens per decode step), got "
+                        f"{args.token_budget}")
+    if args.kernels in ("interpret", "triton") and "kernels" not in method_hparams(args.method):
+        raise UserError(f"--kernels {args.kernels}: method {args.method!r} runs no Pallas "
+                        f"kernels; drop --kernels")
+    if args.kernels == "triton":
+        import jax
+
+        if jax.default_backend() != "gpu":
+            raise UserError(
+                f"--kernels triton needs a CUDA GPU, but JAX runs on {jax.default_backend()}; "
+                f"choose --kernels reference (jnp, any device), interpret (Pallas on CPU, "
+                f"slow) or auto (Triton on a GPU, else reference)")
     budget = None if args.method == "full" else args.token_budget
     kw = {} if args.kernels == "reference" else {"kernels": args.kernels}
-    try:
-        return make_method(args.method, budget, **kw)
-    except TypeError:
+    return make_method(args.method, budget, **kw)
+
+
+def check_generate_flags(args) -> None:
+    """Refuse bad generate flags by name before any model is loaded."""
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.temperature == 0 and (args.top_k or args.top_p < 1.0):
+        flags = " and ".join(f for f, on in (("--top-k", args.top_k), ("--top-p",
+                                                                         args.top_p < 1.0)) if on)
+        print(f"warning: {flags} have no effect with --temperature 0 (greedy decoding); set "
+              f"--temperature > 0 to sample", file=sys.stderr)
+
+
+def _mesh_from_flag(spec):
+    """--mesh -> a mesh, with device-count errors in command-line words."""
+    from . import sharding
+
+    if spec is None or not spec.strip():
+        return None
+    data, model = sharding.parse_mesh(spec)
+    import jax
+
+    n, have = data * model, jax.device_count()
+    if n != have:
         raise UserError(
-            f"method {args.method!r} does not use Pallas kernels; drop --kernels"
-        ) from None
+            f"--mesh {spec} uses {n} devices (data * model) but {have} "
+            f"{'are' if have > 1 else 'is'} available ({jax.default_backend()}); give axes "
+            f"whose product is {have}, restrict CUDA_VISIBLE_DEVICES to {n} GPUs, or on CPU "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+        )
+    return sharding.mesh_from_flag(spec)
 
 
 def cmd_generate(args) -> int:
@@ -178,19 +229,18 @@ def cmd_generate(args) -> int:
     from .model_store import load_model
     from .sampling import Sampling
 
-    prompts, batch_mode = _read_prompts(args)
+    check_generate_flags(args)
     method = make_method_from_args(args)
+    prompts, batch_mode = _read_prompts(args)
     chunk = DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
     if chunk != 0 and chunk < 16:
         raise UserError(f"--prefill-chunk must be 0 (off) or >= 16 tokens, got {chunk}")
     chunk = chunk or None
     enable_compilation_cache()
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
     from . import sharding
 
-    mesh = sharding.mesh_from_flag(args.mesh)
+    mesh = _mesh_from_flag(args.mesh)
     shardings = None
     if mesh is not None:
         from .model_store import resolve_model
@@ -200,6 +250,10 @@ def cmd_generate(args) -> int:
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     _check_vocab(ids, model.config.vocab_size, model.path)
+    if args.top_k > model.config.vocab_size:
+        raise UserError(f"--top-k {args.top_k} is larger than the model's vocabulary of "
+                        f"{model.config.vocab_size} tokens; use at most "
+                        f"{model.config.vocab_size} (0 = off)")
     stop = set(model.config.eos_token_ids)
     if tok.eos_token_id is not None:
         stop.add(tok.eos_token_id)

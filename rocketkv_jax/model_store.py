@@ -233,6 +233,13 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
             f"model path {ckpt} does not exist; convert weights first with "
             f"`rocketkv-convert SRC {ckpt}` or omit --model to use the embedded SmolLM2"
         )
+    if ckpt.is_file():
+        out = ckpt.with_suffix("") if ckpt.suffix else ckpt.with_name(ckpt.name + "-ckpt")
+        kind = "a GGUF file" if ckpt.suffix.lower() == ".gguf" else "a file"
+        raise ModelNotFoundError(
+            f"{ckpt} is {kind}, not a converted checkpoint directory; convert it once with "
+            f"`rocketkv-convert {ckpt} {out}`, then pass --model {out}"
+        )
     if not (ckpt / "config.json").is_file():
         raise ModelNotFoundError(
             f"{ckpt} is not a converted checkpoint (no config.json); "

@@ -286,7 +286,7 @@ def validate_eval_args(
 
 
 def _error(message: str) -> int:
-    print(f"rocketkv eval: error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)  # the prefix every rocketkv command uses
     return 2
 
 
@@ -302,7 +302,7 @@ def run_eval_command(
     """Validate, run accuracy + fidelity (resumable), write the report; return exit code.
 
     Bad arguments, prompts that cannot be built and incompatible output directories
-    print one `rocketkv eval: error: ...` line to stderr and return 2 (no traceback).
+    print one `error: ...` line to stderr and return 2 (no traceback).
     Engine contract violations (EngineContractError) propagate: they are bugs.
     Fidelity is skipped when --fidelity-tokens is 0 or either fidelity callable is None.
     """

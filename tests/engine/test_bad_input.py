@@ -67,3 +67,67 @@ def test_cli_prompt_of_the_whole_context_with_one_new_token(ckpt, capsys):
     code, out, err = _cli(capsys, "--model", str(ckpt), "--method", "full", "--prompt",
                           words(CFG.max_position_embeddings), "--max-new-tokens", "1")
     assert code == 0, err
+
+
+# ------------------------------------------------------------ flags name themselves
+def _one_error(code, out, err):
+    assert code == 2 and out == "", (code, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "100", "--temperature", "1"],
+     "--top-k 100 is larger than the model's vocabulary of 61 tokens"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--token-budget", "0"], "--token-budget must be >= 1"),
+    (["--method", "full", "--kernels", "triton"],
+     "--kernels triton: method 'full' runs no Pallas kernels; drop --kernels"),
+    (["--method", "snapkv", "--kernels", "interpret"],
+     "--kernels interpret: method 'snapkv' runs no Pallas kernels"),
+    (["--method", "magic"], "--method 'magic' is not a KV method"),
+])
+def test_bad_flags_name_the_flag(ckpt, capsys, argv, message):
+    err = _one_error(*_cli(capsys, "--model", str(ckpt), "--prompt", "w1 w2",
+                           "--max-new-tokens", "2", *argv))
+    assert message in err
+
+
+def test_kernels_triton_without_a_gpu_says_so_for_any_prompt(ckpt, capsys):
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present")
+    for n in (2, 40):  # budget 16 >= the sequence, and budget < the sequence
+        err = _one_error(*_cli(capsys, "--model", str(ckpt), "--prompt", words(n),
+                               "--token-budget", "16", "--kernels", "triton"))
+        assert "--kernels triton needs a CUDA GPU" in err and "--kernels reference" in err
+
+
+def test_top_k_with_temperature_zero_warns_that_decoding_is_greedy(ckpt, capsys):
+    code, _, err = _cli(capsys, "--model", str(ckpt), "--method", "full", "--prompt", "w1 w2",
+                        "--max-new-tokens", "2", "--top-k", "5", "--top-p", "0.5")
+    assert code == 0, err
+    assert "warning: --top-k and --top-p have no effect with --temperature 0" in err
+
+
+def test_mesh_with_too_many_devices_speaks_cli(ckpt, capsys):
+    import jax
+
+    n = jax.device_count() * 2
+    err = _one_error(*_cli(capsys, "--model", str(ckpt), "--prompt", "w1 w2",
+                           "--mesh", f"data={n}"))
+    assert f"--mesh data={n} uses {n} devices" in err
+    assert "jax.devices()" not in err and "devices=" not in err
+
+
+def test_model_given_a_gguf_file_suggests_an_output_dir(tmp_path, capsys):
+    gguf = tmp_path / "Tiny-Q4.gguf"
+    gguf.write_bytes(b"GGUF\0\0\0\0")
+    err = _one_error(*_cli(capsys, "--model", str(gguf), "--prompt", "w1 w2"))
+    assert f"rocketkv-convert {gguf} {tmp_path / 'Tiny-Q4'}`" in err
+    assert f"--model {tmp_path / 'Tiny-Q4'}" in err

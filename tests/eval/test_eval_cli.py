@@ -83,7 +83,7 @@ def test_bad_input_returns_nonzero_with_clear_message(argv, message, capsys, tmp
     code, out, err = _run([*argv, "--out", str(tmp_path)], capsys, max_context_length=8192)
     assert code == 2
     assert message in err
-    assert err.startswith("rocketkv eval: error:")
+    assert err.startswith("error:")
     assert "Traceback" not in err + out
     assert not (tmp_path / "results.jsonl").exists()
 
