@@ -277,14 +277,18 @@ def cmd_generate(args) -> int:
         return 0
     from tqdm import tqdm
 
-    for start in tqdm(range(0, len(ids), args.batch_size), desc="batches", file=sys.stderr):
+    n_batches = -(-len(ids) // args.batch_size)
+    bar = tqdm(range(0, len(ids), args.batch_size), desc="batches", file=sys.stderr)
+    for k, start in enumerate(bar, 1):
         chunk = ids[start : start + args.batch_size]
         out = generate_ids(model.params, model.config, chunk, method, **common)
         for i, toks in enumerate(out.tokens):
             text = tok.decode([t for t in toks if t not in stop])
             print(json.dumps({"index": start + i, "prompt": prompts[start + i],
                               "output": text}), flush=True)
-        print(out.stats.summary(), file=sys.stderr, flush=True)
+        # through the bar, so the line is not glued to it
+        bar.write(out.stats.summary().replace("[stats] ", f"[stats] batch {k}/{n_batches} | ",
+                                              1), file=sys.stderr)
     return 0
 
 

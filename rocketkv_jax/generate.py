@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from . import sharding as shd
-from .methods.base import STORED_QUERY_WINDOW
+from .methods.base import STORED_QUERY_WINDOW, DensePlan
 from .models.config import ModelConfig
 from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
 from .sampling import Sampling, sample
@@ -148,24 +148,52 @@ class GenerateStats:
     batch: int
     prompt_bucket: int
     prefill_chunk: int = 0  # tokens per prefill chunk (the bucket when not chunked)
+    method: str = ""
+    token_budget: int | None = None  # None for full
+    sequence: int = 0  # prompt bucket + max_new_tokens: what the budget is compared with
+    dense_fallback: bool = False  # the budget covers the sequence: exact dense attention
 
     @property
     def prefill_tokens_per_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
+    def decoded_tokens(self) -> int:
+        return self.generated_tokens - self.batch  # the first token comes from prefill
+
+    @property
     def decode_tokens_per_s(self) -> float:
-        decoded = self.generated_tokens - self.batch  # the first token comes from prefill
+        decoded = self.decoded_tokens
         return decoded / self.decode_s if self.decode_s > 0 and decoded > 0 else 0.0
 
+    def method_summary(self) -> str:
+        """"rocketkv (budget 256)", or with the dense fallback said out loud."""
+        if self.token_budget is None:
+            return self.method
+        if self.dense_fallback:
+            return (f"{self.method} (budget {self.token_budget} >= sequence {self.sequence}: "
+                    f"dense attention, nothing evicted)")
+        return f"{self.method} (budget {self.token_budget})"
+
     def summary(self) -> str:
+        decode = (f"{self.decode_tokens_per_s:.1f} tok/s" if self.decoded_tokens > 0
+                  else "n/a (one token per prompt, from prefill)")
+        method = f"method: {self.method_summary()} | " if self.method else ""
         return (
-            f"[stats] prompt tokens: {self.prompt_tokens} | generated tokens: "
+            f"[stats] {method}prompt tokens: {self.prompt_tokens} | generated tokens: "
             f"{self.generated_tokens} | prefill: {self.prefill_s:.3f} s "
-            f"({self.prefill_tokens_per_s:.0f} tok/s) | decode: "
-            f"{self.decode_tokens_per_s:.1f} tok/s | compile: {self.compile_s:.1f} s | "
-            f"KV cache: {_fmt_bytes(self.kv_cache_bytes)}"
+            f"({self.prefill_tokens_per_s:.0f} tok/s) | decode: {decode} | "
+            f"compile: {self.compile_s:.1f} s | KV cache: {_fmt_bytes(self.kv_cache_bytes)}"
         )
+
+
+def _method_stats(method, plan, T: int, N: int) -> dict:
+    """GenerateStats fields naming the method, its budget and whether it fell back to
+    dense attention (a budget that covers the bucketed prompt plus N)."""
+    name = getattr(method, "name", type(method).__name__)
+    budget = getattr(method, "token_budget", None)
+    return dict(method=name, token_budget=budget, sequence=T + N,
+                dense_fallback=budget is not None and isinstance(plan, DensePlan))
 
 
 @dataclasses.dataclass
@@ -316,7 +344,8 @@ def generate_ids(
     return _run(compiled, (params, *args), n, lengths, on_step, GenerateStats(
         prompt_tokens=int(lengths[:n].sum()), generated_tokens=0, compile_s=compile_s,
         prefill_s=0.0, decode_s=0.0, kv_cache_bytes=kv_cache_bytes(params, config, plan, B, T),
-        batch=n, prompt_bucket=T, prefill_chunk=chunk), on_chunk)
+        batch=n, prompt_bucket=T, prefill_chunk=chunk,
+        **_method_stats(method, plan, T, max_new_tokens)), on_chunk)
 
 
 def _stop_tuple(config: ModelConfig, stop_ids) -> tuple[int, ...]:
@@ -452,7 +481,7 @@ class SharedPrefill:
             prompt_tokens=int(self.lengths[: self.n].sum()), generated_tokens=0,
             compile_s=compile_s, prefill_s=self.prefill_s, decode_s=0.0,
             kv_cache_bytes=kv_cache_bytes(self.params, self.config, plan, B, T), batch=self.n,
-            prompt_bucket=T))
+            prompt_bucket=T, **_method_stats(method, plan, T, self.max_new_tokens)))
 
 
 # ------------------------------------------------------- step-wise API (bench, eval)

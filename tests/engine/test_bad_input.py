@@ -131,3 +131,38 @@ def test_model_given_a_gguf_file_suggests_an_output_dir(tmp_path, capsys):
     err = _one_error(*_cli(capsys, "--model", str(gguf), "--prompt", "w1 w2"))
     assert f"rocketkv-convert {gguf} {tmp_path / 'Tiny-Q4'}`" in err
     assert f"--model {tmp_path / 'Tiny-Q4'}" in err
+
+
+# ------------------------------------------------------------------- the stats line
+def test_stats_name_the_method_budget_and_the_dense_fallback():
+    from rocketkv_jax.methods import make_method
+
+    prompt = np.random.default_rng(2).integers(1, CFG.vocab_size, 40).tolist()
+    sparse = generate_ids(PARAMS, CFG, [prompt], make_method("snapkv", 16, window=8),
+                          max_new_tokens=3)
+    line = sparse.stats.summary()
+    assert "method: snapkv (budget 16) |" in line and "dense" not in line
+    dense = generate_ids(PARAMS, CFG, [prompt], make_method("rocketkv", 64), max_new_tokens=3)
+    assert dense.stats.dense_fallback
+    # bucket 48 + 3 new tokens
+    assert "method: rocketkv (budget 64 >= sequence 51: dense attention" in dense.stats.summary()
+    full = generate_ids(PARAMS, CFG, [prompt], Full(), max_new_tokens=3).stats.summary()
+    assert "method: full |" in full
+
+
+def test_stats_decode_speed_is_na_for_one_token():
+    out = generate_ids(PARAMS, CFG, [[1, 2, 3]], Full(), max_new_tokens=1)
+    assert "decode: n/a" in out.stats.summary() and "0.0 tok/s" not in out.stats.summary()
+
+
+def test_batch_mode_prints_one_stats_line_per_batch_on_its_own_line(ckpt, capsys, tmp_path):
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("w1 w2\nw3 w4 w5\nw6\n")
+    code, out, err = _cli(capsys, "--model", str(ckpt), "--method", "full", "--batch-file",
+                          str(batch), "--batch-size", "2", "--max-new-tokens", "2")
+    assert code == 0, err
+    assert len(out.splitlines()) == 3
+    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines() if "[stats]" in line]
+    assert [line[:len("[stats] batch 1/2 | ")] for line in lines] == [
+        "[stats] batch 1/2 | ", "[stats] batch 2/2 | "], err
+    assert all("method: full |" in line for line in lines)
