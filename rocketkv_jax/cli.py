@@ -35,8 +35,48 @@ class UserError(Exception):
     """Raised for bad CLI input; printed as one line, exit code 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless it already names one), and prose
+    paragraphs of descriptions and epilogs are wrapped to the terminal; paragraphs with
+    indented lines (examples, tables) are kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default  # identity: 0 and 0.0 are defaults worth showing
+        if (action.option_strings and "default" not in text and default is not None
+                and default is not False and default != argparse.SUPPRESS
+                and not isinstance(default, list)):
+            text += " (default: %(default)s)"
+        return text
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        paragraphs = text.strip("\n").split("\n\n")
+        out = []
+        for para in paragraphs:
+            lines = para.splitlines()
+            if any(line[:1].isspace() for line in lines[1:]) or para.lstrip() != para:
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(lines), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """HelpFormatter for `parser` and every subcommand below it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in set(action.choices.values()):
+                _use_formatter(p)
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    from .methods import METHOD_NAMES
+    # eval.runner's jax-free copy of the registry's names (a test checks they agree), so
+    # that --help does not import JAX
+    from .eval.runner import METHOD_NAMES
 
     p.add_argument(
         "--method", default="rocketkv", metavar="NAME",
@@ -72,21 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     src.add_argument("--batch-file", type=Path,
                      help="many prompts: one per line, or JSON lines with a 'prompt' field")
-    g.add_argument("--model", type=Path, default=None,
-                   help="checkpoint dir or a named model: smollm2 (default), qwen2.5-coder-0.5b")
+    g.add_argument("--model", type=Path, default=None, metavar="MODEL",
+                   help="checkpoint dir or a named model: smollm2, qwen2.5-coder-0.5b "
+                   "(default: smollm2)")
     g.add_argument("--check-weights", action="store_true",
                    help="check every weight is finite (no NaN/Inf) after loading")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template as a user turn")
-    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="tokens to generate per prompt; fewer when a stop token comes first")
     _add_method_args(g)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k best (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample from the K most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample from the smallest set of tokens holding probability P "
+                   "(nucleus); 1 = off")
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--batch-file)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="prompts per batch with --batch-file")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
-    from .generate import DEFAULT_PREFILL_CHUNK
+    from .defaults import DEFAULT_PREFILL_CHUNK
 
     g.add_argument(
         "--prefill-chunk", type=int, default=None, metavar="TOKENS",
@@ -121,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--json", action="store_true", help="one JSON object per model")
     m.set_defaults(func=cmd_models)
+    _use_formatter(parser)
     return parser
 
 

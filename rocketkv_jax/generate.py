@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from . import defaults
 from . import sharding as shd
 from .methods.base import STORED_QUERY_WINDOW, DensePlan
 from .models.config import ModelConfig
@@ -32,7 +33,7 @@ from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
 from .sampling import Sampling, sample
 
 GREEDY = Sampling()
-DEFAULT_PREFILL_CHUNK = 4096  # prompt tokens per prefill chunk (benchmarks/prefill.py)
+DEFAULT_PREFILL_CHUNK = defaults.DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill chunk
 
 
 class GenerateError(ValueError):
