@@ -65,8 +65,7 @@ def save_checkpoint(
     """
     out = Path(out_dir).absolute()
     _check_params(params, config)
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists; pass --force to overwrite it")
+    check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     _quiet_orbax()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -95,6 +94,31 @@ def save_checkpoint(
         raise
     checkpointer.close()
     return out
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """Raise unless `out` may be written: absent, or (with force) a converted checkpoint or
+    an empty directory. --force never deletes a directory that is not ours."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise ConversionError(f"{out} already exists; pass --force to overwrite it")
+    if out.is_dir() and not out.is_symlink():
+        names = {p.name for p in out.iterdir()}
+        ours = {PARAMS_DIR, CONFIG_FILE, *TOKENIZER_FILES}
+        # a checkpoint, even a damaged one (so --force can rebuild it), or an empty dir
+        if names <= ours and (not names or PARAMS_DIR in names or CONFIG_FILE in names):
+            return
+        others = sorted(names - ours)[:3]
+        raise ConversionError(
+            f"--force replaces only a converted checkpoint, and {out} is not one (it holds "
+            f"{', '.join(others) or 'no params/ or config.json'}); remove it yourself or "
+            f"choose another OUT"
+        )
+    raise ConversionError(
+        f"--force replaces only a converted checkpoint directory, and {out} is a file; "
+        f"remove it yourself or choose another OUT"
+    )
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
@@ -259,8 +283,7 @@ def convert_any(
     """
     src, out_path = Path(src), Path(out).absolute()
     resolve_dtype(dtype)
-    if out_path.exists() and not force:
-        raise ConversionError(f"{out_path} already exists; pass --force to overwrite it")
+    check_replaceable(out_path, force)
     if not src.exists():
         raise ConversionError(f"{src} does not exist")
     if src.resolve() == out_path.resolve() or out_path.resolve() in src.resolve().parents:

@@ -137,6 +137,12 @@ def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
         )
     model_type, hf_arch = GGUF_ARCHITECTURES[arch]
     tensor_names = {t.name for t in reader.tensors}
+    experts = _field(reader, f"{arch}.expert_count")
+    if experts or any("_exps." in n or ".ffn_gate_inp." in n for n in tensor_names):
+        raise ConfigError(
+            f"mixture-of-experts models are not supported ({arch}.expert_count = {experts}, "
+            f"a Mixtral-style GGUF); rocketkv-jax runs dense decoders only"
+        )
     if "rope_freqs.weight" in tensor_names:
         raise ConfigError(
             "this GGUF stores Llama-3.1 rope scaling as a rope_freqs tensor, which cannot be "

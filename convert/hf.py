@@ -209,8 +209,9 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise ConversionError(f"{path} does not hold a json object")
     config = ModelConfig.from_hf_dict(raw)  # ConfigError for unsupported architectures
     act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
-    if act != "silu":
-        raise ConfigError(f"unsupported hidden_act {act!r} in {path}: only 'silu' is implemented")
+    if act not in ("silu", "swish"):  # transformers maps both names to SiLU
+        raise ConfigError(f"unsupported hidden_act {act!r} in {path}: only 'silu' (= 'swish') "
+                          f"is implemented")
     return config, raw
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,15 @@ class ModelConfig:
                 f"unsupported model_type {self.model_type!r}: rocketkv-jax runs "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} decoders"
             )
+        for f in dataclasses.fields(self):  # json gives any type; say which key is wrong
+            value = getattr(self, f.name)
+            if f.type in ("int", "int | None") and not (_is_int(value) or (
+                    value is None and f.type == "int | None")):
+                raise ConfigError(f"config value {f.name} must be an integer, got {value!r}")
+            if f.type == "float" and not (_is_int(value) or isinstance(value, numbers.Real)):
+                raise ConfigError(f"config value {f.name} must be a number, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"config value {f.name} must be true or false, got {value!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -100,19 +110,32 @@ class ModelConfig:
                 f"unsupported architecture: model_type={model_type!r} architectures={archs!r}; "
                 f"rocketkv-jax converts only {', '.join(SUPPORTED_MODEL_TYPES)} models"
             )
-        try:
-            hidden = int(cfg["hidden_size"])
-            num_heads = int(cfg["num_attention_heads"])
-            layers = int(cfg["num_hidden_layers"])
-            intermediate = int(cfg["intermediate_size"])
-            vocab = int(cfg["vocab_size"])
-        except KeyError as e:
-            raise ConfigError(f"config.json is missing required key {e.args[0]!r}") from None
-        num_kv = int(cfg.get("num_key_value_heads") or num_heads)
-        head_dim = cfg.get("head_dim") or hidden // num_heads
+        experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+        if experts:
+            raise ConfigError(
+                f"mixture-of-experts models are not supported (config.json has {experts} "
+                f"experts per layer); rocketkv-jax runs dense decoders only"
+            )
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                    "intermediate_size", "vocab_size"):
+            if key not in cfg:
+                raise ConfigError(f"config.json is missing required key {key!r}")
+        hidden = _int_value(cfg, "hidden_size")
+        num_heads = _int_value(cfg, "num_attention_heads")
+        layers = _int_value(cfg, "num_hidden_layers")
+        intermediate = _int_value(cfg, "intermediate_size")
+        vocab = _int_value(cfg, "vocab_size")
+        num_kv = _int_value(cfg, "num_key_value_heads", num_heads)
+        if num_heads <= 0:
+            raise ConfigError(f"num_attention_heads must be positive, got {num_heads}")
+        head_dim = _int_value(cfg, "head_dim", hidden // num_heads)
         # transformers v5 moved rope_theta / rope_scaling into rope_parameters.
         rope_params = cfg.get("rope_parameters") or {}
-        rope_theta = float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        if not isinstance(rope_params, dict):
+            raise ConfigError(f"config value rope_parameters must be an object, got "
+                              f"{rope_params!r}")
+        rope_theta = _float_value(rope_params if "rope_theta" in rope_params else cfg,
+                                  "rope_theta", 10000.0)
         scaling = cfg.get("rope_scaling") or None
         if rope_params and rope_params.get("rope_type", "default") != "default":
             scaling = rope_params
@@ -138,13 +161,13 @@ class ModelConfig:
             num_layers=layers,
             num_heads=num_heads,
             num_kv_heads=num_kv,
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            head_dim=head_dim,
+            rms_norm_eps=_float_value(cfg, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_int_value(cfg, "max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_scaling=rope_scaling,
-            sliding_window=None if sliding is None else int(sliding),
+            sliding_window=None if sliding is None else _int_value(cfg, "sliding_window"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             qkv_bias=qkv_bias,
@@ -215,6 +238,32 @@ class ModelConfig:
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (E, V)
         return shapes
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_value(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """cfg[key] as an int (a whole float such as 4096.0 too); a missing or null key gives
+    `default`; anything else is a ConfigError naming the key."""
+    value = cfg.get(key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not _is_int(value):
+        raise ConfigError(f"config value {key} must be an integer, got {value!r}")
+    return value
+
+
+def _float_value(cfg: dict[str, Any], key: str, default: float) -> float:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not (_is_int(value) or isinstance(value, numbers.Real)) or isinstance(value, bool):
+        raise ConfigError(f"config value {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _parse_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:

@@ -95,3 +95,89 @@ def test_generate_check_weights_refuses_a_damaged_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "'layers/wk' holds 1 NaN" in err and str(ckpt) in err
+
+
+# ------------------------------------------------------------ config.json values
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", None, "config value hidden_size must be an integer, got None"),
+    ("rms_norm_eps", "abc", "config value rms_norm_eps must be a number, got 'abc'"),
+    ("num_hidden_layers", "2", "config value num_hidden_layers must be an integer, got '2'"),
+    ("max_position_embeddings", [128], "max_position_embeddings must be an integer"),
+    ("rope_theta", True, "config value rope_theta must be a number, got True"),
+])
+def test_config_value_of_the_wrong_type_names_the_key(capsys, tmp_path, key, value, message):
+    src = make_hf_dir(tmp_path / "src", **{key: value})
+    code, err = run_convert(capsys, src, tmp_path / "out")
+    assert message in assert_one_error(code, err, tmp_path / "out")
+    assert "unexpected" not in err
+
+
+def test_converted_config_of_the_wrong_type_names_the_key(tmp_path):
+    from rocketkv_jax.convert.checkpoint import read_checkpoint_config
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    data = json.loads((ckpt / "config.json").read_text())
+    data["num_heads"] = 6.5
+    (ckpt / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="config value num_heads must be an integer, got 6.5"):
+        read_checkpoint_config(ckpt)
+
+
+def test_hidden_act_swish_is_silu(capsys, tmp_path):
+    src = make_hf_dir(tmp_path / "src", hidden_act="swish")
+    assert convert_main([str(src), str(tmp_path / "out"), "--quiet"]) == 0
+    code, err = run_convert(capsys, make_hf_dir(tmp_path / "gelu", hidden_act="gelu"),
+                            tmp_path / "out2")
+    assert "unsupported hidden_act 'gelu'" in assert_one_error(code, err)
+
+
+def test_hf_mixture_of_experts_config_is_refused_as_such(capsys, tmp_path):
+    src = make_hf_dir(tmp_path / "src", num_local_experts=8, num_experts_per_tok=2)
+    code, err = run_convert(capsys, src, tmp_path / "out")
+    assert "mixture-of-experts models are not supported" in assert_one_error(code, err)
+
+
+def test_mixtral_style_gguf_is_refused_as_mixture_of_experts(capsys, tmp_path):
+    import gguf
+
+    path = tmp_path / "mixtral.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64),
+                   (w.add_embedding_length, 32), (w.add_feed_forward_length, 48),
+                   (w.add_head_count, 4), (w.add_head_count_kv, 2), (w.add_expert_count, 8),
+                   (w.add_expert_used_count, 2)):
+        add(v)
+    w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((8, 48, 32), np.float32))
+    w.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((8, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, err = run_convert(capsys, path, tmp_path / "out")
+    msg = assert_one_error(code, err, tmp_path / "out")
+    assert "mixture-of-experts models are not supported" in msg and "missing" not in msg
+
+
+# ------------------------------------------------------------------- --force
+def test_force_refuses_to_delete_a_directory_that_is_not_a_checkpoint(capsys, tmp_path):
+    src = make_hf_dir(tmp_path / "src")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code, err = run_convert(capsys, src, precious, "--force")
+    msg = assert_one_error(code, err)
+    assert "--force replaces only a converted checkpoint" in msg and "thesis.tex" in msg
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    # an HF model directory is not ours either
+    code, err = run_convert(capsys, make_hf_dir(tmp_path / "src2"), src, "--force")
+    assert "model.safetensors" in assert_one_error(code, err)
+    assert (src / "model.safetensors").is_file()
+
+
+def test_force_replaces_a_checkpoint_even_a_damaged_one(tmp_path):
+    src = make_hf_dir(tmp_path / "src")
+    out = tmp_path / "out"
+    assert convert_main([str(src), str(out), "--quiet"]) == 0
+    (out / "config.json").unlink()  # damaged: --force is how it is rebuilt
+    assert convert_main([str(src), str(out), "--quiet", "--force"]) == 0
+    assert (out / "config.json").is_file()
