@@ -52,6 +52,13 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"layers/(w_gate|w_up)", P(None, None, MODEL)),
     (r"layers/w_down", P(None, MODEL, None)),
     (r"layers/(attn_norm|mlp_norm)", P(None, None)),
+    # biases follow their weight's output columns: q/k/v [Ly, H*D | K*D] and gate/up
+    # [Ly, F] split like wq/wk/wv and w_gate/w_up; o and down [Ly, E] are added after the
+    # all-reduce, so every device holds them whole
+    (r"layers/(bq|bk|bv|b_gate|b_up)", P(None, MODEL)),
+    (r"layers/(bo|b_down)", P(None, None)),
+    # Qwen3's q/k RMSNorm weights [Ly, D] are shared by every head: replicated
+    (r"layers/(q_norm|k_norm)", P(None, None)),
     (r"final_norm", P(None)),
     # vocab-parallel: the embedding table and the LM head split V over `model` (the two
     # largest params of small models; a tied head is embed.T, sharded the same way)
