@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rocketkv_jax.models.config import ConfigError, ModelConfig
+from rocketkv_jax.paths import PathError, check_can_create, describe_os_error
 
 from ..models.params import flatten, unflatten
 from .gguf import load_gguf
@@ -288,6 +289,17 @@ def convert_any(
         raise ConversionError(f"{src} does not exist")
     if src.resolve() == out_path.resolve() or out_path.resolve() in src.resolve().parents:
         raise ConversionError(f"output {out_path} would overwrite the source {src}")
+    try:  # before the (long) reading and dequantising
+        check_can_create(out_path, "write the checkpoint")
+    except PathError as e:
+        raise ConversionError(str(e)) from None
+    try:
+        return _convert(src, out_path, dtype, progress, force)
+    except OSError as e:  # reading the source, or writing OUT (a full disk)
+        raise ConversionError(describe_os_error(e, f"convert {src} into {out_path}")) from None
+
+
+def _convert(src: Path, out_path: Path, dtype: str, progress: bool, force: bool) -> ModelConfig:
     if src.is_dir():
         params, config = load_hf(src, dtype, progress=progress)
         extra: dict[str, bytes | str] = {

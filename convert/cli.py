@@ -9,6 +9,7 @@ import time
 import traceback
 
 from rocketkv_jax.models.config import ConfigError
+from rocketkv_jax.paths import PathError, describe_os_error
 
 from .checkpoint import convert_any
 from .hf import DTYPES, ConversionError
@@ -62,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = convert_any(args.src, args.out, args.dtype, progress=not args.quiet,
                              force=args.force)
-    except (ConversionError, ConfigError) as e:
+    except (ConversionError, ConfigError, PathError) as e:
         print(f"rocketkv-convert: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the filesystem, not our bug: one line naming the path
+        print(f"rocketkv-convert: error: {describe_os_error(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("rocketkv-convert: interrupted; nothing was written", file=sys.stderr)

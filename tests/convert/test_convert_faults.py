@@ -181,3 +181,35 @@ def test_force_replaces_a_checkpoint_even_a_damaged_one(tmp_path):
     (out / "config.json").unlink()  # damaged: --force is how it is rebuilt
     assert convert_main([str(src), str(out), "--quiet", "--force"]) == 0
     assert (out / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ filesystem
+def test_out_below_a_file_is_refused_before_reading_the_weights(capsys, tmp_path,
+                                                                 monkeypatch):
+    from rocketkv_jax.convert import checkpoint
+
+    def never(*a, **kw):
+        raise AssertionError("weights read before the output path was checked")
+
+    monkeypatch.setattr(checkpoint, "load_hf", never)
+    (tmp_path / "file").write_text("x")
+    src = make_hf_dir(tmp_path / "src")
+    code, err = run_convert(capsys, src, tmp_path / "file" / "sub" / "out")
+    msg = assert_one_error(code, err)
+    assert f"cannot write the checkpoint: {tmp_path / 'file'} is a file" in msg
+
+
+def test_full_disk_while_saving_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def full(self, directory, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
+    src = make_hf_dir(tmp_path / "src")
+    out = tmp_path / "out"
+    code, err = run_convert(capsys, src, out)
+    msg = assert_one_error(code, err, out)
+    assert "no space left on the device (the disk is full)" in msg and str(out) in msg

@@ -67,3 +67,50 @@ def test_two_first_runs_at_once_convert_once(tmp_path, smollm2_installed):
     assert out1 == out2 and out1.strip().endswith("smollm2-135m-instruct-f32")
     assert "waiting for another process converting" in err2
     assert sorted(p.name for p in cache.iterdir()) == ["smollm2-135m-instruct-f32"]
+
+
+# ------------------------------------------------------------ unwritable places
+def _generate_default(capsys, monkeypatch, cache) -> str:
+    from rocketkv_jax.cli import main as rocketkv
+
+    monkeypatch.setenv("ROCKETKV_JAX_CACHE", str(cache))
+    code = rocketkv(["generate", "--prompt", "hi", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "converting" not in err  # refused before any work
+    return lines[0]
+
+
+def test_cache_root_that_is_a_file(capsys, monkeypatch, tmp_path, smollm2_installed):
+    (tmp_path / "file").write_text("not a directory")
+    msg = _generate_default(capsys, monkeypatch, tmp_path / "file")
+    assert f"cannot write the model cache ($ROCKETKV_JAX_CACHE): {tmp_path / 'file'}" in msg
+    msg = _generate_default(capsys, monkeypatch, tmp_path / "file" / "cache")
+    assert "is a file, not a directory" in msg or "not a directory" in msg, msg
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_read_only_cache(capsys, monkeypatch, tmp_path, smollm2_installed):
+    import errno
+
+    from rocketkv_jax import paths
+
+    def read_only(dir=None, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(paths.tempfile, "TemporaryFile", read_only)
+    msg = _generate_default(capsys, monkeypatch, tmp_path / "cache")
+    assert f"{tmp_path / 'cache'}: read-only file system" in msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_cache_permissions(capsys, monkeypatch, tmp_path, smollm2_installed):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o500)
+    try:
+        msg = _generate_default(capsys, monkeypatch, cache)
+    finally:
+        cache.chmod(0o700)
+    assert f"{cache}: permission denied" in msg

@@ -1,0 +1,61 @@
+"""Filesystem faults as user errors: an unwritable or read-only directory, a file where a
+directory should be, a full disk. Checked before long work starts, and any OSError met
+while writing is said in one line that names the path."""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+from pathlib import Path
+
+REASONS = {
+    errno.ENOSPC: "no space left on the device (the disk is full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a component of the path is a file, not a directory",
+    errno.EEXIST: "it exists and is not a directory",
+    errno.EISDIR: "it is a directory",
+}
+
+
+class PathError(ValueError):
+    """A path the program cannot write (or read): printed as one `error:` line."""
+
+
+def describe_os_error(e: OSError, doing: str | None = None) -> str:
+    """"cannot write the checkpoint: /x/y: read-only file system" from any OSError."""
+    where = f"{e.filename}: " if e.filename else ""
+    reason = REASONS.get(e.errno, e.strerror or str(e))
+    return f"{f'cannot {doing}: ' if doing else ''}{where}{reason}"
+
+
+def check_can_create(path: Path, doing: str) -> None:
+    """Raise PathError unless `path` can be created: its nearest existing ancestor is a
+    directory a file can be written in. Creates nothing (a probe file is removed)."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PathError(f"cannot {doing}: {ancestor} is a file, not a directory")
+    _probe(ancestor, doing)
+
+
+def ensure_writable_dir(directory: Path, doing: str) -> None:
+    """Create `directory` (with parents) and check a file can be written in it."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(describe_os_error(e, doing)) from None
+    _probe(Path(directory), doing)
+
+
+def _probe(directory: Path, doing: str) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        e.filename = e.filename or str(directory)
+        raise PathError(describe_os_error(e, doing)) from None
