@@ -46,7 +46,7 @@ TOKENIZER_FILES = (
 
 def _quiet_orbax() -> None:
     # orbax/absl log every save and restore at INFO/WARNING; the CLI output is ours.
-    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+    for name in ("absl", "orbax", "jax._src.xla_bridge", "asyncio"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -156,6 +156,23 @@ def _check_params(params: Params, config: ModelConfig) -> None:
         raise ConversionError(f"unexpected param {key!r} with shape {tuple(flat[key].shape)}")
 
 
+class DamagedCheckpointError(ConversionError):
+    """A checkpoint directory whose files are truncated, missing or unreadable."""
+
+
+REBUILD_HINT = "convert the model again over it: rocketkv-convert SRC {path} --force"
+
+
+def _damaged(path: Path, what: str, error: BaseException) -> DamagedCheckpointError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = detail.split(" See full TensorStore details")[0][:200]
+    return DamagedCheckpointError(
+        f"checkpoint {path} is damaged: {what}"
+        f"{f' ({type(error).__name__}: {detail})' if detail else ''}; "
+        + REBUILD_HINT.format(path=path)
+    )
+
+
 def read_checkpoint_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a converted checkpoint, with a clear error for anything else."""
     path = Path(path)
@@ -181,6 +198,21 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
         raise ConversionError(f"{cfg_path} is malformed: {e}") from None
 
 
+def _check_orbax_files(path: Path) -> None:
+    """Refuse a params/ directory with files or data directories missing, before orbax
+    meets them (it then logs tracebacks from its background threads)."""
+    params = path / PARAMS_DIR
+    need = [params / "_METADATA"]
+    if (params / "manifest.ocdbt").is_file():  # OCDBT layout: a data dir per process
+        procs = sorted(params.glob("ocdbt.process_*"))
+        need += [params / "d"] + (procs or [params / "ocdbt.process_0"])
+        need += [p / sub for p in procs for sub in ("manifest.ocdbt", "d")]
+    for p in need:
+        if not p.exists():
+            raise DamagedCheckpointError(
+                f"checkpoint {path} is damaged: {p} is missing; " + REBUILD_HINT.format(path=path))
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -200,14 +232,20 @@ def load_checkpoint(
     """
     path = Path(path).absolute()
     config = read_checkpoint_config(path)
+    _check_orbax_files(path)
     _quiet_orbax()
     checkpointer = ocp.StandardCheckpointer()
     try:
-        stored = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
+        meta = checkpointer.metadata(path / PARAMS_DIR).item_metadata
     except Exception as e:  # orbax raises a zoo of types for a broken directory
-        raise ConversionError(
-            f"{path / PARAMS_DIR} is not a readable orbax checkpoint: {e}"
-        ) from None
+        raise _damaged(path, f"{path / PARAMS_DIR} is not a readable orbax checkpoint",
+                       e) from None
+    if meta is None or getattr(meta, "tree", None) is None:  # its data directories are gone
+        raise DamagedCheckpointError(
+            f"checkpoint {path} is damaged: {path / PARAMS_DIR} has no readable array "
+            f"metadata (files or data directories deleted?); "
+            + REBUILD_HINT.format(path=path))
+    stored = meta.tree
     stored_flat = flatten(dict(stored))
     expected = config.param_shapes()
     if stored_flat.keys() != expected.keys():
@@ -236,8 +274,13 @@ def load_checkpoint(
         )
         for key, shape in expected.items()
     }
-    params = checkpointer.restore(path / PARAMS_DIR, unflatten(abstract))
-    checkpointer.close()
+    try:
+        params = checkpointer.restore(path / PARAMS_DIR, unflatten(abstract))
+    except Exception as e:  # TensorStore: a truncated or missing data file
+        raise _damaged(path, f"the arrays under {path / PARAMS_DIR} cannot be read "
+                       f"(a truncated or missing file)", e) from None
+    finally:
+        checkpointer.close()
     if check_weights:
         check_finite_params(params, path)
     return params, config

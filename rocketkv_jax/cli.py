@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: smollm2)")
     g.add_argument("--check-weights", action="store_true",
                    help="check every weight is finite (no NaN/Inf) after loading")
+    g.add_argument("--reconvert", action="store_true",
+                   help="convert a named model into the user cache again (a damaged entry)")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template as a user turn")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
@@ -294,7 +296,8 @@ def cmd_generate(args) -> int:
         from .model_store import resolve_model
 
         shardings = sharding.checkpoint_shardings(resolve_model(args.model), mesh)
-    model = load_model(args.model, shardings=shardings, check_weights=args.check_weights)
+    model = load_model(args.model, shardings=shardings, check_weights=args.check_weights,
+                       reconvert=args.reconvert)
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     _check_vocab(ids, model.config.vocab_size, model.path)

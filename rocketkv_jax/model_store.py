@@ -160,8 +160,9 @@ def _sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def named_checkpoint(name: str, progress: bool = True) -> Path:
-    """Path of the converted named model, assembling and converting it on first use.
+def named_checkpoint(name: str, progress: bool = True, reconvert: bool = False) -> Path:
+    """Path of the converted named model, assembling and converting it on first use (and
+    again with `reconvert`, replacing the entry).
 
     The GGUF is assembled into a temporary directory under the cache and removed once
     converted; the checkpoint appears atomically, so a failure leaves nothing cached.
@@ -170,13 +171,18 @@ def named_checkpoint(name: str, progress: bool = True) -> Path:
 
     model = named_model(name)
     out = cache_root() / model.cache_dir
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and not reconvert:
         return out
+    if out.exists() and not reconvert:
+        raise ModelNotFoundError(
+            f"the user cache's {name!r} model in {out} is damaged (no config.json); rebuild "
+            f"it with `rocketkv generate --model {name} --reconvert` (or delete {out})"
+        )
     part_paths(model)  # fail on missing wheels before any message or work
     ensure_writable_dir(out.parent, "write the model cache ($ROCKETKV_JAX_CACHE)")
     # Two first runs at once: the second waits for the first's conversion, then uses it.
     with _cache_entry_lock(out, progress):
-        if (out / "config.json").is_file():
+        if (out / "config.json").is_file() and not reconvert:
             return out
         work = Path(tempfile.mkdtemp(prefix=f".{model.cache_dir}.gguf-", dir=out.parent))
         try:
@@ -184,7 +190,7 @@ def named_checkpoint(name: str, progress: bool = True) -> Path:
             if progress:
                 print(f"[rocketkv] first run: converting {src.name} into {out} (once)",
                       file=sys.stderr, flush=True)
-            convert_any(src, out, dtype="float32", progress=progress)
+            convert_any(src, out, dtype="float32", progress=progress, force=reconvert)
         except OSError as e:
             raise PathError(describe_os_error(e, f"convert {model.name} into {out}")) from None
         finally:
@@ -219,14 +225,22 @@ def _cache_entry_lock(out: Path, progress: bool):
         lock.release()
 
 
-def resolve_model(model: str | Path | None, progress: bool = True) -> Path:
+def resolve_model(model: str | Path | None, progress: bool = True,
+                  reconvert: bool = False) -> Path:
     """A model argument -> checkpoint path: None (the default SmolLM2), a name in
-    `NAMED_MODELS` (converted on first use), or a checkpoint directory."""
+    `NAMED_MODELS` (converted on first use, or again with `reconvert`), or a checkpoint
+    directory."""
     if model is None:
-        return named_checkpoint(DEFAULT_MODEL, progress)
+        return named_checkpoint(DEFAULT_MODEL, progress, reconvert=reconvert)
     name, path = str(model), Path(model)
     if name in NAMED_MODELS and not path.exists():
-        return named_checkpoint(name, progress)
+        return named_checkpoint(name, progress, reconvert=reconvert)
+    if reconvert:
+        raise ModelNotFoundError(
+            f"--reconvert rebuilds a named model in the user cache ({', '.join(NAMED_MODELS)});"
+            f" {path} is a checkpoint directory: convert it again with "
+            f"`rocketkv-convert SRC {path} --force`"
+        )
     if not path.exists() and path.name == name and not path.suffix:
         raise ModelNotFoundError(
             f"{name!r} is neither a named model ({', '.join(NAMED_MODELS)}) nor an existing "
@@ -257,12 +271,15 @@ def default_checkpoint(progress: bool = True) -> Path:
 
 
 def load_model(path: str | Path | None = None, *, shardings=None, progress: bool = True,
-               check_weights: bool = False) -> Model:
+               check_weights: bool = False, reconvert: bool = False) -> Model:
     """Load a converted checkpoint, a named model (`NAMED_MODELS`, e.g.
-    "qwen2.5-coder-0.5b") or, with no argument, the embedded SmolLM2, with its tokenizer."""
-    from .convert.checkpoint import load_checkpoint
+    "qwen2.5-coder-0.5b") or, with no argument, the embedded SmolLM2, with its tokenizer.
+    reconvert: convert a named model into the user cache again (a damaged entry)."""
+    from .convert.checkpoint import ConversionError, load_checkpoint
+    from .models.config import ConfigError
+    from .tokenizer import TokenizerError
 
-    ckpt = resolve_model(path, progress)
+    ckpt = resolve_model(path, progress, reconvert=reconvert)
     if not ckpt.exists():
         raise ModelNotFoundError(
             f"model path {ckpt} does not exist; convert weights first with "
@@ -280,5 +297,24 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
             f"{ckpt} is not a converted checkpoint (no config.json); "
             f"create one with `rocketkv-convert SRC {ckpt}`"
         )
-    params, config = load_checkpoint(ckpt, shardings=shardings, check_weights=check_weights)
-    return Model(params, config, Tokenizer(ckpt), ckpt)
+    try:
+        params, config = load_checkpoint(ckpt, shardings=shardings, check_weights=check_weights)
+        tokenizer = Tokenizer(ckpt)
+    except (ConversionError, ConfigError, TokenizerError) as e:
+        name = _cached_model_name(ckpt)
+        if name is None:
+            raise
+        what = str(e).rsplit("; ", 1)[0]  # our messages end with "; <how to fix>"
+        raise ModelNotFoundError(
+            f"the user cache's {name!r} model is damaged: {what}; rebuild it with "
+            f"`rocketkv generate --model {name} --reconvert` (or delete {ckpt})"
+        ) from None
+    return Model(params, config, tokenizer, ckpt)
+
+
+def _cached_model_name(ckpt: Path) -> str | None:
+    """The named model whose user-cache entry `ckpt` is, else None."""
+    for m in NAMED_MODELS.values():
+        if ckpt.absolute() == (cache_root() / m.cache_dir).absolute():
+            return m.name
+    return None

@@ -29,9 +29,22 @@ class Tokenizer:
                 f"no tokenizer.json in {directory}: convert the model with rocketkv-convert, "
                 "which copies the tokenizer next to the checkpoint"
             )
-        self._tok = HFTokenizer.from_file(str(path))
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a truncated file
+            raise TokenizerError(
+                f"{path} is damaged or not a tokenizer file ({e}); convert the model "
+                f"again, which writes it next to the checkpoint"
+            ) from None
         cfg_path = directory / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{cfg_path} is damaged (not valid json: {e}); convert "
+                                 f"the model again") from None
+        if not isinstance(self.config, dict):
+            raise TokenizerError(f"{cfg_path} is damaged (not a json object); convert the "
+                                 f"model again")
         self.chat_template: str | None = self.config.get("chat_template")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))

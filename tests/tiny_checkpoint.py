@@ -56,3 +56,32 @@ def words(n: int, vocab_size: int = 61, seed: int = 0) -> str:
     """A prompt of exactly n tokens for `tokenizer_json(vocab_size)`."""
     rng = np.random.default_rng(seed)
     return " ".join(f"w{i}" for i in rng.integers(1, vocab_size, n))
+
+
+HF_CONFIG = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
+    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+    tie_word_embeddings=False, hidden_act="silu",
+)
+
+
+def make_hf_dir(d: Path, edit=None, **config) -> Path:
+    """A tiny HF Llama directory written with numpy only (no torch): config.json, one
+    model.safetensors and a word-level tokenizer.json; `edit(tensors)` may change the
+    tensors before they are saved; `config` overrides config.json values (not sizes)."""
+    from safetensors.numpy import save_file
+
+    from rocketkv_jax.convert.hf import expected_hf_shapes
+
+    cfg = {**HF_CONFIG, **config}
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "tokenizer.json").write_text(tokenizer_json(HF_CONFIG["vocab_size"]))
+    rng = np.random.default_rng(0)
+    shapes = expected_hf_shapes(ModelConfig.from_hf_dict(HF_CONFIG))
+    tensors = {n: (rng.standard_normal(s) * 0.1).astype(np.float32) for n, s in shapes.items()}
+    if edit is not None:
+        edit(tensors)
+    save_file(tensors, d / "model.safetensors")
+    return d

@@ -5,38 +5,21 @@ config values, unsupported architectures, filesystem errors, interrupts. Each en
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config, tiny_params
-
-from rocketkv_jax.convert.cli import main as convert_main
-from rocketkv_jax.convert.hf import expected_hf_shapes
-from rocketkv_jax.models.config import ModelConfig
-
-HF_CONFIG = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
-    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-    tie_word_embeddings=False, hidden_act="silu",
+from tiny_checkpoint import (
+    make_hf_dir,
+    make_tiny_checkpoint,
+    tiny_checkpoint_config,
+    tiny_params,
 )
 
-
-def make_hf_dir(d: Path, edit=None, **config) -> Path:
-    """A tiny HF Llama directory written with numpy only (no torch): config.json and one
-    model.safetensors; `edit(tensors)` may change the tensors before they are saved."""
-    cfg = {**HF_CONFIG, **config}
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(0)
-    shapes = expected_hf_shapes(ModelConfig.from_hf_dict(HF_CONFIG))  # config: not sizes
-    tensors = {n: (rng.standard_normal(s) * 0.1).astype(np.float32) for n, s in shapes.items()}
-    if edit is not None:
-        edit(tensors)
-    save_file(tensors, d / "model.safetensors")
-    return d
+from rocketkv_jax.convert.cli import main as convert_main
 
 
 def run_convert(capsys, src: Path, out: Path, *extra: str) -> tuple[int, str]:
@@ -213,3 +196,54 @@ def test_full_disk_while_saving_is_one_line_and_leaves_nothing(capsys, tmp_path,
     code, err = run_convert(capsys, src, out)
     msg = assert_one_error(code, err, out)
     assert "no space left on the device (the disk is full)" in msg and str(out) in msg
+
+
+# ------------------------------------------------------------ damaged checkpoints
+def _damage_truncate_data(ckpt: Path) -> None:
+    biggest = max((p for p in (ckpt / "params").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+
+
+def _damage_delete_data_dirs(ckpt: Path) -> None:
+    for p in (ckpt / "params").iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+
+
+def _damage_tokenizer(ckpt: Path) -> None:
+    text = (ckpt / "tokenizer.json").read_text()
+    (ckpt / "tokenizer.json").write_text(text[: len(text) // 3])
+
+
+@pytest.mark.parametrize("damage, says", [
+    (_damage_truncate_data, "cannot be read (a truncated or missing file)"),
+    (_damage_delete_data_dirs, "params/d is missing"),
+    (_damage_tokenizer, "tokenizer.json is damaged"),
+])
+def test_damaged_checkpoint_is_one_error_naming_the_path(tmp_path, capsys, damage, says):
+    from rocketkv_jax.cli import main as cli_main
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    damage(ckpt)
+    code = cli_main(["generate", "--model", str(ckpt), "--method", "full", "--prompt", "w1",
+                     "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(ckpt) in err and says in err
+    assert "NoneType" not in err and "tensorstore_spec" not in err
+    if damage is not _damage_tokenizer:
+        assert f"rocketkv-convert SRC {ckpt} --force" in err
+
+
+def test_damaged_checkpoint_in_a_fresh_process_prints_no_background_tracebacks(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    _damage_delete_data_dirs(ckpt)
+    r = subprocess.run([sys.executable, "-m", "rocketkv_jax.cli", "generate", "--model",
+                        str(ckpt), "--method", "full", "--prompt", "w1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

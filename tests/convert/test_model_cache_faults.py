@@ -114,3 +114,67 @@ def test_unwritable_cache_permissions(capsys, monkeypatch, tmp_path, smollm2_ins
     finally:
         cache.chmod(0o700)
     assert f"{cache}: permission denied" in msg
+
+
+# ------------------------------------------------- a damaged entry, --reconvert
+@pytest.fixture
+def tiny_named(tmp_path, monkeypatch):
+    """`smollm2` made of a tiny HF directory (converted for real, in a second), cached
+    under tmp_path/cache. Returns the cache entry's path."""
+    import dataclasses
+
+    from tiny_checkpoint import make_hf_dir
+
+    from rocketkv_jax import model_store
+
+    src = make_hf_dir(tmp_path / "src")
+    real = model_store.NAMED_MODELS["smollm2"]
+    monkeypatch.setitem(model_store.NAMED_MODELS, "smollm2",
+                        dataclasses.replace(real, parts=(("tiny", "x"),), sha256=None))
+    monkeypatch.setattr(model_store, "part_paths", lambda m: [src])
+    monkeypatch.setenv("ROCKETKV_JAX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / real.cache_dir
+
+
+def _generate(capsys, *extra):
+    from rocketkv_jax.cli import main as rocketkv
+
+    code = rocketkv(["generate", "--method", "full", "--prompt", "w1 w2",
+                     "--max-new-tokens", "1", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["tokenizer", "config", "params"])
+def test_damaged_cache_entry_says_how_to_rebuild_and_reconvert_does(tiny_named, capsys,
+                                                                     damage):
+    import shutil
+
+    code, err = _generate(capsys)
+    assert code == 0, err
+    entry = tiny_named
+    if damage == "tokenizer":
+        (entry / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    elif damage == "config":
+        (entry / "config.json").unlink()
+    else:
+        shutil.rmtree(entry / "params" / "d")
+    code, err = _generate(capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: the user cache's 'smollm2' model") and "damaged" in err
+    assert "rebuild it with `rocketkv generate --model smollm2 --reconvert`" in err
+    code, err = _generate(capsys, "--reconvert")
+    assert code == 0, err
+    assert (entry / "config.json").is_file() and (entry / "params" / "d").is_dir()
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
+    code, err = _generate(capsys)
+    assert code == 0, err
+
+
+def test_reconvert_with_a_checkpoint_directory_is_refused(tmp_path, capsys):
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    code, err = _generate(capsys, "--model", str(ckpt), "--reconvert")
+    assert code == 2 and err.startswith("error: --reconvert rebuilds a named model"), err
+    assert f"rocketkv-convert SRC {ckpt} --force" in err
