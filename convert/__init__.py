@@ -5,27 +5,30 @@
     params, config = load_checkpoint("./ckpt")
 
 torch and transformers are never imported here; they are only needed by the tests.
+Names are imported lazily: `rocketkv-convert` installs its Ctrl-C handler before JAX and
+orbax are imported (see rocketkv_jax.interrupts).
 """
 
-from rocketkv_jax.models.config import ConfigError
+from __future__ import annotations
 
-from .checkpoint import (
-    convert_any,
-    load_checkpoint,
-    read_checkpoint_config,
-    save_checkpoint,
-)
-from .gguf import embedded_smollm2_gguf, load_gguf
-from .hf import ConversionError, load_hf
+import importlib
 
-__all__ = [
-    "ConfigError",
-    "ConversionError",
-    "convert_any",
-    "embedded_smollm2_gguf",
-    "load_checkpoint",
-    "load_gguf",
-    "load_hf",
-    "read_checkpoint_config",
-    "save_checkpoint",
-]
+_EXPORTS = {
+    "ConfigError": "rocketkv_jax.models.config",
+    "ConversionError": "rocketkv_jax.convert.hf",
+    "convert_any": "rocketkv_jax.convert.checkpoint",
+    "embedded_smollm2_gguf": "rocketkv_jax.convert.gguf",
+    "load_checkpoint": "rocketkv_jax.convert.checkpoint",
+    "load_gguf": "rocketkv_jax.convert.gguf",
+    "load_hf": "rocketkv_jax.convert.hf",
+    "read_checkpoint_config": "rocketkv_jax.convert.checkpoint",
+    "save_checkpoint": "rocketkv_jax.convert.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rocketkv_jax.convert' has no attribute {name!r}")

@@ -24,8 +24,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rocketkv_jax import interrupts
 from rocketkv_jax.models.config import ConfigError, ModelConfig
-from rocketkv_jax.paths import PathError, check_can_create, describe_os_error
+from rocketkv_jax.paths import (
+    PathError,
+    check_can_create,
+    describe_os_error,
+    remove_stale_temp_dirs,
+    temp_prefix,
+)
 
 from ..models.params import flatten, unflatten
 from .gguf import load_gguf
@@ -68,13 +75,15 @@ def save_checkpoint(
     _check_params(params, config)
     check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out.parent, out.name)  # of conversions killed before (SIGKILL)
     _quiet_orbax()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, "tmp"), dir=out.parent))
     checkpointer = None
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
+        interrupts.check()  # a Ctrl-C during the save is honoured once orbax is done
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             if Path(name).name != name or name in (CONFIG_FILE, PARAMS_DIR):
@@ -84,6 +93,7 @@ def save_checkpoint(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        interrupts.check()
         _move_into_place(tmp, out, force)
     except BaseException:
         if checkpointer is not None and hasattr(checkpointer, "close"):
@@ -126,7 +136,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
             raise ConversionError(f"{out} appeared while converting (another conversion?)")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, "old"), dir=out.parent))
         os.replace(out, old / out.name)
         try:
             os.replace(tmp, out)
@@ -337,7 +347,8 @@ def convert_any(
     except PathError as e:
         raise ConversionError(str(e)) from None
     try:
-        return _convert(src, out_path, dtype, progress, force)
+        with interrupts.deferred():  # Ctrl-C is honoured between tensors and after the save
+            return _convert(src, out_path, dtype, progress, force)
     except OSError as e:  # reading the source, or writing OUT (a full disk)
         raise ConversionError(describe_os_error(e, f"convert {src} into {out_path}")) from None
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
 
-from rocketkv_jax.models.config import ConfigError
-from rocketkv_jax.paths import PathError, describe_os_error
+from rocketkv_jax import interrupts
 
-from .checkpoint import convert_any
-from .hf import DTYPES, ConversionError
+# JAX, orbax and the converters are imported inside main(), after the Ctrl-C handler is
+# installed: an interrupt in the first seconds is then honoured, not lost in a gc callback.
+DTYPE_NAMES = ("bfloat16", "float32")  # convert.hf.DTYPES (a test checks they agree)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", metavar="SRC", help="HF model directory or .gguf file")
     parser.add_argument("out", metavar="OUT", help="checkpoint directory to create")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="bfloat16",
+        "--dtype", choices=DTYPE_NAMES, default="bfloat16",
         help="dtype of the stored params (default: %(default)s)",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -53,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.getsignal(signal.SIGINT)
+    installed = interrupts.install()
+    try:
+        return _main(argv)
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
+            interrupts.reset()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -60,18 +72,31 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
 
     start = time.perf_counter()
+    out_existed = os.path.exists(args.out)
     try:
+        from rocketkv_jax.models.config import ConfigError
+        from rocketkv_jax.paths import PathError, describe_os_error
+
+        from .checkpoint import convert_any
+        from .hf import ConversionError
+    except KeyboardInterrupt:  # a second Ctrl-C while importing
+        print("rocketkv-convert: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        interrupts.check()
         config = convert_any(args.src, args.out, args.dtype, progress=not args.quiet,
                              force=args.force)
+    except KeyboardInterrupt:
+        done = not out_existed and os.path.exists(args.out)  # Ctrl-C after the final rename
+        what = f"{args.out} was already complete" if done else "nothing was written"
+        print(f"rocketkv-convert: interrupted; {what}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConversionError, ConfigError, PathError) as e:
         print(f"rocketkv-convert: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # the filesystem, not our bug: one line naming the path
         print(f"rocketkv-convert: error: {describe_os_error(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("rocketkv-convert: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Exception as e:  # a bug, or a corrupt file a library chokes on in a new way
         if os.environ.get("ROCKETKV_DEBUG"):
             traceback.print_exc()

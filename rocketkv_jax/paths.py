@@ -5,6 +5,10 @@ while writing is said in one line that names the path."""
 from __future__ import annotations
 
 import errno
+import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -59,3 +63,52 @@ def _probe(directory: Path, doing: str) -> None:
     except OSError as e:
         e.filename = e.filename or str(directory)
         raise PathError(describe_os_error(e, doing)) from None
+
+
+# ---------------------------------------------------------------- temporary siblings
+# A conversion writes into hidden siblings of its output: ".<out>.<kind>-<pid>@<host>-XXXX".
+# The pid and host let a later run remove those of a process that died (SIGKILL, power
+# loss) without touching a live one's.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|gguf)-(?P<pid>\d+)@(?P<host>.+)-"
+                        r"[A-Za-z0-9_]+$")
+
+
+def temp_prefix(name: str, kind: str) -> str:
+    """mkdtemp prefix for a hidden temporary sibling of `name` owned by this process."""
+    return f".{name}.{kind}-{os.getpid()}@{_host()}-"
+
+
+def remove_stale_temp_dirs(parent: Path, name: str) -> list[Path]:
+    """Remove `parent`'s temporary siblings of `name` left by dead processes of this host.
+    Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMP_NAME.match(p.name)
+        if not m or m["name"] != name or m["host"] != _host() or _alive(int(m["pid"])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True

@@ -178,3 +178,108 @@ def test_reconvert_with_a_checkpoint_directory_is_refused(tmp_path, capsys):
     code, err = _generate(capsys, "--model", str(ckpt), "--reconvert")
     assert code == 2 and err.startswith("error: --reconvert rebuilds a named model"), err
     assert f"rocketkv-convert SRC {ckpt} --force" in err
+
+
+# ------------------------------------------------------- Ctrl-C, SIGKILL leftovers
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _temp_name(name: str, kind: str, pid: int) -> str:
+    import socket
+
+    return f".{name}.{kind}-{pid}@{socket.gethostname()}-abcd_123"
+
+
+def test_next_conversion_removes_temp_dirs_of_killed_runs_only(tmp_path, capsys):
+    from tiny_checkpoint import make_hf_dir
+
+    from rocketkv_jax.convert.cli import main as convert_main
+
+    src = make_hf_dir(tmp_path / "src")
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [tmp_path / _temp_name("out", "tmp", dead), tmp_path / _temp_name("out", "old",
+                                                                                  dead)]
+        keep = [tmp_path / _temp_name("out", "tmp", live.pid),  # a conversion still running
+                tmp_path / _temp_name("other", "tmp", dead)]  # not this output's
+        for d in stale + keep:
+            (d / "params").mkdir(parents=True)
+            (d / "params" / "blob").write_bytes(b"x" * 1000)
+        assert convert_main([str(src), str(tmp_path / "out"), "--quiet"]) == 0
+        assert [d.exists() for d in stale] == [False, False]
+        assert [d.exists() for d in keep] == [True, True]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_first_run_removes_the_gguf_work_dir_of_a_killed_run(tiny_named, capsys):
+    cache = tiny_named.parent
+    cache.mkdir(parents=True)
+    stale = cache / _temp_name(tiny_named.name, "gguf", _dead_pid())
+    stale.mkdir()
+    (stale / "half.gguf").write_bytes(b"GGUF" + bytes(100))
+    code, err = _generate(capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in cache.iterdir()) == [tiny_named.name]
+
+
+CONVERT_WITH_CTRL_C = textwrap.dedent("""
+    import os, signal, sys, time
+    from rocketkv_jax import interrupts
+    from rocketkv_jax.convert.cli import main
+
+    where = sys.argv[1]
+    if where == "start":  # Ctrl-C right after the start, before JAX is imported
+        install = interrupts.install
+
+        def install_then_ctrl_c():
+            done = install()
+            os.kill(os.getpid(), signal.SIGINT)
+            return done
+
+        interrupts.install = install_then_ctrl_c
+    else:  # Ctrl-C while orbax's background threads write the params
+        import orbax.checkpoint as ocp
+
+        save = ocp.StandardCheckpointer.save
+
+        def save_then_ctrl_c(self, *a, **kw):
+            save(self, *a, **kw)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+
+        ocp.StandardCheckpointer.save = save_then_ctrl_c
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("where", ["start", "save"])
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, where):
+    from tiny_checkpoint import make_hf_dir
+
+    src = make_hf_dir(tmp_path / "src")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", CONVERT_WITH_CTRL_C, where, str(src), str(out),
+                        "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and "interrupted; nothing was written" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_cli_dtype_names_are_the_converters():
+    from rocketkv_jax.convert.cli import DTYPE_NAMES
+    from rocketkv_jax.convert.hf import DTYPES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
+
+
+def test_importing_the_convert_cli_imports_no_jax():
+    r = subprocess.run([sys.executable, "-c", "import sys, rocketkv_jax.convert.cli; "
+                        "print('jax' in sys.modules, 'orbax' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False False", r.stderr
