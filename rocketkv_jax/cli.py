@@ -366,7 +366,8 @@ def cmd_eval(args) -> int:
     gen, forced, greedy = engine_functions(model, kernels=args.kernels,
                                            batch_size=getattr(args, "batch_size", 8))
     return run_eval_command(args, gen, model.tokenizer, forced, greedy,
-                            max_context_length=model.config.max_position_embeddings)
+                            max_context_length=model.config.max_position_embeddings,
+                            tokenizer_dir=model.path)
 
 
 def cmd_models(args) -> int:

@@ -1,5 +1,6 @@
-"""Accuracy evaluation: NIAH / RULER-style tasks, RULER scoring, resumable runs, fidelity
-to full KV, markdown + PNG reports, and the `rocketkv eval` subcommand.
+"""Accuracy evaluation: NIAH / RULER-style tasks (the quick suite) and NVIDIA's RULER
+(the ruler suite, its own generators and scoring), resumable runs, fidelity to full KV,
+markdown + PNG reports, and the `rocketkv eval` subcommand.
 
 Importing this package does not import JAX or matplotlib (the plot imports it lazily).
 """
@@ -20,6 +21,7 @@ from rocketkv_jax.eval.fidelity import (
     token_agreement,
 )
 from rocketkv_jax.eval.report import PLOT_FILE, TABLE_FILE, render_markdown, write_report
+from rocketkv_jax.eval.ruler import RULER_TASK_NAMES, RulerSuite, ruler_score
 from rocketkv_jax.eval.runner import (
     FULL_METHOD,
     METHOD_NAMES,
@@ -36,6 +38,7 @@ from rocketkv_jax.eval.scoring import (
     string_match_all,
     string_match_part,
 )
+from rocketkv_jax.eval.suites import QUICK_SUITE, SUITE_NAMES, TaskSuite, make_suite
 from rocketkv_jax.eval.tasks import (
     DEFAULT_MAX_NEW_TOKENS,
     TASK_NAMES,
@@ -52,15 +55,20 @@ __all__ = [
     "METHOD_NAMES",
     "METRIC_BY_TASK",
     "PLOT_FILE",
+    "QUICK_SUITE",
+    "RULER_TASK_NAMES",
     "RESULTS_FILE",
+    "SUITE_NAMES",
     "TABLE_FILE",
     "TASK_NAMES",
     "EngineContractError",
     "EvalArgumentError",
     "EvalConfig",
     "ResultsFileError",
+    "RulerSuite",
     "TaskError",
     "TaskSample",
+    "TaskSuite",
     "add_eval_parser",
     "corpus_score",
     "fidelity_metrics",
@@ -68,10 +76,12 @@ __all__ = [
     "identical_prefix_length",
     "kl_per_step",
     "make_sample",
+    "make_suite",
     "read_jsonl",
     "render_markdown",
     "run_eval",
     "run_eval_command",
+    "ruler_score",
     "run_fidelity",
     "score_output",
     "string_match_all",

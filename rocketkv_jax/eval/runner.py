@@ -23,8 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rocketkv_jax.eval.scoring import score_output
-from rocketkv_jax.eval.tasks import DEFAULT_MAX_NEW_TOKENS, TASK_NAMES, TaskSample, make_sample
+from rocketkv_jax.eval.suites import QUICK_SUITE, SampleKey, TaskSuite
+from rocketkv_jax.eval.tasks import TaskSample
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ RESULTS_FILE = "results.jsonl"
 KEY_FIELDS = ("method", "budget", "task", "context_length", "sample")
 
 GenerateFn = Callable[[list[str], str, int, int], list[str]]
-SampleKey = tuple[str, int, int]  # (task, context_length, sample index)
 
 
 class ResultsFileError(ValueError):
@@ -142,8 +141,18 @@ def index_records(records: Iterable[Mapping[str, Any]], path: Path) -> dict[tupl
     return index
 
 
-def check_compatible(records: Iterable[Mapping[str, Any]], seed: int, path: Path) -> None:
-    """Raise ResultsFileError if existing records come from a run with another seed."""
+def check_compatible(
+    records: Iterable[Mapping[str, Any]], seed: int, path: Path, suite: str = "quick"
+) -> None:
+    """Raise ResultsFileError if existing records come from a run with another seed or
+    another task suite (records without a suite field are from the quick suite)."""
+    records = list(records)
+    suites = {r.get("suite", "quick") for r in records}
+    if suites - {suite}:
+        raise ResultsFileError(
+            f"{path} holds results of the {', '.join(sorted(suites - {suite}))} suite, but "
+            f"this run uses the {suite} suite; use a new output directory."
+        )
     seeds = {r.get("seed") for r in records}
     if seeds - {seed}:
         raise ResultsFileError(
@@ -169,14 +178,15 @@ def method_budget_grid(
 
 
 def resolve_max_new_tokens(
-    tasks: Sequence[str], overrides: Mapping[str, int] | None
+    tasks: Sequence[str], overrides: Mapping[str, int] | None, suite: TaskSuite = QUICK_SUITE
 ) -> dict[str, int]:
-    """Answer allowance per task: DEFAULT_MAX_NEW_TOKENS updated with `overrides`."""
+    """Answer allowance per task: the suite's defaults updated with `overrides`."""
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(TASK_NAMES))
+    unknown = sorted(set(overrides) - set(suite.task_names))
     if unknown:
         raise ValueError(f"max_new_tokens_per_task has unknown task(s): {', '.join(unknown)}")
-    resolved = {t: int(overrides.get(t, DEFAULT_MAX_NEW_TOKENS[t])) for t in tasks}
+    defaults = suite.default_max_new_tokens
+    resolved = {t: int(overrides.get(t, defaults[t])) for t in tasks}
     bad = {t: n for t, n in resolved.items() if n <= 0}
     if bad:
         raise ValueError(f"max_new_tokens must be positive, got {bad}")
@@ -189,6 +199,7 @@ def validate_grid(
     context_lengths: Sequence[int],
     tasks: Sequence[str],
     samples_per_task: int,
+    task_names: Sequence[str] = QUICK_SUITE.task_names,
 ) -> None:
     """Raise ValueError naming the first bad argument of a run."""
     unknown = [m for m in methods if m not in METHOD_NAMES]
@@ -196,9 +207,9 @@ def validate_grid(
         raise ValueError(
             f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}"
         )
-    unknown = [t for t in tasks if t not in TASK_NAMES]
+    unknown = [t for t in tasks if t not in task_names]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASK_NAMES)}")
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(task_names)}")
     if not methods or not tasks or not context_lengths:
         raise ValueError("methods, tasks and context lengths must each be non-empty")
     if any(m != FULL_METHOD for m in methods) and not budgets:
@@ -218,22 +229,12 @@ def prepare_samples(
     seed: int,
     max_new_tokens: Mapping[str, int],
     show_progress: bool = True,
+    suite: TaskSuite = QUICK_SUITE,
 ) -> dict[SampleKey, TaskSample]:
-    """Generate the samples for (task, context_length, index) keys, with a progress bar."""
-    keys = list(dict.fromkeys(keys))
-    samples: dict[SampleKey, TaskSample] = {}
-    for task, context, index in tqdm(
-        keys, desc="prompts", unit="prompt", disable=not show_progress or not keys
-    ):
-        samples[(task, context, index)] = make_sample(
-            task,
-            tokenizer,
-            context_length=context,
-            index=index,
-            seed=seed,
-            max_new_tokens=max_new_tokens[task],
-        )
-    return samples
+    """Generate the samples for (task, context_length, index) keys from `suite`."""
+    return suite.make_samples(
+        tokenizer, keys, seed=seed, max_new_tokens=max_new_tokens, show_progress=show_progress
+    )
 
 
 def check_prompts_match(
@@ -258,9 +259,10 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _result_record(
-    sample: TaskSample, method: str, budget: int | None, output: str
+    sample: TaskSample, method: str, budget: int | None, output: str, suite: TaskSuite
 ) -> dict[str, Any]:
     return {
+        "suite": suite.name,
         "method": method,
         "budget": budget,
         "task": sample.task,
@@ -272,7 +274,7 @@ def _result_record(
         "max_new_tokens": sample.max_new_tokens,
         "expected": list(sample.answers),
         "output": output,
-        "score": score_output(sample.task, output, sample.answers),
+        "score": suite.score(sample.task, output, sample.answers),
         "prompt_sha1": sample.prompt_sha1,
     }
 
@@ -303,6 +305,7 @@ def run_eval(
     batch_size: int = 8,
     include_full: bool = True,
     show_progress: bool = True,
+    suite: TaskSuite = QUICK_SUITE,
 ) -> Path:
     """Run (or resume) the accuracy grid and return the path of results.jsonl.
 
@@ -314,16 +317,17 @@ def run_eval(
     and fsynced before the next, so a kill loses at most one call. Raises ValueError for
     bad arguments, ResultsFileError for an incompatible existing file, TaskError if
     prompts cannot be built, EngineContractError if generate_fn breaks its contract.
+    `suite` supplies the prompts, answer allowances and scoring (default: quick).
     """
-    validate_grid(methods, budgets, context_lengths, tasks, samples_per_task)
+    validate_grid(methods, budgets, context_lengths, tasks, samples_per_task, suite.task_names)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    new_tokens = resolve_max_new_tokens(tasks, max_new_tokens_per_task)
+    new_tokens = resolve_max_new_tokens(tasks, max_new_tokens_per_task, suite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
     existing = read_jsonl(path, repair=True)
-    check_compatible(existing, seed, path)
+    check_compatible(existing, seed, path, suite.name)
     done = index_records(existing, path)
 
     grid = method_budget_grid(methods, budgets, include_full=include_full)
@@ -358,6 +362,7 @@ def run_eval(
         seed=seed,
         max_new_tokens=new_tokens,
         show_progress=show_progress,
+        suite=suite,
     )
     check_prompts_match(samples, existing, path)
 
@@ -386,7 +391,7 @@ def run_eval(
                     append_jsonl(
                         handle,
                         [
-                            _result_record(s, method, budget, o)
+                            _result_record(s, method, budget, o, suite)
                             for s, o in zip(batch, outputs, strict=True)
                         ],
                     )
