@@ -11,8 +11,11 @@ built so far; slots past the chunk are never read).
 `prefill_attention_reference` is the pure-jnp version: the CPU path and the reference of
 the Pallas kernel. Each block of `block_q` queries runs an online softmax over key blocks
 of `block_k` and visits only the key blocks it can see: from the sliding window's lower
-edge (Mistral) to the causal diagonal, and none past the longest row. GQA folds the G query
-heads of a KV head into the rows of one matmul, so K and V are never repeated.
+edge (Mistral) to the causal diagonal, and none past the longest row. Only the blocks on
+the diagonal, the window's edge or a row's end build and apply a mask; the interior blocks,
+which every query of the block sees whole, skip it (on CPU the masking costs as much as a
+matmul). GQA folds the G query heads of a KV head into the rows of one matmul, so K and V
+are never repeated.
 
 `prefill_attention(..., backend="triton" | "interpret")` runs the Pallas kernel (Triton
 lowering, like the stage-2 kernels). Its design:
@@ -87,6 +90,20 @@ def key_block_range(q_lo, q_hi, max_length, *, block_k: int, num_blocks: int,
     return lo, jnp.maximum(hi, lo)
 
 
+def unmasked_key_block_range(q_lo, q_hi, min_length, lo, hi, *, block_k: int,
+                             sliding_window: int | None):
+    """The key blocks [full_lo, full_hi), inside [lo, hi), that every query at positions
+    [q_lo, q_hi) of every row sees whole: at or before q_lo (causal), before the shortest
+    row's length, and inside the window of the last query. Those need no mask."""
+    full_hi = jnp.minimum(q_lo + 1, min_length) // block_k
+    full_lo = lo
+    if sliding_window is not None:
+        first = q_hi - sliding_window  # the earliest key the last query still sees
+        full_lo = jnp.maximum(lo, (first + block_k - 1) // block_k)
+    full_lo = jnp.clip(full_lo, lo, hi)
+    return full_lo, jnp.clip(full_hi, full_lo, hi)
+
+
 def prefill_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -120,7 +137,7 @@ def prefill_attention_reference(
     qb = q.reshape(B, K, G, nq, bq, D).transpose(3, 0, 1, 2, 4, 5).reshape(nq, B, K, G * bq, D)
     q_start = jnp.asarray(q_start, jnp.int32)
     lengths = lengths.astype(jnp.int32)
-    max_length = jnp.max(lengths)
+    max_length, min_length = jnp.max(lengths), jnp.min(lengths)
     scale = 1.0 / jnp.sqrt(jnp.float32(D))
 
     def query_block(args):
@@ -130,29 +147,40 @@ def prefill_attention_reference(
         row_pos = jnp.tile(q_pos, G)  # [G * bq], row g * bq + t is head g, query t
         lo, hi = key_block_range(q_pos[0], q_pos[-1] + 1, max_length, block_k=bk,
                                  num_blocks=nk, sliding_window=sliding_window)
+        full_lo, full_hi = unmasked_key_block_range(q_pos[0], q_pos[-1] + 1, min_length,
+                                                    lo, hi, block_k=bk,
+                                                    sliding_window=sliding_window)
 
-        def key_block(j, carry):
+        def key_block(j, carry, masked: bool):
             m, denom, acc = carry  # [B, K, G*bq], [B, K, G*bq], [B, K, G*bq, D]
             kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2).astype(jnp.float32)
             vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2).astype(jnp.float32)
             s = jnp.einsum("bkrd,bksd->bkrs", qi, kj)  # [B, K, G*bq, bk]
-            k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)  # [bk]
-            mask = k_pos[None, :] <= row_pos[:, None]  # [G*bq, bk]
-            if sliding_window is not None:
-                mask &= row_pos[:, None] - k_pos[None, :] < sliding_window
-            mask = mask[None] & (k_pos[None, None, :] < lengths[:, None, None])  # [B, G*bq, bk]
-            mask = mask[:, None]  # [B, 1, G*bq, bk]
-            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _M_INIT), axis=-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            if masked:  # the diagonal, the window's edge and the row ends
+                k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)  # [bk]
+                mask = k_pos[None, :] <= row_pos[:, None]  # [G*bq, bk]
+                if sliding_window is not None:
+                    mask &= row_pos[:, None] - k_pos[None, :] < sliding_window
+                mask = mask[None] & (k_pos[None, None, :] < lengths[:, None, None])
+                mask = mask[:, None]  # [B, 1, G*bq, bk]
+                m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _M_INIT), axis=-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            else:  # interior blocks, seen whole by every row: no mask to build or apply
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             denom = denom * correction + p.sum(axis=-1)
             acc = acc * correction[..., None] + jnp.einsum("bkrs,bksd->bkrd", p, vj)
             return m_new, denom, acc
 
+        masked = functools.partial(key_block, masked=True)
         rows = (B, K, G * bq)
-        init = (jnp.full(rows, _M_INIT, jnp.float32), jnp.zeros(rows, jnp.float32),
-                jnp.zeros((*rows, D), jnp.float32))
-        _, denom, acc = lax.fori_loop(lo, hi, key_block, init)
+        carry = (jnp.full(rows, _M_INIT, jnp.float32), jnp.zeros(rows, jnp.float32),
+                 jnp.zeros((*rows, D), jnp.float32))
+        carry = lax.fori_loop(lo, full_lo, masked, carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(key_block, masked=False),
+                              carry)
+        _, denom, acc = lax.fori_loop(full_hi, hi, masked, carry)
         return jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
 
     out = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))  # [nq, B, K, G*bq, D]

@@ -91,6 +91,8 @@ REFERENCE_CASES = {
     "fully_masked_row": (2, 2, 1, 16, 64, 64, 40, [56, 20], 4, 16, 16),
     "window_one": (1, 1, 4, 20, 20, 64, 0, [20], 1, 16, 16),
     "empty_row": (2, 1, 2, 18, 18, 64, 0, [18, 0], None, 16, 16),
+    # unmasked interior key blocks between the window's edge and the diagonal
+    "window_interior": (2, 1, 2, 96, 96, 64, 0, [96, 90], 64, 16, 16),
 }
 
 
