@@ -87,3 +87,36 @@ def test_param_rules_cover_the_qwen_params(tag):
             assert flat[f"layers/{name}"].spec == P(None, None)
     with pytest.raises(shd.MeshError, match="does not divide the model's 2 KV heads"):
         shd.param_shardings(cfg, abstract_mesh(1, 4))
+
+
+# ------------------------------------------------------------- the CLI, 4 devices
+def _cli_generate(ckpt, *extra):
+    from tiny_checkpoint import words
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "ROCKETKV_JAX_COMPILE_CACHE": "off"}
+    return subprocess.run(
+        [sys.executable, "-m", "rocketkv_jax.cli", "generate", "--model", str(ckpt),
+         "--prompt", words(150), "--method", "rocketkv", "--token-budget", "32",
+         "--max-new-tokens", "6", "--no-stream", *extra],
+        capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_cli_mesh_on_a_tiny_qwen2_checkpoint(tmp_path):
+    """`rocketkv generate --mesh` on a converted Qwen2 checkpoint (q/k/v biases, 6 / 2
+    heads): data=2,model=2 prints the single-device text; model=4 is one clear error."""
+    from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config
+
+    cfg = tiny_checkpoint_config(model_type="qwen2", qkv_bias=True,
+                                 max_position_embeddings=256)
+    assert cfg.num_kv_heads == 2
+    ckpt = make_tiny_checkpoint(tmp_path / "qwen2", cfg)
+    single = _cli_generate(ckpt)
+    assert single.returncode == 0 and single.stdout.strip(), single.stderr[-2000:]
+    sharded = _cli_generate(ckpt, "--mesh", "data=2,model=2")
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    assert sharded.stdout == single.stdout
+    refused = _cli_generate(ckpt, "--mesh", "model=4")
+    assert refused.returncode == 2
+    assert "does not divide the model's 2 KV heads" in refused.stderr
+    assert "Traceback" not in refused.stderr
