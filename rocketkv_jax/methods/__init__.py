@@ -15,7 +15,7 @@ from .budget import RocketKVSplit, rocketkv_split
 from .full import Full
 from .hybrid import Hybrid
 from .quest import Quest, QuestPlan
-from .registry import METHOD_NAMES, make_method, method_hparams
+from .registry import METHOD_NAMES, METHOD_VARIANTS, make_method, method_hparams
 from .rocketkv import RocketKV
 from .snapkv import PromptEvictionPlan, SnapKV, SnapKVPlusPlus
 from .sparq import SparQ, SparQPlan
@@ -27,6 +27,7 @@ from .topk import TopK, TopKPlan
 __all__ = [
     "KERNEL_BACKENDS",
     "METHOD_NAMES",
+    "METHOD_VARIANTS",
     "DensePlan",
     "Full",
     "Hybrid",

@@ -46,14 +46,26 @@ def stage2_reduction(c2: float, head_dim: int) -> tuple[int, int]:
     return page, min(max(r, 1), head_dim)
 
 
-def rocketkv_split(M: int, L: int, N: int, D: int) -> RocketKVSplit:
+def rocketkv_split(
+    M: int, L: int, N: int, D: int, stage1_share: float | None = None
+) -> RocketKVSplit:
     """RocketKV's budget split for token budget M, sequence L = T + N, N new tokens,
-    head dim D, exactly as ALGORITHM.md (and the reference implementation) computes it."""
+    head dim D, exactly as ALGORITHM.md (and the reference implementation) computes it.
+
+    stage1_share: a fixed share `a` of the compression done by stage 1 (the official
+    `rocket_r0.3` / `r0.5` / `r0.7` methods), in [0, 1], instead of the adaptive
+    a = min(0.2 + 0.06 log2 c, 0.8); everything after `a` is unchanged.
+    """
     if M <= 0 or L <= 0 or N < 0 or D <= 0:
         raise ValueError(f"rocketkv_split needs M, L, D > 0 and N >= 0, got {M=} {L=} {N=} {D=}")
+    if stage1_share is not None and not 0.0 <= stage1_share <= 1.0:
+        raise ValueError(f"stage1_share must be in [0, 1], got {stage1_share}")
     M = min(M, L)
     c = max(1.0, L / M)
-    a = min(0.2 + 0.06 * math.log2(c), 0.8)
+    if stage1_share is None:
+        a = min(0.2 + 0.06 * math.log2(c), 0.8)
+    else:
+        a = float(stage1_share)
     capacity = int(L / c**a)
     capacity = max(capacity, min(2 * N, L))
     prompt_budget = capacity - N

@@ -27,6 +27,14 @@ _METHODS = {
     "topk": TopK,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(_METHODS)
+# Named settings of the methods above that the official RocketKV code runs as methods of
+# their own: a fixed stage-1 share (`rocket_r0.x`) and its per-query-head top-k oracle.
+METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
+    "rocket_r0.3": ("rocketkv", {"stage1_share": 0.3}),
+    "rocket_r0.5": ("rocketkv", {"stage1_share": 0.5}),
+    "rocket_r0.7": ("rocketkv", {"stage1_share": 0.7}),
+    "topk_head": ("topk", {"per_head": True}),
+}
 
 
 def method_hparams(name: str) -> tuple[str, ...]:
@@ -44,12 +52,24 @@ def make_method(name: str, token_budget: int | None = None, **hparams):
     stage-2 kernel backend, see sparse_ops.KERNEL_BACKENDS) is accepted for every method
     and dropped by those that run no kernel (full, streaming, snapkv, snapkv++), so one
     setting can be passed to all names.
+    A name of METHOD_VARIANTS (e.g. "rocket_r0.5") builds its base method with the
+    variant's settings, which other hparams may not contradict.
     Raises MethodConfigError (a ValueError) for an unknown name or hyperparameter, a missing
     or non-positive budget, and settings the method rejects.
     """
+    if name in METHOD_VARIANTS:
+        base, fixed = METHOD_VARIANTS[name]
+        clash = sorted(k for k, v in fixed.items() if hparams.get(k) not in (None, v))
+        if clash:
+            raise MethodConfigError(
+                f"method {name!r} is {base} with {fixed}; it cannot take "
+                f"{', '.join(f'{k}={hparams[k]!r}' for k in clash)}"
+            )
+        return make_method(base, token_budget, **{**hparams, **fixed})
     if name not in _METHODS:
         raise MethodConfigError(
-            f"unknown KV method {name!r}; expected one of {', '.join(METHOD_NAMES)}"
+            f"unknown KV method {name!r}; expected one of "
+            f"{', '.join((*METHOD_NAMES, *METHOD_VARIANTS))}"
         )
     hparams = {k: v for k, v in hparams.items() if v is not None}
     allowed = method_hparams(name)

@@ -29,7 +29,12 @@ from .stage2 import TwoStagePlan
 class RocketKV:
     """RocketKV. Defaults from the paper's reference code: window 32, max-pool kernel 63
     (clamped to the scored span, odd), page and top_r from the budget split (overridable:
-    page_size a power of two, top_r in [1, head_dim])."""
+    page_size a power of two, top_r in [1, head_dim]).
+
+    stage1_share: None (default) for the adaptive split a = min(0.2 + 0.06 log2 c, 0.8);
+    a number in (0, 1] fixes a, as the official `rocket_r0.3` / `rocket_r0.5` /
+    `rocket_r0.7` methods do (capacity = int(L / c**a), the rest of the split as usual).
+    """
 
     token_budget: int
     window: int = 32
@@ -37,10 +42,19 @@ class RocketKV:
     page_size: int | None = None
     top_r: int | None = None
     kernels: str = "reference"
+    stage1_share: float | None = None
     name: ClassVar[str] = "rocketkv"
 
     def __post_init__(self) -> None:
         check_token_budget(self.name, self.token_budget)
+        share = self.stage1_share
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1
+        ):
+            raise MethodConfigError(
+                f"rocketkv: stage1_share must be a number in (0, 1] (the official methods "
+                f"use 0.3, 0.5 and 0.7), got {share!r}; pass None for the adaptive split"
+            )
         check_positive_int(self.name, "window", self.window)
         check_positive_int(self.name, "kernel_size", self.kernel_size)
         check_stage2_overrides(self.name, self.page_size, self.top_r, self.kernels)
@@ -52,7 +66,7 @@ class RocketKV:
             check_top_r(self.name, self.top_r, D)
         if M >= L:
             return DensePlan(self.name, round_capacity(L), T, M)
-        split = rocketkv_split(M, L, N, D)
+        split = rocketkv_split(M, L, N, D, self.stage1_share)
         budget = split.prompt_budget
         if T > budget and budget < self.window:
             raise MethodConfigError(
