@@ -36,6 +36,7 @@ from rocketkv_jax.eval.report import (
 from rocketkv_jax.eval.ruler import DEFAULT_TEMPLATE as RULER_DEFAULT_TEMPLATE
 from rocketkv_jax.eval.ruler import RULER_TASK_NAMES
 from rocketkv_jax.eval.runner import (
+    EVAL_METHOD_NAMES,
     FULL_METHOD,
     METHOD_NAMES,
     GenerateFn,
@@ -135,7 +136,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         metavar="LIST",
-        help=f"comma list from {{{','.join(METHOD_NAMES)}}}; full KV always runs as the "
+        help=f"comma list from {{{','.join(EVAL_METHOD_NAMES)}}} (rocket_r0.x: rocketkv with "
+        "the official fixed stage-1 share; topk_head: the official per-query-head oracle); "
+        "full KV always runs as the "
         f"reference (default: {','.join(DEFAULTS['methods'])})",
     )
     parser.add_argument(
@@ -283,7 +286,7 @@ def validate_eval_args(
     else:
         defaults = SMOKE_DEFAULTS if getattr(args, "smoke", False) else DEFAULTS
         task_names = TASK_NAMES
-    methods = _names(args.methods, defaults["methods"], METHOD_NAMES, "method")
+    methods = _names(args.methods, defaults["methods"], EVAL_METHOD_NAMES, "method")
     if FULL_METHOD not in methods:
         methods = (FULL_METHOD, *methods)
     budgets = _counts(args.budgets, defaults["budgets"], "budget")

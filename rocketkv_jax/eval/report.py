@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from rocketkv_jax.eval.fidelity import FIDELITY_FILE
-from rocketkv_jax.eval.runner import FULL_METHOD, METHOD_NAMES, RESULTS_FILE, read_jsonl
+from rocketkv_jax.eval.runner import EVAL_METHOD_NAMES as METHOD_NAMES
+from rocketkv_jax.eval.runner import FULL_METHOD, RESULTS_FILE, read_jsonl
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_budget.png"

@@ -196,3 +196,12 @@ def test_official_variants_by_name():
         make_method("rocket_r0.5", 256, stage1_share=0.3)
     with pytest.raises(MethodConfigError, match="rocket_r0.3"):
         make_method("rocket_r0.4", 256)
+
+
+def test_eval_knows_the_same_method_names():
+    from rocketkv_jax.eval.runner import METHOD_NAMES as EVAL_NAMES
+    from rocketkv_jax.eval.runner import METHOD_VARIANT_NAMES
+    from rocketkv_jax.methods import METHOD_NAMES
+
+    assert EVAL_NAMES == METHOD_NAMES
+    assert METHOD_VARIANT_NAMES == tuple(METHOD_VARIANTS)
