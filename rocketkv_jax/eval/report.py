@@ -5,6 +5,10 @@ and sample weighs the same; with a complete grid this equals RULER's mean of per
 scores). Full KV has no budget; its row repeats its one value in every budget column
 and the plot draws it as a dashed horizontal line, as in the RocketKV paper's figures.
 A cell with fewer records than the fullest cell of its table is marked with `*`.
+
+RULER runs (`--suite ruler` records) also show each cell's standard error of the mean
+and its record count, `mean ± se (n)`, give a table per context length with per-task
+tables under it, and a plot of accuracy vs context length at budgets 256 and 1024.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from rocketkv_jax.eval.runner import FULL_METHOD, RESULTS_FILE, read_jsonl
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_budget.png"
+CONTEXT_PLOT_FILE = "accuracy_vs_context.png"
+CONTEXT_PLOT_BUDGETS = (256, 1024)
 
 Record = Mapping[str, Any]
 Cells = dict[tuple[str, int | None], tuple[float, int]]  # (method, budget) -> (mean, count)
@@ -47,8 +53,36 @@ def mean_cells(records: Iterable[Record], value: Callable[[Record], float | None
     return {key: (sum(vs) / len(vs), len(vs)) for key, vs in sums.items()}
 
 
-def markdown_table(cells: Cells, *, fmt: str = "{:.1f}", full_label: str = "full KV") -> str:
-    """Rows = methods, columns = budgets; full KV (budget None) repeated in every column."""
+def standard_errors(
+    records: Iterable[Record], value: Callable[[Record], float | None]
+) -> dict[tuple[str, int | None], float | None]:
+    """(method, budget) -> standard error of the cell's mean, sample std (n - 1) / sqrt(n);
+    None for a single record."""
+    groups: dict[tuple[str, int | None], list[float]] = {}
+    for record in records:
+        v = value(record)
+        if v is not None:
+            groups.setdefault((record["method"], record["budget"]), []).append(float(v))
+    out: dict[tuple[str, int | None], float | None] = {}
+    for key, vs in groups.items():
+        n = len(vs)
+        if n < 2:
+            out[key] = None
+            continue
+        mean = sum(vs) / n
+        out[key] = (sum((x - mean) ** 2 for x in vs) / (n - 1)) ** 0.5 / n**0.5
+    return out
+
+
+def markdown_table(
+    cells: Cells,
+    *,
+    fmt: str = "{:.1f}",
+    full_label: str = "full KV",
+    errors: Mapping[tuple[str, int | None], float | None] | None = None,
+) -> str:
+    """Rows = methods, columns = budgets; full KV (budget None) repeated in every column.
+    With `errors`, a cell reads `mean ± se (n)`."""
     if not cells:
         return "_no records_\n"
     budgets = sorted({b for _, b in cells if b is not None})
@@ -63,7 +97,11 @@ def markdown_table(cells: Cells, *, fmt: str = "{:.1f}", full_label: str = "full
         mean, count = cells[(method, budget)]
         mark = "*" if count < most else ""
         incomplete |= bool(mark)
-        return fmt.format(mean) + mark
+        if errors is None:
+            return fmt.format(mean) + mark
+        se = errors.get((method, budget))
+        spread = "" if se is None else " ± " + fmt.format(se)
+        return f"{fmt.format(mean)}{spread} ({count}){mark}"
 
     columns = [str(b) for b in budgets] or ["(no budget)"]
     lines = [
@@ -90,8 +128,36 @@ def score_percent(record: Record) -> float | None:
     return None if score is None else 100.0 * float(score)
 
 
+def is_ruler(records: Iterable[Record]) -> bool:
+    return any(r.get("suite") == "ruler" for r in records)
+
+
+def ruler_accuracy_section(records: Sequence[Record]) -> str:
+    """Per context length: methods x budgets (mean over tasks), then one table per task;
+    every cell `mean ± se (n)` in %."""
+
+    def table(subset):
+        return markdown_table(mean_cells(subset, score_percent),
+                              errors=standard_errors(subset, score_percent))
+
+    parts = [
+        "## Accuracy (mean score % ± standard error (records), RULER)\n",
+        "All context lengths and tasks:\n",
+        table(records),
+    ]
+    for context in sorted({r["context_length"] for r in records}):
+        subset = [r for r in records if r["context_length"] == context]
+        parts += [f"\n### Context length {context} tokens (mean over tasks)\n", table(subset)]
+        for task in sorted({r["task"] for r in subset}):
+            per_task = [r for r in subset if r["task"] == task]
+            parts += [f"\n#### {task} at {context} tokens\n", table(per_task)]
+    return "\n".join(parts)
+
+
 def accuracy_section(records: Sequence[Record]) -> str:
     """Overall, per-context-length and per-task accuracy tables (mean score, %)."""
+    if is_ruler(records):
+        return ruler_accuracy_section(records)
     parts = [
         "## Accuracy (mean score %, all tasks and context lengths)\n",
         markdown_table(mean_cells(records, score_percent)),
@@ -198,4 +264,56 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Path]:
     fidelity = load_records(out / FIDELITY_FILE)
     table = out / TABLE_FILE
     table.write_text(render_markdown(results, fidelity), encoding="utf-8")
-    return {"table": table, "plot": plot_accuracy(results, out / PLOT_FILE)}
+    paths = {"table": table, "plot": plot_accuracy(results, out / PLOT_FILE)}
+    if is_ruler(results) and len({r["context_length"] for r in results}) > 1:
+        paths["context_plot"] = plot_accuracy_vs_context(results, out / CONTEXT_PLOT_FILE)
+    return paths
+
+
+def plot_accuracy_vs_context(
+    records: Sequence[Record],
+    path: str | os.PathLike,
+    budgets: Sequence[int] = CONTEXT_PLOT_BUDGETS,
+) -> Path:
+    """Accuracy (%) vs context length (log2 axis), one panel per budget in `budgets`,
+    one line per method with standard-error bars; full KV dashed in every panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    contexts = sorted({r["context_length"] for r in records})
+    methods = method_order(r["method"] for r in records)
+    fig = Figure(figsize=(4.6 * len(budgets), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(budgets), squeeze=False)[0]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(m for m in methods if m != FULL_METHOD)}
+    for ax, budget in zip(axes, budgets, strict=True):
+        for method in methods:
+            key = (method, None if method == FULL_METHOD else budget)
+            xs, ys, es = [], [], []
+            for context in contexts:
+                subset = [r for r in records if r["context_length"] == context]
+                cells = mean_cells(subset, score_percent)
+                if key in cells:
+                    xs.append(context)
+                    ys.append(cells[key][0])
+                    es.append(standard_errors(subset, score_percent).get(key) or 0.0)
+            if not xs:
+                continue
+            if method == FULL_METHOD:
+                ax.errorbar(xs, ys, yerr=es, color="black", linestyle="--", label="full KV",
+                            capsize=2)
+            else:
+                ax.errorbar(xs, ys, yerr=es, color=colors[method], marker="o", label=method,
+                            capsize=2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c // 1024}k" if c % 1024 == 0 else str(c) for c in contexts])
+        ax.minorticks_off()
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"token budget {budget}")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
