@@ -168,6 +168,7 @@ def test_qwen_gguf_matches_transformers_gguf_loader(qwen_ours, qwen_hf):
     logits = np.asarray(logits)
     assert np.isfinite(logits).all()
     diff = float(np.abs(logits - want).max())
+    print(f"Qwen2.5-Coder 512-token prefill: max |logit diff| {diff:.3g}")
     assert diff < 1e-3, f"Qwen2.5-Coder prefill: max |logit diff| {diff:.3g}"
     assert (logits.argmax(-1) == want.argmax(-1)).mean() > 0.99
 
@@ -212,9 +213,12 @@ def test_qwen_16k_needle_full_and_rocketkv(qwen_ours):
     assert len(ids) > 16000
     shared = SharedPrefill(params, config, [ids], max_new_tokens=16, prefill_chunk=4096)
     assert shared.tokens.shape[1] == 16384  # four chunks
-    answers = {}
+    answers, kv_bytes = {}, {}
     for name, budget in (("full", None), ("rocketkv", 256)):
         out = shared.generate(make_method(name, budget))
         answers[name] = tok.decode(out.tokens[0])
+        kv_bytes[name] = out.stats.kv_cache_bytes
+    print(f"16k needle: {answers}, KV cache bytes {kv_bytes}")
     (value,) = sample.answers
     assert all(value in a for a in answers.values()), (value, answers)
+    assert kv_bytes["rocketkv"] < kv_bytes["full"] / 4  # it really evicted (406 vs 54 MB)
