@@ -266,3 +266,27 @@ def test_grid_script_commands_are_valid_eval_command_lines():
     assert configs[1].contexts == (32768,) and all(t.startswith("niah") for t in configs[1].tasks)
     assert len(configs[1].tasks) == 8 and configs[0].model == configs[1].model
     assert configs[2].model is None and configs[2].contexts == (4096, 8192)
+
+
+def test_cli_suite_ruler_with_fidelity(word_tokenizer, tmp_path):
+    import numpy as np
+
+    path, counter = word_tokenizer
+    seen = []
+
+    def greedy(prompt, method, budget, n):
+        seen.append(prompt)
+        return [1, 2, 3][:n]
+
+    def forced(prompt, tokens, method, budget):
+        return np.log(np.full((len(tokens), 4), 0.25))
+
+    out = tmp_path / "fid"
+    args = _args(out, "--tasks", "vt", "--contexts", "1k", "--samples", "1", "--methods",
+                 "rocket_r0.5,topk_head", "--budgets", "64", "--fidelity-tokens", "3")
+    assert run_eval_command(args, lambda p, *a: [""] * len(p), counter, forced, greedy,
+                            tokenizer_dir=path.parent) == 0
+    records = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"full", "rocket_r0.5", "topk_head"}
+    (prompt,) = set(seen)  # the RULER prompt itself
+    assert prompt.endswith("they are: ") and "VAR " in prompt
