@@ -290,3 +290,40 @@ def test_cli_suite_ruler_with_fidelity(word_tokenizer, tmp_path):
     assert {r["method"] for r in records} == {"full", "rocket_r0.5", "topk_head"}
     (prompt,) = set(seen)  # the RULER prompt itself
     assert prompt.endswith("they are: ") and "VAR " in prompt
+
+
+@pytest.mark.slow
+def test_prompts_equal_rulers_own_prepare_py(word_tokenizer, tmp_path):
+    """RULER's own pipeline (data/prepare.py -> generator, HF tokenizer via transformers)
+    and ours give byte-identical prompts and answers; FWE differs on purpose (its
+    max_seq_length is context - allowance here)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("tenacity")  # RULER's tokenizer.py imports it
+    pytest.importorskip("transformers")
+    path, counter = word_tokenizer
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.json").write_bytes(path.read_bytes())
+    (hf_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}))
+    suite = RulerSuite(path, tmp_path / "ours", timeout_s=300)
+    nltk_data = write_punkt_tab(tmp_path / "nltk_data")
+    env = dict(os.environ, NLTK_DATA=str(nltk_data),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    for task, context in [("vt", 2048), ("cwe", 2048), ("qa_1", 4096), ("niah_single_2", 2048),
+                          ("fwe", 2048)]:
+        subprocess.run(
+            [sys.executable, "prepare.py", "--save_dir", str(tmp_path / "theirs"), "--task", task,
+             "--tokenizer_path", str(hf_dir), "--tokenizer_type", "hf", "--max_seq_length",
+             str(context), "--num_samples", "2"],
+            cwd=ruler_package_dir() / "data", env=env, check=True, capture_output=True,
+            timeout=300)
+        lines = (tmp_path / "theirs" / task / "validation.jsonl").read_text().splitlines()
+        theirs = [json.loads(x) for x in lines]
+        ours = _samples(suite, counter, task, context, 2)
+        for mine, want in zip(ours, theirs, strict=True):
+            same = (mine.prompt, list(mine.answers)) == (want["input"], want["outputs"])
+            assert same == (task != "fwe"), task
