@@ -1,0 +1,163 @@
+"""End to end on one long prompt: prefill + N decode tokens, full KV against each method.
+
+    python benchmarks/long_prompt.py --model smollm2 --context 8k
+    python benchmarks/long_prompt.py --model llama8b-shape --layers 2 --context 32k
+    python benchmarks/long_prompt.py --model qwen2.5-coder-0.5b --context 32000 --methods rocketkv
+
+For a real model (`smollm2`, `qwen2.5-coder-0.5b`, or a checkpoint path) the prompt is a
+single-needle retrieval task (the eval's `niah_single`: a magic number hidden in Paul
+Graham essays, asked with the chat template), so the table also says whether each method
+still finds the needle. For `llama8b-shape` (random weights, few layers of the
+Llama-3.1-8B shape) the prompt is random ids. Each method runs one `generate_ids` call of
+exactly `--new-tokens` tokens (no stop ids) with the chunked prefill; the time end to end is
+prefill + decode (compile time is reported apart, it is paid once per shape). The ratio is
+method / full (< 1: faster), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from rocketkv_jax.generate import DEFAULT_PREFILL_CHUNK, generate_ids
+from rocketkv_jax.methods import make_method
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_tok_s: float
+    compile_s: float
+    kv_cache_bytes: int
+    answer: str = ""
+    found: bool | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def parse_tokens(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+def build_prompt(args):
+    """(params, config, prompt ids, answers or None, tokenizer or None, description)."""
+    T = parse_tokens(args.context)
+    if args.model == "llama8b-shape":
+        from rocketkv_jax.bench_decode import load_bench_model
+
+        m = load_bench_model("llama8b-shape", layers=args.layers, vocab=args.vocab)
+        ids = np.random.default_rng(0).integers(3, m.config.vocab_size, T - args.new_tokens)
+        return m.params, m.config, ids.tolist(), None, None, m.note
+    from rocketkv_jax.eval.tasks import make_sample
+    from rocketkv_jax.model_store import load_model
+
+    m = load_model(None if args.model == "smollm2" else args.model)
+    T = min(T, m.config.max_position_embeddings)
+
+    class ChatTokenizer:  # the task fits its text so that the chat-wrapped prompt fits
+        def encode(self, text):
+            return m.tokenizer.encode_chat(text)
+
+        def decode(self, ids):
+            return m.tokenizer.decode(ids)
+
+    sample = make_sample("niah_single", ChatTokenizer(), context_length=T, index=0,
+                         seed=0, depth=50.0, max_new_tokens=args.new_tokens)
+    ids = m.tokenizer.encode_chat(sample.prompt)
+    note = f"{args.model}: real weights, {m.config.num_layers} layers; niah_single at 50% depth"
+    return m.params, m.config, ids, sample.answers, m.tokenizer, note
+
+
+def run_method(params, config, ids, name, args, tokenizer, answers) -> Row:
+    method = make_method("full") if name == "full" else make_method(name, args.budget)
+    bar = tqdm(desc=f"{name} prefill", unit="chunk", leave=False, file=sys.stderr)
+
+    def on_chunk(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    out = generate_ids(params, config, [ids], method, max_new_tokens=args.new_tokens,
+                       stop_ids=(), prefill_chunk=args.chunk or None,
+                       on_prefill_chunk=on_chunk)
+    bar.close()
+    s = out.stats
+    row = Row(name, len(ids), s.prefill_s, s.decode_s, s.decode_tokens_per_s, s.compile_s,
+              s.kv_cache_bytes)
+    if tokenizer is not None:
+        row.answer = tokenizer.decode(list(out.tokens[0])).strip()
+        row.found = all(a.lower() in row.answer.lower() for a in answers)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2, qwen2.5-coder-0.5b, a checkpoint path, or llama8b-shape "
+                         "(random weights)")
+    ap.add_argument("--context", default="8k",
+                    help="prompt + new tokens, e.g. 8k or 32000 (capped at the model's context)")
+    ap.add_argument("--methods", default="full,rocketkv",
+                    help="comma-separated; full is the reference of the ratio column")
+    ap.add_argument("--budget", type=int, default=256, help="token budget M of every method")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per method")
+    ap.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                    help="prefill chunk in tokens (0: the whole prompt in one chunk)")
+    ap.add_argument("--layers", type=int, default=2, help="layers of llama8b-shape")
+    ap.add_argument("--vocab", type=int, default=8192, help="vocabulary of llama8b-shape")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        make_method("full") if name == "full" else make_method(name, args.budget)  # fail early
+
+    params, config, ids, answers, tokenizer, note = build_prompt(args)
+    t0 = time.perf_counter()
+    rows = [run_method(params, config, ids, name, args, tokenizer, answers) for name in methods]
+    wall = time.perf_counter() - t0
+    print(f"# {note}; prompt {len(ids)} tokens + {args.new_tokens} new, M = {args.budget}, "
+          f"prefill chunk {args.chunk}; jax {jax.__version__} on {platform.machine()}, "
+          f"{os.cpu_count()} cores; wall {wall:.0f} s")
+    ref = next((r for r in rows if r.method == "full"), None)
+    head = "| method | prefill s | prefill tok/s | decode tok/s | end to end s | vs full |"
+    head += " KV cache | compile s |" + (" needle |" if tokenizer is not None else "")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        ratio = f"{r.total_s / ref.total_s:.2f}" if ref is not None else "-"
+        line = (f"| {r.method} | {r.prefill_s:.1f} | {r.prompt_tokens / r.prefill_s:.0f} | "
+                f"{r.decode_tok_s:.1f} | {r.total_s:.1f} | {ratio} | "
+                f"{r.kv_cache_bytes / 2**20:.0f} MiB | {r.compile_s:.1f} |")
+        if tokenizer is not None:
+            line += f" {'found' if r.found else 'missed'} |"
+        print(line, flush=True)
+    if tokenizer is not None:
+        for r in rows:
+            print(f"# {r.method} answered: {r.answer[:120]!r}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"note": note, "args": vars(args),
+                       "rows": [dataclasses.asdict(r) | {"total_s": r.total_s} for r in rows]},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
