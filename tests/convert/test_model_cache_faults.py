@@ -283,3 +283,26 @@ def test_importing_the_convert_cli_imports_no_jax():
                         "print('jax' in sys.modules, 'orbax' in sys.modules)"],
                        capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False False", r.stderr
+
+
+def test_ctrl_c_during_the_first_run_conversion_leaves_the_cache_empty(tiny_named, capsys,
+                                                                       monkeypatch):
+    import signal
+
+    from rocketkv_jax import model_store
+
+    assemble = model_store.assemble_gguf
+
+    def assemble_then_ctrl_c(model, work):
+        src = assemble(model, work)
+        os.kill(os.getpid(), signal.SIGINT)  # deferred: honoured at the first tensor
+        return src
+
+    monkeypatch.setattr(model_store, "assemble_gguf", assemble_then_ctrl_c)
+    code, err = _generate(capsys)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err, err
+    cache = tiny_named.parent
+    assert list(cache.iterdir()) == []  # no entry, no temporary dir, no lock file
+    monkeypatch.setattr(model_store, "assemble_gguf", assemble)
+    code, err = _generate(capsys)  # and the next run converts normally
+    assert code == 0, err
