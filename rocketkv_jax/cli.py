@@ -92,6 +92,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         help="stage-2 kernels: jnp reference, Pallas in interpret mode (CPU, slow), Pallas "
         "Triton (CUDA GPU), or auto (Triton on GPU, else reference) (default: reference)",
     )
+    p.add_argument(
+        "--stage2", default="auto", choices=("auto", "on", "off"),
+        help="sparse selection of hybrid, rocketkv, quest and sparq: auto runs it only where "
+        "a cost model says it reads less than dense attention over the method's cache, on / "
+        "off force it (default: auto)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +238,12 @@ def make_method_from_args(args):
                 f"slow) or auto (Triton on a GPU, else reference)")
     budget = None if args.method == "full" else args.token_budget
     kw = {} if args.kernels == "reference" else {"kernels": args.kernels}
+    stage2 = getattr(args, "stage2", "auto")
+    if stage2 != "auto":
+        if "stage2" not in method_hparams(args.method):
+            raise UserError(f"--stage2 {stage2}: method {args.method!r} has no sparse "
+                            f"selection stage; drop --stage2")
+        kw["stage2"] = stage2
     return make_method(args.method, budget, **kw)
 
 

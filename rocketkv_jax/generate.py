@@ -28,6 +28,7 @@ from jax.experimental import io_callback
 from . import defaults
 from . import sharding as shd
 from .methods.base import STORED_QUERY_WINDOW, DensePlan
+from .methods.cost import fallback_note
 from .models.config import ModelConfig
 from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
 from .sampling import Sampling, sample
@@ -153,6 +154,7 @@ class GenerateStats:
     token_budget: int | None = None  # None for full
     sequence: int = 0  # prompt bucket + max_new_tokens: what the budget is compared with
     dense_fallback: bool = False  # the budget covers the sequence: exact dense attention
+    attention_note: str = ""  # why a budgeted plan attends densely (methods.cost.fallback_note)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -174,6 +176,8 @@ class GenerateStats:
         if self.dense_fallback:
             return (f"{self.method} (budget {self.token_budget} >= sequence {self.sequence}: "
                     f"dense attention, nothing evicted)")
+        if self.attention_note:
+            return f"{self.method} (budget {self.token_budget}; {self.attention_note})"
         return f"{self.method} (budget {self.token_budget})"
 
     def summary(self) -> str:
@@ -193,8 +197,10 @@ def _method_stats(method, plan, T: int, N: int) -> dict:
     dense attention (a budget that covers the bucketed prompt plus N)."""
     name = getattr(method, "name", type(method).__name__)
     budget = getattr(method, "token_budget", None)
+    dense = isinstance(plan, DensePlan) and plan.fallback == "budget"
     return dict(method=name, token_budget=budget, sequence=T + N,
-                dense_fallback=budget is not None and isinstance(plan, DensePlan))
+                dense_fallback=budget is not None and dense,
+                attention_note=fallback_note(plan) if budget is not None else "")
 
 
 @dataclasses.dataclass

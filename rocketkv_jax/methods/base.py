@@ -105,7 +105,8 @@ class KeepsEveryToken(AppendsTokens):
 @dataclasses.dataclass(frozen=True)
 class DensePlan(KeepsEveryToken):
     """What every method resolves to when its budget covers the whole sequence (M >= L):
-    no eviction, exact dense attention, i.e. `full` under the method's name.
+    no eviction, exact dense attention, i.e. `full` under the method's name. Quest and
+    SparQ also resolve to it where their selection would cost more than dense (`fallback`).
 
     `name` is left out of equality and hashing: the dense fallbacks of all methods are the
     same computation, so as a static jit argument they share one compiled program.
@@ -115,6 +116,9 @@ class DensePlan(KeepsEveryToken):
     capacity: int
     prompt_len: int
     token_budget: int
+    # why a budgeted method attends densely: "budget" (M >= L), "cost" (its selection would
+    # cost more than dense attention, `cost.py`) or "off" (stage2="off")
+    fallback: str = dataclasses.field(default="budget", compare=False)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D], dense over every visible slot."""

@@ -16,4 +16,5 @@ class Full:
 
     def plan(self, config, prompt_len: int, max_new_tokens: int) -> DensePlan:
         L = prompt_len + max_new_tokens
-        return DensePlan(name="full", capacity=L, prompt_len=prompt_len, token_budget=L)
+        return DensePlan(name="full", capacity=L, prompt_len=prompt_len, token_budget=L,
+                         fallback="")

@@ -19,6 +19,7 @@ from .base import (
     round_capacity,
 )
 from .budget import stage2_reduction
+from .cost import check_stage2, stage2_fallback
 from .sparse_ops import check_kernels
 from .stage2 import TwoStagePlan
 
@@ -50,17 +51,21 @@ def check_stage2_overrides(name: str, page_size, top_r, kernels: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class Hybrid:
     """Stage-2 hybrid sparse attention on the full cache. Optional overrides: page_size
-    (power of two), top_r (channels, checked against head_dim at plan time)."""
+    (power of two), top_r (channels, checked against head_dim at plan time). stage2:
+    "auto" (default) attends densely where the selection would cost more than that
+    (`cost.py`); "on" / "off" force the sparse / dense path."""
 
     token_budget: int
     page_size: int | None = None
     top_r: int | None = None
     kernels: str = "reference"
+    stage2: str = "auto"
     name: ClassVar[str] = "hybrid"
 
     def __post_init__(self) -> None:
         check_token_budget(self.name, self.token_budget)
         check_stage2_overrides(self.name, self.page_size, self.top_r, self.kernels)
+        check_stage2(self.name, self.stage2)
 
     def plan(self, config, prompt_len: int, max_new_tokens: int):
         M, L, D = self.token_budget, prompt_len + max_new_tokens, config.head_dim
@@ -73,6 +78,11 @@ class Hybrid:
             self.name, c2, D, self.page_size, self.top_r, stage2_reduction(c2, D)
         )
         k_top = max(1, M // 2)
+        fallback = stage2_fallback(
+            self.stage2, kept_prompt=prompt_len, new_tokens=max_new_tokens, head_dim=D,
+            group=config.num_heads // config.num_kv_heads, page_size=page, top_r=r,
+            k_top=k_top,
+        )
         return TwoStagePlan(
             name=self.name,
             capacity=round_capacity(L, page),
@@ -85,6 +95,7 @@ class Hybrid:
             page_size=page,
             top_r=r,
             k_top=k_top,
-            stage2_dense=k_top >= L,
+            stage2_dense=bool(fallback),
             kernels=self.kernels,
+            fallback=fallback,
         )

@@ -25,6 +25,7 @@ from .base import (
     check_token_budget,
     round_capacity,
 )
+from .cost import check_stage2, dense_bytes, dense_reason, mean_slots, quest_bytes
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries
 
@@ -105,17 +106,20 @@ class QuestPlan(KeepsEveryToken):
 @dataclasses.dataclass(frozen=True)
 class Quest:
     """Quest with page_size tokens per page (default 16, a power of two); token_budget
-    must hold at least one page."""
+    must hold at least one page. stage2: "auto" attends densely where page selection would
+    cost more than that (`cost.py`), "on" / "off" force it."""
 
     token_budget: int
     page_size: int = 16
     kernels: str = "reference"
+    stage2: str = "auto"
     name: ClassVar[str] = "quest"
 
     def __post_init__(self) -> None:
         check_token_budget(self.name, self.token_budget)
         check_page_size(self.name, self.page_size)
         check_kernels(self.name, self.kernels)
+        check_stage2(self.name, self.stage2)
         if self.token_budget < self.page_size:
             raise MethodConfigError(
                 f"quest: token_budget ({self.token_budget}) must hold at least one page of "
@@ -128,5 +132,11 @@ class Quest:
         num_pages = M // self.page_size
         if M >= L or num_pages >= capacity // self.page_size:
             return DensePlan(self.name, round_capacity(L), prompt_len, M)
+        slots, D = mean_slots(prompt_len, max_new_tokens), config.head_dim
+        sparse = quest_bytes(slots, D, config.num_heads // config.num_kv_heads,
+                             self.page_size, num_pages)
+        reason = dense_reason(self.stage2, sparse, dense_bytes(slots, D))
+        if reason:
+            return DensePlan(self.name, round_capacity(L), prompt_len, M, reason)
         return QuestPlan(self.name, capacity, prompt_len, M, self.page_size, num_pages,
                          self.kernels)

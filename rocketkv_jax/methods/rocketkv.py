@@ -20,6 +20,7 @@ from .base import (
     round_capacity,
 )
 from .budget import rocketkv_split
+from .cost import check_stage2, stage2_fallback
 from .hybrid import check_stage2_overrides, resolve_page_and_channels
 from .stage1 import resolve_pool_kernel
 from .stage2 import TwoStagePlan
@@ -34,6 +35,9 @@ class RocketKV:
     stage1_share: None (default) for the adaptive split a = min(0.2 + 0.06 log2 c, 0.8);
     a number in (0, 1] fixes a, as the official `rocket_r0.3` / `rocket_r0.5` /
     `rocket_r0.7` methods do (capacity = int(L / c**a), the rest of the split as usual).
+
+    stage2: "auto" (default) attends densely over the stage-1 cache where stage 2's
+    selection would cost more than that (`cost.py`); "on" / "off" force sparse / dense.
     """
 
     token_budget: int
@@ -43,6 +47,7 @@ class RocketKV:
     top_r: int | None = None
     kernels: str = "reference"
     stage1_share: float | None = None
+    stage2: str = "auto"
     name: ClassVar[str] = "rocketkv"
 
     def __post_init__(self) -> None:
@@ -58,6 +63,7 @@ class RocketKV:
         check_positive_int(self.name, "window", self.window)
         check_positive_int(self.name, "kernel_size", self.kernel_size)
         check_stage2_overrides(self.name, self.page_size, self.top_r, self.kernels)
+        check_stage2(self.name, self.stage2)
 
     def plan(self, config, prompt_len: int, max_new_tokens: int):
         M, T, N, D = self.token_budget, prompt_len, max_new_tokens, config.head_dim
@@ -81,6 +87,11 @@ class RocketKV:
         )
         kept = min(T, budget) + N  # most tokens the cache ever holds
         k_top = max(1, split.k_top)
+        fallback = stage2_fallback(
+            self.stage2, kept_prompt=min(T, budget), new_tokens=N, head_dim=D,
+            group=config.num_heads // config.num_kv_heads, page_size=page, top_r=r,
+            k_top=k_top,
+        )
         return TwoStagePlan(
             name=self.name,
             capacity=round_capacity(kept, page),
@@ -93,7 +104,8 @@ class RocketKV:
             page_size=page,
             top_r=r,
             k_top=k_top,
-            stage2_dense=k_top >= kept,
+            stage2_dense=bool(fallback),
             kernels=self.kernels,
             sliding_window=config.sliding_window,
+            fallback=fallback,
         )

@@ -30,6 +30,7 @@ from .base import (
     check_top_r,
     round_capacity,
 )
+from .cost import check_stage2, dense_bytes, dense_reason, mean_slots, sparq_bytes
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries, hybrid_select
 
@@ -97,11 +98,14 @@ class SparQPlan(KeepsEveryToken):
 
 @dataclasses.dataclass(frozen=True)
 class SparQ:
-    """SparQ attention. Optional `top_r` overrides the derived channel count."""
+    """SparQ attention. Optional `top_r` overrides the derived channel count. stage2: "auto"
+    attends densely where the selection would cost more than that (`cost.py`), "on" /
+    "off" force it."""
 
     token_budget: int
     top_r: int | None = None
     kernels: str = "reference"
+    stage2: str = "auto"
     name: ClassVar[str] = "sparq"
 
     def __post_init__(self) -> None:
@@ -109,6 +113,7 @@ class SparQ:
         if self.top_r is not None:
             check_positive_int(self.name, "top_r", self.top_r)
         check_kernels(self.name, self.kernels)
+        check_stage2(self.name, self.stage2)
 
     def plan(self, config, prompt_len: int, max_new_tokens: int):
         M, L, D = self.token_budget, prompt_len + max_new_tokens, config.head_dim
@@ -117,6 +122,12 @@ class SparQ:
         if M >= L:
             return DensePlan(self.name, round_capacity(L), prompt_len, M)
         r = self.top_r if self.top_r is not None else min(max(int(D * M / (2 * L)), 1), D)
+        k_top = max(1, M // 2)
+        slots = mean_slots(prompt_len, max_new_tokens)
+        sparse = sparq_bytes(slots, D, config.num_heads // config.num_kv_heads, r, k_top)
+        reason = dense_reason(self.stage2, sparse, dense_bytes(slots, D))
+        if reason:
+            return DensePlan(self.name, round_capacity(L), prompt_len, M, reason)
         return SparQPlan(
-            self.name, round_capacity(L), prompt_len, M, D, r, max(1, M // 2), self.kernels
+            self.name, round_capacity(L), prompt_len, M, D, r, k_top, self.kernels
         )

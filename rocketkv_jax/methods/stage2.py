@@ -123,7 +123,10 @@ class TwoStagePlan(AppendsTokens):
     prompt_budget: prompt tokens stage 1 keeps; >= prompt_len means no stage 1 (hybrid,
       or a prompt that already fits).
     page_size, top_r, k_top: stage-2 sequence reduction, head reduction, exact tokens.
-    stage2_dense: k_top covers every slot the cache can ever hold, so stage 2 is dense.
+    stage2_dense: stage 2 attends densely over the (stage-1) cache, because
+      `fallback` says so: "k_top" (k_top covers every slot the cache can ever hold),
+      "cost" (the cost model of `cost.py` says selection costs more than dense), "off"
+      (stage2="off"); "" when stage 2 is sparse.
     """
 
     name: str
@@ -140,6 +143,7 @@ class TwoStagePlan(AppendsTokens):
     stage2_dense: bool
     kernels: str = "reference"
     sliding_window: int | None = None  # the model's (Mistral): stage 1 scores within it
+    fallback: str = ""
 
     @property
     def cache_page_size(self) -> int:
@@ -184,4 +188,5 @@ class TwoStagePlan(AppendsTokens):
         return scoring + min(self.k_top, cached)
 
     def describe(self) -> dict:
-        return {**dataclasses.asdict(self), "dense": False}
+        return {**dataclasses.asdict(self), "dense": False,
+                "stage2_path": "dense" if self.stage2_dense else "sparse"}

@@ -16,15 +16,16 @@ T, N = 48, 5
 LENGTHS = (48, 37)
 # Budgets that compress at T=48, N=5 with the tiny model (head_dim 16), and overrides so
 # windows/pages fit. rocketkv at M=16, window 8: capacity 37, prompt budget 32, page 2.
+# stage2="on": at these sizes the cost model would attend densely (test_dense_fallback).
 COMPRESSED = {
     "full": (None, {}),
     "streaming": (12, {}),
     "snapkv": (20, {"window": 8}),
     "snapkv++": (20, {"window": 8}),
-    "quest": (16, {"page_size": 4}),
-    "sparq": (16, {}),
-    "hybrid": (16, {}),
-    "rocketkv": (16, {"window": 8}),
+    "quest": (16, {"page_size": 4, "stage2": "on"}),
+    "sparq": (16, {"stage2": "on"}),
+    "hybrid": (16, {"stage2": "on"}),
+    "rocketkv": (16, {"window": 8, "stage2": "on"}),
     "topk": (16, {}),
 }
 
@@ -110,6 +111,21 @@ def test_budget_covering_sequence_equals_full(name, sliding_window):
     plan = make_method(name, T + N, **over).plan(config, T, N)
     assert isinstance(plan, DensePlan) and plan.name == name
     assert plan.read_tokens(T + N) == T + N
+    tokens, lengths, new = inputs(config)
+    prefill, steps = run(tiny_params(config), tokens, lengths, new, config=config, plan=plan)
+    want_prefill, want_steps = full_logits(config)
+    np.testing.assert_allclose(np.asarray(prefill), want_prefill, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(steps), want_steps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["quest", "sparq", "hybrid"])
+def test_stage2_off_decodes_as_full(name):
+    """The dense fallback of a method without stage 1 attends over the whole cache: the
+    same logits as `full` (rocketkv's, over its stage-1 cache: test_dense_fallback)."""
+    config = tiny_config(None)
+    budget, over = COMPRESSED[name]
+    plan = make_method(name, budget, **{**over, "stage2": "off"}).plan(config, T, N)
+    assert getattr(plan, "fallback", "") == "off"
     tokens, lengths, new = inputs(config)
     prefill, steps = run(tiny_params(config), tokens, lengths, new, config=config, plan=plan)
     want_prefill, want_steps = full_logits(config)

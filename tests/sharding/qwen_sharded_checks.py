@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from rocketkv_jax import generate as gen  # noqa: E402
 from rocketkv_jax import sharding as shd  # noqa: E402
-from rocketkv_jax.methods import make_method  # noqa: E402
+from rocketkv_jax.methods import make_method, method_hparams  # noqa: E402
 from rocketkv_jax.models.config import ModelConfig  # noqa: E402
 from rocketkv_jax.models.params import flatten, random_params  # noqa: E402
 
@@ -51,7 +51,9 @@ def prompts():
 
 
 def method(name):
-    return make_method(name, None if name == "full" else BUDGET)
+    # stage2 "on": the sparse paths are what sharding must keep exact (see sharded_checks)
+    kw = {"stage2": "on"} if "stage2" in method_hparams(name) else {}
+    return make_method(name, None if name == "full" else BUDGET, **kw)
 
 
 def main():

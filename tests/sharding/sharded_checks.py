@@ -29,7 +29,13 @@ import numpy as np  # noqa: E402
 from rocketkv_jax import generate as gen  # noqa: E402
 from rocketkv_jax import sharding as shd  # noqa: E402
 from rocketkv_jax.convert.checkpoint import load_checkpoint  # noqa: E402
-from rocketkv_jax.methods import make_method, quest, stage1, stage2  # noqa: E402
+from rocketkv_jax.methods import (  # noqa: E402
+    make_method,
+    method_hparams,
+    quest,
+    stage1,
+    stage2,
+)
 from rocketkv_jax.models.config import ModelConfig  # noqa: E402
 from rocketkv_jax.models.params import flatten, random_params  # noqa: E402
 from rocketkv_jax.sampling import Sampling  # noqa: E402
@@ -51,7 +57,10 @@ def prompts():
 
 
 def method(name):
-    return make_method(name, None if name == "full" else BUDGET)
+    # stage2 "on": the sparse paths are what sharding must keep exact (at these sizes the
+    # cost model would run them densely)
+    kw = {"stage2": "on"} if "stage2" in method_hparams(name) else {}
+    return make_method(name, None if name == "full" else BUDGET, **kw)
 
 
 def collectives(hlo: str) -> list[str]:

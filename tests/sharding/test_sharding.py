@@ -78,7 +78,9 @@ def test_sampled_generate_equals_single_device(report):
 
 
 def test_rocketkv_really_compresses(report):
-    plan = make_method("rocketkv", BUDGET).plan(CFG, 256, NEW)  # 256: the prompt bucket
+    # 256: the prompt bucket; stage2 "on" as in sharded_checks (the cost model's fallback
+    # would attend densely at this size)
+    plan = make_method("rocketkv", BUDGET, stage2="on").plan(CFG, 256, NEW)
     assert plan.prompt_budget < max(PROMPT_LENS)  # stage 1 evicts on the long rows
     assert not plan.stage2_dense and plan.k_top < plan.prompt_budget  # stage 2 is sparse
     assert report["stock/rocketkv/single"] != report["stock/full/single"]

@@ -1,0 +1,163 @@
+"""Dense fallback by cost (`methods/cost.py`): where a method's selection would cost more
+than dense attention over its own cache, the plan attends densely over that cache (stage 1
+still evicts). The decision is pinned at a few real shapes, and the fallback is pinned to
+a float64 numpy dense attention over the stage-1 cache."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rocketkv_jax.bench_bytes import llama31_8b_config
+from rocketkv_jax.methods import DensePlan, MethodConfigError, TwoStagePlan, make_method
+from rocketkv_jax.methods.cost import dense_bytes, fallback_note, mean_slots, stage2_bytes
+from rocketkv_jax.models.config import ModelConfig
+from rocketkv_jax.models.llama import window_queries
+
+SMOLLM2 = ModelConfig(  # SmolLM2-135M's attention shape: 9 heads on 3 KV heads, D = 64
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+    num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+    rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+)
+
+
+def path(method, budget, config, T, N, **kw):
+    """"sparse", or the reason the plan attends densely."""
+    plan = make_method(method, budget, **kw).plan(config, T, N)
+    if isinstance(plan, DensePlan):
+        return plan.fallback
+    return getattr(plan, "fallback", "") or "sparse"
+
+
+# --------------------------------------------------------------- the decision, pinned
+@pytest.mark.parametrize(("method", "budget", "T", "want"), [
+    ("rocketkv", 4096, 4096, "cost"),  # measured 0.60x full KV before the fallback
+    ("hybrid", 4096, 4096, "cost"),  # 0.57x
+    ("sparq", 2048, 4096, "cost"),  # 0.74x
+    ("hybrid", 1024, 4096, "cost"),  # 0.97x
+    ("rocketkv", 256, 7936, "sparse"),  # 2.87x
+    ("rocketkv", 512, 7936, "sparse"),  # 2.36x
+    ("hybrid", 256, 7936, "sparse"),  # 2.12x
+    ("quest", 256, 7936, "sparse"),  # 2.57x
+    ("quest", 2048, 4096, "sparse"),  # 1.29x
+    ("sparq", 256, 4096, "sparse"),  # 1.17x
+])
+def test_cost_model_decision_on_smollm2(method, budget, T, want):
+    """docs/benchmarks.md's SmolLM2 decode grid (64 new tokens): the fallback is taken
+    where the sparse step was measured slower than full KV, and not where it was faster."""
+    assert path(method, budget, SMOLLM2, T, 64) == want
+
+
+def test_cost_model_decision_on_llama_8b_shape():
+    cfg = llama31_8b_config()  # D = 128, G = 4
+    assert path("rocketkv", 256, cfg, 32768, 256) == "sparse"
+    assert path("rocketkv", 4096, cfg, 32768, 256) == "cost"
+    assert path("hybrid", 4096, cfg, 32768, 256) == "sparse"
+    assert path("rocketkv", 4096, cfg, 4096, 256) == "cost"
+
+
+def test_stage2_on_and_off_override_the_cost_model():
+    assert path("rocketkv", 4096, SMOLLM2, 4096, 64, stage2="on") == "sparse"
+    assert path("rocketkv", 256, SMOLLM2, 7936, 64, stage2="off") == "off"
+    assert path("quest", 256, SMOLLM2, 7936, 64, stage2="off") == "off"
+    assert path("sparq", 2048, SMOLLM2, 4096, 64, stage2="on") == "sparse"
+
+
+def test_cost_model_numbers():
+    """The model's arithmetic on one shape, by hand (cost.py's formulas)."""
+    slots = mean_slots(1000, 64)
+    assert slots == 1032
+    assert dense_bytes(slots, 64) == 1032 * 2 * 64 * 2
+    # pages 258 x 8 channels x 2 B x 5 + 1032 x (3 x 4 + 24) + 100 x (256 x 3 + 4)
+    assert stage2_bytes(slots, 64, 3, 4, 8, 100) == 258 * 8 * 2 * 5 + 1032 * 36 + 100 * 772
+
+
+def test_rocketkv_fallback_keeps_stage_one():
+    auto = make_method("rocketkv", 4096).plan(SMOLLM2, 4096, 64)
+    on = make_method("rocketkv", 4096, stage2="on").plan(SMOLLM2, 4096, 64)
+    assert isinstance(auto, TwoStagePlan) and auto.stage2_dense and auto.fallback == "cost"
+    assert (auto.capacity, auto.prompt_budget) == (on.capacity, on.prompt_budget)
+    assert auto.prompt_budget < 4096  # stage 1 still evicts
+    assert auto.cache_page_size == 0  # no page metadata for a stage 2 that never runs
+    assert auto.describe()["stage2_path"] == "dense" and on.describe()["stage2_path"] == "sparse"
+    assert "stage-1 cache" in fallback_note(auto) and fallback_note(on) == ""
+    sparq = make_method("sparq", 2048).plan(SMOLLM2, 4096, 64)
+    assert isinstance(sparq, DensePlan) and sparq.fallback == "cost"
+    assert sparq.read_tokens(4160) == 4160
+
+
+@pytest.mark.parametrize("method", ["rocketkv", "hybrid", "quest", "sparq"])
+def test_stage2_is_validated(method):
+    with pytest.raises(MethodConfigError, match="stage2 must be one of 'auto', 'on', 'off'"):
+        make_method(method, 64, stage2="sometimes")
+
+
+# ------------------------------------------------- the fallback is exact dense attention
+D, K = 16, 2
+
+
+def tiny(G):
+    return ModelConfig(
+        model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=64,
+        num_layers=1, num_heads=K * G, num_kv_heads=K, head_dim=D, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True,
+    )
+
+
+def numpy_dense(q, k, v, pos, qpos):
+    """float64 attention of q [B, H, D] over every slot with 0 <= pos <= qpos."""
+    B, H, _ = q.shape
+    G = H // K
+    out = np.zeros((B, H, D))
+    for b in range(B):
+        for h in range(H):
+            kv = h // G
+            slots = [c for c in range(k.shape[2]) if 0 <= pos[b, kv, c] <= qpos[b]]
+            logits = np.array([q[b, h] @ k[b, kv, c] for c in slots]) / math.sqrt(D)
+            p = np.exp(logits - logits.max())
+            out[b, h] = (p / p.sum()) @ v[b, kv, slots]
+    return out
+
+
+@pytest.mark.parametrize(("method", "kw"), [
+    ("rocketkv", {"window": 8}), ("hybrid", {}), ("quest", {"page_size": 4}), ("sparq", {}),
+])
+@pytest.mark.parametrize(("G", "dtype"), [(1, jnp.float32), (3, jnp.bfloat16),
+                                          (4, jnp.float32), (8, jnp.float32)])
+def test_fallback_equals_dense_attention_over_the_same_cache(method, kw, G, dtype):
+    T, N, budget = 64, 8, 16
+    fallback = make_method(method, budget, stage2="off", **kw).plan(tiny(G), T, N)
+    sparse = make_method(method, budget, stage2="on", **kw).plan(tiny(G), T, N)
+    assert not getattr(sparse, "stage2_dense", False) and not isinstance(sparse, DensePlan)
+    rng = np.random.default_rng(G)
+
+    def rand(*shape):
+        return jnp.asarray(rng.standard_normal(shape) * 1.5, dtype)
+
+    lengths = jnp.asarray([T, T - 13], jnp.int32)
+    k, v = rand(2, K, T, D), rand(2, K, T, D)
+    q_obs, _ = window_queries(rand(2, K * G, T, D), lengths, sparse.query_window)
+    caches = [jax.jit(p.compress)(k, v, q_obs, lengths) for p in (fallback, sparse)]
+    # stage 1 evicts the same tokens with and without stage 2
+    for field in ("k", "v", "pos", "length"):
+        np.testing.assert_array_equal(np.asarray(getattr(caches[0], field), np.float32),
+                                      np.asarray(getattr(caches[1], field), np.float32))
+    cache = caches[0]
+    qpos = np.asarray(cache.pos).max(axis=(1, 2)) + 1
+    for i in range(3):  # appends keep working on the fallback's cache
+        cache = jax.jit(fallback.append)(cache, rand(2, K, D), rand(2, K, D),
+                                         jnp.asarray(qpos + i, jnp.int32))
+    q = rand(2, K * G, D)
+    qpos = jnp.asarray(qpos + 2, jnp.int32)
+    out = jax.jit(fallback.attend, static_argnums=3)(q, cache, qpos, None)
+    ref = DensePlan("ref", fallback.capacity, T, budget)
+    dense = jax.jit(ref.attend, static_argnums=3)(q, cache, qpos, None)
+    out = np.asarray(jnp.asarray(out, jnp.float32))
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, np.asarray(jnp.asarray(dense, jnp.float32)))
+    f64 = [np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, cache.k, cache.v)]
+    want = numpy_dense(*f64, np.asarray(cache.pos), np.asarray(qpos))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(out, want, **tol)
