@@ -125,6 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--roofline-context", default=None,
                    help=f"context of the H100 roofline tables (default: {d['roofline_context']})")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stage2", default="auto", choices=("auto", "on", "off"),
+                   help="sparse selection of hybrid, rocketkv, quest and sparq: auto = where "
+                   "the cost model says it pays (see `rocketkv generate --help`)")
     pe = p.add_argument_group("peers (SmolLM2 only)")
     pe.add_argument("--peers", dest="peers", action="store_true", default=None,
                     help="run the peer comparison (default: on, off with --quick)")
@@ -211,15 +214,19 @@ def model_contexts(config, contexts: list[int], N: int) -> list[tuple[int, str]]
     return out
 
 
-def plan_methods(config, methods, budget, T, N) -> dict:
-    """{method: plan or the MethodConfigError message}."""
-    from .methods import make_method
+def plan_methods(config, methods, budget, T, N, stage2: str = "auto") -> dict:
+    """{method: plan or the MethodConfigError message}; `stage2` for the methods that
+    take it (hybrid, rocketkv, quest, sparq)."""
+    from .methods import METHOD_NAMES, METHOD_VARIANTS, make_method, method_hparams
     from .methods.base import MethodConfigError
 
     out = {}
     for m in methods:
+        base = METHOD_VARIANTS.get(m, (m, {}))[0]
+        takes = base in METHOD_NAMES and "stage2" in method_hparams(base)
+        kw = {"stage2": stage2} if takes else {}
         try:
-            out[m] = make_method(m, budget).plan(config, T, N)
+            out[m] = make_method(m, budget, **kw).plan(config, T, N)
         except MethodConfigError as e:
             out[m] = str(e)
     return out
@@ -255,7 +262,7 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
         compiled: dict = {}
         for M in args.budgets:
             bar.set_postfix_str(f"{bm.key} T={T} M={M}")
-            plans = plan_methods(cfg, args.methods, M, T, N)
+            plans = plan_methods(cfg, args.methods, M, T, N, getattr(args, "stage2", "auto"))
             ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
             caches, compress_s = {}, {}
             for m, p in ok.items():

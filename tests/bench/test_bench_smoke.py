@@ -33,7 +33,9 @@ def _main(argv: list[str]) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    code, stdout = _main(["--quick", "--no-progress", "--json", str(out)])
+    # --stage2 on: the hand computations below are of the sparse paths (at these sizes the
+    # cost model would run them densely)
+    code, stdout = _main(["--quick", "--no-progress", "--json", str(out), "--stage2", "on"])
     return code, stdout, json.loads(out.read_text()), out
 
 
