@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ..kernels.prefill_attention import prefill_attention
+from ..methods.skip_layers import compress_layers, layer_groups
 from .config import ModelConfig
 from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
 from .rope import apply_rope, inverse_frequencies
@@ -50,6 +51,10 @@ class KVPlan(Protocol):
 
     def attend(self, q, cache, query_pos, sliding_window):
         """q: [B, H, D], query_pos: [B] -> attention output [B, H, D]."""
+
+    # Optional, for plans whose layers hold caches of different shapes (skip_layers):
+    # `layer_groups()` -> (plan, cache field, layer range) per stacked cache, and
+    # `compress_layers(k, v, q, lengths)` over all layers; see methods/skip_layers.py.
 
 
 def _project_qkv(p, config: ModelConfig, h, positions, inv_freq):
@@ -213,7 +218,7 @@ def forward_prefill(
     )
     k_buf, v_buf, q_obs, x_last, x_all = jax.lax.fori_loop(0, n_chunks, chunk_step, init)
     k_buf, v_buf = k_buf[:, :, :, :T], v_buf[:, :, :, :T]
-    cache = jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), (k_buf, v_buf, q_obs))
+    cache = compress_layers(plan, k_buf, v_buf, q_obs, lengths)  # plan.compress per layer
     x = x_all[:, :T] if all_logits else x_last
     return _unembed(params, config, x), cache
 
@@ -229,24 +234,33 @@ def forward_decode(
     """One decode step: tokens [B] int32 at positions [B] -> (logits [B, V] float32, cache).
 
     Each layer appends the new token to its cache (plan.append) and attends with
-    plan.attend, which is where sparse methods read only their selected tokens.
+    plan.attend, which is where sparse methods read only their selected tokens. A plan
+    with layer groups (skip_layers) runs one layer loop per group, each over its own
+    stacked cache with the group's plan.
     """
     B = tokens.shape[0]
     inv_freq = inverse_frequencies(config)
     x = params["embed"][tokens][:, None]  # [B, 1, E]
 
-    def layer(i, carry):
-        x, cache = carry
-        p = jax.tree.map(lambda a: a[i], params["layers"])
-        h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-        q, k, v = _project_qkv(p, config, h, positions[:, None], inv_freq)
-        cache = plan.append(cache, k[:, :, 0], v[:, :, 0], positions, i)
-        c = jax.tree.map(lambda a: a[i], cache)  # this layer's cache, read where it lies
-        attn = plan.attend(q[:, :, 0], c, positions, config.sliding_window)  # [B, H, D]
-        x = x + attn.reshape(B, 1, -1) @ p["wo"]
-        return _mlp_block(p, config, x), cache
+    def group_loop(x, stack, group):
+        sub, start = group.plan, group.start
 
-    # the cache as loop carry (not scan xs/ys): XLA updates it in place, where scanning
-    # over it measured ~16x the cache bytes per step (a copy of every layer in and out)
-    x, cache = jax.lax.fori_loop(0, config.num_layers, layer, (x, cache))
+        def layer(i, carry):
+            x, stack = carry
+            p = jax.tree.map(lambda a: a[i], params["layers"])
+            h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+            q, k, v = _project_qkv(p, config, h, positions[:, None], inv_freq)
+            stack = sub.append(stack, k[:, :, 0], v[:, :, 0], positions, i - start)
+            c = jax.tree.map(lambda a: a[i - start], stack)  # this layer's, read where it lies
+            attn = sub.attend(q[:, :, 0], c, positions, config.sliding_window)  # [B, H, D]
+            x = x + attn.reshape(B, 1, -1) @ p["wo"]
+            return _mlp_block(p, config, x), stack
+
+        # the cache as loop carry (not scan xs/ys): XLA updates it in place, where scanning
+        # over it measured ~16x the cache bytes per step (a copy of every layer in and out)
+        return jax.lax.fori_loop(start, group.stop, layer, (x, stack))
+
+    for group in layer_groups(plan, config.num_layers):
+        x, stack = group_loop(x, group.stack(cache), group)
+        cache = group.replace(cache, stack)
     return _unembed(params, config, x[:, 0]), cache

@@ -25,6 +25,7 @@ import numpy as np
 
 from .generate import GREEDY, _compiled, _params_struct, make_decode_step
 from .methods.base import STORED_QUERY_WINDOW
+from .methods.skip_layers import compress_layers
 from .models.config import ModelConfig, RopeScaling
 from .models.llama import forward_prefill
 from .models.params import random_params
@@ -298,7 +299,7 @@ def compress_cache(plan, cap: Capture):
     returns (leading layer axis), and the seconds it took (compile excluded)."""
     if plan not in _COMPRESS:
         def run(k, v, q, lengths):
-            return jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), (k, v, q))
+            return compress_layers(plan, k, v, q, lengths)
 
         _COMPRESS[plan] = jax.jit(run)
     fn = _COMPRESS[plan]

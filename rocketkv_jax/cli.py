@@ -88,6 +88,11 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         "ignored by --method full (default: 256)",
     )
     p.add_argument(
+        "--skip-layers", type=int, default=0, metavar="N",
+        help="keep the first N layers dense and unevicted (quest, snapkv, snapkv++, hybrid, "
+        "rocketkv; Quest's code and some official RocketKV configs use 2) (default: 0)",
+    )
+    p.add_argument(
         "--kernels", default="reference", choices=("reference", "interpret", "triton", "auto"),
         help="stage-2 kernels: jnp reference, Pallas in interpret mode (CPU, slow), Pallas "
         "Triton (CUDA GPU), or auto (Triton on GPU, else reference) (default: reference)",
@@ -163,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--kernels", default="reference",
                        choices=("reference", "interpret", "triton", "auto"),
                        help="stage-2 kernels (see `rocketkv generate --help`)")
+    e.add_argument("--skip-layers", type=int, default=0, metavar="N",
+                   help="keep the first N layers dense in the methods that take it (quest, "
+                   "snapkv, snapkv++, hybrid, rocketkv); the others run as usual (default: 0)")
     e.set_defaults(func=cmd_eval)
     from .bench import add_bench_parser
 
@@ -244,6 +252,12 @@ def make_method_from_args(args):
             raise UserError(f"--stage2 {stage2}: method {args.method!r} has no sparse "
                             f"selection stage; drop --stage2")
         kw["stage2"] = stage2
+    skip = getattr(args, "skip_layers", 0)
+    if skip:
+        if "skip_layers" not in method_hparams(args.method):
+            raise UserError(f"--skip-layers {skip}: method {args.method!r} has no skip_layers "
+                            f"(quest, snapkv, snapkv++, hybrid and rocketkv do); drop it")
+        kw["skip_layers"] = skip
     return make_method(args.method, budget, **kw)
 
 
@@ -374,8 +388,12 @@ def cmd_eval(args) -> int:
     from .model_store import load_model
 
     validate_eval_args(args)  # fail on bad flags before loading the model
+    if args.skip_layers < 0:
+        raise UserError(f"--skip-layers must be >= 0 (leading layers kept dense), got "
+                        f"{args.skip_layers}")
     model = load_model(args.model)
     gen, forced, greedy = engine_functions(model, kernels=args.kernels,
+                                           skip_layers=args.skip_layers,
                                            batch_size=getattr(args, "batch_size", 8))
     return run_eval_command(args, gen, model.tokenizer, forced, greedy,
                             max_context_length=model.config.max_position_embeddings,

@@ -29,6 +29,7 @@ from . import defaults
 from . import sharding as shd
 from .methods.base import STORED_QUERY_WINDOW, DensePlan
 from .methods.cost import fallback_note
+from .methods.skip_layers import compress_layers
 from .models.config import ModelConfig
 from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
 from .sampling import Sampling, sample
@@ -435,7 +436,7 @@ class _KeepRaw:
 
 def _from_prefill_program(params, logits, states, lengths, key, *, config, plan, **loop):
     """Compress the stored per-layer (k, v, q) with `plan`, then decode as generate does."""
-    cache = jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), states)  # layer by layer
+    cache = compress_layers(plan, *states, lengths)  # layer by layer
     return _decode_loop(params, logits, cache, lengths, key, config=config, plan=plan, **loop)
 
 

@@ -226,19 +226,22 @@ def place_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh) -> dic
     return unflatten({k: place(x, rules[k]) for k, x in flat.items()})
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
-    """KVCache of NamedSharding for `cache` (arrays or shape structs, any leading layer
-    axes): "data" on B, "model" on K."""
+def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+    """NamedShardings for `cache` (arrays or shape structs, any leading layer axes): "data"
+    on B, "model" on K, for a KVCache or any pytree of them (skip_layers' two stacks)."""
 
-    def spec(name):
-        trailing = CACHE_RULES[name]
-        ndim = getattr(cache, name).ndim
-        return NamedSharding(mesh, P(*(None,) * (ndim - len(trailing)), *trailing))
+    def one(c: KVCache) -> KVCache:
+        def spec(name):
+            trailing = CACHE_RULES[name]
+            ndim = getattr(c, name).ndim
+            return NamedSharding(mesh, P(*(None,) * (ndim - len(trailing)), *trailing))
 
-    return KVCache(**{name: spec(name) for name in CACHE_RULES})
+        return KVCache(**{name: spec(name) for name in CACHE_RULES})
+
+    return jax.tree.map(one, cache, is_leaf=lambda x: isinstance(x, KVCache))
 
 
-def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+def constrain_cache(cache: Any, mesh: Mesh | None) -> Any:
     """Inside jit: pin the cache to its sharding (identity when mesh is None)."""
     if mesh is None:
         return cache

@@ -7,14 +7,15 @@ from collections.abc import Callable
 import numpy as np
 
 from ..generate import SharedPrefill, forced_decode_logprobs, generate_ids
-from ..methods import make_method
+from ..methods import make_method, method_hparams
 from ..model_store import Model
 
 
 def engine_functions(
-    model: Model, *, kernels: str = "reference", batch_size: int = 8
+    model: Model, *, kernels: str = "reference", batch_size: int = 8, skip_layers: int = 0
 ) -> tuple[Callable, Callable, Callable]:
     """(generate_fn, forced_logprobs_fn, greedy_tokens_fn) over `model`, greedy decoding.
+    skip_layers: leading layers kept dense by the methods that have the setting.
 
     Prompts are raw text (no chat template); generation stops at the model's EOS ids.
     The dense prefill of the last batch is kept (`SharedPrefill`), because the runner sends
@@ -29,6 +30,8 @@ def engine_functions(
         if name == "full":
             return make_method("full")
         kw = {} if kernels == "reference" else {"kernels": kernels}
+        if skip_layers and "skip_layers" in method_hparams(name):
+            kw["skip_layers"] = skip_layers
         return make_method(name, budget, **kw)
 
     last: dict[tuple, SharedPrefill] = {}

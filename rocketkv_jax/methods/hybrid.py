@@ -20,6 +20,7 @@ from .base import (
 )
 from .budget import stage2_reduction
 from .cost import check_stage2, stage2_fallback
+from .skip_layers import check_skip_layers, with_skip_layers
 from .sparse_ops import check_kernels
 from .stage2 import TwoStagePlan
 
@@ -48,6 +49,7 @@ def check_stage2_overrides(name: str, page_size, top_r, kernels: str) -> None:
     check_kernels(name, kernels)
 
 
+@with_skip_layers
 @dataclasses.dataclass(frozen=True)
 class Hybrid:
     """Stage-2 hybrid sparse attention on the full cache. Optional overrides: page_size
@@ -60,10 +62,12 @@ class Hybrid:
     top_r: int | None = None
     kernels: str = "reference"
     stage2: str = "auto"
+    skip_layers: int = 0  # leading layers kept dense and unevicted
     name: ClassVar[str] = "hybrid"
 
     def __post_init__(self) -> None:
         check_token_budget(self.name, self.token_budget)
+        check_skip_layers(self.name, self.skip_layers)
         check_stage2_overrides(self.name, self.page_size, self.top_r, self.kernels)
         check_stage2(self.name, self.stage2)
 

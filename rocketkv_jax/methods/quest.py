@@ -26,6 +26,7 @@ from .base import (
     round_capacity,
 )
 from .cost import check_stage2, dense_bytes, dense_reason, mean_slots, quest_bytes
+from .skip_layers import check_skip_layers, with_skip_layers
 from .sparse_ops import check_kernels, sparse_decode_attention
 from .stage2 import group_queries
 
@@ -103,20 +104,24 @@ class QuestPlan(KeepsEveryToken):
         return {**dataclasses.asdict(self), "dense": False}
 
 
+@with_skip_layers
 @dataclasses.dataclass(frozen=True)
 class Quest:
     """Quest with page_size tokens per page (default 16, a power of two); token_budget
     must hold at least one page. stage2: "auto" attends densely where page selection would
-    cost more than that (`cost.py`), "on" / "off" force it."""
+    cost more than that (`cost.py`), "on" / "off" force it. skip_layers: leading layers
+    kept dense (Quest's code: 2)."""
 
     token_budget: int
     page_size: int = 16
     kernels: str = "reference"
     stage2: str = "auto"
+    skip_layers: int = 0
     name: ClassVar[str] = "quest"
 
     def __post_init__(self) -> None:
         check_token_budget(self.name, self.token_budget)
+        check_skip_layers(self.name, self.skip_layers)
         check_page_size(self.name, self.page_size)
         check_kernels(self.name, self.kernels)
         check_stage2(self.name, self.stage2)

@@ -22,10 +22,12 @@ from .base import (
 from .budget import rocketkv_split
 from .cost import check_stage2, stage2_fallback
 from .hybrid import check_stage2_overrides, resolve_page_and_channels
+from .skip_layers import check_skip_layers, with_skip_layers
 from .stage1 import resolve_pool_kernel
 from .stage2 import TwoStagePlan
 
 
+@with_skip_layers
 @dataclasses.dataclass(frozen=True)
 class RocketKV:
     """RocketKV. Defaults from the paper's reference code: window 32, max-pool kernel 63
@@ -48,10 +50,12 @@ class RocketKV:
     kernels: str = "reference"
     stage1_share: float | None = None
     stage2: str = "auto"
+    skip_layers: int = 0  # leading layers kept dense and unevicted (official configs: 2)
     name: ClassVar[str] = "rocketkv"
 
     def __post_init__(self) -> None:
         check_token_budget(self.name, self.token_budget)
+        check_skip_layers(self.name, self.skip_layers)
         share = self.stage1_share
         if share is not None and (
             isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1

@@ -5,26 +5,25 @@ own code keeps 2).
 The layers then hold caches of different capacities, so one stacked cache (leading layer
 axis) no longer fits. `SkipLayersPlan` keeps two stacks in a `LayeredCache`: `dense` for
 layers [0, S) at full capacity and `sparse` for layers [S, L) at the method's capacity.
-Its per-layer entry points take the (traced) layer index and route with `lax.cond`:
 
-    compress_layers(k, v, q, lengths)                    every layer's cache after prefill
-    append(cache, k, v, position, layer)                 as every plan's append
-    attend_layer(q, cache, layer, query_pos, window)     this layer's attention
+The model sees this through two generic entry points, never a method's name:
 
-`compress_layers` and `attend_layer` are also free functions here that fall back to what
-the model does today for an ordinary plan (`lax.map` of `compress`; slice the layer, then
-`attend`), so the model can call them for every plan. NOTE: models/llama.py
-(`forward_prefill`, `forward_decode`) and generate.py (`_from_prefill_program`) do not
-call them yet, so `SkipLayersPlan` is not reachable from `make_method`.
+    compress_layers(plan, k, v, q, lengths)   every layer's cache after prefill
+    layer_groups(plan, num_layers)            (plan, cache field, layer range) per stack
+
+An ordinary plan is one group, [0, L) over the whole cache. The decode step runs one
+layer loop per group, each with its own stack as the loop carry and the group's plan's
+own `append` / `attend`, so each stack is updated in place as today (no `lax.cond` on the
+layer index in the hot loop, whose branches would both carry the whole cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from ..cache import KVCache
 from .base import DensePlan, MethodConfigError, round_capacity
@@ -40,21 +39,36 @@ class LayeredCache:
     sparse: Any  # the inner plan's stacked cache (a KVCache for every method here)
 
 
+class LayerGroup(NamedTuple):
+    """Layers [start, stop) run `plan` on one stacked cache: `field` of the model's cache,
+    or the whole cache when None (an ordinary plan)."""
+
+    plan: Any
+    field: str | None
+    start: int
+    stop: int
+
+    def stack(self, cache):
+        """This group's stacked cache (leading axis: its layers, from `start`)."""
+        return cache if self.field is None else getattr(cache, self.field)
+
+    def replace(self, cache, stack):
+        """`cache` with this group's stack replaced by `stack`."""
+        return stack if self.field is None else dataclasses.replace(cache, **{self.field: stack})
+
+
+def layer_groups(plan, num_layers: int) -> tuple[LayerGroup, ...]:
+    """The plan's layer groups in layer order; one group [0, num_layers) for most plans."""
+    own = getattr(plan, "layer_groups", None)
+    return own() if own is not None else (LayerGroup(plan, None, 0, num_layers),)
+
+
 def compress_layers(plan, k: jax.Array, v: jax.Array, q: jax.Array, lengths: jax.Array):
     """Every layer's cache: k, v [L, B, K, T, D], q [L, B, H, W, D], lengths [B]."""
     own = getattr(plan, "compress_layers", None)
     if own is not None:
         return own(k, v, q, lengths)
     return jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), (k, v, q))
-
-
-def attend_layer(plan, q: jax.Array, cache, layer, query_pos: jax.Array, sliding_window):
-    """Layer `layer`'s attention: q [B, H, D] -> [B, H, D] over the stacked cache."""
-    own = getattr(plan, "attend_layer", None)
-    if own is not None:
-        return own(q, cache, layer, query_pos, sliding_window)
-    layer_cache = jax.tree.map(lambda a: a[layer], cache)  # read where it lies
-    return plan.attend(q, layer_cache, query_pos, sliding_window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,42 +99,17 @@ class SkipLayersPlan:
     def query_window(self) -> int:
         return self.inner.query_window
 
+    def layer_groups(self) -> tuple[LayerGroup, LayerGroup]:
+        S = self.skip_layers
+        return (LayerGroup(self.dense, "dense", 0, S),
+                LayerGroup(self.inner, "sparse", S, self.num_layers))
+
     def compress_layers(self, k, v, q, lengths) -> LayeredCache:
         """k, v [L, B, K, T, D]; q [L, B, H, W, D]; lengths [B] -> LayeredCache."""
         S = self.skip_layers
         dense = jax.lax.map(lambda kv: self.dense.compress(*kv, None, lengths), (k[:S], v[:S]))
         sparse = compress_layers(self.inner, k[S:], v[S:], q[S:], lengths)
         return LayeredCache(dense, sparse)
-
-    def append(self, cache: LayeredCache, k, v, position, layer) -> LayeredCache:
-        """k, v [B, K, D]; position [B]; layer: traced index over all L layers."""
-        S = self.skip_layers
-        layer = jnp.asarray(layer, jnp.int32)
-
-        def to_dense(c: LayeredCache) -> LayeredCache:
-            i = jnp.minimum(layer, S - 1)
-            return LayeredCache(self.dense.append(c.dense, k, v, position, i), c.sparse)
-
-        def to_sparse(c: LayeredCache) -> LayeredCache:
-            i = jnp.maximum(layer - S, 0)
-            return LayeredCache(c.dense, self.inner.append(c.sparse, k, v, position, i))
-
-        return jax.lax.cond(layer < S, to_dense, to_sparse, cache)
-
-    def attend_layer(self, q, cache: LayeredCache, layer, query_pos, sliding_window):
-        """q [B, H, D] -> [B, H, D]: dense over every token below skip_layers, else inner."""
-        S = self.skip_layers
-        layer = jnp.asarray(layer, jnp.int32)
-
-        def dense_attend(c: LayeredCache):
-            lc = jax.tree.map(lambda a: a[jnp.minimum(layer, S - 1)], c.dense)
-            return self.dense.attend(q, lc, query_pos, sliding_window)
-
-        def inner_attend(c: LayeredCache):
-            return attend_layer(self.inner, q, c.sparse, jnp.maximum(layer - S, 0), query_pos,
-                                sliding_window)
-
-        return jax.lax.cond(layer < S, dense_attend, inner_attend, cache)
 
     def read_tokens(self, context: int) -> int:
         """Tokens' worth read per step per KV head, averaged over layers."""
@@ -134,8 +123,38 @@ class SkipLayersPlan:
 def skip_layers_plan(inner, skip_layers: int, num_layers: int, prompt_len: int,
                      max_new_tokens: int):
     """`inner` with its first `skip_layers` layers dense and unevicted (0: `inner`)."""
+    if not 0 <= skip_layers < num_layers:  # also for a dense plan: it cannot fit the model
+        raise MethodConfigError(
+            f"skip_layers must be in 0..{num_layers - 1} for a {num_layers}-layer model "
+            f"(at least one layer runs the method), got {skip_layers}"
+        )
     if skip_layers == 0 or isinstance(inner, DensePlan):
         return inner
     L = prompt_len + max_new_tokens
     dense = DensePlan(inner.name, round_capacity(L), prompt_len, L)
     return SkipLayersPlan(inner, dense, skip_layers, num_layers)
+
+
+def check_skip_layers(name: str, skip_layers: object) -> None:
+    """Raise unless `skip_layers` is an int >= 0 (its upper bound, num_layers - 1, is
+    checked at plan time, when the model is known)."""
+    if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or skip_layers < 0:
+        raise MethodConfigError(
+            f"{name}: skip_layers (leading layers kept dense and unevicted) must be an int "
+            f">= 0, e.g. 2 as in Quest's code; got {skip_layers!r}"
+        )
+
+
+def with_skip_layers(cls):
+    """Class decorator for a method with a `skip_layers` field: its `plan` returns the
+    method's own plan wrapped by `skip_layers_plan` (one place for the five methods)."""
+    method_plan = cls.plan
+
+    @functools.wraps(method_plan)
+    def plan(self, config, prompt_len: int, max_new_tokens: int):
+        own = method_plan(self, config, prompt_len, max_new_tokens)
+        return skip_layers_plan(own, self.skip_layers, config.num_layers, prompt_len,
+                                max_new_tokens)
+
+    cls.plan = plan
+    return cls

@@ -26,6 +26,7 @@ from .base import (
     round_capacity,
 )
 from .dense import dense_decode_attention
+from .skip_layers import check_skip_layers, with_skip_layers
 from .stage1 import compress_prompt, resolve_pool_kernel
 
 
@@ -95,8 +96,10 @@ def plan_prompt_eviction(
     )
 
 
-def _check_stage1(name: str, token_budget: int, window: int, kernel_size: int) -> None:
+def _check_stage1(name: str, token_budget: int, window: int, kernel_size: int,
+                  skip_layers: int) -> None:
     check_token_budget(name, token_budget)
+    check_skip_layers(name, skip_layers)
     check_positive_int(name, "window", window)
     check_positive_int(name, "kernel_size", kernel_size)
     if token_budget < window:
@@ -106,6 +109,7 @@ def _check_stage1(name: str, token_budget: int, window: int, kernel_size: int) -
         )
 
 
+@with_skip_layers
 @dataclasses.dataclass(frozen=True)
 class SnapKV:
     """SnapKV: window queries score the prompt, average pooling, group-shared top-k."""
@@ -113,10 +117,12 @@ class SnapKV:
     token_budget: int
     window: int = 32
     kernel_size: int = 7
+    skip_layers: int = 0  # leading layers kept dense and unevicted
     name: ClassVar[str] = "snapkv"
 
     def __post_init__(self) -> None:
-        _check_stage1(self.name, self.token_budget, self.window, self.kernel_size)
+        _check_stage1(self.name, self.token_budget, self.window, self.kernel_size,
+                      self.skip_layers)
 
     def plan(self, config, prompt_len: int, max_new_tokens: int):
         return plan_prompt_eviction(
@@ -125,6 +131,7 @@ class SnapKV:
         )
 
 
+@with_skip_layers
 @dataclasses.dataclass(frozen=True)
 class SnapKVPlusPlus:
     """SnapKV++ (RocketKV stage 1 alone): max pooling with a large kernel."""
@@ -132,10 +139,12 @@ class SnapKVPlusPlus:
     token_budget: int
     window: int = 32
     kernel_size: int = 63
+    skip_layers: int = 0  # leading layers kept dense and unevicted
     name: ClassVar[str] = "snapkv++"
 
     def __post_init__(self) -> None:
-        _check_stage1(self.name, self.token_budget, self.window, self.kernel_size)
+        _check_stage1(self.name, self.token_budget, self.window, self.kernel_size,
+                      self.skip_layers)
 
     def plan(self, config, prompt_len: int, max_new_tokens: int):
         return plan_prompt_eviction(

@@ -1,6 +1,7 @@
 """`skip_layers` on the methods side (SkipLayersPlan): the first layers keep every token
 and attend densely (pinned to a float64 numpy loop), the others are exactly the method's
-own plan; run the way the model's decode layer loop would, with a traced layer index."""
+own plan; run the way the model's decode layer loops would (one fori_loop per layer group,
+traced layer index)."""
 
 import math
 
@@ -13,8 +14,8 @@ from rocketkv_jax.methods import make_method
 from rocketkv_jax.methods.base import MethodConfigError
 from rocketkv_jax.methods.skip_layers import (
     SkipLayersPlan,
-    attend_layer,
     compress_layers,
+    layer_groups,
     skip_layers_plan,
 )
 from rocketkv_jax.models.config import ModelConfig
@@ -37,15 +38,26 @@ def ref_dense(q, k, v, n):
     return (p / p.sum()) @ v[:n]
 
 
+def attend_layer(plan, q, stack, layer, pos, window):
+    """One layer's attention on a stacked cache, as forward_decode reads it."""
+    return plan.attend(q, jax.tree.map(lambda a: a[layer], stack), pos, window)
+
+
 def decode_step(plan, cache, q, k_new, v_new, pos, window):
     """What forward_decode does per layer, through the model-side entry points."""
-    def layer(i, carry):
-        cache, outs = carry
-        cache = plan.append(cache, k_new[i], v_new[i], pos, i)
-        out = attend_layer(plan, q[i], cache, i, pos, window)  # [B, H, D]
-        return cache, outs.at[i].set(out.astype(outs.dtype))
     outs = jnp.zeros(q.shape, jnp.float32)  # [L, B, H, D]
-    return jax.lax.fori_loop(0, L, layer, (cache, outs))
+    for group in layer_groups(plan, L):
+        sub, start = group.plan, group.start
+
+        def layer(i, carry, sub=sub, start=start):
+            stack, outs = carry
+            stack = sub.append(stack, k_new[i], v_new[i], pos, i - start)
+            out = attend_layer(sub, q[i], stack, i - start, pos, window)  # [B, H, D]
+            return stack, outs.at[i].set(out.astype(outs.dtype))
+
+        stack, outs = jax.lax.fori_loop(start, group.stop, layer, (group.stack(cache), outs))
+        cache = group.replace(cache, stack)
+    return cache, outs
 
 
 @pytest.mark.parametrize(("method", "budget", "over", "G", "S"), [
@@ -131,3 +143,48 @@ def test_skip_layers_plan_checks_and_passthrough():
     hash(plan)  # a static jit argument
     assert plan.describe()["skip_layers"] == 2
     assert plan.read_tokens(T + N) > inner.read_tokens(T + N)
+
+
+def test_skip_layers_flag():
+    """`--skip-layers N` on generate builds the method with it, refuses methods without
+    it, and eval takes the flag too."""
+    from rocketkv_jax.cli import UserError, build_parser, make_method_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--prompt", "x", "--method", "quest",
+                              "--skip-layers", "2"])
+    assert make_method_from_args(args) == make_method("quest", 256, skip_layers=2)
+    args = parser.parse_args(["generate", "--prompt", "x", "--method", "rocketkv"])
+    assert make_method_from_args(args) == make_method("rocketkv", 256)  # default 0
+    args = parser.parse_args(["generate", "--prompt", "x", "--method", "streaming",
+                              "--skip-layers", "2"])
+    with pytest.raises(UserError, match="skip-layers"):
+        make_method_from_args(args)
+    args = parser.parse_args(["generate", "--prompt", "x", "--method", "snapkv",
+                              "--skip-layers", "-1"])
+    with pytest.raises(MethodConfigError, match="skip_layers"):
+        make_method_from_args(args)
+    assert parser.parse_args(["eval", "--skip-layers", "2"]).skip_layers == 2
+
+
+def test_two_stack_cache_shardings():
+    """sharding.cache_shardings / constrain_cache take the two-stack cache: each stack gets
+    the KVCache rules ("data" on B, "model" on K) behind its own leading layer axis."""
+    from jax.sharding import PartitionSpec as P
+
+    from rocketkv_jax import sharding as shd
+
+    inner = make_method("quest", 16, page_size=4).plan(config(2), T, N)
+    plan = skip_layers_plan(inner, 1, L, T, N)
+    B, H, W = 2, K * 2, 1
+    args = (jax.ShapeDtypeStruct((L, B, K, T, D), jnp.float32),) * 2 + (
+        jax.ShapeDtypeStruct((L, B, H, W, D), jnp.float32),
+        jax.ShapeDtypeStruct((B,), jnp.int32))
+    cache = jax.eval_shape(plan.compress_layers, *args)
+    mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+    specs = shd.cache_shardings(cache, mesh)
+    assert specs.dense.k.spec == specs.sparse.k.spec == P(None, "data", "model", None, None)
+    assert specs.dense.length.spec == P(None, "data")
+    out = jax.jit(lambda c: shd.constrain_cache(c, mesh))(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache))
+    assert jax.tree.structure(out) == jax.tree.structure(cache)

@@ -4,9 +4,9 @@ Regression guard for the layer loop: scanning the cache as `lax.scan` xs/ys made
 every layer's cache in and out of the loop (about 11x the cache bytes per step and a
 cache-sized temporary). With the cache as loop carry, each layer writes its token in
 place. Checked on XLA's own analyses of the compiled step, for a dense, a paged and a
-compressing method. Batch 2 for the temporaries (the per-row write); batch 1 for XLA's
-byte count, whose cost model charges a scatter (the B > 1 write) the whole operand even
-when it runs in place.
+compressing method, and with skip_layers (two stacks, one layer loop each). Batch 2 for
+the temporaries (the per-row write); batch 1 for XLA's byte count, whose cost model
+charges a scatter (the B > 1 write) the whole operand even when it runs in place.
 """
 
 import jax
@@ -30,7 +30,10 @@ T = 4096
 # rocketkv with stage2 "on": its paged stage 2 is what this guards (at this size the cost
 # model would attend densely over the stage-1 cache)
 METHODS = [("full", {}), ("quest", {"token_budget": 256}),
-           ("rocketkv", {"token_budget": 256, "stage2": "on"})]
+           ("rocketkv", {"token_budget": 256, "stage2": "on"}),
+           # two stacked caches (dense layers, method layers), one layer loop over each
+           ("quest", {"token_budget": 256, "skip_layers": 1}),
+           ("rocketkv", {"token_budget": 256, "skip_layers": 2, "stage2": "on"})]
 
 
 def compiled_step(name, kw, B):
