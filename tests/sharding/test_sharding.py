@@ -127,10 +127,11 @@ def test_restored_checkpoint_lands_in_the_rule_shardings(report):
 # Where the collectives of the full-KV program come from: the row-parallel wo / w_down
 # matmuls ("dot_general"), the vocab-parallel embedding lookup ("gather"), the argmax over
 # vocab-sharded logits ("reduce"), and with data > 1 gathering each step's token for the
-# host callback ("select_n"/"reduce"), and with data > 1 the prefill's longest row over
-# the data axis ("reduce_max" of the int32 lengths: key blocks past it are skipped).
+# host callback ("select_n"/"reduce"), and with data > 1 the prefill's longest and
+# shortest rows over the data axis ("reduce_max" / "reduce_min" of the int32 lengths: key
+# blocks past the longest are skipped, blocks before the shortest need no mask).
 # Never a collective-permute or an all-to-all.
-FULL_SOURCES = ("dot_general", "gather", "reduce", "select_n", "reduce_max")
+FULL_SOURCES = ("dot_general", "gather", "reduce", "select_n", "reduce_max", "reduce_min")
 
 
 @pytest.mark.parametrize("mesh", MESH_IDS)
