@@ -95,15 +95,18 @@ def approx_scores_reference(
     """
     del unused
     _check_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
-    if channel_major:
-        page_max = jnp.swapaxes(page_max, 2, 3)  # [B, K, P, D]
-        page_min = jnp.swapaxes(page_min, 2, 3)  # [B, K, P, D]
     q_hat, use_max = _channel_signs(q, channels)  # [B, K, G, R], [B, K, R]
-    idx = channels[:, :, None, :]  # [B, K, 1, R]
-    kmax = jnp.take_along_axis(page_max, idx, axis=-1).astype(jnp.float32)  # [B, K, P, R]
-    kmin = jnp.take_along_axis(page_min, idx, axis=-1).astype(jnp.float32)  # [B, K, P, R]
+    if channel_major:  # read only the R selected rows of [D, P], then [P, R] as below
+        rows = channels[:, :, :, None]  # [B, K, R, 1]
+        kmax = jnp.swapaxes(jnp.take_along_axis(page_max, rows, axis=2), 2, 3)  # [B, K, P, R]
+        kmin = jnp.swapaxes(jnp.take_along_axis(page_min, rows, axis=2), 2, 3)  # [B, K, P, R]
+    else:
+        idx = channels[:, :, None, :]  # [B, K, 1, R]
+        kmax = jnp.take_along_axis(page_max, idx, axis=-1)  # [B, K, P, R]
+        kmin = jnp.take_along_axis(page_min, idx, axis=-1)  # [B, K, P, R]
+    kmax, kmin = kmax.astype(jnp.float32), kmin.astype(jnp.float32)
     k_hat = jnp.where(use_max[:, :, None, :], kmax, -kmin)  # [B, K, P, R]
-    num_pages = page_max.shape[2]
+    num_pages = k_hat.shape[2]
     valid = jnp.arange(num_pages)[None, :] * page_size < lengths[:, None]  # [B, P]
     # Empty pages hold +-inf, so mask before the product can matter: zero them, then -inf.
     k_hat = jnp.where(valid[:, None, :, None], k_hat, 0.0)

@@ -28,7 +28,10 @@ class KVCache:
     length:    [B]           int32 filled slots per row (the same for every KV head)
     page_max:  [B, K, P, D]  element-wise max of K over each page (-inf where empty)
     page_min:  [B, K, P, D]  element-wise min of K over each page (+inf where empty)
-    P = C // page_size for methods that keep page metadata, else P = 0.
+    P = C // page_size for methods that keep page metadata, else P = 0. The stage-2 plans
+    (hybrid, rocketkv) store them channel-major, [B, K, D, P], so that reading R of the D
+    channels reads R contiguous runs of pages; the plan knows its layout (`page_size`
+    below is the row-major one's).
     """
 
     k: jax.Array
@@ -49,8 +52,11 @@ class KVCache:
         return self.capacity // P if P else 0
 
 
-def page_bounds(k: jax.Array, pos: jax.Array, page_size: int) -> tuple[jax.Array, jax.Array]:
-    """Element-wise key max/min per page. k [B, K, C, D], pos [B, K, C] -> 2 x [B, K, P, D]."""
+def page_bounds(
+    k: jax.Array, pos: jax.Array, page_size: int, channel_major: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Element-wise key max/min per page. k [B, K, C, D], pos [B, K, C] -> 2 x [B, K, P, D]
+    ([B, K, D, P] with `channel_major`; page_size 0 gives empty [B, K, 0, D] either way)."""
     B, K, C, D = k.shape
     if page_size == 0:
         empty = jnp.zeros((B, K, 0, D), k.dtype)
@@ -61,6 +67,8 @@ def page_bounds(k: jax.Array, pos: jax.Array, page_size: int) -> tuple[jax.Array
     pages = (B, K, C // page_size, page_size, D)
     kmax = jnp.where(filled, k, -jnp.inf).reshape(pages).max(axis=3)  # [B, K, P, D]
     kmin = jnp.where(filled, k, jnp.inf).reshape(pages).min(axis=3)  # [B, K, P, D]
+    if channel_major:
+        return jnp.swapaxes(kmax, 2, 3), jnp.swapaxes(kmin, 2, 3)  # [B, K, D, P]
     return kmax, kmin
 
 
@@ -71,13 +79,15 @@ def cache_from_prompt(
     keep_length: jax.Array,
     capacity: int,
     page_size: int = 0,
+    channel_major: bool = False,
 ) -> KVCache:
     """Build a cache holding the kept prompt tokens, compacted to the front.
 
     k, v: [B, K, T, D] prompt keys/values (right-padded, token t at position t).
     keep: [B, K, n] int32 ascending prompt indices to keep; entries at or beyond
       keep_length[b] are ignored. keep_length: [B] int32, at most n and capacity.
-    Returns a KVCache of capacity C = capacity with `length = keep_length`.
+    Returns a KVCache of capacity C = capacity with `length = keep_length`, page metadata
+    of `page_size` (none for 0), channel-major [B, K, D, P] when `channel_major`.
     """
     B, K, T, D = k.shape
     n = keep.shape[-1]
@@ -95,7 +105,7 @@ def cache_from_prompt(
     kk = jnp.pad(kk, ((0, 0), (0, 0), (0, pad), (0, 0)))
     vv = jnp.pad(vv, ((0, 0), (0, 0), (0, pad), (0, 0)))
     pos = jnp.pad(pos, ((0, 0), (0, 0), (0, pad)), constant_values=-1)
-    kmax, kmin = page_bounds(kk, pos, page_size)
+    kmax, kmin = page_bounds(kk, pos, page_size, channel_major)
     return KVCache(kk, vv, pos, keep_length.astype(jnp.int32), kmax, kmin)
 
 
@@ -105,6 +115,7 @@ def append_token(
     v: jax.Array,
     position: jax.Array,
     layer: jax.Array | int | None = None,
+    channel_major: bool = False,
 ) -> KVCache:
     """Write one new token per row at slot `length` and keep its page's max/min current.
 
@@ -112,11 +123,13 @@ def append_token(
     is the stacked cache of all layers (leading layer axis) and only that layer's slot is
     written, in place inside the decode layer loop, so a step touches the cache only where
     attention reads it. Without `layer`, `cache` is one layer's. The caller sizes the cache
-    so it never overflows (generate reserves max_new_tokens slots).
+    so it never overflows (generate reserves max_new_tokens slots). `channel_major`: the
+    page metadata is [.., D, P] (the stage-2 plans' layout, see KVCache).
     """
     if layer is None:
         stacked = jax.tree.map(lambda a: a[None], cache)
-        return jax.tree.map(lambda a: a[0], append_token(stacked, k, v, position, 0))
+        out = append_token(stacked, k, v, position, 0, channel_major)
+        return jax.tree.map(lambda a: a[0], out)
     C = cache.capacity
     slot = jnp.minimum(cache.length[layer], C - 1)  # [B]
     layer = jnp.asarray(layer, jnp.int32)
@@ -131,12 +144,50 @@ def append_token(
     pos = jnp.broadcast_to(position.astype(jnp.int32)[:, None], k.shape[:2])  # [B, K]
     new_pos = write(cache.pos, pos, slot)  # [L, B, K, C]
     page_max, page_min = cache.page_max, cache.page_min
-    if cache.page_size:
+    if channel_major and page_max.size:  # (no metadata is [.., 0, D] in either layout)
+        page = slot // (C // page_max.shape[-1])  # [B]
+        page_max = write_column(page_max, k, layer, page, "max")
+        page_min = write_column(page_min, k, layer, page, "min")
+    elif not channel_major and cache.page_size:
         page = slot // cache.page_size  # [B]
         page_max = write(page_max, k, page, "max")
         page_min = write(page_min, k, page, "min")
     length = cache.length.at[layer].add(1)
     return KVCache(new_k, new_v, new_pos, length, page_max, page_min)
+
+
+def _write_column(buf, x, layer, index, combine):
+    at = buf.at[layer, jnp.arange(x.shape[0]), :, :, index]
+    return getattr(at, combine)(x.astype(buf.dtype), mode="promise_in_bounds")
+
+
+@functools.partial(custom_partitioning, static_argnums=(4,))
+def write_column(
+    buf: jax.Array, x: jax.Array, layer: jax.Array, index: jax.Array, combine: str = "set"
+) -> jax.Array:
+    """buf[layer, b, :, :, index[b]] = combine(that, x[b]) for every row b: channel-major
+    page metadata buf [L, B, K, D, P], x [B, K, D]. In place as `write_rows` (a reshape to
+    reuse it would cost XLA a copy of the buffer), and each device writes its own rows and
+    heads under a mesh."""
+    return _write_column(buf, x, layer, index, combine)
+
+
+def _write_column_partition(combine, mesh, arg_shapes, result_shape):
+    shardings = _write_rows_shardings(mesh, arg_shapes[0].sharding)
+    lower = functools.partial(_write_column, combine=combine)
+    return mesh, lower, shardings[0], shardings
+
+
+def _write_column_infer(combine, mesh, arg_shapes, result_shape):
+    return _write_rows_shardings(mesh, arg_shapes[0].sharding)[0]
+
+
+write_column.def_partition(
+    partition=_write_column_partition,
+    infer_sharding_from_operands=_write_column_infer,
+    sharding_rule="l b k d p, b k d, , b -> l b k d p",
+    need_replication_factors=("l", "d", "p"),
+)
 
 
 def _write_rows(buf, x, layer, index, combine):

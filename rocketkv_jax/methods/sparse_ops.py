@@ -40,16 +40,19 @@ def approx_scores(
     *,
     page_size: int,
     kernels: str = "reference",
+    channel_major: bool = False,
 ) -> jax.Array:
     """Stage-2 approximate page scores.
 
-    q [B, K, G, D]; page_max, page_min [B, K, P, D]; channels [B, K, R] int32;
+    q [B, K, G, D]; page_max, page_min [B, K, P, D] ([B, K, D, P] if `channel_major`);
+    channels [B, K, R] int32;
     lengths [B] int32 filled slots per row. Returns [B, K, G, P] float32, -inf for pages
     with no filled slot (never NaN).
     """
     check_kernels("approx_scores", kernels)
     return kernel_lib.approx_scores(
-        q, page_max, page_min, channels, lengths, page_size=page_size, backend=kernels
+        q, page_max, page_min, channels, lengths, page_size=page_size, backend=kernels,
+        channel_major=channel_major,
     )
 
 

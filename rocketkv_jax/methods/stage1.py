@@ -157,12 +157,14 @@ def compress_prompt(
     capacity: int,
     page_size: int = 0,
     sliding_window: int | None = None,
+    channel_major: bool = False,
 ) -> KVCache:
     """Stage 1 into a fresh cache. k, v [B, K, T, D]; q [B, H, W, D] each row's last
     W >= window queries; lengths [B].
 
     When the static prompt length T <= budget nothing can be evicted and every token is
-    kept. Returns a KVCache of `capacity` slots (page metadata when page_size > 0).
+    kept. Returns a KVCache of `capacity` slots (page metadata when page_size > 0,
+    channel-major [B, K, D, P] when `channel_major`).
     """
     T = k.shape[2]
     if T <= budget:
@@ -172,4 +174,4 @@ def compress_prompt(
             k, q, lengths, budget=budget, window=window, kernel_size=kernel_size, pool=pool,
             sliding_window=sliding_window,
         )
-    return cache_from_prompt(k, v, keep, keep_length, capacity, page_size)
+    return cache_from_prompt(k, v, keep, keep_length, capacity, page_size, channel_major)

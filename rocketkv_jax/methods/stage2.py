@@ -8,7 +8,9 @@ turn the bounds into approximate probabilities with SparQ's temperature, pick th
 
 `TwoStagePlan` serves both `hybrid` (stage 2 on the uncompressed cache) and `rocketkv`
 (stage-1 SnapKV++ first). With page_size 1 the page bounds are the keys themselves, so
-the cache keeps no separate page metadata and the keys are passed as both bounds.
+the cache keeps no separate page metadata and the keys are passed as both bounds. Larger
+pages keep their max/min channel-major, [B, K, D, P]: the R channels stage 2 reads are R
+contiguous runs of pages (row-major [B, K, P, D] would scatter them over every page's row).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, visible_slots
+from ..cache import KVCache, append_token, visible_slots
 from ..models.layers import NEG_INF
 from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
 from .base import AppendsTokens, cached_tokens
@@ -60,19 +62,23 @@ def approximate_probabilities(
     *,
     page_size: int,
     kernels: str,
+    channel_major: bool = True,
 ) -> jax.Array:
     """Stage-2 approximate attention probabilities over the cache slots.
 
     qg [B, K, G, D]; visible [B, K, C] bool; channels [B, K, R] int32. page_size 1 scores
-    the keys themselves (no page metadata needed). Returns s_hat [B, K, G, C] float32,
-    exactly 0 on slots that are not visible.
+    the keys themselves (no page metadata needed); otherwise the cache's page metadata is
+    [B, K, D, P] (`channel_major`, the plans' layout) or [B, K, P, D]. Returns s_hat
+    [B, K, G, C] float32, exactly 0 on slots that are not visible.
     """
     if page_size == 1:
         page_max = page_min = cache.k  # [B, K, C, D]
+        channel_major = False
     else:
-        page_max, page_min = cache.page_max, cache.page_min  # [B, K, P, D]
+        page_max, page_min = cache.page_max, cache.page_min  # [B, K, D, P]
     approx = approx_scores(
-        qg, page_max, page_min, channels, cache.length, page_size=page_size, kernels=kernels
+        qg, page_max, page_min, channels, cache.length, page_size=page_size, kernels=kernels,
+        channel_major=channel_major,
     )  # [B, K, G, P]
     approx = jnp.repeat(approx, page_size, axis=-1)  # [B, K, G, C]
     logits = approx / sparq_temperature(qg, channels)[..., None]
@@ -103,15 +109,18 @@ def hybrid_select(
     top_r: int,
     k_top: int,
     kernels: str = "reference",
+    channel_major: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """Stage-2 selection. q [B, H, D]; visible [B, K, C].
+    """Stage-2 selection. q [B, H, D]; visible [B, K, C]; `channel_major`: the layout of the
+    cache's page metadata (see `approximate_probabilities`).
 
     Returns (indices [B, K, k_top] int32 with -1 = none, s_hat [B, K, G, C] float32).
     """
     qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
     channels = select_channels(qg, top_r)  # [B, K, R]
     s_hat = approximate_probabilities(
-        qg, cache, visible, channels, page_size=page_size, kernels=kernels
+        qg, cache, visible, channels, page_size=page_size, kernels=kernels,
+        channel_major=channel_major,
     )  # [B, K, G, C]
     return select_tokens(s_hat.mean(axis=2), visible, k_top), s_hat
 
@@ -162,7 +171,12 @@ class TwoStagePlan(AppendsTokens):
             k, v, q, lengths, budget=self.prompt_budget, window=self.window,
             kernel_size=self.kernel_size, pool="max", capacity=self.capacity,
             page_size=self.cache_page_size, sliding_window=self.sliding_window,
+            channel_major=True,
         )
+
+    def append(self, cache: KVCache, k, v, position, layer=None) -> KVCache:
+        """As every plan's append, with the page max/min kept channel-major."""
+        return append_token(cache, k, v, position, layer, channel_major=True)
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D]: exact attention on the k_top selected slots."""

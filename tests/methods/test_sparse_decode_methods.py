@@ -253,7 +253,7 @@ def test_sparse_decode_matches_numpy(key, G, dtype, window):
     if isinstance(plan, TwoStagePlan):
         page = plan.page_size
         if plan.cache_page_size:  # page metadata stays exact through appends
-            kmax_j, kmin_j = page_bounds(cache.k, cache.pos, page)
+            kmax_j, kmin_j = page_bounds(cache.k, cache.pos, page, channel_major=True)
             np.testing.assert_array_equal(np.asarray(cache.page_max), np.asarray(kmax_j))
             np.testing.assert_array_equal(np.asarray(cache.page_min), np.asarray(kmin_j))
         idx, s_hat = jitted(hybrid_select, page_size=page, top_r=plan.top_r,
@@ -271,10 +271,10 @@ def test_sparse_decode_matches_numpy(key, G, dtype, window):
                 assert_same_selection(channels[b, kv], ch, np.abs(Q).mean(0))
                 if plan.cache_page_size:
                     kmax, kmin = ref_page_bounds(ck[b, kv], cpos[b, kv], page)
+                    np.testing.assert_array_equal(  # channel-major: [D, P]
+                        np.asarray(cache.page_max[b, kv], np.float64), kmax.T)
                     np.testing.assert_array_equal(
-                        np.asarray(cache.page_max[b, kv], np.float64), kmax)
-                    np.testing.assert_array_equal(
-                        np.asarray(cache.page_min[b, kv], np.float64), kmin)
+                        np.asarray(cache.page_min[b, kv], np.float64), kmin.T)
                 got_s = np.asarray(s_hat[b, kv], np.float64)
                 if set(channels[b, kv]) == set(ch):
                     np.testing.assert_allclose(got_s, ref_s_hat, rtol=1e-4, atol=1e-6)
@@ -287,7 +287,8 @@ def test_sparse_decode_matches_numpy(key, G, dtype, window):
         # approximate page scores with the reference's channels
         bounds = ((cache.page_max, cache.page_min) if plan.cache_page_size
                   else (cache.k, cache.k))
-        approx_j = np.asarray(jitted(approx_scores, page_size=page)(
+        approx_j = np.asarray(jitted(approx_scores, page_size=page,
+                                     channel_major=bool(plan.cache_page_size))(
             qg, *bounds, jnp.asarray(ref_ch), cache.length))
         for b in range(B):
             for kv in range(K):
