@@ -161,3 +161,23 @@ def test_fallback_equals_dense_attention_over_the_same_cache(method, kw, G, dtyp
     want = numpy_dense(*f64, np.asarray(cache.pos), np.asarray(qpos))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(out, want, **tol)
+
+
+def test_stats_line_says_which_path_runs():
+    from rocketkv_jax.generate import GenerateStats, _method_stats
+
+    def line(method, T, N):
+        fields = _method_stats(method, method.plan(SMOLLM2, T, N), T, N)
+        return GenerateStats(prompt_tokens=T, generated_tokens=N, compile_s=0.0, prefill_s=1.0,
+                             decode_s=1.0, kv_cache_bytes=0, batch=1, prompt_bucket=T,
+                             **fields).summary()
+
+    assert ("method: rocketkv (budget 4096; dense over its stage-1 cache: the selection "
+            "would cost more than dense attention) |") in line(make_method("rocketkv", 4096),
+                                                               4096, 64)
+    assert "method: sparq (budget 2048; dense over its cache" in line(
+        make_method("sparq", 2048), 4096, 64)
+    assert "method: hybrid (budget 256; dense over its cache: stage2 off) |" in line(
+        make_method("hybrid", 256, stage2="off"), 7936, 64)
+    assert "method: rocketkv (budget 256) |" in line(make_method("rocketkv", 256), 7936, 64)
+    assert "budget 8192 >= sequence" in line(make_method("rocketkv", 8192), 4096, 64)
