@@ -49,6 +49,11 @@ class Row:
         return self.prefill_s + self.decode_s
 
 
+def median_row(rows: list[Row]) -> Row:
+    """The run whose end-to-end time is the median (the lower one for an even count)."""
+    return sorted(rows, key=lambda r: r.total_s)[(len(rows) - 1) // 2]
+
+
 def parse_tokens(text: str) -> int:
     text = text.strip().lower()
     return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
@@ -122,18 +127,27 @@ def main(argv=None) -> int:
                     help="prefill chunk in tokens (0: the whole prompt in one chunk)")
     ap.add_argument("--layers", type=int, default=2, help="layers of llama8b-shape")
     ap.add_argument("--vocab", type=int, default=8192, help="vocabulary of llama8b-shape")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="interleaved rounds over the methods; each row is the median run")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     for name in methods:
         make_method("full") if name == "full" else make_method(name, args.budget)  # fail early
 
     params, config, ids, answers, tokenizer, note = build_prompt(args)
     t0 = time.perf_counter()
-    rows = [run_method(params, config, ids, name, args, tokenizer, answers) for name in methods]
+    runs: dict[str, list[Row]] = {name: [] for name in methods}
+    for _ in range(args.repeat):  # interleaved rounds, so load drifts hit every method
+        for name in methods:
+            runs[name].append(run_method(params, config, ids, name, args, tokenizer, answers))
+    rows = [median_row(r) for r in runs.values()]
     wall = time.perf_counter() - t0
     print(f"# {note}; prompt {len(ids)} tokens + {args.new_tokens} new, M = {args.budget}, "
-          f"prefill chunk {args.chunk}; jax {jax.__version__} on {platform.machine()}, "
+          f"prefill chunk {args.chunk}; median of {args.repeat} interleaved round(s); "
+          f"jax {jax.__version__} on {platform.machine()}, "
           f"{os.cpu_count()} cores; wall {wall:.0f} s")
     ref = next((r for r in rows if r.method == "full"), None)
     head = "| method | prefill s | prefill tok/s | decode tok/s | end to end s | vs full |"
@@ -154,7 +168,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"note": note, "args": vars(args),
-                       "rows": [dataclasses.asdict(r) | {"total_s": r.total_s} for r in rows]},
+                       "runs": {name: [dataclasses.asdict(r) | {"total_s": r.total_s}
+                                       for r in rs] for name, rs in runs.items()}},
                       f, indent=1)
     return 0
 
