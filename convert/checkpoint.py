@@ -337,11 +337,11 @@ def convert_any(
     """
     src, out_path = Path(src), Path(out).absolute()
     resolve_dtype(dtype)
-    check_replaceable(out_path, force)
     if not src.exists():
         raise ConversionError(f"{src} does not exist")
     if src.resolve() == out_path.resolve() or out_path.resolve() in src.resolve().parents:
         raise ConversionError(f"output {out_path} would overwrite the source {src}")
+    check_replaceable(out_path, force)  # after: the source check names the real problem
     try:  # before the (long) reading and dequantising
         check_can_create(out_path, "write the checkpoint")
     except PathError as e:
