@@ -95,7 +95,7 @@ def test_cli_reads_stdin_and_batch_file(smollm2_checkpoint, tmp_path):
         (["--prompt", "   \n"], None, "the prompt is empty"),
         (["--prompt-file", "LONG"], None, "longer than the model's context of 8192"),
         (["--prompt", "hi", "--max-new-tokens", "9000"], None, "Lower --max-new-tokens"),
-        (["--prompt", "hi", "--method", "rockettkv"], None, "unknown KV method"),
+        (["--prompt", "hi", "--method", "rockettkv"], None, "is not a KV method"),
         (["--prompt", "hi", "--model", "/nonexistent/ckpt"], None, "does not exist"),
         (["--prompt-file", "/nonexistent/prompt.txt"], None, "does not exist"),
     ],

@@ -56,10 +56,13 @@ def test_rocketkv_cache_is_the_planned_compressed_size(smol, essay_prompt):
 
     n = 8
     T = length_bucket(len(essay_prompt))
-    plan = make_method("rocketkv", 128).plan(smol.config, T, n)
+    # the sparse path (stage2="on"): at this size the cost model would attend densely and
+    # keep no page metadata, which test_dense_fallback covers
+    rocketkv = make_method("rocketkv", 128, stage2="on")
+    plan = rocketkv.plan(smol.config, T, n)
     full = generate_ids(smol.params, smol.config, [essay_prompt], make_method("full"),
                         max_new_tokens=n, stop_ids=[])
-    rk = generate_ids(smol.params, smol.config, [essay_prompt], make_method("rocketkv", 128),
+    rk = generate_ids(smol.params, smol.config, [essay_prompt], rocketkv,
                       max_new_tokens=n, stop_ids=[])
     cfg = smol.config
     per_slot = cfg.num_layers * cfg.num_kv_heads * (2 * cfg.head_dim * 4 + 4)  # k, v f32 + pos
