@@ -172,24 +172,6 @@ def write_column(
     return _write_column(buf, x, layer, index, combine)
 
 
-def _write_column_partition(combine, mesh, arg_shapes, result_shape):
-    shardings = _write_rows_shardings(mesh, arg_shapes[0].sharding)
-    lower = functools.partial(_write_column, combine=combine)
-    return mesh, lower, shardings[0], shardings
-
-
-def _write_column_infer(combine, mesh, arg_shapes, result_shape):
-    return _write_rows_shardings(mesh, arg_shapes[0].sharding)[0]
-
-
-write_column.def_partition(
-    partition=_write_column_partition,
-    infer_sharding_from_operands=_write_column_infer,
-    sharding_rule="l b k d p, b k d, , b -> l b k d p",
-    need_replication_factors=("l", "d", "p"),
-)
-
-
 def _write_rows(buf, x, layer, index, combine):
     at = buf.at[layer, jnp.arange(x.shape[0]), :, index]
     return getattr(at, combine)(x, mode="promise_in_bounds")
@@ -218,21 +200,30 @@ def _write_rows_shardings(mesh, buf_sharding):
             NamedSharding(mesh, P()), NamedSharding(mesh, P(b)))
 
 
-def _write_rows_partition(combine, mesh, arg_shapes, result_shape):
+def _row_write_partition(lower, combine, mesh, arg_shapes, result_shape):
+    """custom_partitioning rule of write_rows / write_column: every device writes its own
+    rows and heads with the single-device `lower`."""
     shardings = _write_rows_shardings(mesh, arg_shapes[0].sharding)
-    lower = functools.partial(_write_rows, combine=combine)
-    return mesh, lower, shardings[0], shardings
+    return mesh, functools.partial(lower, combine=combine), shardings[0], shardings
 
 
-def _write_rows_infer(combine, mesh, arg_shapes, result_shape):
+def _row_write_infer(combine, mesh, arg_shapes, result_shape):
     return _write_rows_shardings(mesh, arg_shapes[0].sharding)[0]
 
 
 write_rows.def_partition(
-    partition=_write_rows_partition,
-    infer_sharding_from_operands=_write_rows_infer,
+    partition=lambda *a: _row_write_partition(_write_rows, *a),
+    infer_sharding_from_operands=_row_write_infer,
     sharding_rule="l b k s e, b k e, , b -> l b k s e",
     need_replication_factors=("l", "s", "e"),
+)
+
+
+write_column.def_partition(
+    partition=lambda *a: _row_write_partition(_write_column, *a),
+    infer_sharding_from_operands=_row_write_infer,
+    sharding_rule="l b k d p, b k d, , b -> l b k d p",
+    need_replication_factors=("l", "d", "p"),
 )
 
 
