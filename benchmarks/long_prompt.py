@@ -88,8 +88,13 @@ def build_prompt(args):
     return m.params, m.config, ids, sample.answers, m.tokenizer, note
 
 
+def method_of(name: str, budget: int):
+    """The method `name` at token budget `budget` (full takes none)."""
+    return make_method("full") if name == "full" else make_method(name, budget)
+
+
 def run_method(params, config, ids, name, args, tokenizer, answers) -> Row:
-    method = make_method("full") if name == "full" else make_method(name, args.budget)
+    method = method_of(name, args.budget)
     bar = tqdm(desc=f"{name} prefill", unit="chunk", leave=False, file=sys.stderr)
 
     def on_chunk(done, total):
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     for name in methods:
-        make_method("full") if name == "full" else make_method(name, args.budget)  # fail early
+        method_of(name, args.budget)  # an unknown name or a bad budget fails before loading
 
     params, config, ids, answers, tokenizer, note = build_prompt(args)
     t0 = time.perf_counter()
