@@ -139,8 +139,11 @@ def main(argv=None) -> int:
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
-    for name in methods:
-        method_of(name, args.budget)  # an unknown name or a bad budget fails before loading
+    for name in methods:  # an unknown name or a bad budget fails before loading
+        try:
+            method_of(name, args.budget)
+        except ValueError as e:
+            ap.error(str(e))
 
     params, config, ids, answers, tokenizer, note = build_prompt(args)
     t0 = time.perf_counter()
