@@ -27,7 +27,8 @@ from jax.experimental import io_callback
 
 from . import defaults
 from . import sharding as shd
-from .methods.base import STORED_QUERY_WINDOW, DensePlan
+from .methods.base import DensePlan
+from .methods.capture import KeepRaw
 from .methods.cost import fallback_note
 from .methods.skip_layers import compress_layers
 from .models.config import ModelConfig
@@ -422,18 +423,6 @@ def _run(compiled, args, n, lengths, on_step, stats: GenerateStats,
 
 
 # ------------------------------------------------------------ one prefill, many methods
-@dataclasses.dataclass(frozen=True)
-class _KeepRaw:
-    """A plan whose `compress` keeps each layer's raw prompt k, v and its rows' last
-    STORED_QUERY_WINDOW queries, so several methods can compress the same prefill later."""
-
-    capacity: int
-    query_window: int = STORED_QUERY_WINDOW
-
-    def compress(self, k, v, q, lengths):
-        return k, v, q
-
-
 def _from_prefill_program(params, logits, states, lengths, key, *, config, plan, **loop):
     """Compress the stored per-layer (k, v, q) with `plan`, then decode as generate does."""
     cache = compress_layers(plan, *states, lengths)  # layer by layer
@@ -467,7 +456,7 @@ class SharedPrefill:
         self.tokens, self.lengths = _pack(config, prompts, max_new_tokens, pad_id,
                                           prefill_chunk=prefill_chunk)
         B, T = self.tokens.shape
-        prefill = jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, _KeepRaw(T),
+        prefill = jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, KeepRaw(T),
                                                           all_logits=False, chunk=prefill_chunk))
         t0 = time.perf_counter()
         self.logits, self.states = prefill(params, jnp.asarray(self.tokens),
