@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_bytes import (
+from ..bench_bytes import (
     fmt_bytes,
     kv_read_bytes,
     llama_weight_bytes,
@@ -170,7 +170,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.models = [m.strip() for m in args.models.split(",") if m.strip() not in ("", "none")]
-    from .bench_decode import MODEL_KEYS
+    from ..bench_decode import MODEL_KEYS
 
     bad = [m for m in args.models if m not in MODEL_KEYS]
     if bad:
@@ -217,8 +217,8 @@ def model_contexts(config, contexts: list[int], N: int) -> list[tuple[int, str]]
 def plan_methods(config, methods, budget, T, N, stage2: str = "auto") -> dict:
     """{method: plan or the MethodConfigError message}; `stage2` for the methods that
     take it (hybrid, rocketkv, quest, sparq)."""
-    from .methods import METHOD_NAMES, METHOD_VARIANTS, make_method, method_hparams
-    from .methods.base import MethodConfigError
+    from ..methods import METHOD_NAMES, METHOD_VARIANTS, make_method, method_hparams
+    from ..methods.base import MethodConfigError
 
     out = {}
     for m in methods:
@@ -242,8 +242,8 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
     """The decode grid of one model, filling `rec` (see --json); `save()` after each group."""
     import jax
 
-    from . import bench_decode as bd
-    from .methods import Full
+    from .. import bench_decode as bd
+    from ..methods import Full
 
     cfg, B, N = bm.config, args.batch, args.new_tokens
     elem = 4  # float32 params and caches
@@ -315,7 +315,7 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
 
 def _prefill(bm, T, B, args):
     """Decode-cache source for context T (see --prefill) and its record."""
-    from . import bench_decode as bd
+    from .. import bench_decode as bd
 
     bd.release_memory()
     compiled, compile_s = bd.compile_capture_prefill(bm, T, B)
@@ -497,7 +497,7 @@ def machine_line() -> str:
     import jax
     import numpy as np
 
-    from .bench_bytes import cpu_name
+    from ..bench_bytes import cpu_name
 
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -515,7 +515,7 @@ def run(args: argparse.Namespace) -> dict:
     """Run the benchmark for resolved args; prints the tables, returns every record."""
     from tqdm import tqdm
 
-    from .bench_decode import load_bench_model
+    from ..bench_decode import load_bench_model
 
     t_start = time.perf_counter()
     print(machine_line(), flush=True)
@@ -561,7 +561,7 @@ def _save(results: dict, args) -> None:
 
 
 def _run_peers(bm, args) -> dict:
-    from .bench_peers import PeerError, run_peers
+    from ..bench_peers import PeerError, run_peers
 
     try:
         return run_peers(bm, T=args.peer_context, N=args.peer_new_tokens,
@@ -575,7 +575,7 @@ def _run_peers(bm, args) -> dict:
 
 def report(path: Path, markdown: bool = False) -> None:
     """Print the tables of a results JSON written by --json (as markdown tables if asked)."""
-    from . import bench_bytes
+    from .. import bench_bytes
 
     if not path.is_file():
         raise BenchError(f"no results file {path}")
@@ -589,7 +589,7 @@ def report(path: Path, markdown: bool = False) -> None:
             if rec.get("steps"):
                 print_model_tables(rec, args)
         if res.get("peers", {}).get("summary"):
-            from .bench_peers import print_peers
+            from ..bench_peers import print_peers
 
             print_peers(res["peers"])
         if "h100_bound" in res:
