@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rocketkv_jax.bench.xla_stats import bytes_accessed
+
 # byte accounting shared with `rocketkv bench` (rocketkv_jax/bench.py)
 from rocketkv_jax.bench_bytes import (
     LLAMA_8B,
@@ -100,13 +102,7 @@ def shapes_of(*arrays):
 
 def xla_bytes_accessed(f, *shapes) -> float | None:
     """XLA's cost-model bytes for a jitted function, or None where unavailable."""
-    try:
-        cost = jax.jit(f).lower(*shapes).compile().cost_analysis()
-    except Exception:  # noqa: BLE001 - cost analysis is best effort per platform
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    return None if not cost else cost.get("bytes accessed")
+    return bytes_accessed(jax.jit(f).lower(*shapes).compile())
 
 
 # ------------------------------------------------------------------------------ timing

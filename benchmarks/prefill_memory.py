@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from rocketkv_jax.bench.xla_stats import memory_stats
 from rocketkv_jax.bench_decode import llama8b_shape_config
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.models.config import ModelConfig
@@ -46,7 +47,7 @@ def temp_gib(config: ModelConfig, plan, T: int, **kw) -> float:
     fn = jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, plan, all_logits=False, **kw))
     compiled = fn.lower(tree, jax.ShapeDtypeStruct((1, T), jnp.int32),
                         jax.ShapeDtypeStruct((1,), jnp.int32)).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / 2**30
+    return memory_stats(compiled)["temp"] / 2**30
 
 
 def main(argv=None) -> int:

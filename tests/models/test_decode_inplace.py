@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.bench_decode import loop_aware_bytes
+from rocketkv_jax.bench.xla_stats import loop_aware_bytes
 from rocketkv_jax.cache import KVCache, append_token, page_bounds
 from rocketkv_jax.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods.registry import make_method
