@@ -23,8 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_peer_hf import load_smollm2
 
-from rocketkv_jax.bench_peer_hf import load_smollm2
 from rocketkv_jax.convert import embedded_smollm2_gguf
 from rocketkv_jax.generate import make_prefill
 from rocketkv_jax.methods import make_method

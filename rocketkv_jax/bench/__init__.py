@@ -12,6 +12,7 @@ bytes of the compiled step, XLA's memory analysis of the decode step and of the 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -63,6 +64,22 @@ EPILOG = """examples:
 
 class BenchError(ValueError):
     """Bad benchmark arguments."""
+
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """Import `benchmarks/<name>.py` of the source checkout this package runs from: the
+    drivers live there, outside the library (the wheel does not ship them). The folder joins
+    sys.path as it does for `python benchmarks/<script>.py`, for the drivers' own imports."""
+    if not (BENCHMARKS / f"{name}.py").is_file():
+        raise BenchError(f"`rocketkv bench` runs the drivers in benchmarks/ of a source "
+                         f"checkout, and there is no {BENCHMARKS / name}.py here: clone the "
+                         "repository and `pip install -e .` it")
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -561,14 +578,13 @@ def _save(results: dict, args) -> None:
 
 
 def _run_peers(bm, args) -> dict:
-    from ..bench_peers import PeerError, run_peers
-
+    peers = benchmark_module("bench_peers")
     try:
-        return run_peers(bm, T=args.peer_context, N=args.peer_new_tokens,
+        return peers.run_peers(bm, T=args.peer_context, N=args.peer_new_tokens,
                          budget=args.peer_budget, rounds=args.peer_rounds,
                          kvpress_python=args.kvpress_python, threads=args.peer_threads,
                          progress=args.progress)
-    except PeerError as e:
+    except peers.PeerError as e:
         print(f"\npeers: not run: {e}")
         return {"error": str(e)}
 
@@ -589,9 +605,7 @@ def report(path: Path, markdown: bool = False) -> None:
             if rec.get("steps"):
                 print_model_tables(rec, args)
         if res.get("peers", {}).get("summary"):
-            from ..bench_peers import print_peers
-
-            print_peers(res["peers"])
+            benchmark_module("bench_peers").print_peers(res["peers"])
         if "h100_bound" in res:
             print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets)
             print_method_roofline(args.methods, args.roofline_context, args.new_tokens,

@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .bench_bytes import print_table
-from .generate import generate_ids
-from .methods import make_method
+from rocketkv_jax.bench_bytes import print_table
+from rocketkv_jax.generate import generate_ids
+from rocketkv_jax.methods import make_method
 
 PEER_SCRIPT = Path(__file__).with_name("bench_peer_hf.py")
 KVPRESS_ENV = "ROCKETKV_BENCH_KVPRESS_PYTHON"
