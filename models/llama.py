@@ -21,6 +21,7 @@ Padding convention: prompts are right-padded; token t of a row sits at position 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import jax
@@ -124,6 +125,112 @@ def prefill_chunk_size(T: int, chunk: int | None) -> int:
     return chunk
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefillState:
+    """What a prefill carries from one chunk to the next.
+
+    k, v: [Ly, B, K, S, D] every layer's keys and values of positions 0 .. S-1, written
+      chunk by chunk (RoPE applied to k);
+    q_obs: [Ly, B, H, W, D] the queries of each row's last W tokens (`window_queries`),
+      filled in by the chunk that holds them;
+    x_last: [B, E] the final hidden state of each row's last real token.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    q_obs: jax.Array
+    x_last: jax.Array
+
+
+def init_prefill_state(config: ModelConfig, batch: int, size: int, query_window: int,
+                       dtype) -> PrefillState:
+    """Zeroed PrefillState for `batch` rows of up to `size` positions, in the params' dtype."""
+    Ly, H, K, D = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+    return PrefillState(
+        k=jnp.zeros((Ly, batch, K, size, D), dtype),
+        v=jnp.zeros((Ly, batch, K, size, D), dtype),
+        q_obs=jnp.zeros((Ly, batch, H, query_window, D), dtype),
+        x_last=jnp.zeros((batch, config.hidden_size), dtype),
+    )
+
+
+def prefill_chunk(
+    params: Params,
+    config: ModelConfig,
+    state: PrefillState,
+    tokens: jax.Array,
+    start: jax.Array | int,
+    lengths: jax.Array,
+    *,
+    attention: str = "auto",
+) -> tuple[PrefillState, jax.Array]:
+    """Run one chunk of prompt tokens through every layer.
+
+    tokens: [B, C] int32 at positions start .. start + C - 1 (start may be traced, so one
+    program serves every chunk); lengths: [B] real tokens per row in the whole prompt. Each
+    layer writes the chunk's keys and values into `state` and attends causally over every
+    key written so far (positions < lengths), blockwise: memory is O(C * S), never
+    [S, S]. Returns (state, x [B, C, E] the chunk's final hidden states).
+    """
+    if attention not in PREFILL_ATTENTION:
+        raise ValueError(f"unknown prefill attention {attention!r}; expected one of "
+                         f"{', '.join(PREFILL_ATTENTION)}")
+    B, C = tokens.shape
+    S = state.k.shape[3]
+    H, D = config.num_heads, config.head_dim
+    W = state.q_obs.shape[3]
+    inv_freq = inverse_frequencies(config)
+    dtype = state.k.dtype
+    lengths = lengths.astype(jnp.int32)
+    positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+
+    def attend(q, k_all, v_all):
+        if attention == "dense":  # the [B, H, C, S] baseline
+            key_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+            key_pos = jnp.where(key_pos < lengths[:, None], key_pos, -1)  # [B, S]
+            mask = attention_mask(positions, key_pos, config.sliding_window)[:, None]
+            return dense_attention(q, k_all, v_all, mask)
+        return prefill_attention(q, k_all, v_all, lengths, start,
+                                 sliding_window=config.sliding_window, backend=attention)
+
+    def layer(i, lc):
+        x, k_buf, v_buf, q_obs = lc
+        p = jax.tree.map(lambda a: a[i], params["layers"])
+        h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(p, config, h, positions, inv_freq)
+        k_buf = jax.lax.dynamic_update_slice(k_buf, k[None].astype(dtype), (i, 0, 0, start, 0))
+        v_buf = jax.lax.dynamic_update_slice(v_buf, v[None].astype(dtype), (i, 0, 0, start, 0))
+        attn = attend(q, k_buf[i], v_buf[i])  # [B, H, C, D]
+        if W:
+            qw, present = window_queries(q, lengths, W, start)  # [B, H, W, D], [B, W]
+            q_obs = q_obs.at[i].set(jnp.where(present[:, None, :, None], qw, q_obs[i]))
+        attn = attn.transpose(0, 2, 1, 3).reshape(B, C, H * D)  # [B, C, H*D]
+        x = x + attn @ p["wo"]
+        return _mlp_block(p, config, x), k_buf, v_buf, q_obs
+
+    x = params["embed"][tokens]  # [B, C, E]
+    x, k, v, q_obs = jax.lax.fori_loop(0, config.num_layers, layer,
+                                       (x, state.k, state.v, state.q_obs))
+    last = lengths - 1 - start  # [B]
+    here = (last >= 0) & (last < C)
+    x_row = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
+    x_last = jnp.where(here[:, None], x_row, state.x_last)  # [B, E]
+    return PrefillState(k, v, q_obs, x_last), x
+
+
+def prefill_finish(params: Params, config: ModelConfig, state: PrefillState,
+                   lengths: jax.Array, plan: KVPlan, size: int | None = None):
+    """After the last chunk: the logits of each row's last real token [B, V] float32 and
+    the plan's cache, `plan.compress` on every layer's first `size` keys and values (all
+    of them by default) with the window queries."""
+    k, v = state.k, state.v
+    if size is not None:
+        k, v = k[:, :, :, :size], v[:, :, :, :size]
+    cache = compress_layers(plan, k, v, state.q_obs, lengths.astype(jnp.int32))
+    return _unembed(params, config, state.x_last), cache
+
+
 def forward_prefill(
     params: Params,
     config: ModelConfig,
@@ -134,93 +241,46 @@ def forward_prefill(
     all_logits: bool = True,
     chunk: int | None = None,
     attention: str = "auto",
-    on_chunk: Any = None,
 ) -> tuple[jax.Array, Any]:
     """Run the prompt through the model and build the (compressed) KV cache.
 
     tokens: [B, T] int32, right-padded; lengths: [B] int32 real tokens per row (>= 1).
     chunk: tokens per prefill chunk (static). The prompt runs through all layers one
-      chunk at a time, each chunk attending to the keys built so far, so activations are
-      O(chunk) and attention never holds a [T, T] matrix; None runs one chunk of T.
+      chunk at a time (`prefill_chunk`), each chunk attending to the keys built so far, so
+      activations are O(chunk) and attention never holds a [T, T] matrix; None runs one
+      chunk of T.
     attention: the prefill attention backend (`kernels.backend`: "auto", "reference",
       "interpret", "triton"), or "dense" for the materialised [B, H, T, T] softmax (kept as
       the baseline of benchmarks and tests).
-    on_chunk: a function of the traced chunk index, called inside the chunk loop (the CLI
-      reports progress through an io_callback there).
     Returns (logits, cache): logits [B, T, V] float32 when `all_logits`, else the
     logits of each row's last real token [B, V]; cache: the plan's cache pytree with a
     leading layer axis, from `plan.compress` on every layer's prompt keys and values and
     the queries of each row's last `plan.query_window` tokens.
     """
-    if attention not in PREFILL_ATTENTION:
-        raise ValueError(f"unknown prefill attention {attention!r}; expected one of "
-                         f"{', '.join(PREFILL_ATTENTION)}")
     B, T = tokens.shape
-    Ly, H, K, D = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
     C = prefill_chunk_size(T, chunk)
     n_chunks = -(-T // C)
     Tp = n_chunks * C
-    W = getattr(plan, "query_window", 0)
-    inv_freq = inverse_frequencies(config)
     tokens = jnp.pad(tokens, ((0, 0), (0, Tp - T)))
-    dtype = params["embed"].dtype
-    lengths = lengths.astype(jnp.int32)
+    state = init_prefill_state(config, B, Tp, getattr(plan, "query_window", 0),
+                               params["embed"].dtype)
+    x_all = jnp.zeros((B, Tp if all_logits else 0, config.hidden_size), state.k.dtype)
 
-    def attend(q, k_all, v_all, start):
-        if attention == "dense":  # the [B, H, C, Tp] baseline
-            q_pos = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
-            key_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :]
-            key_pos = jnp.where(key_pos < lengths[:, None], key_pos, -1)  # [B, Tp]
-            mask = attention_mask(q_pos, key_pos, config.sliding_window)[:, None]
-            return dense_attention(q, k_all, v_all, mask)
-        return prefill_attention(q, k_all, v_all, lengths, start,
-                                 sliding_window=config.sliding_window, backend=attention)
-
-    def chunk_step(c, carry):
-        k_buf, v_buf, q_obs, x_last, x_all = carry
+    def step(c, carry):
+        state, x_all = carry
         start = c * C
-        if on_chunk is not None:
-            on_chunk(c)
-        positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
-        x = params["embed"][jax.lax.dynamic_slice_in_dim(tokens, start, C, axis=1)]  # [B, C, E]
-
-        def layer(i, lc):
-            x, k_buf, v_buf, q_obs = lc
-            p = jax.tree.map(lambda a: a[i], params["layers"])
-            h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-            q, k, v = _project_qkv(p, config, h, positions, inv_freq)
-            k_buf = jax.lax.dynamic_update_slice(k_buf, k[None].astype(dtype), (i, 0, 0, start, 0))
-            v_buf = jax.lax.dynamic_update_slice(v_buf, v[None].astype(dtype), (i, 0, 0, start, 0))
-            attn = attend(q, k_buf[i], v_buf[i], start)  # [B, H, C, D]
-            if W:
-                qw, present = window_queries(q, lengths, W, start)  # [B, H, W, D], [B, W]
-                q_obs = q_obs.at[i].set(jnp.where(present[:, None, :, None], qw, q_obs[i]))
-            attn = attn.transpose(0, 2, 1, 3).reshape(B, C, H * D)  # [B, C, H*D]
-            x = x + attn @ p["wo"]
-            return _mlp_block(p, config, x), k_buf, v_buf, q_obs
-
-        x, k_buf, v_buf, q_obs = jax.lax.fori_loop(0, Ly, layer, (x, k_buf, v_buf, q_obs))
+        chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, C, axis=1)  # [B, C]
+        state, x = prefill_chunk(params, config, state, chunk_tokens, start, lengths,
+                                 attention=attention)
         if all_logits:
             x_all = jax.lax.dynamic_update_slice_in_dim(x_all, x, start, axis=1)
-        last = lengths - 1 - start  # [B]
-        here = (last >= 0) & (last < C)
-        x_row = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
-        x_last = jnp.where(here[:, None], x_row, x_last)  # [B, E]
-        return k_buf, v_buf, q_obs, x_last, x_all
+        return state, x_all
 
-    E = config.hidden_size
-    init = (
-        jnp.zeros((Ly, B, K, Tp, D), dtype),  # every layer's prompt keys, filled by chunk
-        jnp.zeros((Ly, B, K, Tp, D), dtype),
-        jnp.zeros((Ly, B, H, W, D), dtype),  # each row's observation-window queries
-        jnp.zeros((B, E), dtype),  # hidden state of each row's last real token
-        jnp.zeros((B, Tp if all_logits else 0, E), dtype),
-    )
-    k_buf, v_buf, q_obs, x_last, x_all = jax.lax.fori_loop(0, n_chunks, chunk_step, init)
-    k_buf, v_buf = k_buf[:, :, :, :T], v_buf[:, :, :, :T]
-    cache = compress_layers(plan, k_buf, v_buf, q_obs, lengths)  # plan.compress per layer
-    x = x_all[:, :T] if all_logits else x_last
-    return _unembed(params, config, x), cache
+    state, x_all = jax.lax.fori_loop(0, n_chunks, step, (state, x_all))
+    logits, cache = prefill_finish(params, config, state, lengths, plan, T)
+    if all_logits:
+        logits = _unembed(params, config, x_all[:, :T])
+    return logits, cache
 
 
 def forward_decode(

@@ -1,39 +1,30 @@
-"""Batched generation as one `jax.jit` program: prefill, compress, then a
-`lax.while_loop` of decode steps over a statically sized KV cache.
+"""Batched generation: bucket the prompts, prefill them chunk by chunk, compress, decode.
 
-The cache is created and consumed inside the program, so XLA updates it in place in the
-loop; nothing of it crosses the host boundary. One program is compiled per (config,
-plan, batch bucket, prompt-length bucket, max_new_tokens, sampling, stop ids); prompt
-lengths are padded up to buckets so a new prompt length rarely means a new compile.
-
-Tokens are streamed to the host with an ordered `io_callback` at every step; the same
-callback timestamps steps, which is how prefill time and decode speed are measured.
+The public entry is `generate_ids`. Prompt lengths are padded up to buckets, so a new
+prompt length rarely means a new compile; the host drives the compiled programs of
+`programs.py` (a prefill chunk, the start of decode, decode steps) and reports progress
+between them: prefill chunks done, tokens as they are produced. The KV cache lives on
+the device across those calls, donated from one to the next.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import threading
 import time
-import types
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
-from . import defaults
+from . import defaults, programs
 from . import sharding as shd
 from .methods.base import DensePlan
-from .methods.capture import KeepRaw
 from .methods.cost import fallback_note
-from .methods.skip_layers import compress_layers
 from .models.config import ModelConfig
 from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
-from .sampling import Sampling, sample
+from .programs import DecodeState, LoopSettings
+from .sampling import Sampling
 
 GREEDY = Sampling()
 DEFAULT_PREFILL_CHUNK = defaults.DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill chunk
@@ -58,87 +49,6 @@ def length_bucket(n: int, limit: int | None = None) -> int:
 def batch_bucket(n: int) -> int:
     """Batch sizes are padded to powers of two."""
     return 1 << max(0, (n - 1).bit_length())
-
-
-# ---------------------------------------------------------------- host streaming
-# The callback runs on an XLA runtime thread, so the active sink is a process global;
-# a lock keeps two concurrent generate calls from interleaving their streams.
-_sink = types.SimpleNamespace(fn=None, chunk=None)
-_sink_lock = threading.Lock()
-
-
-def _emit(step, tokens, done):
-    """Host side of the per-step io_callback: forwards to the active generate call."""
-    fn = _sink.fn
-    if fn is not None:
-        fn(int(step), np.asarray(tokens), np.asarray(done))
-
-
-def _emit_chunk(c):
-    """Host side of the per-chunk prefill io_callback (progress)."""
-    fn = _sink.chunk
-    if fn is not None:
-        fn(int(c))
-
-
-def _chunk_done(c):
-    io_callback(_emit_chunk, None, c, ordered=True)
-
-
-def _stream(step, tokens, done, mesh=None):
-    tokens, done = shd.replicate((tokens, done), mesh)  # the host reads whole rows
-    io_callback(_emit, None, step, tokens, done, ordered=True)
-
-
-# ------------------------------------------------------------------- the program
-def _generate_program(params, tokens, lengths, key, *, config, plan, prefill_chunk=None,
-                      mesh=None, **loop):
-    """tokens [B, T] int32 right-padded, lengths [B] -> (out [B, N] int32, n_generated [B]).
-
-    Row b's output stops after its first stop id (included) and is padded with pad_id.
-    """
-    logits, cache = forward_prefill(params, config, tokens, lengths, plan, all_logits=False,
-                                    chunk=prefill_chunk, on_chunk=_chunk_done)
-    return _decode_loop(params, logits, cache, lengths, key, config=config, plan=plan,
-                        mesh=mesh, **loop)
-
-
-def _decode_loop(
-    params, logits, cache, lengths, key, *, config, plan, max_new_tokens, sampling, stop_ids,
-    pad_id, mesh=None,
-):
-    """Sample from the prefill logits [B, V], then decode until every row stopped or
-    max_new_tokens were produced. Returns (out [B, N] int32, n_generated [B])."""
-    B = logits.shape[0]
-    N = max_new_tokens
-    stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    cache = shd.constrain_cache(cache, mesh)  # B over "data", KV heads over "model"
-    key, sub = jax.random.split(key)
-    tok = sample(logits, sub, sampling)  # [B]
-    out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)  # [B, N]
-    done = jnp.isin(tok, stop)  # [B]
-    _stream(0, tok, done, mesh)
-
-    def cond(state):
-        step, _, done, *_ = state
-        return (step < N) & ~jnp.all(done)
-
-    def body(state):
-        step, tok, done, out, n_gen, cache, key = state
-        positions = lengths + step - 1  # position of `tok`, the previous step's token
-        logits, cache = forward_decode(params, config, tok, positions, cache, plan)
-        cache = shd.constrain_cache(cache, mesh)
-        key, sub = jax.random.split(key)
-        nxt = jnp.where(done, pad_id, sample(logits, sub, sampling))  # [B]
-        out = out.at[:, step].set(nxt)
-        n_gen = n_gen + (~done).astype(jnp.int32)
-        done = done | jnp.isin(nxt, stop)
-        _stream(step, nxt, done, mesh)
-        return step + 1, nxt, done, out, n_gen, cache, key
-
-    state = (jnp.int32(1), tok, done, out, jnp.ones((B,), jnp.int32), cache, key)
-    _, _, _, out, n_gen, _, _ = jax.lax.while_loop(cond, body, state)
-    return out, n_gen
 
 
 @dataclasses.dataclass
@@ -194,7 +104,7 @@ class GenerateStats:
         )
 
 
-def _method_stats(method, plan, T: int, N: int) -> dict:
+def method_stats(method, plan, T: int, N: int) -> dict:
     """GenerateStats fields naming the method, its budget and whether it fell back to
     dense attention (a budget that covers the bucketed prompt plus N)."""
     name = getattr(method, "name", type(method).__name__)
@@ -217,35 +127,6 @@ def _fmt_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n} B"
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled(config, plan, B, T, N, sampling, stop_ids, pad_id, params_struct, mesh=None,
-              prefill_chunk=None):
-    fn = functools.partial(
-        _generate_program, config=config, plan=plan, max_new_tokens=N, sampling=sampling,
-        stop_ids=stop_ids, pad_id=pad_id, mesh=mesh, prefill_chunk=prefill_chunk,
-    )
-    params_abstract = jax.tree.unflatten(params_struct[0], params_struct[1])
-    tok_s, len_s, key_s = (None,) * 3 if mesh is None else (
-        shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh), shd.replicated(mesh))
-    args = (
-        params_abstract,
-        jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=tok_s),
-        jax.ShapeDtypeStruct((B,), jnp.int32, sharding=len_s),
-        jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=key_s),
-    )
-    # outputs replicated, so every process (multi-host) can read them
-    out_shardings = None if mesh is None else shd.replicated(mesh)
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
-def _params_struct(params):
-    leaves, treedef = jax.tree.flatten(params)
-    return treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(
-        x, "sharding", None)) for x in leaves)
 
 
 def kv_cache_bytes(params, config: ModelConfig, plan, B: int, T: int) -> int:
@@ -330,38 +211,48 @@ def generate_ids(
     """
     check_request(config, prompts, max_new_tokens)
     check_prefill_chunk(prefill_chunk)
-    stop = _stop_tuple(config, stop_ids)
+    loop = LoopSettings(max_new_tokens, sampling, stop_tuple(config, stop_ids), pad_id)
     n = len(prompts)
-    tokens, lengths = _pack(config, prompts, max_new_tokens, pad_id, mesh, prefill_chunk)
+    tokens, lengths = pack_prompts(config, prompts, max_new_tokens, pad_id, mesh, prefill_chunk)
     B, T = tokens.shape
     plan = method.plan(config, T, max_new_tokens)
     if mesh is not None:
         shd.check_mesh(config, mesh, B)
         params = shd.place_params(params, config, mesh)
-    chunk = prefill_chunk_size(T, prefill_chunk)
-    compiled, compile_s = _compiled(
-        config, plan, B, T, max_new_tokens, sampling, stop, pad_id, _params_struct(params), mesh,
-        chunk,
-    )
-    if mesh is None:
-        args = (jnp.asarray(tokens), jnp.asarray(lengths), _key(seed))
-    else:
-        args = (shd.put_batch(tokens, mesh), shd.put_batch(lengths, mesh),
-                shd.put_replicated(_key(seed), mesh))
-    on_chunk = None if on_prefill_chunk is None else (
-        lambda c, total=-(-T // chunk): on_prefill_chunk(c + 1, total))
-    return _run(compiled, (params, *args), n, lengths, on_step, GenerateStats(
-        prompt_tokens=int(lengths[:n].sum()), generated_tokens=0, compile_s=compile_s,
+    C = prefill_chunk_size(T, prefill_chunk)
+    n_chunks = -(-T // C)
+    progs = programs.for_request(config, plan, B, T, C, loop, programs.params_struct(params),
+                                 mesh)
+    stats = GenerateStats(
+        prompt_tokens=int(lengths[:n].sum()), generated_tokens=0, compile_s=progs.compile_s,
         prefill_s=0.0, decode_s=0.0, kv_cache_bytes=kv_cache_bytes(params, config, plan, B, T),
-        batch=n, prompt_bucket=T, prefill_chunk=chunk,
-        **_method_stats(method, plan, T, max_new_tokens)), on_chunk)
+        batch=n, prompt_bucket=T, prefill_chunk=C,
+        **method_stats(method, plan, T, max_new_tokens))
+    padded = np.zeros((B, n_chunks * C), np.int32)
+    padded[:, :T] = tokens
+    put_b = (lambda x: jnp.asarray(x)) if mesh is None else (lambda x: shd.put_batch(x, mesh))
+    put_r = (lambda x: jnp.asarray(x)) if mesh is None else (
+        lambda x: shd.put_replicated(x, mesh))
+    lens = put_b(lengths)
+
+    t0 = time.perf_counter()
+    prefill = progs.init()
+    for c in range(n_chunks):
+        prefill = progs.chunk(params, prefill, put_b(padded[:, c * C:(c + 1) * C]),
+                              put_r(np.int32(c * C)), lens)
+        if on_prefill_chunk is not None:
+            jax.block_until_ready(prefill.x_last)
+            on_prefill_chunk(c + 1, n_chunks)
+    state = progs.start(params, prefill, lens, put_r(prng_key(seed)))
+    del prefill
+    return run_decode(progs.decode, params, state, lens, n, on_step, stats, t0)
 
 
-def _stop_tuple(config: ModelConfig, stop_ids) -> tuple[int, ...]:
+def stop_tuple(config: ModelConfig, stop_ids) -> tuple[int, ...]:
     return tuple(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)))
 
 
-def _key(seed: int) -> jax.Array:
+def prng_key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
@@ -382,7 +273,7 @@ def prompt_bucket(n: int, limit: int, prefill_chunk: int | None) -> int:
     return T
 
 
-def _pack(config, prompts, max_new_tokens, pad_id, mesh=None,
+def pack_prompts(config, prompts, max_new_tokens, pad_id, mesh=None,
           prefill_chunk=None) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad prompts into buckets: tokens [B, T] int32, lengths [B] int32. Padding
     rows (up to the batch bucket) repeat row 0 and are dropped from the results."""
@@ -397,88 +288,27 @@ def _pack(config, prompts, max_new_tokens, pad_id, mesh=None,
     return tokens, lengths
 
 
-def _run(compiled, args, n, lengths, on_step, stats: GenerateStats,
-         on_chunk=None) -> GenerateOutput:
-    """Run a compiled generate program with the host stream attached; fill in timings."""
-    times: list[float] = []
-
-    def sink(step, toks, done):
-        times.append(time.perf_counter())
+def run_decode(decode, params, state: DecodeState, lens, n: int, on_step,
+                stats: GenerateStats, t0: float) -> GenerateOutput:
+    """Run the decode program from a step-1 state to the end, one step per call when
+    tokens are streamed to `on_step`, else in one call; fill in the timings."""
+    N = state.out.shape[1]
+    step, done, out = 1, np.asarray(state.done), np.asarray(state.out)
+    t_first = time.perf_counter()
+    stats.prefill_s += t_first - t0
+    if on_step is not None:
+        on_step(0, out[:n, 0], done[:n])
+    while step < N and not done.all():
+        until = step + 1 if on_step is not None else N
+        state = decode(params, state, lens, jnp.int32(until))
+        step, done = int(state.step), np.asarray(state.done)
+        out = np.asarray(state.out)
         if on_step is not None:
-            on_step(step, toks[:n], done[:n])
-
-    with _sink_lock:
-        _sink.fn, _sink.chunk = sink, on_chunk
-        try:
-            t0 = time.perf_counter()
-            out, n_gen = compiled(*args)
-            out, n_gen = np.asarray(out), np.asarray(n_gen)
-            t_end = time.perf_counter()
-        finally:
-            _sink.fn = _sink.chunk = None
-    stats.prefill_s = stats.prefill_s + ((times[0] - t0) if times else t_end - t0)
-    stats.decode_s = (t_end - times[0]) if times else 0.0
+            on_step(step - 1, out[:n, step - 1], done[:n])
+    n_gen = np.asarray(state.n_generated)
+    stats.decode_s = time.perf_counter() - t_first
     stats.generated_tokens = int(n_gen[:n].sum())
     return GenerateOutput([out[i, : n_gen[i]].tolist() for i in range(n)], stats)
-
-
-# ------------------------------------------------------------ one prefill, many methods
-def _from_prefill_program(params, logits, states, lengths, key, *, config, plan, **loop):
-    """Compress the stored per-layer (k, v, q) with `plan`, then decode as generate does."""
-    cache = compress_layers(plan, *states, lengths)  # layer by layer
-    return _decode_loop(params, logits, cache, lengths, key, config=config, plan=plan, **loop)
-
-
-@functools.lru_cache(maxsize=256)  # an eval grid cycles through ~40 plans per batch
-def _compiled_from_prefill(config, plan, N, sampling, stop_ids, pad_id, arg_structs):
-    fn = functools.partial(_from_prefill_program, config=config, plan=plan, max_new_tokens=N,
-                           sampling=sampling, stop_ids=stop_ids, pad_id=pad_id)
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*jax.tree.unflatten(*arg_structs)).compile()
-    return compiled, time.perf_counter() - t0
-
-
-class SharedPrefill:
-    """Prefill a batch once (as every method's prefill is), then generate from it with
-    several methods: what `generate_ids` would give, at one prefill's cost.
-
-    Holds each layer's prompt k, v [Ly, B, K, T, D] and each row's last
-    STORED_QUERY_WINDOW queries [Ly, B, H, W, D] in memory. Used by the evaluation, which
-    runs many (method, budget) pairs on the same prompts.
-    """
-
-    def __init__(self, params, config: ModelConfig, prompts, *, max_new_tokens: int,
-                 pad_id: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
-        check_request(config, prompts, max_new_tokens)
-        check_prefill_chunk(prefill_chunk)
-        self.params, self.config, self.n = params, config, len(prompts)
-        self.max_new_tokens, self.pad_id = max_new_tokens, pad_id
-        self.tokens, self.lengths = _pack(config, prompts, max_new_tokens, pad_id,
-                                          prefill_chunk=prefill_chunk)
-        B, T = self.tokens.shape
-        prefill = jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, KeepRaw(T),
-                                                          all_logits=False, chunk=prefill_chunk))
-        t0 = time.perf_counter()
-        self.logits, self.states = prefill(params, jnp.asarray(self.tokens),
-                                           jnp.asarray(self.lengths))
-        jax.block_until_ready(self.logits)
-        self.prefill_s = time.perf_counter() - t0
-
-    def generate(self, method, *, sampling: Sampling = GREEDY, seed: int = 0,
-                 stop_ids: Sequence[int] | None = None) -> GenerateOutput:
-        B, T = self.tokens.shape
-        plan = method.plan(self.config, T, self.max_new_tokens)
-        args = (self.params, self.logits, self.states, jnp.asarray(self.lengths), _key(seed))
-        structs = jax.tree.flatten(jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args))
-        compiled, compile_s = _compiled_from_prefill(
-            self.config, plan, self.max_new_tokens, sampling,
-            _stop_tuple(self.config, stop_ids), self.pad_id, (structs[1], tuple(structs[0])))
-        return _run(compiled, args, self.n, self.lengths, None, GenerateStats(
-            prompt_tokens=int(self.lengths[: self.n].sum()), generated_tokens=0,
-            compile_s=compile_s, prefill_s=self.prefill_s, decode_s=0.0,
-            kv_cache_bytes=kv_cache_bytes(self.params, self.config, plan, B, T), batch=self.n,
-            prompt_bucket=T, **_method_stats(method, plan, T, self.max_new_tokens)))
 
 
 # ------------------------------------------------------- step-wise API (bench, eval)
@@ -496,32 +326,3 @@ def make_decode_step(config: ModelConfig, plan):
         return forward_decode(p, config, tok, pos, cache, plan)
 
     return jax.jit(step, donate_argnums=(3,))
-
-
-def forced_decode_logprobs(
-    params, config: ModelConfig, prompt: Sequence[int], forced: Sequence[int], method
-) -> np.ndarray:
-    """Next-token log-probabilities at each step of decoding `forced` after `prompt`.
-
-    Returns [len(forced), V] float32: row i is the distribution that predicts forced[i]
-    (row 0 from prefill, row i from decoding forced[i-1]). Used for fidelity metrics.
-    """
-    check_request(config, [prompt], max(1, len(forced)))
-    check_token_ids(forced, config.vocab_size, "forced tokens")
-    T = length_bucket(len(prompt), limit=config.max_position_embeddings - len(forced))
-    plan = method.plan(config, T, len(forced))
-    tokens = np.zeros((1, T), np.int32)
-    tokens[0, : len(prompt)] = prompt
-    prefill, step = _stepwise(config, plan)
-    logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray([len(prompt)], jnp.int32))
-    rows = [jax.nn.log_softmax(logits[0])]
-    for i, tok in enumerate(forced[:-1]):
-        pos = jnp.asarray([len(prompt) + i], jnp.int32)
-        logits, cache = step(params, jnp.asarray([tok], jnp.int32), pos, cache)
-        rows.append(jax.nn.log_softmax(logits[0]))
-    return np.asarray(jnp.stack(rows))
-
-
-@functools.lru_cache(maxsize=16)
-def _stepwise(config, plan) -> tuple[Any, Any]:
-    return make_prefill(config, plan), make_decode_step(config, plan)

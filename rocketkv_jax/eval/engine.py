@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..generate import SharedPrefill, forced_decode_logprobs, generate_ids
+from ..generate import generate_ids
 from ..methods import make_method, method_hparams
 from ..model_store import Model
+from .shared_prefill import SharedPrefill, forced_decode_logprobs
 
 
 def engine_functions(

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bench_bytes import llama31_8b_config
 
-from rocketkv_jax.bench_bytes import llama31_8b_config
 from rocketkv_jax.methods import DensePlan, MethodConfigError, TwoStagePlan, make_method
 from rocketkv_jax.methods.cost import dense_bytes, fallback_note, mean_slots, stage2_bytes
 from rocketkv_jax.models.config import ModelConfig
@@ -164,10 +164,10 @@ def test_fallback_equals_dense_attention_over_the_same_cache(method, kw, G, dtyp
 
 
 def test_stats_line_says_which_path_runs():
-    from rocketkv_jax.generate import GenerateStats, _method_stats
+    from rocketkv_jax.generate import GenerateStats, method_stats
 
     def line(method, T, N):
-        fields = _method_stats(method, method.plan(SMOLLM2, T, N), T, N)
+        fields = method_stats(method, method.plan(SMOLLM2, T, N), T, N)
         return GenerateStats(prompt_tokens=T, generated_tokens=N, compile_s=0.0, prefill_s=1.0,
                              decode_s=1.0, kv_cache_bytes=0, batch=1, prompt_bucket=T,
                              **fields).summary()
