@@ -9,13 +9,11 @@ position for masks (sliding window, streaming sinks) and for debugging selection
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+
+from .partitioned import write_column, write_rows
 
 
 @jax.tree_util.register_dataclass
@@ -154,77 +152,6 @@ def append_token(
         page_min = write(page_min, k, page, "min")
     length = cache.length.at[layer].add(1)
     return KVCache(new_k, new_v, new_pos, length, page_max, page_min)
-
-
-def _write_column(buf, x, layer, index, combine):
-    at = buf.at[layer, jnp.arange(x.shape[0]), :, :, index]
-    return getattr(at, combine)(x.astype(buf.dtype), mode="promise_in_bounds")
-
-
-@functools.partial(custom_partitioning, static_argnums=(4,))
-def write_column(
-    buf: jax.Array, x: jax.Array, layer: jax.Array, index: jax.Array, combine: str = "set"
-) -> jax.Array:
-    """buf[layer, b, :, :, index[b]] = combine(that, x[b]) for every row b: channel-major
-    page metadata buf [L, B, K, D, P], x [B, K, D]. In place as `write_rows` (a reshape to
-    reuse it would cost XLA a copy of the buffer), and each device writes its own rows and
-    heads under a mesh."""
-    return _write_column(buf, x, layer, index, combine)
-
-
-def _write_rows(buf, x, layer, index, combine):
-    at = buf.at[layer, jnp.arange(x.shape[0]), :, index]
-    return getattr(at, combine)(x, mode="promise_in_bounds")
-
-
-@functools.partial(custom_partitioning, static_argnums=(4,))
-def write_rows(
-    buf: jax.Array, x: jax.Array, layer: jax.Array, index: jax.Array, combine: str = "set"
-) -> jax.Array:
-    """buf[layer, b, :, index[b]] = x[b] for every row b: buf [L, B, K, S, E], x [B, K, E]
-    (`combine` "max" / "min": the element-wise max / min with what is there).
-
-    A scatter that XLA's CPU and GPU backends perform in place when `buf` is a loop carry
-    (a vmapped write becomes a scatter with batching dims, which XLA rewrites with a
-    transpose of the whole buffer: a copy). Under a mesh, each device writes its own rows
-    and heads (B and K keep their sharding; the partitioner would otherwise all-gather
-    the cache, as it cannot see that the row indices are an iota).
-    """
-    return _write_rows(buf, x, layer, index, combine)
-
-
-def _write_rows_shardings(mesh, buf_sharding):
-    spec = tuple(buf_sharding.spec) + (None,) * (5 - len(buf_sharding.spec))
-    b, k = spec[1], spec[2]
-    return (NamedSharding(mesh, P(None, b, k, None, None)), NamedSharding(mesh, P(b, k, None)),
-            NamedSharding(mesh, P()), NamedSharding(mesh, P(b)))
-
-
-def _row_write_partition(lower, combine, mesh, arg_shapes, result_shape):
-    """custom_partitioning rule of write_rows / write_column: every device writes its own
-    rows and heads with the single-device `lower`."""
-    shardings = _write_rows_shardings(mesh, arg_shapes[0].sharding)
-    return mesh, functools.partial(lower, combine=combine), shardings[0], shardings
-
-
-def _row_write_infer(combine, mesh, arg_shapes, result_shape):
-    return _write_rows_shardings(mesh, arg_shapes[0].sharding)[0]
-
-
-write_rows.def_partition(
-    partition=lambda *a: _row_write_partition(_write_rows, *a),
-    infer_sharding_from_operands=_row_write_infer,
-    sharding_rule="l b k s e, b k e, , b -> l b k s e",
-    need_replication_factors=("l", "s", "e"),
-)
-
-
-write_column.def_partition(
-    partition=lambda *a: _row_write_partition(_write_column, *a),
-    infer_sharding_from_operands=_row_write_infer,
-    sharding_rule="l b k d p, b k d, , b -> l b k d p",
-    need_replication_factors=("l", "d", "p"),
-)
 
 
 def visible_slots(

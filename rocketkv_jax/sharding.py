@@ -10,7 +10,7 @@ are laid out head-major, so its i-th equal chunk over `model` holds heads
 [i*H/m, (i+1)*H/m) = the groups of KV heads [i*K/m, (i+1)*K/m), exactly the i-th chunk of
 `wk`/`wv`'s K*D columns, whenever m divides K (`check_mesh`). RocketKV's per-KV-head work
 (stage-1 scores summed over the group, stage-2 channel and token top-k) then needs no other
-device's data; `top_k` below keeps XLA from gathering it anyway (docs/sharding.md).
+device's data; `partitioned.top_k` keeps XLA from gathering it anyway (docs/sharding.md).
 
 Multi-host: call `jax.distributed.initialize()` first; `make_mesh` then spans every
 process's devices and `put_batch` builds global arrays from the (identical) host batch.
@@ -18,14 +18,12 @@ process's devices and `put_batch` builds global arrays from the (identical) host
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -306,46 +304,6 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
     return found
 
 
-# ------------------------------------------------------------ partition-aware top-k
-_lax_top_k = jax.lax.top_k  # bound now, so a test may patch jax.lax.top_k with `top_k`
-
-
-@functools.partial(custom_partitioning, static_argnums=(1,))
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`jax.lax.top_k` over the last axis that stays local to each device's leading dims.
-
-    XLA's SPMD partitioner (jaxlib 0.10.2, Shardy and GSPMD alike) replicates the HLO
-    `topk` op: an operand sharded over B or K is all-gathered, every device selects for
-    every row, and keeps its slice. Here the leading dims keep their sharding (only the
-    last axis, if sharded, is gathered), so a KV head's selection runs on its device.
-    Same results, values and indices, as `jax.lax.top_k` (it is called per shard).
-    """
-    return tuple(_lax_top_k(x, k))
-
-
-def _top_k_sharding(arg):
-    spec = tuple(arg.sharding.spec) + (None,) * (arg.ndim - len(arg.sharding.spec))
-    return NamedSharding(arg.sharding.mesh, P(*spec[:-1], None))
-
-
-def _top_k_partition(k, mesh, arg_shapes, result_shape):
-    s = _top_k_sharding(arg_shapes[0])
-    return mesh, lambda x: tuple(_lax_top_k(x, k)), (s, s), (s,)
-
-
-def _top_k_infer(k, mesh, arg_shapes, result_shape):
-    s = _top_k_sharding(arg_shapes[0])
-    return (s, s)
-
-
-top_k.def_partition(
-    partition=_top_k_partition,
-    infer_sharding_from_operands=_top_k_infer,
-    sharding_rule="... n -> ... k, ... k",
-    need_replication_factors=("n",),
-)
-
-
 __all__ = [
     "AXES",
     "CACHE_RULES",
@@ -370,5 +328,4 @@ __all__ = [
     "replicate",
     "replicated",
     "round_batch",
-    "top_k",
 ]

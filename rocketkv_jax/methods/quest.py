@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache, visible_slots
-from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
+from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
 from .base import (
     DensePlan,
     KeepsEveryToken,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, cache_from_prompt
 from ..models.layers import NEG_INF
-from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
+from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
 from .dense import keep_all
 
 POOLS = ("avg", "max")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, append_token, visible_slots
 from ..models.layers import NEG_INF
-from ..sharding import top_k  # lax.top_k that stays local to each KV head's device
+from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
 from .base import AppendsTokens, cached_tokens
 from .dense import dense_decode_attention
 from .sparse_ops import approx_scores, sparse_decode_attention

@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rocketkv_jax import generate as gen  # noqa: E402
+from rocketkv_jax import partitioned  # noqa: E402
 from rocketkv_jax import sharding as shd  # noqa: E402
 from rocketkv_jax.convert.checkpoint import load_checkpoint  # noqa: E402
 from rocketkv_jax.methods import (  # noqa: E402
@@ -175,7 +176,7 @@ def errors(report):
     report["errors"] = msgs
 
 
-# The methods' selections call `sharding.top_k` (partition-aware); "stock" runs put plain
+# The methods' selections call `partitioned.top_k` (partition-aware); "stock" runs put plain
 # `jax.lax.top_k` in its place to show what it saves.
 TOP_K_USERS = (quest, stage1, stage2)
 
@@ -193,7 +194,7 @@ def main():
     report = {"devices": jax.device_count()}
     use_top_k(lambda x, k: tuple(jax.lax.top_k(x, k)))
     run(ckpt, report, "stock", ("full", "rocketkv"))
-    use_top_k(shd.top_k)
+    use_top_k(partitioned.top_k)
     restored_shardings(ckpt, report)
     sampled(ckpt, report)
     errors(report)

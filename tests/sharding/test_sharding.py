@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
+from rocketkv_jax import partitioned
 from rocketkv_jax import sharding as shd
 from rocketkv_jax.convert.checkpoint import save_checkpoint
 from rocketkv_jax.methods import make_method
@@ -150,7 +151,7 @@ def test_full_collectives_are_the_tensor_parallel_ones(report, mesh):
 @pytest.mark.parametrize("mesh", MESH_IDS)
 def test_rocketkv_selection_collectives(report, mesh):
     """Stock lax.top_k: every collective rocketkv adds over full is an all-gather of a
-    top_k operand (XLA replicates `topk`). With `sharding.top_k`: none, and the same tokens."""
+    top_k operand (XLA replicates `topk`). With `partitioned.top_k`: none, and the same tokens."""
     full = report[f"stock/full/{mesh}"]["collectives"]
     stock = list(report[f"stock/rocketkv/{mesh}"]["collectives"])
     for c in full:
@@ -252,7 +253,7 @@ def test_round_batch():
 def test_partition_aware_top_k_equals_lax_top_k(shape, k):
     x = jnp.asarray(np.random.default_rng(1).standard_normal(shape).astype(np.float32))
     x = x.at[..., 3].set(x[..., 5])  # a tie: both must pick the lower index
-    got = jax.jit(lambda a: shd.top_k(a, k))(x)
+    got = jax.jit(lambda a: partitioned.top_k(a, k))(x)
     want = jax.lax.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
