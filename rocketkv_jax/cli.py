@@ -312,7 +312,7 @@ def cmd_generate(args) -> int:
     if chunk != 0 and chunk < 16:
         raise UserError(f"--prefill-chunk must be 0 (off) or >= 16 tokens, got {chunk}")
     chunk = chunk or None
-    enable_compilation_cache()
+    enable_compilation_cache(single_device=args.mesh is None)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     from . import sharding
 
@@ -423,9 +423,14 @@ def cmd_models(args) -> int:
     return 0
 
 
-def enable_compilation_cache() -> str | None:
+def enable_compilation_cache(single_device: bool = True) -> str | None:
     """Turn on JAX's persistent compilation cache in a user cache directory
-    ($ROCKETKV_JAX_COMPILE_CACHE, "off" disables it). Returns the directory or None."""
+    ($ROCKETKV_JAX_COMPILE_CACHE, "off" disables it). Returns the directory or None.
+
+    single_device: the programs will not be partitioned over a mesh. Their cache keys then
+    leave out the Python pointer of the `custom_partitioning` ops (partitioned.py), which
+    differs in every process and would make each run miss the cache; those ops' partition
+    rules only run when a program is split over several devices."""
     import os
 
     import jax
@@ -444,6 +449,8 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if single_device:
+        jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
     return where
 
 
