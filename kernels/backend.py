@@ -19,18 +19,18 @@ here means a future Mosaic GPU or jax-triton port only touches this file and the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-Backend = Literal["auto", "reference", "interpret", "triton"]
-ResolvedBackend = Literal["reference", "interpret", "triton"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
+from ..names import KERNEL_BACKENDS as BACKENDS
+
+Backend = str  # one of BACKENDS
 
 
-def resolve_backend(backend: str) -> ResolvedBackend:
+def resolve_backend(backend: str) -> str:
     """Maps a requested backend name to the one that runs ("auto" is resolved here).
 
     Called at trace time (the backend is a static argument), so "auto" follows the default
@@ -43,7 +43,7 @@ def resolve_backend(backend: str) -> ResolvedBackend:
         )
     if backend == "auto":
         return "triton" if jax.default_backend() == "gpu" else "reference"
-    return backend  # type: ignore[return-value]
+    return backend
 
 
 def is_pallas(backend: str) -> bool:

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .names import KERNEL_BACKENDS, METHOD_NAMES  # JAX-free: --help does not import JAX
+
 EXAMPLES = """examples:
   rocketkv generate --chat --prompt "What is the capital of France?"
   rocketkv generate --method rocketkv --token-budget 256 --prompt-file essay.txt
@@ -74,10 +76,6 @@ def _use_formatter(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    # eval.runner's jax-free copy of the registry's names (a test checks they agree), so
-    # that --help does not import JAX
-    from .eval.runner import METHOD_NAMES
-
     p.add_argument(
         "--method", default="rocketkv", metavar="NAME",
         help=f"KV-cache method, one of: {', '.join(METHOD_NAMES)} (default: rocketkv)",
@@ -93,7 +91,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         "rocketkv; Quest's code and some official RocketKV configs use 2) (default: 0)",
     )
     p.add_argument(
-        "--kernels", default="reference", choices=("reference", "interpret", "triton", "auto"),
+        "--kernels", default="reference", choices=KERNEL_BACKENDS,
         help="stage-2 kernels: jnp reference, Pallas in interpret mode (CPU, slow), Pallas "
         "Triton (CUDA GPU), or auto (Triton on GPU, else reference) (default: reference)",
     )
@@ -165,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = add_eval_parser(sub)
     if not any(a.dest == "kernels" for a in e._actions):
-        e.add_argument("--kernels", default="reference",
-                       choices=("reference", "interpret", "triton", "auto"),
+        e.add_argument("--kernels", default="reference", choices=KERNEL_BACKENDS,
                        help="stage-2 kernels (see `rocketkv generate --help`)")
     e.add_argument("--skip-layers", type=int, default=0, metavar="N",
                    help="keep the first N layers dense in the methods that take it (quest, "
@@ -225,7 +222,7 @@ def _read_prompts(args) -> tuple[list[str], bool]:
 
 
 def make_method_from_args(args):
-    from .methods import METHOD_NAMES, make_method, method_hparams
+    from .methods import make_method, method_hparams
 
     if args.method not in METHOD_NAMES:
         raise UserError(f"--method {args.method!r} is not a KV method; choose one of: "
@@ -319,9 +316,11 @@ def cmd_generate(args) -> int:
     mesh = _mesh_from_flag(args.mesh)
     shardings = None
     if mesh is not None:
+        from .convert.checkpoint import read_checkpoint_config
         from .model_store import resolve_model
 
-        shardings = sharding.checkpoint_shardings(resolve_model(args.model), mesh)
+        config = read_checkpoint_config(resolve_model(args.model))
+        shardings = sharding.param_shardings(config, mesh)  # orbax restores into shards
     model = load_model(args.model, shardings=shardings, check_weights=args.check_weights,
                        reconvert=args.reconvert)
     tok = model.tokenizer

@@ -31,9 +31,8 @@ from ..bench_bytes import (
     print_table,
     read_split,
 )
+from ..names import METHOD_NAMES as ALL_METHODS  # JAX-free: --help stays fast
 
-ALL_METHODS = ("full", "streaming", "snapkv", "snapkv++", "quest", "sparq", "hybrid",
-               "rocketkv", "topk")
 DEFAULTS = dict(
     models="smollm2,llama8b-shape", contexts="4k,8k,16k,32k", budgets="256,512,1024,2048,4096",
     methods=",".join(ALL_METHODS), new_tokens=256, warmup=3, iters=20, batch=1,

@@ -25,23 +25,10 @@ from tqdm import tqdm
 
 from rocketkv_jax.eval.suites import QUICK_SUITE, SampleKey, TaskSuite
 from rocketkv_jax.eval.tasks import TaskSample
+from rocketkv_jax.names import METHOD_NAMES, METHOD_VARIANT_NAMES  # JAX-free
 
 logger = logging.getLogger(__name__)
 
-METHOD_NAMES = (
-    "full",
-    "streaming",
-    "snapkv",
-    "snapkv++",
-    "quest",
-    "sparq",
-    "hybrid",
-    "rocketkv",
-    "topk",
-)
-# The official code's named settings of those methods (methods.registry.METHOD_VARIANTS;
-# repeated because importing the registry imports JAX; a test keeps them equal).
-METHOD_VARIANT_NAMES = ("rocket_r0.3", "rocket_r0.5", "rocket_r0.7", "topk_head")
 EVAL_METHOD_NAMES = METHOD_NAMES + METHOD_VARIANT_NAMES
 FULL_METHOD = "full"
 RESULTS_FILE = "results.jsonl"

@@ -10,6 +10,7 @@ per KV head when the uncompressed sequence, prompt + generated, has `context` to
 `describe()` (their resolved parameters). Build methods by name with `make_method`.
 """
 
+from ..names import KERNEL_BACKENDS
 from .base import DensePlan, MethodConfigError
 from .budget import RocketKVSplit, rocketkv_split
 from .full import Full
@@ -19,7 +20,6 @@ from .registry import METHOD_NAMES, METHOD_VARIANTS, make_method, method_hparams
 from .rocketkv import RocketKV
 from .snapkv import PromptEvictionPlan, SnapKV, SnapKVPlusPlus
 from .sparq import SparQ, SparQPlan
-from .sparse_ops import KERNEL_BACKENDS
 from .stage2 import TwoStagePlan
 from .streaming import Streaming, StreamingPlan
 from .topk import TopK, TopKPlan

@@ -1,9 +1,14 @@
-"""Method names -> method objects, with clear errors for unknown names and bad settings."""
+"""Method names -> method objects, with clear errors for unknown names and bad settings.
+
+The names themselves are written once, in `rocketkv_jax/names.py` (JAX-free, so the CLI's
+--help, eval and bench can list them); each class here carries its own as `name`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+from ..names import METHOD_NAMES, METHOD_VARIANTS
 from .base import MethodConfigError
 from .full import Full
 from .hybrid import Hybrid
@@ -15,26 +20,9 @@ from .sparse_ops import check_kernels
 from .streaming import Streaming
 from .topk import TopK
 
-_METHODS = {
-    "full": Full,
-    "streaming": Streaming,
-    "snapkv": SnapKV,
-    "snapkv++": SnapKVPlusPlus,
-    "quest": Quest,
-    "sparq": SparQ,
-    "hybrid": Hybrid,
-    "rocketkv": RocketKV,
-    "topk": TopK,
-}
-METHOD_NAMES: tuple[str, ...] = tuple(_METHODS)
-# Named settings of the methods above that the official RocketKV code runs as methods of
-# their own: a fixed stage-1 share (`rocket_r0.x`) and its per-query-head top-k oracle.
-METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
-    "rocket_r0.3": ("rocketkv", {"stage1_share": 0.3}),
-    "rocket_r0.5": ("rocketkv", {"stage1_share": 0.5}),
-    "rocket_r0.7": ("rocketkv", {"stage1_share": 0.7}),
-    "topk_head": ("topk", {"per_head": True}),
-}
+METHOD_CLASSES = (Full, Streaming, SnapKV, SnapKVPlusPlus, Quest, SparQ, Hybrid, RocketKV, TopK)
+_METHODS = {cls.name: cls for cls in METHOD_CLASSES}
+__all__ = ["METHOD_CLASSES", "METHOD_NAMES", "METHOD_VARIANTS", "make_method", "method_hparams"]
 
 
 def method_hparams(name: str) -> tuple[str, ...]:
@@ -49,7 +37,7 @@ def make_method(name: str, token_budget: int | None = None, **hparams):
     method except `full` (which ignores it, so a sweep can pass one budget to all names).
     hparams: optional overrides (window, kernel_size, page_size, top_r, sinks, depending on
     the method; see `method_hparams`). A value of None keeps the default. `kernels` (the
-    stage-2 kernel backend, see sparse_ops.KERNEL_BACKENDS) is accepted for every method
+    stage-2 kernel backend, one of names.KERNEL_BACKENDS) is accepted for every method
     and dropped by those that run no kernel (full, streaming, snapkv, snapkv++), so one
     setting can be passed to all names.
     A name of METHOD_VARIANTS (e.g. "rocket_r0.5") builds its base method with the

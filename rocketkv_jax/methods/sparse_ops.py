@@ -18,8 +18,7 @@ from __future__ import annotations
 import jax
 
 from .. import kernels as kernel_lib
-
-KERNEL_BACKENDS = ("reference", "interpret", "triton", "auto")
+from ..names import KERNEL_BACKENDS
 
 
 def check_kernels(name: str, kernels: str) -> None:

@@ -10,7 +10,10 @@ from rocketkv_jax.kernels.backend import is_pallas, next_power_of_2, pallas_call
 
 
 def test_backend_names():
+    from rocketkv_jax.names import KERNEL_BACKENDS
+
     assert set(BACKENDS) == {"auto", "reference", "interpret", "triton"}
+    assert BACKENDS is KERNEL_BACKENDS  # one tuple, the one the CLI offers
 
 
 @pytest.mark.parametrize("name", ["reference", "interpret", "triton"])

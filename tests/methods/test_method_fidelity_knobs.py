@@ -199,9 +199,11 @@ def test_official_variants_by_name():
 
 
 def test_eval_knows_the_same_method_names():
-    from rocketkv_jax.eval.runner import METHOD_NAMES as EVAL_NAMES
     from rocketkv_jax.eval.runner import METHOD_VARIANT_NAMES
-    from rocketkv_jax.methods import METHOD_NAMES
+    from rocketkv_jax.methods.registry import METHOD_CLASSES
+    from rocketkv_jax.names import METHOD_NAMES  # what eval lists
 
-    assert EVAL_NAMES == METHOD_NAMES
+    assert tuple(cls.name for cls in METHOD_CLASSES) == METHOD_NAMES
     assert METHOD_VARIANT_NAMES == tuple(METHOD_VARIANTS)
+    for base, _ in METHOD_VARIANTS.values():
+        assert base in METHOD_NAMES

@@ -1,0 +1,43 @@
+"""The names users type: KV methods, their named variants, and kernel backends.
+
+Written once here, in a module that imports nothing (so `rocketkv --help` and
+`import rocketkv_jax.eval` do not pay for JAX). The method registry
+(`methods/registry.py`) maps each name to its class, and a test checks that the classes
+cover exactly these names; the CLI, eval and bench import the names from here.
+"""
+
+from __future__ import annotations
+
+# KV-cache methods, in the order tables and sweeps list them.
+METHOD_NAMES: tuple[str, ...] = (
+    "full",
+    "streaming",
+    "snapkv",
+    "snapkv++",
+    "quest",
+    "sparq",
+    "hybrid",
+    "rocketkv",
+    "topk",
+)
+
+# Named settings of the methods above that the official RocketKV code runs as methods of
+# their own: a fixed stage-1 share (`rocket_r0.x`) and its per-query-head top-k oracle.
+# name -> (base method, the settings it fixes)
+METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
+    "rocket_r0.3": ("rocketkv", {"stage1_share": 0.3}),
+    "rocket_r0.5": ("rocketkv", {"stage1_share": 0.5}),
+    "rocket_r0.7": ("rocketkv", {"stage1_share": 0.7}),
+    "topk_head": ("topk", {"per_head": True}),
+}
+METHOD_VARIANT_NAMES: tuple[str, ...] = tuple(METHOD_VARIANTS)
+
+# Kernel backends (`--kernels`; the choice itself is made in `kernels/backend.py`):
+# "reference" the pure-jnp reference beside each kernel (XLA, any device), "interpret" the
+# Pallas kernel in the Pallas interpreter (CPU tests, slow), "triton" the Pallas kernel
+# lowered through Triton (CUDA GPU), "auto" Triton on a GPU and the reference elsewhere.
+KERNEL_BACKENDS: tuple[str, ...] = ("reference", "interpret", "triton", "auto")
+
+# Prefill attention of the model (`models/llama.py`): a kernel backend, or "dense", the
+# materialised [B, H, T, S] softmax kept as the baseline.
+PREFILL_ATTENTION: tuple[str, ...] = (*KERNEL_BACKENDS, "dense")
