@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rocketkv_jax.bench_bytes import print_table
+from bench_bytes import print_table
+
 from rocketkv_jax.generate import generate_ids
 from rocketkv_jax.methods import make_method
 

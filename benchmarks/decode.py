@@ -1,7 +1,8 @@
 """Decode benchmark: every KV method vs full KV (step time ratios, KV bytes, XLA bytes, peak
 memory) and vs peers (transformers, kvpress), measured in one run.
 
-A thin wrapper of `rocketkv bench` (the logic is in rocketkv_jax/bench.py):
+A thin wrapper of `rocketkv bench` (its flags are in rocketkv_jax/bench/, the grid in
+benchmarks/bench_grid.py):
 
     python benchmarks/decode.py --quick      # CI smoke, well under a minute
     python benchmarks/decode.py              # full grid + peers (results: docs/benchmarks.md)

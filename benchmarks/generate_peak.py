@@ -10,8 +10,8 @@ temp memory per method in units of one [B, H, T, T] float32 score buffer. Second
 import argparse
 
 import jax
+from bench_decode import abstract_cache, generate_program_memory, load_bench_model
 
-from rocketkv_jax.bench_decode import abstract_cache, generate_program_memory, load_bench_model
 from rocketkv_jax.methods import make_method
 
 

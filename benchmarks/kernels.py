@@ -27,10 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rocketkv_jax.bench.xla_stats import bytes_accessed
-
-# byte accounting shared with `rocketkv bench` (rocketkv_jax/bench.py)
-from rocketkv_jax.bench_bytes import (
+# byte accounting shared with `rocketkv bench` (benchmarks/bench_grid.py)
+from bench_bytes import (
     LLAMA_8B,
     cpu_name,
     dense_layer_bytes,
@@ -40,6 +38,8 @@ from rocketkv_jax.bench_bytes import (
     rocketkv_plan,
     sparse_layer_bytes,
 )
+
+from rocketkv_jax.bench.xla_stats import bytes_accessed
 from rocketkv_jax.kernels import approx_scores, sparse_decode_attention
 
 

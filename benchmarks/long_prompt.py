@@ -63,7 +63,7 @@ def build_prompt(args):
     """(params, config, prompt ids, answers or None, tokenizer or None, description)."""
     T = parse_tokens(args.context)
     if args.model == "llama8b-shape":
-        from rocketkv_jax.bench_decode import load_bench_model
+        from bench_decode import load_bench_model
 
         m = load_bench_model("llama8b-shape", layers=args.layers, vocab=args.vocab)
         ids = np.random.default_rng(0).integers(3, m.config.vocab_size, T - args.new_tokens)

@@ -19,9 +19,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from bench_decode import llama8b_shape_config
 
 from rocketkv_jax.bench.xla_stats import memory_stats
-from rocketkv_jax.bench_decode import llama8b_shape_config
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import forward_prefill

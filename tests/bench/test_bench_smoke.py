@@ -11,14 +11,14 @@ import json
 import math
 import re
 
+import bench_decode as bd
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bench_bytes import kv_read_bytes, read_split
 
 from rocketkv_jax import bench
-from rocketkv_jax import bench_decode as bd
-from rocketkv_jax.bench_bytes import kv_read_bytes, read_split
 from rocketkv_jax.generate import make_prefill
 from rocketkv_jax.methods import METHOD_NAMES, make_method
 

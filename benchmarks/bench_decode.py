@@ -22,15 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .bench.xla_stats import bytes_accessed, loop_aware_bytes, memory_stats
-from .generate import GREEDY, _compiled, _params_struct, make_decode_step
-from .methods.base import STORED_QUERY_WINDOW
-from .methods.skip_layers import compress_layers
-from .models.config import ModelConfig, RopeScaling
-from .models.llama import forward_prefill
-from .models.params import random_params
-
-MODEL_KEYS = ("smollm2", "llama8b-shape", "tiny")
+from rocketkv_jax import programs
+from rocketkv_jax.bench import MODEL_KEYS
+from rocketkv_jax.bench.xla_stats import bytes_accessed, loop_aware_bytes, memory_stats
+from rocketkv_jax.generate import GREEDY, make_decode_step
+from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
+from rocketkv_jax.methods.skip_layers import compress_layers
+from rocketkv_jax.models.config import ModelConfig, RopeScaling
+from rocketkv_jax.models.llama import forward_prefill
+from rocketkv_jax.models.params import random_params
 
 
 @dataclasses.dataclass
@@ -75,7 +75,7 @@ def _random_prompt(vocab: int, seed: int) -> Callable[[int], np.ndarray]:
 def _essay_prompt(tokenizer, fallback: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
     """Paul Graham essay text (the eval haystack) tokenized, cut (or repeated) to T tokens."""
     try:
-        from .eval.tasks import load_sentences
+        from rocketkv_jax.eval.tasks import load_sentences
 
         text = " ".join(load_sentences())
     except Exception:  # noqa: BLE001 - the essays are optional; random ids time the same
@@ -95,8 +95,8 @@ def load_bench_model(key: str, *, model_path=None, layers: int = 2, vocab: int =
                      seed: int = 0) -> BenchModel:
     """Build a benchmark model by key (see MODEL_KEYS)."""
     if key == "smollm2":
-        from .convert import embedded_smollm2_gguf
-        from .model_store import load_model
+        from rocketkv_jax.convert import embedded_smollm2_gguf
+        from rocketkv_jax.model_store import load_model
 
         m = load_model(model_path, progress=False)
         gguf = None
@@ -312,9 +312,16 @@ def median(xs: Sequence[float]) -> float:
 
 # ------------------------------------------------------------------- whole program
 def generate_program_memory(model: BenchModel, plan, T: int, N: int, B: int):
-    """Memory analysis of the one jitted program `generate_ids` runs (prefill + compress +
-    while-loop decode) for a [B, T] prompt and N new tokens: (stats, compile seconds)."""
-    compiled, compile_s = _compiled(
-        model.config, plan, B, T, N, GREEDY, (), 0, _params_struct(model.params)
-    )
-    return memory_stats(compiled), compile_s
+    """Memory analysis of the programs `generate_ids` runs for a [B, T] prompt (one
+    prefill chunk) and N new tokens: (stats of the program with the largest peak, with its
+    "program" name, total compile seconds). They run one after another, holding only the
+    state they pass on, so the largest program's peak is the generation's."""
+    progs = programs.for_request(model.config, plan, B, T, T,
+                                 programs.LoopSettings(N, GREEDY, (), 0),
+                                 programs.params_struct(model.params))
+    stats = []
+    for name in ("init", "chunk", "start", "decode"):
+        m = memory_stats(getattr(progs, name))
+        if m is not None:
+            stats.append({**m, "program": name})
+    return (max(stats, key=lambda m: m["peak"]) if stats else None), progs.compile_s
