@@ -1,0 +1,497 @@
+"""Batched decode at long context: every KV method's decode step vs full KV at batch 1, 4, 8
+and 8k-32k context, next to the analytic H100 bound and this CPU's own byte roofline.
+
+One run measures everything: this machine's memory bandwidth (a copy and a read benchmark,
+best of several, before and after the grid), then for each model, batch B, context T and
+budget M every method's jitted decode step (`make_decode_step`, cache donated) on the cache
+its `compress` builds from random k/v (no prefill is run: `synthetic_capture` at batch 1,
+broadcast to B), interleaved step by step with full KV (`time_interleaved`).
+
+Per step it reports:
+  - speedup = full median time / method median time (>1: faster), from one interleaved run;
+  - the byte bound on this model = (weights + full KV bytes) / (weights + method bytes), the
+    speedup of a perfectly memory-bound step (bytes from the plans' `read_tokens`, page
+    metadata and selection reads included: `bench_bytes.kv_read_bytes`);
+  - the H100 bound for Llama-3.1-8B (32 layers, bf16) at the same B, T, M
+    (`bench_bytes.print_method_roofline`);
+  - roofline = (weights + KV + metadata bytes) / measured bandwidth, and measured / roofline.
+
+Methods whose caches do not fit in memory together are measured in several interleaved
+groups, each with full KV (its ratio is against the full KV of its own group); a cell whose
+full KV cache cannot be built is skipped and the table says so.
+
+    python benchmarks/decode_batched.py --quick          # tiny model, well under a minute
+    python benchmarks/decode_batched.py --json docs/benchmarks/decode-batched.json
+    python benchmarks/decode_batched.py --report docs/benchmarks/decode-batched.json --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import bench_bytes
+import bench_decode as bd
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench_bytes import (
+    H100_HBM_BYTES_PER_S,
+    fmt_bytes,
+    kv_read_bytes,
+    llama_weight_bytes,
+    model_dims,
+    print_method_roofline,
+    print_table,
+)
+from bench_grid import cache_bytes, machine_line, plan_methods
+
+from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list
+from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
+from rocketkv_jax.methods.skip_layers import compress_layers
+
+ELEM = 4  # float32 params and caches
+SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
+DEFAULTS = dict(models="llama8b-shape,smollm2-shape", batches="1,4,8", contexts="8k,16k,32k",
+                budgets="256,2048", methods=",".join(ALL_METHODS), new_tokens=256,
+                warmup=1, iters=5, llama_layers=2, llama_vocab=8192, bandwidth_mb=1024,
+                bandwidth_repeats=5, memory_fraction=0.7)
+QUICK = dict(models="tiny", batches="1,2", contexts="256", budgets="64",
+             methods="full,streaming,rocketkv", new_tokens=16, warmup=1, iters=3,
+             bandwidth_mb=64, bandwidth_repeats=3)
+MODEL_KEYS = ("llama8b-shape", "smollm2-shape", "tiny")
+
+
+# ------------------------------------------------------------------------- bandwidth
+def measure_bandwidth(nbytes: int, repeats: int) -> dict:
+    """This CPU's memory bandwidth over an `nbytes` float32 buffer, best of `repeats`:
+    copy = numpy copy into a preallocated buffer (read + write bytes counted), read = a jitted
+    sum (the decode step's traffic is reads). GB/s; best = the larger."""
+    n = nbytes // 4
+    src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the destination's pages in
+    copy = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        copy.append(2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
+    del dst
+    x = jnp.asarray(src)
+    del src
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    read = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        read.append(x.nbytes / (time.perf_counter() - t0) / 1e9)
+    del x
+    bd.release_memory()
+    return {"buffer_bytes": n * 4, "repeats": repeats, "copy_GBps": max(copy),
+            "read_GBps": max(read), "best_GBps": max(max(copy), max(read)),
+            "copy_all": copy, "read_all": read}
+
+
+def best_bandwidth(results: dict) -> float:
+    """Bytes per second the roofline divides by: the best of every bandwidth measurement."""
+    return max(b["best_GBps"] for b in results["bandwidth"]) * 1e9
+
+
+# ---------------------------------------------------------------------------- models
+def load_model(key: str, args) -> bd.BenchModel:
+    """The benchmark models. `smollm2-shape` is SmolLM2-135M (its weights) with the context
+    limit raised to fit the largest context: decode cost does not depend on RoPE's range."""
+    if key == "smollm2-shape":
+        bm = bd.load_bench_model("smollm2", seed=args.seed)
+        limit = max(args.contexts) + args.new_tokens
+        cfg = dataclasses.replace(bm.config, max_position_embeddings=max(
+            limit, bm.config.max_position_embeddings))
+        return dataclasses.replace(
+            bm, key=key, label="SmolLM2-135M shape", config=cfg,
+            note=f"SmolLM2-135M weights, float32, {cfg.num_layers} layers, {cfg.num_heads}/"
+            f"{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, context limit raised to "
+            f"{cfg.max_position_embeddings}")
+    return bd.load_bench_model(key, layers=args.llama_layers, vocab=args.llama_vocab,
+                               seed=args.seed)
+
+
+def batch_capture(base: bd.Capture, T: int, B: int) -> bd.Capture:
+    """The first T tokens of a batch-1 capture, broadcast to B rows (materialized)."""
+    Ly, _, K, _, D = base.k.shape
+    k = jnp.broadcast_to(base.k[:, :, :, :T], (Ly, B, K, T, D))  # [Ly, B, K, T, D]
+    v = jnp.broadcast_to(base.v[:, :, :, :T], (Ly, B, K, T, D))  # [Ly, B, K, T, D]
+    q = jnp.broadcast_to(base.q, (base.q.shape[0], B, *base.q.shape[2:]))  # [Ly, B, H, W, D]
+    return bd.Capture(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32),
+                      "synthetic")
+
+
+def capture_struct(cfg, T: int, B: int):
+    """Shapes of `batch_capture(., T, B)`: k, v, q, lengths."""
+    Ly, H, K, D, W = (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                      STORED_QUERY_WINDOW)
+    f = jnp.float32
+    return (jax.ShapeDtypeStruct((Ly, B, K, T, D), f), jax.ShapeDtypeStruct((Ly, B, K, T, D), f),
+            jax.ShapeDtypeStruct((Ly, B, H, W, D), f), jax.ShapeDtypeStruct((B,), jnp.int32))
+
+
+def group_methods(sizes: dict[str, int], room: int) -> tuple[list[list[str]], list[str]]:
+    """Split the methods into interleaved groups, each with full KV, whose caches fit in
+    `room` bytes together, smallest caches first (first fit): (groups, methods that do not
+    fit even beside full alone)."""
+    groups: list[list[str]] = [["full"]]
+    used = [sizes["full"]]
+    skipped = []
+    for m in sorted((m for m in sizes if m != "full"), key=lambda m: sizes[m]):
+        if sizes["full"] + sizes[m] > room:
+            skipped.append(m)
+            continue
+        i = next((i for i, u in enumerate(used) if u + sizes[m] <= room), None)
+        if i is None:
+            groups.append(["full"])
+            used.append(sizes["full"])
+            i = len(groups) - 1
+        groups[i].append(m)
+        used[i] += sizes[m]
+    return groups, skipped
+
+
+# ------------------------------------------------------------------------------ grid
+def run_model(bm: bd.BenchModel, args, results: dict, rec: dict) -> None:
+    cfg, N = bm.config, args.new_tokens
+    weights = llama_weight_bytes(model_dims(cfg), ELEM)
+    rec.update({"model": bm.key, "label": bm.label, "note": bm.note, "layers": cfg.num_layers,
+                "weights_bytes": weights, "steps": [], "skipped": []})
+    contexts = [T for T in args.contexts if T + N <= cfg.max_position_embeddings]
+    t0 = time.perf_counter()
+    base = bd.synthetic_capture(cfg, max(contexts), 1, args.seed)
+    rec["capture_s"] = time.perf_counter() - t0
+    for B in args.batches:
+        for T in contexts:
+            compiled: dict = {}
+            for M in args.budgets:
+                _run_cell(bm, args, rec, base, compiled, B, T, M, weights)
+                _save(results, args)
+            del compiled
+            bd.clear_compress_cache()
+            bd.release_memory()
+    del base
+    jax.clear_caches()
+    bd.release_memory()
+
+
+def _run_cell(bm, args, rec, base, compiled, B, T, M, weights) -> None:
+    cfg, N = bm.config, args.new_tokens
+    plans = plan_methods(cfg, args.methods, M, T, N, args.stage2)
+    for m, p in plans.items():
+        if isinstance(p, str):
+            rec["skipped"].append({"B": B, "T": T, "M": M, "method": m, "why": p})
+    ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
+    cap_struct = capture_struct(cfg, T, B)
+    structs = {m: jax.eval_shape(lambda k, v, q, n, p=p: compress_layers(p, k, v, q, n),
+                                 *cap_struct) for m, p in ok.items()}
+    sizes = {m: cache_bytes(s) for m, s in structs.items()}
+    bd.release_memory()
+    avail = bd.available_memory() or 2**62
+    cap_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in cap_struct)
+    room = int(avail * args.memory_fraction) - cap_bytes
+    groups, too_big = group_methods(sizes, room)
+    why = (f"does not fit beside full KV: capture {fmt_bytes(cap_bytes)} + caches > "
+           f"{args.memory_fraction:g} x {fmt_bytes(avail)} available")
+    if sizes["full"] > room:
+        groups, too_big = [], list(ok)
+    for m in too_big:
+        rec["skipped"].append({"B": B, "T": T, "M": M, "method": m, "why": why})
+    S = T + 1  # the first timed step sees the prompt plus one token
+    full_kv = kv_read_bytes(ok["full"], S, cfg, ELEM, B)
+    for gi, group in enumerate(groups):
+        print(f"  {bm.key} B={B} T={T} M={M} group {gi}: {','.join(group)}", file=sys.stderr,
+              flush=True)
+        for m in group:
+            if ok[m] not in compiled:
+                compiled[ok[m]] = bd.compile_step(cfg, ok[m], bm.params, structs[m], B)
+        cap = batch_capture(base, T, B)
+        caches, compress_s = {}, {}
+        for m in group:
+            caches[m], compress_s[m] = bd.compress_cache(ok[m], cap)
+        del cap
+        bd.release_memory()
+        times = bd.time_interleaved({m: compiled[ok[m]].fn for m in group}, caches, bm.params,
+                                    B=B, T=T, warmup=args.warmup, iters=args.iters)
+        del caches
+        bd.release_memory()
+        full_t = bd.median(times["full"])
+        for m in group:
+            if m == "full" and gi > 0:
+                continue  # full KV's own row comes from the first group
+            p, med = ok[m], bd.median(times[m])
+            kv = kv_read_bytes(p, S, cfg, ELEM, B)
+            rec["steps"].append({
+                "B": B, "T": T, "M": M, "method": m, "group": gi, "group_methods": group,
+                "median_s": med, "full_median_s": full_t, "speedup": full_t / med,
+                "times_s": times[m], "kv_read_bytes": kv, "step_bytes": weights + kv,
+                "byte_bound": (weights + full_kv) / (weights + kv),
+                "plan": type(p).__name__, "fallback": _describe(p).get("fallback", ""),
+                "capacity": _describe(p).get("capacity"), "kv_cache_bytes": sizes[m],
+                "compile_s": compiled[p].compile_s, "compress_s": compress_s[m],
+            })
+
+
+def _describe(plan) -> dict:
+    return plan.describe() if hasattr(plan, "describe") else {}
+
+
+# ----------------------------------------------------------------------------- tables
+def finalize(results: dict, args) -> None:
+    """Rooflines from the best bandwidth, and the H100 bound of each (method, B, T, M)."""
+    bw = best_bandwidth(results)
+    results["roofline_bandwidth_GBps"] = bw / 1e9
+    h100 = results.setdefault("h100_bound", {})
+    for rec in results["models"]:
+        for s in rec["steps"]:
+            s["roofline_s"] = s["step_bytes"] / bw
+            s["over_roofline"] = s["median_s"] / s["roofline_s"]
+            bound = h100.get(str(s["T"]), {}).get(s["method"], {}).get(str(s["B"]), {})
+            s["h100_bound"] = bound.get(str(s["M"]))
+
+
+def h100_bounds(args) -> dict:
+    """{T: {method: {B: {M: bound}}}} for Llama-3.1-8B on an H100 (string keys, as in JSON);
+    from `print_method_roofline`, its table not printed."""
+    out = {}
+    for T in args.contexts:
+        with contextlib.redirect_stdout(io.StringIO()):  # the grids show them per cell
+            b = print_method_roofline(args.methods, T, args.new_tokens, args.batches,
+                                      args.budgets)
+        out[str(T)] = {m: {str(B): {str(M): v for M, v in d.items()} for B, d in by.items()}
+                       for m, by in b.items()}
+    return out
+
+
+def _label(T: int) -> str:
+    return f"{T // 1024}k" if T % 1024 == 0 else str(T)
+
+
+def _grid(rec, args, title, cell, with_full=False, note=None) -> None:
+    """One row per (B, T, M), one column per method; cell(step) -> str."""
+    by = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["steps"]}
+    skip = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["skipped"]}
+    methods = [m for m in args.methods if with_full or m != "full"]
+    rows = []
+    for B in args.batches:
+        for T in args.contexts:
+            for M in args.budgets:
+                full = by.get((B, T, M, "full"))
+                row = [str(B), _label(T), str(M),
+                       f"{full['median_s'] * 1e3:.1f}" if full else "-"]
+                for m in methods:
+                    s = by.get((B, T, M, m))
+                    sk = skip.get((B, T, M, m))
+                    row.append(cell(s) if s else ("mem" if sk and "fit" in sk["why"] else
+                                                  "n/a" if sk else "-"))
+                rows.append(row)
+    print_table(title, ["B", "T", "M", "full ms", *methods], rows)
+    if note:
+        print(note)
+
+
+def print_model(rec, args, bw: float) -> None:
+    print(f"\n=== {rec['label']}: {rec['note']}; weights read per step "
+          f"{fmt_bytes(rec['weights_bytes'])}")
+    _grid(rec, args,
+          f"Decode step speedup vs full KV = full time / method time (>1: faster), "
+          f"{rec['label']}, float32, median of {args.iters} steps after {args.warmup} warm-up, "
+          "each method interleaved step by step with full KV", lambda s: f"{s['speedup']:.2f}",
+          note="  mem: its cache and full KV's do not fit in memory together; n/a: the plan "
+          "is not defined at this budget")
+    _grid(rec, args,
+          f"Byte bound on this model = (weights + full KV bytes) / (weights + method bytes), "
+          f"{rec['label']}, float32", lambda s: f"{s['byte_bound']:.2f}")
+    _grid(rec, args,
+          "H100 bound: Llama-3.1-8B (32 layers), bf16, "
+          f"{H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s, same B, T, M",
+          lambda s: "n/a" if s["h100_bound"] is None else f"{s['h100_bound']:.2f}")
+    _grid(rec, args,
+          f"Measured / roofline: step time / ((weights + KV + metadata bytes) / "
+          f"{bw / 1e9:.1f} GB/s), {rec['label']} (1.0 = at this CPU's bandwidth)",
+          lambda s: f"{s['over_roofline']:.2f}", with_full=True)
+    _grid(rec, args, f"Roofline ms = (weights + KV + metadata bytes) / {bw / 1e9:.1f} GB/s, "
+          f"{rec['label']}", lambda s: f"{s['roofline_s'] * 1e3:.1f}", with_full=True)
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets, checked from the measurements."""
+    steps = [s for r in results["models"] for s in r["steps"] if s["method"] != "full"]
+    slow = [s for s in steps if s["speedup"] < 1 / SLOWER]
+    worst = min(steps, key=lambda s: s["speedup"]) if steps else None
+    out = {"cells": len(steps), "slower_than_full_by_5pct": [
+        {k: s[k] for k in ("B", "T", "M", "method", "speedup", "plan", "fallback")}
+        for s in sorted(slow, key=lambda s: s["speedup"])],
+        "worst": worst and {k: worst[k] for k in ("B", "T", "M", "method", "speedup")}}
+    for r in results["models"]:
+        if r["model"] != "llama8b-shape":
+            continue
+        hit = [s for s in r["steps"] if s["method"] == "rocketkv" and s["M"] == 256
+               and s["B"] == max(x["B"] for x in r["steps"])
+               and s["T"] == max(x["T"] for x in r["steps"])]
+        if hit:
+            s = hit[0]
+            out["rocketkv"] = {
+                "B": s["B"], "T": s["T"], "M": s["M"], "speedup": s["speedup"],
+                "byte_bound": s["byte_bound"], "fraction_of_bound": s["speedup"] / s[
+                    "byte_bound"], "over_roofline": s["over_roofline"],
+                "met_80pct": s["speedup"] / s["byte_bound"] >= 0.8,
+                "met_2x_roofline": s["over_roofline"] <= 2.0}
+    return out
+
+
+def print_targets(t: dict) -> None:
+    print(f"\nTargets: {len(t['slower_than_full_by_5pct'])} of {t['cells']} method cells are "
+          f"slower than full KV by more than {SLOWER - 1:.0%} (speedup < {1 / SLOWER:.3f})")
+    for s in t["slower_than_full_by_5pct"]:
+        why = f", dense by {s['fallback']}" if s["fallback"] else ""
+        print(f"  B={s['B']} T={s['T']} M={s['M']} {s['method']}: {s['speedup']:.2f} "
+              f"({s['plan']}{why})")
+    r = t.get("rocketkv")
+    if r:
+        print(f"rocketkv M={r['M']} T={r['T']} B={r['B']} (Llama-3.1-8B shape): speedup "
+              f"{r['speedup']:.2f}x of a {r['byte_bound']:.2f}x byte bound = "
+              f"{r['fraction_of_bound']:.0%} (target >= 80%: "
+              f"{'met' if r['met_80pct'] else 'not met'}); step time {r['over_roofline']:.2f}x "
+              f"its roofline (target <= 2x: {'met' if r['met_2x_roofline'] else 'not met'})")
+
+
+def print_results(results: dict, args) -> None:
+    print(results["machine"])
+    print(f"command: {results['command']}")
+    for b in results["bandwidth"]:
+        print(f"memory bandwidth ({b['when']}, {fmt_bytes(b['buffer_bytes'])} buffer, best of "
+              f"{b['repeats']}): numpy copy {b['copy_GBps']:.1f} GB/s (read + write), jitted "
+              f"read {b['read_GBps']:.1f} GB/s")
+    bw = best_bandwidth(results)
+    print(f"roofline bandwidth = the best of these: {bw / 1e9:.1f} GB/s")
+    for rec in results["models"]:
+        if rec.get("steps"):
+            print_model(rec, args, bw)
+    if "targets" in results:
+        print_targets(results["targets"])
+    if "wall_s" in results:
+        print(f"\nwall time {results['wall_s']:.0f} s")
+
+
+# ------------------------------------------------------------------------------- main
+def _save(results: dict, args) -> None:
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    results: dict = {"machine": machine_line(), "command": args.command_line,
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "args": {k: str(v) if isinstance(v, Path) else v
+                              for k, v in vars(args).items()}, "bandwidth": [], "models": []}
+    print(results["machine"], flush=True)
+    bw = measure_bandwidth(args.bandwidth_mb * 2**20, args.bandwidth_repeats)
+    results["bandwidth"].append({"when": "before the grid", **bw})
+    for key in args.models:
+        rec: dict = {}
+        results["models"].append(rec)
+        run_model(load_model(key, args), args, results, rec)
+    bw = measure_bandwidth(args.bandwidth_mb * 2**20, args.bandwidth_repeats)
+    results["bandwidth"].append({"when": "after the grid", **bw})
+    results["h100_bound"] = h100_bounds(args)
+    finalize(results, args)
+    results["targets"] = targets(results)
+    results["machine_after"] = machine_line()
+    results["wall_s"] = time.perf_counter() - t_start
+    _save(results, args)
+    print_results(results, args)
+    return results
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, batches 1,2, context 256, 3 methods (under a minute)")
+    p.add_argument("--models", help=f"comma list of {', '.join(MODEL_KEYS)} "
+                   f"(default: {d['models']})")
+    p.add_argument("--batches", help=f"batch sizes (default: {d['batches']})")
+    p.add_argument("--contexts", help=f"contexts T (default: {d['contexts']})")
+    p.add_argument("--budgets", help=f"token budgets M (default: {d['budgets']})")
+    p.add_argument("--methods", help=f"KV methods; full always runs (default: {d['methods']})")
+    p.add_argument("--new-tokens", type=int,
+                   help=f"N the plans are sized for (default: {d['new_tokens']})")
+    p.add_argument("--warmup", type=int, help=f"untimed steps (default: {d['warmup']})")
+    p.add_argument("--iters", type=int, help=f"timed steps (default: {d['iters']})")
+    p.add_argument("--llama-layers", type=int, help=f"default: {d['llama_layers']}")
+    p.add_argument("--llama-vocab", type=int, help=f"default: {d['llama_vocab']}")
+    p.add_argument("--bandwidth-mb", type=int,
+                   help=f"bandwidth benchmark buffer in MiB (default: {d['bandwidth_mb']})")
+    p.add_argument("--bandwidth-repeats", type=int, help=f"default: {d['bandwidth_repeats']}")
+    p.add_argument("--memory-fraction", type=float,
+                   help="share of the available memory the capture and one group's caches "
+                   f"may take (default: {d['memory_fraction']})")
+    p.add_argument("--stage2", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write every measurement as JSON")
+    p.add_argument("--report", type=Path, help="measure nothing: print the tables of a --json")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --report: print the tables as GitHub markdown")
+    return p
+
+
+def resolve_args(args) -> argparse.Namespace:
+    base = {**DEFAULTS, **(QUICK if args.quick else {})}
+    for k, v in base.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in MODEL_KEYS]
+    if bad:
+        raise BenchError(f"unknown model(s) {bad}; --models takes {', '.join(MODEL_KEYS)}")
+    args.batches = parse_list(args.batches, "batches")
+    args.contexts = parse_list(args.contexts, "contexts")
+    args.budgets = parse_list(args.budgets, "budgets")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise BenchError(f"unknown method(s) {bad}; --methods takes {', '.join(ALL_METHODS)}")
+    args.methods = ["full"] + [m for m in methods if m != "full"]
+    if args.warmup + args.iters > args.new_tokens:
+        raise BenchError("--warmup + --iters must be <= --new-tokens (the cache's room)")
+    return args
+
+
+def main(argv=None, prog: str = "benchmarks/decode_batched.py") -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    args.command_line = " ".join([prog, *argv])
+    if args.report is not None:
+        res = json.loads(args.report.read_text())
+        bench_bytes.MARKDOWN = args.markdown
+        try:
+            print_results(res, argparse.Namespace(**res["args"]))
+        finally:
+            bench_bytes.MARKDOWN = False
+        return 0
+    try:
+        resolve_args(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""benchmarks/decode_batched.py --quick: the table's structure, and its bandwidth, bytes and
+roofline numbers recomputed here from shapes and the raw measurements."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from rocketkv_jax.models.params import random_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import decode_batched as db  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decode_batched") / "quick.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = db.main(["--quick", "--json", str(out)])
+    return code, buf.getvalue(), json.loads(out.read_text()), out
+
+
+def _table(stdout: str, title_start: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(title_start))
+    rows = []
+    for line in lines[i + 1:]:
+        if not line.strip() or line.startswith("  "):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def _quick_grid():
+    methods = db.QUICK["methods"].split(",")
+    batches = [int(b) for b in db.QUICK["batches"].split(",")]
+    contexts = [int(t) for t in db.QUICK["contexts"].split(",")]
+    budgets = [int(m) for m in db.QUICK["budgets"].split(",")]
+    return methods, batches, contexts, budgets
+
+
+def test_quick_prints_a_speedup_for_every_cell(quick):
+    code, stdout, _, _ = quick
+    assert code == 0
+    methods, batches, contexts, budgets = _quick_grid()
+    header, *rows = _table(stdout, "Decode step speedup vs full KV")
+    assert header == ["B", "T", "M", "full", "ms", *methods[1:]]  # "full ms" splits in two
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
+        (B, T, M) for B in batches for T in contexts for M in budgets]
+    for r in rows:
+        assert all(float(x) > 0 for x in r[3:])
+    header, *rows = _table(stdout, "Measured / roofline")
+    assert header[5:] == methods  # this one has full's own column
+    assert "Targets:" in stdout and "wall time" in stdout
+
+
+def test_every_step_is_recorded_with_its_interleaved_full(quick):
+    _, _, res, _ = quick
+    methods, batches, contexts, budgets = _quick_grid()
+    (rec,) = res["models"]
+    cells = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["steps"]}
+    assert set(cells) == {(B, T, M, m) for B in batches for T in contexts for M in budgets
+                          for m in methods}
+    for s in rec["steps"]:
+        assert "full" in s["group_methods"] and s["method"] in s["group_methods"]
+        assert len(s["times_s"]) == db.QUICK["iters"]
+        assert s["median_s"] == pytest.approx(statistics.median(s["times_s"]))
+        assert s["speedup"] == pytest.approx(s["full_median_s"] / s["median_s"])
+        if s["method"] == "full":
+            assert s["speedup"] == pytest.approx(1.0) and s["byte_bound"] == pytest.approx(1.0)
+
+
+def test_bandwidth_and_roofline_are_consistent(quick):
+    _, _, res, _ = quick
+    assert [b["when"] for b in res["bandwidth"]] == ["before the grid", "after the grid"]
+    for b in res["bandwidth"]:
+        assert len(b["copy_all"]) == len(b["read_all"]) == db.QUICK["bandwidth_repeats"]
+        assert b["copy_GBps"] == max(b["copy_all"]) and b["read_GBps"] == max(b["read_all"])
+        assert 0.1 < b["copy_GBps"] < 10_000 and 0.1 < b["read_GBps"] < 10_000
+    bw = max(x for b in res["bandwidth"] for x in b["copy_all"] + b["read_all"]) * 1e9
+    assert res["roofline_bandwidth_GBps"] == pytest.approx(bw / 1e9)
+    (rec,) = res["models"]
+    c = db.bd.TINY_CONFIG
+    params = sum(x.size for x in jax.tree.leaves(random_params(c)))  # untied: embed + head
+    assert rec["weights_bytes"] == (params - (c.vocab_size - 1) * c.hidden_size) * 4  # one row
+    token = c.num_layers * c.num_kv_heads * 2 * c.head_dim * 4  # K + V, all layers, f32
+    full = {(s["B"], s["T"], s["M"]): s for s in rec["steps"] if s["method"] == "full"}
+    for s in rec["steps"]:
+        if s["method"] == "full":
+            assert s["kv_read_bytes"] == s["B"] * (s["T"] + 1) * token
+        assert s["step_bytes"] == rec["weights_bytes"] + s["kv_read_bytes"]
+        assert s["roofline_s"] == pytest.approx(s["step_bytes"] / bw)
+        assert s["over_roofline"] == pytest.approx(s["median_s"] * bw / s["step_bytes"])
+        f = full[(s["B"], s["T"], s["M"])]
+        assert s["byte_bound"] == pytest.approx(f["step_bytes"] / s["step_bytes"])
+        assert s["h100_bound"] is not None and s["h100_bound"] >= 0.99
+
+
+def test_report_reprints_the_tables(quick):
+    _, stdout, _, path = quick
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert db.main(["--report", str(path)]) == 0
+    title = "Decode step speedup vs full KV"
+    assert _table(buf.getvalue(), title) == _table(stdout, title)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert db.main(["--report", str(path), "--markdown"]) == 0
+    assert "| B | T | M | full ms |" in buf.getvalue()
+
+
+def test_methods_that_do_not_fit_together_are_split_into_groups():
+    sizes = {"full": 10, "a": 1, "b": 9, "c": 8, "d": 30}
+    groups, skipped = db.group_methods(sizes, room=20)
+    assert skipped == ["d"]
+    assert groups == [["full", "a", "c"], ["full", "b"]]  # smallest first, first fit
+    assert all(sum(sizes[m] for m in g) <= 20 for g in groups)
+    assert db.group_methods({"full": 5}, room=20) == ([["full"]], [])
