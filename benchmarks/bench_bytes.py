@@ -124,11 +124,11 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
-MARKDOWN = False  # set by `rocketkv bench --report PATH --markdown`
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    if MARKDOWN:  # GitHub markdown, for pasting into README/docs as is
+def print_table(title: str, header: list[str], rows: list[list[str]],
+                markdown: bool = False) -> None:
+    """Print a titled table, right-aligned text columns, or with `markdown` a GitHub table
+    (for pasting into README/docs as is; `rocketkv bench --report PATH --markdown`)."""
+    if markdown:
         print(f"\n{title}\n")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -143,7 +143,8 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def print_roofline(
-    context: int, new_tokens: int, batches: Sequence[int], budgets: Sequence[int]
+    context: int, new_tokens: int, batches: Sequence[int], budgets: Sequence[int],
+    markdown: bool = False,
 ) -> None:
     """Llama-3.1-8B per-step bytes (weights + KV) and the H100 bound on decode speedup:
     full KV vs RocketKV's stage-2 reads (`sparse_layer_bytes`) at each budget, bf16."""
@@ -173,7 +174,7 @@ def print_roofline(
         f"{fmt_bytes(weights)}",
         ["batch", "method", "M", "KV bytes", "total bytes", "ms/step", "speedup bound",
          "bound (row-major meta)"],
-        rows,
+        rows, markdown,
     )
     print("  KV bytes = 32 layers x (full: K+V of every token; rocketkv: stage-2 reads of the "
           "stage-1 cache).\n  Bound = full bytes / rocketkv bytes, i.e. a memory-bound step "
@@ -251,7 +252,7 @@ def llama31_8b_config():
 
 def print_method_roofline(
     methods: Sequence[str], context: int, new_tokens: int, batches: Sequence[int],
-    budgets: Sequence[int],
+    budgets: Sequence[int], markdown: bool = False,
 ) -> dict:
     """The H100 bound for every method (not only rocketkv): Llama-3.1-8B, bf16, per-step bytes
     = weights + batch x `kv_read_bytes` at the last decode step (S = context + new_tokens),
@@ -283,6 +284,6 @@ def print_method_roofline(
         f"H100 bound per method: Llama-3.1-8B (32 layers), {context // 1024}k context + "
         f"{new_tokens} new, bf16, {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s: full bytes / method "
         "bytes (weights + KV read per step, method-layer `read_tokens` accounting)",
-        ["method", "batch", *(f"M={b}" for b in budgets)], rows,
+        ["method", "batch", *(f"M={b}" for b in budgets)], rows, markdown,
     )
     return out

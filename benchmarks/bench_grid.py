@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import bench_bytes
 import bench_decode as bd
 from bench_bytes import (
     cpu_name,
@@ -184,7 +183,7 @@ def _grid_table(rec, args, title, cell, methods=None, extra=None) -> None:
                 row.append("-" if s is None else "n/a" if "error" in s else cell(s))
             rows.append(row)
     head = ["T", "M"] + (["full ms"] if extra else []) + list(methods)
-    print_table(title, head, rows)
+    print_table(title, head, rows, args.markdown)
 
 
 def print_model_tables(rec, args) -> None:
@@ -275,7 +274,8 @@ def _print_split(rec, args) -> None:
             "(tokens' worth of K+V per KV head; selection = page max/min, R-channel bounds or "
             "key channels read to choose the attended tokens)",
             ["M", "method", "capacity", "read_tokens", "attended", "selection", "KV bytes",
-             "XLA bytes (as reported)", "XLA bytes (loop-aware)", "cache bytes"], rows)
+             "XLA bytes (as reported)", "XLA bytes (loop-aware)", "cache bytes"], rows,
+            args.markdown)
         print("  XLA's cost analysis counts the body of a while loop once; the decode step "
               "loops over the layers,\n  so 'as reported' holds one layer's weights and per-layer "
               "cache traffic. 'loop-aware' re-runs\n  XLA's cost analysis on the loop body and "
@@ -307,7 +307,8 @@ def _print_memory(rec, args) -> None:
             f"Peak memory from XLA's memory analysis (argument + output + temp - donated), "
             f"{rec['label']}, batch {args.batch}, N={args.new_tokens}",
             ["T", "method", "M", "KV cache", "decode step peak", "decode step temp",
-             "generate program peak", "generate temp", "generate peak vs full"], rows)
+             "generate program peak", "generate temp", "generate peak vs full"], rows,
+            args.markdown)
         print("  generate program = prefill + compress + while-loop decode (what generate_ids "
               "runs); its temp\n  is dominated by the dense prefill attention scores "
               "[B, H, T, T] f32, not by the cache.")
@@ -392,23 +393,19 @@ def report(path: Path, markdown: bool = False) -> None:
     if not path.is_file():
         raise BenchError(f"no results file {path}")
     res = json.loads(path.read_text())
-    args = argparse.Namespace(**res["args"])
-    bench_bytes.MARKDOWN = markdown
-    try:
-        print(res["machine"])
-        print(f"command: {args.command_line}")
-        for rec in res["models"]:
-            if rec.get("steps"):
-                print_model_tables(rec, args)
-        if res.get("peers", {}).get("summary"):
-            print_peers(res["peers"])
-        if "h100_bound" in res:
-            print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets)
-            print_method_roofline(args.methods, args.roofline_context, args.new_tokens,
-                                  [1, 8], args.budgets)
-        if "wall_s" in res:
-            print(f"\nwall time {res['wall_s']:.0f} s")
-    finally:
-        bench_bytes.MARKDOWN = False  # later tables in this process print as text again
+    args = argparse.Namespace(**{**res["args"], "markdown": markdown})
+    print(res["machine"])
+    print(f"command: {args.command_line}")
+    for rec in res["models"]:
+        if rec.get("steps"):
+            print_model_tables(rec, args)
+    if res.get("peers", {}).get("summary"):
+        print_peers(res["peers"], markdown)
+    if "h100_bound" in res:
+        print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets, markdown)
+        print_method_roofline(args.methods, args.roofline_context, args.new_tokens,
+                              [1, 8], args.budgets, markdown)
+    if "wall_s" in res:
+        print(f"\nwall time {res['wall_s']:.0f} s")
 
 

@@ -138,14 +138,15 @@ def _summarize(res: dict[str, list[dict]], budget: int) -> dict[str, dict]:
     return out
 
 
-def print_peers(res: dict) -> None:
+def print_peers(res: dict, markdown: bool = False) -> None:
     """Re-print the peers table from `run_peers`' returned record."""
     _print_peers(res["summary"], T=res["T"], N=res["N"], budget=res["budget"],
                  rounds=res["rounds"], kv_why=res["kvpress"], kv_python=res.get("kv_python"),
-                 errors=res["errors"])
+                 errors=res["errors"], markdown=markdown)
 
 
-def _print_peers(summary, *, T, N, budget, rounds, kv_why, kv_python, errors) -> None:
+def _print_peers(summary, *, T, N, budget, rounds, kv_why, kv_python, errors,
+                 markdown=False) -> None:
     hf = [v for k, v in summary.items() if k.startswith("transformers")]
     hf_full = max(hf, key=lambda v: v["decode_tok_s"]) if hf else None
     ours_full = summary.get("ours full")
@@ -172,7 +173,7 @@ def _print_peers(summary, *, T, N, budget, rounds, kv_why, kv_python, errors) ->
         ["implementation / method", "prefill s", "decode tok/s", "decode vs best transformers",
          "prefill speedup vs own full", "decode speedup vs own full",
          "first token != ours full"],
-        rows,
+        rows, markdown,
     )
     print("  'own full' = the same framework's full-KV run (ours full for ours, kvpress' "
           "transformers\n  full at the same thread count for kvpress). 'best transformers' = "
