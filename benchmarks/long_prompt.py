@@ -11,7 +11,10 @@ still finds the needle. For `llama8b-shape` (random weights, few layers of the
 Llama-3.1-8B shape) the prompt is random ids. Each method runs one `generate_ids` call of
 exactly `--new-tokens` tokens (no stop ids) with the chunked prefill; the time end to end is
 prefill + decode (compile time is reported apart, it is paid once per shape). The ratio is
-method / full (< 1: faster), measured in the same run.
+method / full (< 1: faster), measured in the same run. "CPU s" is this process's CPU time
+for the call (all threads): on a machine shared with other jobs it moves less than the
+wall time, so its ratio is the steadier comparison; it holds the compile unless
+`--warmup` rounds ran first.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Row:
     decode_tok_s: float
     compile_s: float
     kv_cache_bytes: int
+    cpu_s: float = 0.0  # this process's CPU seconds for the call (all threads)
     answer: str = ""
     found: bool | None = None
 
@@ -101,13 +105,15 @@ def run_method(params, config, ids, name, args, tokenizer, answers) -> Row:
         bar.total = total
         bar.update(done - bar.n)
 
+    cpu0 = time.process_time()
     out = generate_ids(params, config, [ids], method, max_new_tokens=args.new_tokens,
                        stop_ids=(), prefill_chunk=args.chunk or None,
                        on_prefill_chunk=on_chunk)
+    cpu = time.process_time() - cpu0  # the first call of a shape also pays its compile
     bar.close()
     s = out.stats
     row = Row(name, len(ids), s.prefill_s, s.decode_s, s.decode_tokens_per_s, s.compile_s,
-              s.kv_cache_bytes)
+              s.kv_cache_bytes, cpu_s=cpu)
     if tokenizer is not None:
         row.answer = tokenizer.decode(list(out.tokens[0])).strip()
         row.found = all(a.lower() in row.answer.lower() for a in answers)
@@ -134,11 +140,16 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=8192, help="vocabulary of llama8b-shape")
     ap.add_argument("--repeat", type=int, default=1,
                     help="interleaved rounds over the methods; each row is the median run")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="untimed rounds first (they compile, so the CPU s column of the "
+                         "timed rounds holds no compile)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
     for name in methods:  # an unknown name or a bad budget fails before loading
         try:
             method_of(name, args.budget)
@@ -148,25 +159,30 @@ def main(argv=None) -> int:
     params, config, ids, answers, tokenizer, note = build_prompt(args)
     t0 = time.perf_counter()
     runs: dict[str, list[Row]] = {name: [] for name in methods}
-    for _ in range(args.repeat):  # interleaved rounds, so load drifts hit every method
+    for i in range(args.warmup + args.repeat):  # interleaved, so load drifts hit every method
         for name in methods:
-            runs[name].append(run_method(params, config, ids, name, args, tokenizer, answers))
+            row = run_method(params, config, ids, name, args, tokenizer, answers)
+            if i >= args.warmup:
+                runs[name].append(row)
     rows = [median_row(r) for r in runs.values()]
     wall = time.perf_counter() - t0
     print(f"# {note}; prompt {len(ids)} tokens + {args.new_tokens} new, M = {args.budget}, "
-          f"prefill chunk {args.chunk}; median of {args.repeat} interleaved round(s); "
+          f"prefill chunk {args.chunk}; median of {args.repeat} interleaved round(s) after "
+          f"{args.warmup} warm-up; "
           f"jax {jax.__version__} on {platform.machine()}, "
           f"{os.cpu_count()} cores; wall {wall:.0f} s")
     ref = next((r for r in rows if r.method == "full"), None)
     head = "| method | prefill s | prefill tok/s | decode tok/s | end to end s | vs full |"
-    head += " KV cache | compile s |" + (" needle |" if tokenizer is not None else "")
+    head += " CPU s | CPU vs full | KV cache | compile s |"
+    head += " needle |" if tokenizer is not None else ""
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         ratio = f"{r.total_s / ref.total_s:.2f}" if ref is not None else "-"
+        cpu_ratio = f"{r.cpu_s / ref.cpu_s:.2f}" if ref is not None and ref.cpu_s else "-"
         line = (f"| {r.method} | {r.prefill_s:.1f} | {r.prompt_tokens / r.prefill_s:.0f} | "
-                f"{r.decode_tok_s:.1f} | {r.total_s:.1f} | {ratio} | "
-                f"{r.kv_cache_bytes / 2**20:.0f} MiB | {r.compile_s:.1f} |")
+                f"{r.decode_tok_s:.1f} | {r.total_s:.1f} | {ratio} | {r.cpu_s:.0f} | "
+                f"{cpu_ratio} | {r.kv_cache_bytes / 2**20:.0f} MiB | {r.compile_s:.1f} |")
         if tokenizer is not None:
             line += f" {'found' if r.found else 'missed'} |"
         print(line, flush=True)
