@@ -7,10 +7,11 @@ Everything here is pure arithmetic on shapes; nothing is measured.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import platform
 from collections.abc import Sequence
+
+from rocketkv_jax.methods.budget import RocketKVSplit, rocketkv_split
 
 H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM5 HBM3 peak
 SECTOR_BYTES = 32  # DRAM -> L2 transfer granularity on NVIDIA GPUs
@@ -20,39 +21,6 @@ LLAMA_8B = dict(
     layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
     vocab=128256, tied_embeddings=False,
 )
-
-
-# ------------------------------------------------------------------------- budget split
-@dataclasses.dataclass(frozen=True)
-class Stage2Plan:
-    """What RocketKV's stage 2 reads per KV head at budget M (see ALGORITHM.md)."""
-
-    budget: int
-    capacity: int  # tokens kept by stage 1 (prompt + new)
-    page_size: int
-    top_r: int
-    k_top: int
-
-
-def rocketkv_plan(budget: int, context: int, new_tokens: int, head_dim: int) -> Stage2Plan:
-    """ALGORITHM.md's budget split, via the method layer's `rocketkv_split` when present."""
-    try:
-        from rocketkv_jax.methods.budget import rocketkv_split
-    except ImportError:
-        rocketkv_split = None
-    seq = context + new_tokens
-    if rocketkv_split is not None:
-        s = rocketkv_split(budget, seq, new_tokens, head_dim)
-        return Stage2Plan(s.token_budget, s.capacity, s.page_size, s.top_r, s.k_top)
-    m = min(budget, seq)
-    c = max(1.0, seq / m)
-    a = min(0.2 + 0.06 * math.log2(c), 0.8)
-    capacity = max(int(seq / c**a), min(2 * new_tokens, seq))
-    c2 = max(1.0, capacity / m)
-    page = math.ceil(math.sqrt(c2))
-    page = page if page <= c2 else 1
-    r = min(max(int(head_dim * page / c2), 1), head_dim)
-    return Stage2Plan(m, capacity, page, r, m // 2)
 
 
 # ------------------------------------------------------------------- bytes from shapes
@@ -78,10 +46,11 @@ def dense_layer_bytes(context: int, kv_heads: int, head_dim: int, elem_bytes: in
 
 
 def sparse_layer_bytes(
-    plan: Stage2Plan, kv_heads: int, group: int, head_dim: int, elem_bytes: int,
+    plan: RocketKVSplit, kv_heads: int, group: int, head_dim: int, elem_bytes: int,
     layout: str = "ideal",
 ) -> dict[str, float]:
-    """Bytes of RocketKV's stage 2 for one layer, batch 1, cache of `plan.capacity` tokens.
+    """Bytes of RocketKV's stage 2 for one layer, batch 1, cache of `plan.capacity` tokens
+    (`plan` is the method's own budget split, `rocketkv_split`).
 
     layout: "ideal" = only the R selected elements of one of max/min per page (what the
     kernel requests; achieved by channel-major [B, K, D, P] metadata), "row-major" = DRAM
@@ -159,7 +128,7 @@ def print_roofline(
         rows.append([str(batch), "full", "-", fmt_bytes(batch * full_kv), fmt_bytes(full),
                      f"{full / H100_HBM_BYTES_PER_S * 1e3:.2f}", "1.00x", "1.00x"])
         for budget in budgets:
-            plan = rocketkv_plan(budget, context, new_tokens, d)
+            plan = rocketkv_split(budget, seq, new_tokens, d)
             ideal = batch * cfg["layers"] * sparse_layer_bytes(plan, kv, g, d, e)["total"]
             rowm = batch * cfg["layers"] * sparse_layer_bytes(plan, kv, g, d, e,
                                                               "row-major")["total"]

@@ -35,12 +35,12 @@ from bench_bytes import (
     fmt_bytes,
     print_roofline,
     print_table,
-    rocketkv_plan,
     sparse_layer_bytes,
 )
 
 from rocketkv_jax.bench.xla_stats import bytes_accessed
 from rocketkv_jax.kernels import approx_scores, sparse_decode_attention
+from rocketkv_jax.methods.budget import rocketkv_split
 
 
 # ------------------------------------------------------------------- the two decode paths
@@ -142,7 +142,7 @@ def bytes_table(args, dtype) -> None:
                 jax.ShapeDtypeStruct((1,), jnp.int32),
             )
         for budget in args.budgets:
-            plan = rocketkv_plan(budget, context, args.new_tokens, d)
+            plan = rocketkv_split(budget, seq, args.new_tokens, d)
             ideal = sparse_layer_bytes(plan, kv, g, d, e, "ideal")
             rowmajor = sparse_layer_bytes(plan, kv, g, d, e, "row-major")
             sparse_xla = None
@@ -211,7 +211,7 @@ def timing_table(args, dtype, on_gpu: bool) -> None:
                          fmt_bytes(dense_bytes), f"{dense_bytes / t / bw:.2f}", "1.00x"])
         base = min(dense_times.values())
         for budget in args.budgets:
-            plan = rocketkv_plan(budget, context, args.new_tokens, d)
+            plan = rocketkv_split(budget, seq, args.new_tokens, d)
             ops = make_operands(1, kv, g, d, plan.capacity, plan.page_size, dtype, seed=1)
             sparse_bytes = sparse_layer_bytes(plan, kv, g, d, e, "row-major")["total"]
             backends = [sparse_backend] + (["reference"] if on_gpu else [])
