@@ -41,6 +41,28 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """One parameter, declared once: its shape, the logical axis of each dim, and how
+    `params.random_params` initialises it.
+
+    Logical axes name what a dim indexes ("vocab", "embed", "q_heads", "kv_heads", "mlp",
+    "head_dim", "layer"); `sharding.ShardingRules` maps each to a mesh axis or to none, so
+    a param's partition spec follows from this declaration. No dtype: a checkpoint's
+    params share one, chosen at conversion.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"  # "normal": N(0, scale); "near_one": 1 + N(0, 0.1) (norm weights)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.axes):
+            raise ValueError(f"shape {self.shape} and logical axes {self.axes} differ in rank")
+        if self.init not in ("normal", "near_one"):
+            raise ValueError(f"init must be 'normal' or 'near_one', got {self.init!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -204,40 +226,56 @@ class ModelConfig:
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
 
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Expected shape of every parameter, keyed by its path in the params pytree.
+    def param_infos(self) -> dict[str, ArrayInfo]:
+        """Every parameter, keyed by its path in the params pytree: shape, logical axes
+        (mapped to mesh axes by `sharding.ShardingRules`) and test initialisation.
 
         Layers are stacked on a leading axis of size `num_layers` (the forward loops
-        over them). Linear weights are stored [in, out].
+        over them). Linear weights are stored [in, out]; q/k/v/o keep HF's head-major
+        H*D and K*D columns, so splitting them in equal chunks splits whole heads.
         """
         E, F, V, Ly = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        shapes = {
-            "embed": (V, E),
-            "final_norm": (E,),
-            "layers/attn_norm": (Ly, E),
-            "layers/wq": (Ly, E, H * D),
-            "layers/wk": (Ly, E, K * D),
-            "layers/wv": (Ly, E, K * D),
-            "layers/wo": (Ly, H * D, E),
-            "layers/mlp_norm": (Ly, E),
-            "layers/w_gate": (Ly, E, F),
-            "layers/w_up": (Ly, E, F),
-            "layers/w_down": (Ly, F, E),
+        A = ArrayInfo
+        infos = {
+            # vocab-parallel: the two largest params of small models (a tied head is embed.T)
+            "embed": A((V, E), ("vocab", "embed")),
+            "final_norm": A((E,), ("embed",), "near_one"),
+            "layers/attn_norm": A((Ly, E), ("layer", "embed"), "near_one"),
+            # column-parallel over heads: q/k/v of a device's heads are computed locally
+            "layers/wq": A((Ly, E, H * D), ("layer", "embed", "q_heads")),
+            "layers/wk": A((Ly, E, K * D), ("layer", "embed", "kv_heads")),
+            "layers/wv": A((Ly, E, K * D), ("layer", "embed", "kv_heads")),
+            # row-parallel: each device's heads add a partial sum -> one all-reduce
+            "layers/wo": A((Ly, H * D, E), ("layer", "q_heads", "embed")),
+            "layers/mlp_norm": A((Ly, E), ("layer", "embed"), "near_one"),
+            # MLP: gate/up column-parallel over F, down row-parallel -> one all-reduce
+            "layers/w_gate": A((Ly, E, F), ("layer", "embed", "mlp")),
+            "layers/w_up": A((Ly, E, F), ("layer", "embed", "mlp")),
+            "layers/w_down": A((Ly, F, E), ("layer", "mlp", "embed")),
         }
+        # biases follow their weight's output columns; o and down biases are added after
+        # the all-reduce, so every device holds them whole
         if self.qkv_bias:
-            shapes.update({"layers/bq": (Ly, H * D), "layers/bk": (Ly, K * D),
-                           "layers/bv": (Ly, K * D)})
+            infos.update({"layers/bq": A((Ly, H * D), ("layer", "q_heads")),
+                          "layers/bk": A((Ly, K * D), ("layer", "kv_heads")),
+                          "layers/bv": A((Ly, K * D), ("layer", "kv_heads"))})
         if self.o_bias:
-            shapes["layers/bo"] = (Ly, E)
+            infos["layers/bo"] = A((Ly, E), ("layer", "embed"))
         if self.mlp_bias:
-            shapes.update({"layers/b_gate": (Ly, F), "layers/b_up": (Ly, F),
-                           "layers/b_down": (Ly, E)})
-        if self.qk_norm:
-            shapes.update({"layers/q_norm": (Ly, D), "layers/k_norm": (Ly, D)})
+            infos.update({"layers/b_gate": A((Ly, F), ("layer", "mlp")),
+                          "layers/b_up": A((Ly, F), ("layer", "mlp")),
+                          "layers/b_down": A((Ly, E), ("layer", "embed"))})
+        if self.qk_norm:  # Qwen3's per-head q/k RMSNorm weights, shared by every head
+            infos.update({"layers/q_norm": A((Ly, D), ("layer", "head_dim"), "near_one"),
+                          "layers/k_norm": A((Ly, D), ("layer", "head_dim"), "near_one")})
         if not self.tie_word_embeddings:
-            shapes["lm_head"] = (E, V)
-        return shapes
+            infos["lm_head"] = A((E, V), ("embed", "vocab"))
+        return infos
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every parameter, keyed by its path (see `param_infos`)."""
+        return {path: info.shape for path, info in self.param_infos().items()}
 
 
 def _is_int(value: Any) -> bool:

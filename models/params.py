@@ -1,5 +1,5 @@
 """The params pytree: nesting flat "a/b" paths, and random initialisation for tests and
-benchmarks (shapes from `ModelConfig.param_shapes`)."""
+benchmarks (each param as declared by `ModelConfig.param_infos`)."""
 
 from __future__ import annotations
 
@@ -39,14 +39,15 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def random_params(
     config: ModelConfig, seed: int = 0, scale: float = 0.02, dtype=jnp.float32
 ) -> dict[str, Any]:
-    """Normal(0, scale) weights, norms at 1 + small noise; built in numpy (fast, no jit)."""
+    """Normal(0, scale) weights, norms at 1 + small noise (`ArrayInfo.init`); built in
+    numpy (fast, no jit)."""
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, shape in config.param_shapes().items():
-        if path.endswith("norm"):
-            x = 1.0 + 0.1 * rng.standard_normal(shape)
+    for path, info in config.param_infos().items():
+        if info.init == "near_one":
+            x = 1.0 + 0.1 * rng.standard_normal(info.shape)
         else:
-            x = scale * rng.standard_normal(shape)
+            x = scale * rng.standard_normal(info.shape)
         flat[path] = jnp.asarray(x.astype(np.float32), dtype=dtype)
     return unflatten(flat)
 

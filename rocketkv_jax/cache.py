@@ -16,6 +16,12 @@ import jax.numpy as jnp
 from .partitioned import write_column, write_rows
 
 
+def _axes(*names: str):
+    """A cache field whose per-layer dims have these logical axes (`sharding.ShardingRules`
+    maps them to mesh axes; a stacked cache's leading layer axes come before them)."""
+    return dataclasses.field(metadata={"axes": names})
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -32,12 +38,18 @@ class KVCache:
     below is the row-major one's).
     """
 
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    length: jax.Array
-    page_max: jax.Array
-    page_min: jax.Array
+    k: jax.Array = _axes("batch", "kv_heads", "slots", "head_dim")
+    v: jax.Array = _axes("batch", "kv_heads", "slots", "head_dim")
+    pos: jax.Array = _axes("batch", "kv_heads", "slots")
+    length: jax.Array = _axes("batch")
+    # channel-major swaps the last two; neither is split
+    page_max: jax.Array = _axes("batch", "kv_heads", "pages", "head_dim")
+    page_min: jax.Array = _axes("batch", "kv_heads", "pages", "head_dim")
+
+    @classmethod
+    def logical_axes(cls) -> dict[str, tuple[str, ...]]:
+        """Field name -> logical axes of its per-layer dims."""
+        return {f.name: f.metadata["axes"] for f in dataclasses.fields(cls)}
 
     @property
     def capacity(self) -> int:

@@ -1,9 +1,10 @@
 """Multi-device layout: a ("data", "model") mesh and the partition rules of params and cache.
 
 `data` splits the batch; `model` is tensor parallelism over attention heads (query heads
-and KV heads together) and the MLP hidden dim F. Everything is declared once, below, as
-partition rules; `jax.jit`'s SPMD partitioner derives the per-device program and inserts
-the collectives (see docs/sharding.md for where they are).
+and KV heads together), the MLP hidden dim F and the vocabulary. Each param and cache field
+declares the logical axes of its dims where its shape is declared (`ModelConfig.param_infos`,
+`KVCache`); `ShardingRules` below maps them to mesh axes. `jax.jit`'s SPMD partitioner
+derives the per-device program and inserts the collectives (docs/sharding.md says where).
 
 GQA groups stay on one device. Query head h reads KV head h // G, and `wq`'s H*D columns
 are laid out head-major, so its i-th equal chunk over `model` holds heads
@@ -18,6 +19,7 @@ process's devices and `put_batch` builds global arrays from the (identical) host
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -39,40 +41,36 @@ class MeshError(ValueError):
     """A mesh that cannot run this model or batch, or a malformed --mesh flag."""
 
 
-# Params: first rule whose regex fullmatches the param path wins. Layer params carry a
-# leading layer axis (never sharded: the layer loop walks it). Linear weights are [in, out].
-PARAM_RULES: tuple[tuple[str, P], ...] = (
-    # column-parallel over heads: q/k/v of a device's heads are computed locally
-    (r"layers/(wq|wk|wv)", P(None, None, MODEL)),
-    # row-parallel: each device's heads contribute a partial sum -> one all-reduce
-    (r"layers/wo", P(None, MODEL, None)),
-    # MLP: gate/up column-parallel over F, down row-parallel over F -> one all-reduce
-    (r"layers/(w_gate|w_up)", P(None, None, MODEL)),
-    (r"layers/w_down", P(None, MODEL, None)),
-    (r"layers/(attn_norm|mlp_norm)", P(None, None)),
-    # biases follow their weight's output columns: q/k/v [Ly, H*D | K*D] and gate/up
-    # [Ly, F] split like wq/wk/wv and w_gate/w_up; o and down [Ly, E] are added after the
-    # all-reduce, so every device holds them whole
-    (r"layers/(bq|bk|bv|b_gate|b_up)", P(None, MODEL)),
-    (r"layers/(bo|b_down)", P(None, None)),
-    # Qwen3's q/k RMSNorm weights [Ly, D] are shared by every head: replicated
-    (r"layers/(q_norm|k_norm)", P(None, None)),
-    (r"final_norm", P(None)),
-    # vocab-parallel: the embedding table and the LM head split V over `model` (the two
-    # largest params of small models; a tied head is embed.T, sharded the same way)
-    (r"embed", P(MODEL, None)),
-    (r"lm_head", P(None, MODEL)),
-)
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axis (None: never split). Params name the logical axes of their
+    dims in `ModelConfig.param_infos`, cache fields in `KVCache`'s field declarations."""
 
-# Cache: spec of the trailing (per-layer) dims; leading (layer) axes are never sharded.
-CACHE_RULES: dict[str, tuple[str | None, ...]] = {
-    "k": (DATA, MODEL, None, None),  # [B, K, C, D]
-    "v": (DATA, MODEL, None, None),  # [B, K, C, D]
-    "pos": (DATA, MODEL, None),  # [B, K, C]
-    "length": (DATA,),  # [B]
-    "page_max": (DATA, MODEL, None, None),  # [B, K, P, D]
-    "page_min": (DATA, MODEL, None, None),  # [B, K, P, D]
-}
+    batch: str | None = DATA
+    layer: str | None = None  # the layer loop walks it
+    embed: str | None = None
+    # wq's H*D columns (wo's rows) and wk/wv's K*D, head-major: equal chunks over "model"
+    # are whole heads, each query head with its KV head (`check_mesh`)
+    q_heads: str | None = MODEL
+    kv_heads: str | None = MODEL
+    mlp: str | None = MODEL
+    vocab: str | None = MODEL
+    head_dim: str | None = None
+    slots: str | None = None
+    pages: str | None = None
+
+
+RULES = ShardingRules()
+
+
+def logical_spec(axes: Sequence[str], rules: ShardingRules = RULES) -> P:
+    """The PartitionSpec of a dims' logical axes, e.g. ("layer", "embed", "q_heads") ->
+    P(None, None, "model")."""
+    try:
+        return P(*(getattr(rules, name) for name in axes))
+    except AttributeError:
+        raise MeshError(f"no sharding rule for a logical axis of {tuple(axes)}; add it to "
+                        "ShardingRules") from None
 
 
 # ------------------------------------------------------------------------- the mesh
@@ -178,13 +176,6 @@ def _check_gqa_alignment(config: ModelConfig, model: int) -> None:
 
 
 # ----------------------------------------------------------------------- shardings
-def _spec_for(path: str) -> P:
-    for pattern, spec in PARAM_RULES:
-        if re.fullmatch(pattern, path):
-            return spec
-    raise MeshError(f"no partition rule for param {path!r}; add one to PARAM_RULES")
-
-
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Replicate dims a mesh axis does not divide (only the vocab can get here: heads and
     F are checked by `check_mesh`)."""
@@ -197,8 +188,8 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     """Pytree of NamedSharding matching the params of `config` (for `load_model`)."""
     check_mesh(config, mesh)
     return unflatten({
-        path: NamedSharding(mesh, _fit(_spec_for(path), shape, mesh))
-        for path, shape in config.param_shapes().items()
+        path: NamedSharding(mesh, _fit(logical_spec(info.axes), info.shape, mesh))
+        for path, info in config.param_infos().items()
     })
 
 
@@ -229,12 +220,12 @@ def cache_shardings(cache: Any, mesh: Mesh) -> Any:
     on B, "model" on K, for a KVCache or any pytree of them (skip_layers' two stacks)."""
 
     def one(c: KVCache) -> KVCache:
-        def spec(name):
-            trailing = CACHE_RULES[name]
-            ndim = getattr(c, name).ndim
-            return NamedSharding(mesh, P(*(None,) * (ndim - len(trailing)), *trailing))
+        def sharding(name, axes):  # a stacked cache has leading layer axes
+            layers = ("layer",) * (getattr(c, name).ndim - len(axes))
+            return NamedSharding(mesh, logical_spec(layers + axes))
 
-        return KVCache(**{name: spec(name) for name in CACHE_RULES})
+        return KVCache(**{name: sharding(name, axes)
+                          for name, axes in KVCache.logical_axes().items()})
 
     return jax.tree.map(one, cache, is_leaf=lambda x: isinstance(x, KVCache))
 
@@ -306,17 +297,18 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 
 __all__ = [
     "AXES",
-    "CACHE_RULES",
     "DATA",
     "MODEL",
-    "PARAM_RULES",
+    "RULES",
     "MeshError",
+    "ShardingRules",
     "batch_sharding",
     "cache_shardings",
     "check_mesh",
     "checkpoint_shardings",
     "collectives",
     "constrain_cache",
+    "logical_spec",
     "make_mesh",
     "mesh_from_flag",
     "param_shardings",

@@ -237,6 +237,27 @@ def test_param_rules_cover_every_param(tied):
     assert flat["embed"].spec == P("model", None)
 
 
+def test_param_axes_name_their_dims():
+    """Each declared logical axis has the size it names (sizes all distinct here)."""
+    cfg = config(hidden_size=48, vocab_size=130, qkv_bias=True, o_bias=True, mlp_bias=True,
+                 qk_norm=True)
+    D = cfg.head_dim
+    size = {"layer": cfg.num_layers, "embed": 48, "vocab": 130, "mlp": cfg.intermediate_size,
+            "q_heads": cfg.num_heads * D, "kv_heads": cfg.num_kv_heads * D, "head_dim": D}
+    assert len(set(size.values())) == len(size)
+    infos = cfg.param_infos()
+    assert len(infos) == 21  # every param this package knows
+    for path, info in infos.items():
+        assert tuple(size[a] for a in info.axes) == info.shape, path
+
+
+def test_a_logical_axis_without_a_rule_is_a_clear_error():
+    assert shd.logical_spec(("layer", "embed", "q_heads")) == P(None, None, "model")
+    assert shd.logical_spec(("batch", "kv_heads", "slots")) == P("data", "model", None)
+    with pytest.raises(shd.MeshError, match="add it to ShardingRules"):
+        shd.logical_spec(("layer", "experts"))
+
+
 def test_vocab_the_model_axis_does_not_divide_is_replicated():
     flat = flatten(shd.param_shardings(config(vocab_size=130), abstract_mesh(1, 4)))
     assert flat["embed"].spec == P(None, None)
