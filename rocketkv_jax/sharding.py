@@ -158,21 +158,12 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch: int | None = None) -> Non
             f"mesh model axis {model} does not divide the MLP hidden size {F}; use a model "
             f"axis in {fits}"
         )
-    _check_gqa_alignment(config, model)
     if batch is not None and batch % data:
         raise MeshError(
             f"mesh data axis {data} does not divide the batch of {batch} rows; pad the batch "
             f"to a multiple of {data} (generate_ids does this itself) or use a data axis that "
             f"divides {batch}"
         )
-
-
-def _check_gqa_alignment(config: ModelConfig, model: int) -> None:
-    """Assert the device of every query head's wq columns holds its KV head's wk columns."""
-    H, K, D, G = config.num_heads, config.num_kv_heads, config.head_dim, config.group_size
-    q_chunk, kv_chunk = H * D // model, K * D // model
-    for h in range(H):
-        assert (h * D) // q_chunk == ((h // G) * D) // kv_chunk, (h, H, K, model)
 
 
 # ----------------------------------------------------------------------- shardings
@@ -191,14 +182,6 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
         path: NamedSharding(mesh, _fit(logical_spec(info.axes), info.shape, mesh))
         for path, info in config.param_infos().items()
     })
-
-
-def checkpoint_shardings(path: Any, mesh: Mesh) -> dict[str, Any]:
-    """`param_shardings` for a converted checkpoint, read from its config.json, so that
-    `load_model(path, shardings=...)` restores every array straight into its shards."""
-    from .convert.checkpoint import read_checkpoint_config
-
-    return param_shardings(read_checkpoint_config(path), mesh)
 
 
 def place_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
@@ -305,7 +288,6 @@ __all__ = [
     "batch_sharding",
     "cache_shardings",
     "check_mesh",
-    "checkpoint_shardings",
     "collectives",
     "constrain_cache",
     "logical_spec",
