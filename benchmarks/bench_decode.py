@@ -27,6 +27,7 @@ from rocketkv_jax.bench import MODEL_KEYS
 from rocketkv_jax.bench.xla_stats import bytes_accessed, loop_aware_bytes, memory_stats
 from rocketkv_jax.generate import GREEDY, make_decode_step
 from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
+from rocketkv_jax.methods.capture import KeepRaw
 from rocketkv_jax.methods.skip_layers import compress_layers
 from rocketkv_jax.models.config import ModelConfig, RopeScaling
 from rocketkv_jax.models.llama import forward_prefill
@@ -157,18 +158,6 @@ def available_memory() -> int | None:
 
 
 # --------------------------------------------------------------------------- prefill
-@dataclasses.dataclass(frozen=True)
-class CapturePlan:
-    """A KV plan whose `compress` returns the layer's raw (k, v, q): forward_prefill then
-    returns them stacked over layers, for `compress_cache` to compress per method."""
-
-    capacity: int = 0
-    query_window: int = STORED_QUERY_WINDOW
-
-    def compress(self, k, v, q, lengths):
-        return k, v, q
-
-
 @dataclasses.dataclass
 class Capture:
     """Every layer's prefill keys, values and window queries (RoPE applied).
@@ -193,8 +182,9 @@ def _prompt_arrays(model: BenchModel, T: int, B: int):
 
 
 def compile_capture_prefill(model: BenchModel, T: int, B: int):
-    """Compile (do not run) the capturing prefill: (compiled, compile seconds)."""
-    fn = jax.jit(lambda p, t, n: forward_prefill(p, model.config, t, n, CapturePlan(),
+    """Compile (do not run) the capturing prefill, whose KeepRaw plan makes forward_prefill
+    return every layer's raw (k, v, q) stacked over layers: (compiled, compile seconds)."""
+    fn = jax.jit(lambda p, t, n: forward_prefill(p, model.config, t, n, KeepRaw(T),
                                                  all_logits=False)[1])
     t0 = time.perf_counter()
     compiled = fn.lower(model.params, jax.ShapeDtypeStruct((B, T), jnp.int32),
