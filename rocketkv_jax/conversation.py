@@ -1,0 +1,623 @@
+"""Conversations that keep their KV cache across turns: later turns cost only their tokens.
+
+    conv = Conversation(params, config, make_method("rocketkv-mt", 256), capacity=4096)
+    conv.append(document_and_question_ids)      # prefills the turn against the history
+    reply = conv.generate(64).tokens[0]         # the reply joins the history too
+    conv.append(next_question_ids)               # prefills only the new tokens
+
+The history of B rows lives on the device with a static capacity (per-row lengths are
+data). A turn is prefilled chunk by chunk with `models.llama.prefill_chunk`, started at
+each row's history length (a traced start per row), so it attends causally over the whole
+cached history and writes only its own keys and values. The last token of a reply is
+never fed to the model by decode; it is prefilled with the next turn.
+
+How each method lives across turns (`conversation_mode`):
+
+- "direct" (`full`, `topk`): nothing is ever evicted, so decode runs on the full history
+  itself with the method's plan; `topk` is the oracle that reads every key of every turn.
+- "multi_turn" (`rocketkv-mt`, `snapkv-mt`; ALGORITHM.md "RocketKV-MT"): the full history
+  is kept; each `generate` compresses a temporary copy with the method's plan (stage 1 over
+  the full history, planned for this turn's history bucket and max_new_tokens) and decodes
+  on it through `methods.multiturn.MultiTurnPlan`, which appends every new token to both
+  the copy and the full history. The copy is dropped after the turn.
+- "single_turn" (every other method): the single-turn method applied as it is, permanent
+  eviction, the baseline that loses information. The history up to the first `generate` is
+  prefilled and compressed once, into a cache grown to hold the rest of the conversation;
+  later turns cannot be prefilled against a compressed cache (prefill attention reads a
+  buffer whose slot is the position), so their tokens are fed one decode step at a time
+  (`forward_decode`: the method's append and attention); nothing evicted comes back.
+
+The stage-1 observation window needs the queries of the history's last W tokens (W = the
+method's window). Decode never keeps queries, and a turn may be shorter than W, so a turn
+of t < W tokens (multi_turn, and single_turn before its compression) re-prefills the
+history's last W - t tokens with it: the window then holds the real queries of the
+history's last W positions, as a one-shot prefill of the whole history would. That prefill
+also recomputes those tokens' keys and values with exact attention over the history; for
+tokens of a reply (which decode computed under the turn's sparse attention, in every layer
+after the first) these replace the decoded ones, so the last W - t positions of the full
+history hold what a one-shot prefill computes there, given the tokens before them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import defaults, programs
+from .cache import KVCache, page_bounds
+from .generate import (
+    GREEDY,
+    GenerateError,
+    check_token_ids,
+    length_bucket,
+    prng_key,
+    stop_tuple,
+)
+from .methods.base import DensePlan, round_capacity
+from .methods.full import Full
+from .methods.multiturn import MultiTurnPlan, TurnCache, is_multi_turn
+from .methods.skip_layers import compress_layers
+from .methods.stage2 import TwoStagePlan
+from .methods.topk import TopK
+from .models.config import ModelConfig
+from .models.llama import (
+    PrefillState,
+    _unembed,  # the final norm and LM head (the model's own, so logits match prefill)
+    forward_decode,
+    prefill_chunk,
+)
+from .programs import LoopSettings, begin_decode, compile_program
+from .sampling import Sampling
+
+MODES = ("direct", "multi_turn", "single_turn")
+
+
+class ConversationError(GenerateError):
+    """A turn the conversation cannot take: empty, over capacity, bad token ids."""
+
+
+def conversation_mode(method) -> str:
+    """How `method` lives across turns (see the module docstring)."""
+    if is_multi_turn(method):
+        return "multi_turn"
+    if isinstance(method, Full | TopK):
+        return "direct"
+    return "single_turn"
+
+
+# --------------------------------------------------------------- pure functions
+def empty_history(config: ModelConfig, batch: int, size: int, dtype) -> KVCache:
+    """A stacked KVCache [Ly, B, K, size, D] with no token: the full history, slot = position."""
+    Ly, K, D = config.num_layers, config.num_kv_heads, config.head_dim
+    zeros = jnp.zeros((Ly, batch, K, size, D), dtype)
+    return KVCache(k=zeros, v=zeros, pos=jnp.full((Ly, batch, K, size), -1, jnp.int32),
+                   length=jnp.zeros((Ly, batch), jnp.int32),
+                   page_max=jnp.zeros((Ly, batch, K, 0, D), dtype),
+                   page_min=jnp.zeros((Ly, batch, K, 0, D), dtype))
+
+
+def with_lengths(history: KVCache, lengths: jax.Array) -> KVCache:
+    """The full history marked as holding positions 0 .. lengths - 1 of each row."""
+    Ly, B, K, S, _ = history.k.shape
+    slot = jnp.arange(S, dtype=jnp.int32)
+    pos = jnp.where(slot[None, :] < lengths[:, None], slot[None, :], -1)  # [B, S]
+    return dataclasses.replace(
+        history, pos=jnp.broadcast_to(pos[None, :, None, :], (Ly, B, K, S)),
+        length=jnp.broadcast_to(lengths.astype(jnp.int32)[None], (Ly, B)))
+
+
+def prefill_turn(params, config: ModelConfig, history: KVCache, q_obs, x_last, tokens,
+                 start, lengths, *, attention: str = "auto"):
+    """One chunk of a turn through every layer, against each row's cached history.
+
+    history: the full history (stacked KVCache [Ly, B, K, S, D]); q_obs [Ly, B, H, W, D];
+    x_last [B, E]; tokens [B, C] int32 at positions start[b] .. start[b] + C - 1 of row b;
+    start [B] int32; lengths [B] the rows' lengths once the turn is in. Each row's chunk
+    attends causally over its keys < lengths (`prefill_chunk`, one row at a time under
+    vmap, so rows may start at different positions). Returns (history, q_obs, x_last).
+    """
+    B = tokens.shape[0]
+
+    def row(k, v, q, x, tok, s, n):  # k, v [Ly, K, S, D], q [Ly, H, W, D], x [E]
+        state = PrefillState(k[:, None], v[:, None], q[:, None], x[None])
+        state, _ = prefill_chunk(params, config, state, tok[None], s, n[None],
+                                 attention=attention)
+        return state.k[:, 0], state.v[:, 0], state.q_obs[:, 0], state.x_last[0]
+
+    if B == 1:  # no vmap: the buffer is written with dynamic_update_slice, in place
+        state = PrefillState(history.k, history.v, q_obs, x_last)
+        state, _ = prefill_chunk(params, config, state, tokens, start[0], lengths,
+                                 attention=attention)
+        k, v, q_obs, x_last = state.k, state.v, state.q_obs, state.x_last
+    else:
+        k, v, q_obs, x_last = jax.vmap(row, in_axes=(1, 1, 1, 0, 0, 0, 0),
+                                       out_axes=(1, 1, 1, 0))(
+            history.k, history.v, q_obs, x_last, tokens, start, lengths)
+    history = with_lengths(dataclasses.replace(history, k=k, v=v), lengths)
+    return history, q_obs, x_last
+
+
+def decode_cache(mode: str, plan, history, q_obs, lengths, size: int):
+    """The cache a turn decodes on. history: the full history (direct, multi_turn) or the
+    single-turn method's cache once compressed; size: the static history bucket stage 1
+    reads (positions >= lengths are padding). multi_turn: a TurnCache of the full history
+    and `plan.compress` of its first `size` positions (the temporary copy)."""
+    if mode == "multi_turn":
+        k, v = history.k[:, :, :, :size], history.v[:, :, :, :size]
+        return TurnCache(history, compress_layers(plan, k, v, q_obs, lengths))
+    return history
+
+
+def first_compression(plan, history: KVCache, q_obs, lengths, size: int):
+    """single_turn: `plan.compress` of every layer's first `size` history positions."""
+    k, v = history.k[:, :, :, :size], history.v[:, :, :, :size]
+    return compress_layers(plan, k, v, q_obs, lengths)
+
+
+def trim_rows(cache: KVCache, valid: jax.Array, channel_major: bool) -> KVCache:
+    """Forget every slot at or past valid [Ly, B] (tokens decode wrote for rows that had
+    already stopped) and rebuild the page max/min of what is left. Stacked cache."""
+    Ly, B, K, C, D = cache.k.shape
+    keep = jnp.arange(C)[None, None, None, :] < valid[:, :, None, None]  # [Ly, B, 1, C]
+    pos = jnp.where(keep, cache.pos, -1)
+    page_max, page_min = cache.page_max, cache.page_min
+    if page_max.size:
+        P = page_max.shape[-1] if channel_major else page_max.shape[-2]
+        flat = (Ly * B, K, C)
+        page_max, page_min = page_bounds(cache.k.reshape(*flat, D), pos.reshape(flat),
+                                         C // P, channel_major)
+        page_max = page_max.reshape(cache.page_max.shape)
+        page_min = page_min.reshape(cache.page_min.shape)
+    return KVCache(cache.k, cache.v, pos, valid.astype(jnp.int32), page_max, page_min)
+
+
+def feed_tokens(params, config: ModelConfig, plan, cache, tokens, start, counts):
+    """single_turn, after the first compression: feed a turn one decode step at a time.
+
+    tokens [B, F] int32, row b's first counts[b] real, at positions start[b] + j. Rows past
+    their count keep their cache (a select per step). Returns (cache, logits [B, V] f32 of
+    each row's last real token).
+    """
+    B, F = tokens.shape
+
+    def step(j, carry):
+        cache, logits = carry
+        new_logits, new_cache = forward_decode(params, config, tokens[:, j], start + j,
+                                               cache, plan)
+        live = j < counts  # [B]
+        cache = jax.tree.map(
+            lambda new, old: jnp.where(live.reshape((1, B) + (1,) * (new.ndim - 2)), new, old),
+            new_cache, cache)
+        return cache, jnp.where(live[:, None], new_logits, logits)
+
+    logits = jnp.zeros((B, config.vocab_size), jnp.float32)
+    return jax.lax.fori_loop(0, F, step, (cache, logits))
+
+
+def grown_plan(plan, capacity: int):
+    """`plan` with its cache `capacity` raised (compress sizes the cache from it)."""
+    page = getattr(plan, "page_size", 1) or 1
+    return dataclasses.replace(plan, capacity=round_capacity(capacity, page))
+
+
+# --------------------------------------------------------------- programs
+def _struct(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _params(params_s):
+    return jax.tree.unflatten(params_s[0], params_s[1])
+
+
+def _dtype(params_s):
+    return _params(params_s)["embed"].dtype
+
+
+def _i32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(config: ModelConfig, B: int, S: int, W: int, params_s):
+    dtype = _dtype(params_s)
+    H, D, E = config.num_heads, config.head_dim, config.hidden_size
+    return compile_program("conversation_init", lambda: (
+        empty_history(config, B, S, dtype), jnp.zeros((config.num_layers, B, H, W, D), dtype),
+        jnp.zeros((B, E), dtype)), ())
+
+
+def _history_structs(config, B, S, W, params_s):
+    dtype = _dtype(params_s)
+    return jax.eval_shape(lambda: (
+        empty_history(config, B, S, dtype),
+        jnp.zeros((config.num_layers, B, config.num_heads, W, config.head_dim), dtype),
+        jnp.zeros((B, config.hidden_size), dtype)))
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s):
+    """(params, history, q_obs, x_last, tokens [B, C], start [B], lengths [B]) -> the three."""
+
+    def chunk(params, history, q_obs, x_last, tokens, start, lengths):
+        return prefill_turn(params, config, history, q_obs, x_last, tokens, start, lengths)
+
+    hist, q, x = _history_structs(config, B, S, W, params_s)
+    args = (_params(params_s), hist, q, x, _i32(B, C), _i32(B), _i32(B))
+    return compile_program("conversation_chunk", chunk, args, donate_argnums=(1, 2, 3))
+
+
+@functools.lru_cache(maxsize=8)
+def _logits_program(config: ModelConfig, B: int, params_s):
+    x = jax.ShapeDtypeStruct((B, config.hidden_size), _dtype(params_s))
+    return compile_program("conversation_logits",
+                           lambda p, x: _unembed(p, config, x), (_params(params_s), x))
+
+
+def _start_fn(config, mode, plan, size, loop, first):
+    def start(params, history, q_obs, logits, lengths, key):
+        if first:
+            cache = first_compression(plan, history, q_obs, lengths, size)
+        else:
+            cache = decode_cache(mode, plan, history, q_obs, lengths, size)
+        return begin_decode(logits, cache, key, loop)
+
+    return start
+
+
+@functools.lru_cache(maxsize=64)
+def _start_program(config: ModelConfig, mode: str, plan, size: int, loop: LoopSettings,
+                   first: bool, history_s, q_s, params_s):
+    """(params, history, q_obs, logits [B, V], lengths [B], key) -> DecodeState at step 1."""
+    history, q = jax.tree.unflatten(*history_s), jax.tree.unflatten(*q_s)
+    B = q.shape[1]
+    args = (_params(params_s), history, q,
+            jax.ShapeDtypeStruct((B, config.vocab_size), jnp.float32), _i32(B),
+            jax.ShapeDtypeStruct((2,), jnp.uint32))
+    fn = _start_fn(config, mode, plan, size, loop, first)
+    # the history becomes (part of) the decode cache, except where it is compressed away
+    donate = () if first else (1,)
+    out = jax.eval_shape(fn, *args)
+    compiled, seconds = compile_program("conversation_start", fn, args,
+                                        donate_argnums=donate)
+    return compiled, seconds, programs.hashable(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _finish_program(channel_major: bool, cache_s):
+    """(decode cache, step [], n_generated [B]) -> the cache that holds the history after
+    the turn (the full history of a TurnCache), without the slots written after each row
+    stopped."""
+
+    def finish(cache, step, n_generated):
+        cache = cache.full if isinstance(cache, TurnCache) else cache
+        # every decode step appended a token to every row; row b's first n_generated - 1
+        # of them are its reply (the last sampled token is never fed)
+        valid = cache.length - (step - 1) + (n_generated - 1)[None]  # [Ly, B]
+        return trim_rows(cache, valid, channel_major)
+
+    cache = jax.tree.unflatten(*cache_s)
+    B = jax.tree.leaves(cache)[0].shape[1]
+    return compile_program("conversation_finish", finish, (cache, _i32(), _i32(B)),
+                           donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=32)
+def _feed_program(config: ModelConfig, plan, F: int, cache_s, params_s):
+    """(params, cache, tokens [B, F], start [B], counts [B]) -> (cache, logits [B, V])."""
+    cache = jax.tree.unflatten(*cache_s)
+    B = jax.tree.leaves(cache)[0].shape[1]
+
+    def feed(params, cache, tokens, start, counts):
+        return feed_tokens(params, config, plan, cache, tokens, start, counts)
+
+    return compile_program("conversation_feed", feed,
+                           (_params(params_s), cache, _i32(B, F), _i32(B), _i32(B)),
+                           donate_argnums=(1,))
+
+
+def _hashable_structs(tree):
+    return programs.hashable(jax.tree.map(_struct, tree))
+
+
+# --------------------------------------------------------------- the conversation
+@dataclasses.dataclass
+class TurnStats:
+    """What one turn cost. prefilled: tokens run through prefill (or fed by decode steps)
+    this turn, summed over rows, the re-prefilled window tokens included; cached: the
+    history per row after the turn; cache_bytes: the KV the conversation holds."""
+
+    prefilled: int = 0
+    prefill_s: float = 0.0
+    generated: int = 0
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+    cached: tuple[int, ...] = ()
+    cache_bytes: int = 0
+    plan: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.generated / self.decode_s if self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        cached = "/".join(map(str, self.cached))
+        return (f"[turn] prefilled {self.prefilled} new tokens ({self.prefill_s:.2f} s) | "
+                f"history {cached} tokens | KV cache {self.cache_bytes / 2**20:.1f} MiB | "
+                f"decode {self.generated} tokens, {self.decode_tokens_per_s:.1f} tok/s | "
+                f"compile {self.compile_s:.1f} s" + (f" | {self.plan}" if self.plan else ""))
+
+
+@dataclasses.dataclass
+class Reply:
+    tokens: list[list[int]]  # generated ids per row, a final stop id included if hit
+    stats: TurnStats
+
+
+class Conversation:
+    """B rows of multi-turn conversation over one model and KV method (see module doc).
+
+    capacity: the most tokens a row's history may hold (prompt turns and replies); static,
+      so no turn recompiles for growth. A turn or reply that would pass it raises
+      ConversationError naming the numbers. At most the model's context.
+    prefill_chunk: turn tokens per prefill chunk (None: one chunk per turn).
+    stop_ids: a reply stops after one of these (default: the config's EOS ids).
+    """
+
+    def __init__(self, params, config: ModelConfig, method, *, capacity: int, batch: int = 1,
+                 prefill_chunk: int | None = defaults.DEFAULT_PREFILL_CHUNK,
+                 stop_ids: Sequence[int] | None = None, pad_id: int = 0):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
+            raise ConversationError(f"capacity must be an int >= 2 (tokens of history per "
+                                    f"row), got {capacity!r}")
+        ctx = config.max_position_embeddings
+        if capacity > ctx:
+            raise ConversationError(
+                f"capacity {capacity} is larger than the model's context of {ctx} tokens; "
+                f"use at most {ctx}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConversationError(f"batch must be an int >= 1, got {batch!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 16):
+            raise ConversationError(f"prefill_chunk must be an int >= 16 or None, got "
+                                    f"{prefill_chunk!r}")
+        if getattr(method, "skip_layers", 0):
+            raise ConversationError(
+                f"{method.name}: skip_layers is not supported in conversations yet; pass "
+                f"skip_layers=0")
+        self.params, self.config, self.method = params, config, method
+        self.capacity, self.batch, self.pad_id = capacity, batch, pad_id
+        self.stop_ids = stop_tuple(config, stop_ids)
+        self.mode = conversation_mode(method)
+        self.window = 0 if self.mode == "direct" else getattr(method, "window", 0)
+        chunk = prefill_chunk or capacity
+        self.chunk = chunk
+        # buffer: capacity rounded to 16, or to whole chunks when a turn can need several,
+        # so every chunk of a turn fits inside it (`_prefill_plan`)
+        self.size = (round_capacity(capacity) if capacity <= chunk
+                     else -(-capacity // chunk) * chunk)
+        self._params_s = programs.params_struct(params)
+        self.reset()
+
+    # ---- state
+    def reset(self) -> None:
+        """Forget every row's history (the buffers are zeroed, nothing recompiles)."""
+        init, _ = _init_program(self.config, self.batch, self.size, self.window,
+                                self._params_s)
+        self._history, self._q_obs, self._x_last = init()
+        self._tokens: list[list[int]] = [[] for _ in range(self.batch)]
+        self._cached = np.zeros(self.batch, np.int64)  # history tokens in the KV cache
+        self._logits = None  # [B, V] of each row's last cached token, when it is the last
+        self._plan = None  # single_turn: the plan fixed by the first compression
+
+    @property
+    def history(self) -> list[list[int]]:
+        """Every row's token ids so far: turns and replies."""
+        return [list(t) for t in self._tokens]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self._tokens]
+
+    @property
+    def compressed(self) -> bool:
+        """single_turn: the history was compressed (later turns are fed by decode)."""
+        return self._plan is not None
+
+    def cache_bytes(self) -> int:
+        leaves = jax.tree.leaves((self._history, self._q_obs))
+        return int(sum(x.size * x.dtype.itemsize for x in leaves))
+
+    # ---- turns
+    def append(self, turns) -> TurnStats:
+        """Add one turn per row and prefill it against the history: a list of token ids
+        (one row) or one list per row. Returns the turn's stats; the next `generate`
+        answers from the logits of each row's last token."""
+        turns = self._rows(turns)
+        for b, t in enumerate(turns):
+            if len(t) == 0:
+                raise ConversationError(
+                    f"row {b}: the turn is empty; a turn needs at least one token")
+            try:
+                check_token_ids(t, self.config.vocab_size, f"row {b}'s turn")
+            except GenerateError as e:
+                raise ConversationError(str(e)) from None
+            self._check_room(b, len(t), f"this turn has {len(t)} tokens")
+        for b, t in enumerate(turns):
+            self._tokens[b].extend(int(x) for x in t)
+        stats = TurnStats()
+        self._sync(stats)
+        return self._finish_stats(stats)
+
+    def generate(self, max_new_tokens: int, *, sampling: Sampling = GREEDY, seed: int = 0,
+                 on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None
+                 ) -> Reply:
+        """Decode a reply per row from the history; the reply joins the history.
+
+        on_step(step, tokens [B], done [B]) is called as tokens are produced.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ConversationError(f"max_new_tokens must be an int >= 1, got "
+                                    f"{max_new_tokens!r}")
+        if not all(self._tokens):
+            raise ConversationError("the conversation is empty: append a turn before "
+                                    "generating")
+        for b in range(self.batch):
+            self._check_room(b, max_new_tokens, f"a reply of up to {max_new_tokens} tokens")
+        stats = TurnStats()
+        self._sync(stats)  # a previous reply's last token
+        loop = LoopSettings(max_new_tokens, sampling, self.stop_ids, self.pad_id)
+        lengths = jnp.asarray(self._cached, jnp.int32)
+        first = self.mode == "single_turn" and self._plan is None
+        size = (0 if self.compressed  # decodes on its own cache: no history bucket
+                else min(length_bucket(int(self._cached.max())), self.size))
+        if self.mode == "single_turn" and not first:
+            plan = dplan = self._plan
+        else:
+            plan = self.method.plan(self.config, size, max_new_tokens)
+            dplan = plan
+            if first:
+                grow = self.capacity - int(self._cached.min())
+                plan = dplan = grown_plan(plan, plan.capacity + grow)
+            elif self.mode == "multi_turn" and not isinstance(plan, DensePlan):
+                dplan = MultiTurnPlan(plan)
+        mode = "direct" if dplan is plan and not first and self.mode == "multi_turn" \
+            else self.mode
+        start, t_start, state_s = _start_program(
+            self.config, mode, plan, size, loop, first,
+            _hashable_structs(self._history), _hashable_structs(self._q_obs), self._params_s)
+        decode, t_decode = programs.decode_program(self.config, dplan, loop, state_s,
+                                                   self._params_s)
+        finish, t_finish = _finish_program(isinstance(plan, TwoStagePlan),
+                                           programs.hashable(jax.tree.unflatten(*state_s).cache))
+        stats.compile_s += t_start + t_decode + t_finish
+        stats.plan = _plan_summary(plan)
+
+        t0 = time.perf_counter()
+        state = start(self.params, self._history, self._q_obs, self._logits, lengths,
+                      jnp.asarray(prng_key(seed)))
+        self._history = None  # donated (or compressed away)
+        N, step = max_new_tokens, 1
+        done = np.asarray(state.done)
+        if on_step is not None:
+            on_step(0, np.asarray(state.out)[:, 0], done)
+        while step < N and not done.all():
+            until = step + 1 if on_step is not None else N
+            state = decode(self.params, state, lengths, jnp.int32(until))
+            step, done = int(state.step), np.asarray(state.done)
+            if on_step is not None:
+                on_step(step - 1, np.asarray(state.out)[:, step - 1], done)
+        out, n_gen = np.asarray(state.out), np.asarray(state.n_generated)
+        self._history = finish(state.cache, state.step, state.n_generated)
+        stats.decode_s = time.perf_counter() - t0
+        if first:
+            self._plan = plan
+        replies = [out[b, :n_gen[b]].tolist() for b in range(self.batch)]
+        for b, r in enumerate(replies):
+            self._tokens[b].extend(r)
+            self._cached[b] += len(r) - 1
+        self._logits = None
+        stats.generated = int(n_gen.sum())
+        return Reply(replies, self._finish_stats(stats))
+
+    # ---- internals
+    def _rows(self, turns) -> list[list[int]]:
+        if isinstance(turns, np.ndarray):
+            turns = turns.tolist()
+        turns = list(turns)
+        if self.batch == 1 and (not turns or not isinstance(turns[0], Sequence | np.ndarray)):
+            turns = [turns]  # one row's token ids
+        if len(turns) != self.batch:
+            raise ConversationError(f"expected {self.batch} turns (one per row), got "
+                                    f"{len(turns)}")
+        return [list(t) for t in turns]
+
+    def _check_room(self, b: int, n: int, what: str) -> None:
+        h = len(self._tokens[b])
+        if h + n > self.capacity:
+            raise ConversationError(
+                f"row {b}: the history holds {h} tokens and {what}: {h + n} > the "
+                f"conversation's capacity of {self.capacity} tokens. Start a conversation "
+                f"with a larger capacity (Conversation(capacity=...), rocketkv chat "
+                f"--capacity N; at most the model's context of "
+                f"{self.config.max_position_embeddings}) or reset() it")
+
+    def _finish_stats(self, stats: TurnStats) -> TurnStats:
+        stats.cached = tuple(int(c) for c in self._cached)
+        stats.cache_bytes = self.cache_bytes()
+        return stats
+
+    def _sync(self, stats: TurnStats) -> None:
+        """Bring every row's uncached tokens into the KV cache; logits of the last one."""
+        pending = [len(t) - int(c) for t, c in zip(self._tokens, self._cached, strict=True)]
+        if max(pending) == 0 and self._logits is not None:
+            return
+        t0 = time.perf_counter()
+        if self.compressed:
+            self._feed(stats)
+        else:
+            self._prefill(stats)
+        jax.block_until_ready(self._logits)
+        stats.prefill_s += time.perf_counter() - t0
+
+    def _prefill_plan(self):
+        """Per row, where the prefill starts (a), and the chunk length C, chunk count."""
+        e = np.array([len(t) for t in self._tokens], np.int64)  # lengths once in
+        h = self._cached
+        W = self.window  # 0 for direct; single_turn only prefills before its compression
+        a = np.maximum(0, np.minimum(h, e - W))
+        n_max = int((e - a).max())
+        C = min(self.chunk, length_bucket(max(n_max, 1)), self.size)
+        n_chunks = -(-n_max // C)
+        # every chunk must end inside the buffer: start earlier, re-running history tokens
+        a = np.maximum(0, np.minimum(a, self.size - n_chunks * C))
+        return a, e, C, n_chunks
+
+    def _prefill(self, stats: TurnStats) -> None:
+        a, e, C, n_chunks = self._prefill_plan()
+        tokens = np.full((self.batch, n_chunks * C), self.pad_id, np.int32)
+        for b, t in enumerate(self._tokens):
+            tokens[b, :e[b] - a[b]] = t[a[b]:e[b]]
+        chunk, t_chunk = _chunk_program(self.config, self.batch, C, self.size, self.window,
+                                        self._params_s)
+        logits, t_logits = _logits_program(self.config, self.batch, self._params_s)
+        stats.compile_s += t_chunk + t_logits
+        lengths = jnp.asarray(e, jnp.int32)
+        for c in range(n_chunks):
+            self._history, self._q_obs, self._x_last = chunk(
+                self.params, self._history, self._q_obs, self._x_last,
+                jnp.asarray(tokens[:, c * C:(c + 1) * C]), jnp.asarray(a + c * C, jnp.int32),
+                lengths)
+        self._logits = logits(self.params, self._x_last)
+        stats.prefilled += int((e - a).sum())
+        self._cached = e
+
+    def _feed(self, stats: TurnStats) -> None:
+        counts = np.array([len(t) - c for t, c in zip(self._tokens, self._cached,
+                                                      strict=True)], np.int64)
+        F = length_bucket(int(counts.max()))
+        tokens = np.full((self.batch, F), self.pad_id, np.int32)
+        for b, t in enumerate(self._tokens):
+            tokens[b, :counts[b]] = t[self._cached[b]:]
+        feed, t_feed = _feed_program(self.config, self._plan, F,
+                                     _hashable_structs(self._history), self._params_s)
+        stats.compile_s += t_feed
+        self._history, self._logits = feed(
+            self.params, self._history, jnp.asarray(tokens),
+            jnp.asarray(self._cached, jnp.int32), jnp.asarray(counts, jnp.int32))
+        stats.prefilled += int(counts.sum())
+        self._cached = self._cached + counts
+
+
+def _plan_summary(plan) -> str:
+    name = getattr(plan, "name", "")
+    if isinstance(plan, DensePlan):
+        return f"{name}: dense (nothing evicted)"
+    kept = getattr(plan, "prompt_budget", None)
+    return f"{name}: keeps {kept} history tokens" if kept is not None else name
