@@ -32,6 +32,11 @@ METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
 }
 METHOD_VARIANT_NAMES: tuple[str, ...] = tuple(METHOD_VARIANTS)
 
+# Multi-turn methods (`methods/multiturn.py`, ALGORITHM.md "RocketKV-MT"): a conversation
+# keeps the full history and compresses a temporary copy per turn. In one turn they are
+# their base method, so the single-turn sweeps (eval, bench) leave them out.
+MULTI_TURN_METHOD_NAMES: tuple[str, ...] = ("rocketkv-mt", "snapkv-mt")
+
 # Kernel backends (`--kernels`; the choice itself is made in `kernels/backend.py`):
 # "reference" the pure-jnp reference beside each kernel (XLA, any device), "interpret" the
 # Pallas kernel in the Pallas interpreter (CPU tests, slow), "triton" the Pallas kernel

@@ -39,7 +39,7 @@ class SnapKVMT(SnapKV):
     multi_turn: ClassVar[bool] = True
 
 
-MULTI_TURN_METHODS: dict[str, type] = {"rocketkv-mt": RocketKVMT, "snapkv-mt": SnapKVMT}
+MULTI_TURN_CLASSES = (RocketKVMT, SnapKVMT)  # their names: names.MULTI_TURN_METHOD_NAMES
 
 
 def is_multi_turn(method) -> bool:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..names import METHOD_NAMES, METHOD_VARIANTS
+from ..names import METHOD_NAMES, METHOD_VARIANTS, MULTI_TURN_METHOD_NAMES
 from .base import MethodConfigError
 from .full import Full
 from .hybrid import Hybrid
+from .multiturn import MULTI_TURN_CLASSES
 from .quest import Quest
 from .rocketkv import RocketKV
 from .snapkv import SnapKV, SnapKVPlusPlus
@@ -21,7 +22,7 @@ from .streaming import Streaming
 from .topk import TopK
 
 METHOD_CLASSES = (Full, Streaming, SnapKV, SnapKVPlusPlus, Quest, SparQ, Hybrid, RocketKV, TopK)
-_METHODS = {cls.name: cls for cls in METHOD_CLASSES}
+_METHODS = {cls.name: cls for cls in (*METHOD_CLASSES, *MULTI_TURN_CLASSES)}
 __all__ = ["METHOD_CLASSES", "METHOD_NAMES", "METHOD_VARIANTS", "make_method", "method_hparams"]
 
 
@@ -57,7 +58,7 @@ def make_method(name: str, token_budget: int | None = None, **hparams):
     if name not in _METHODS:
         raise MethodConfigError(
             f"unknown KV method {name!r}; expected one of "
-            f"{', '.join((*METHOD_NAMES, *METHOD_VARIANTS))}"
+            f"{', '.join((*METHOD_NAMES, *METHOD_VARIANTS, *MULTI_TURN_METHOD_NAMES))}"
         )
     hparams = {k: v for k, v in hparams.items() if v is not None}
     allowed = method_hparams(name)

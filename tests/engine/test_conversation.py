@@ -267,3 +267,17 @@ def test_capacity_empty_turn_and_reset_are_clear():
     t2 = _turns([12], seed=6)[0]
     conv.append(t2)
     assert_logits_close(_last_logits(conv)[0], _one_shot(t2)[0])
+
+
+def test_multi_turn_methods_by_name():
+    from rocketkv_jax.methods import make_method
+    from rocketkv_jax.methods.multiturn import MULTI_TURN_CLASSES, SnapKVMT
+    from rocketkv_jax.names import MULTI_TURN_METHOD_NAMES
+
+    assert tuple(cls.name for cls in MULTI_TURN_CLASSES) == MULTI_TURN_METHOD_NAMES
+    assert make_method("rocketkv-mt", 256, window=16) == RocketKVMT(256, window=16)
+    assert make_method("snapkv-mt", 64) == SnapKVMT(64)
+    assert RocketKVMT(256) != RocketKV(256)
+    plan = make_method("rocketkv-mt", 64).plan(CFG, 200, 8)
+    assert plan.name == "rocketkv-mt" and plan == dataclasses.replace(
+        RocketKV(64).plan(CFG, 200, 8), name="rocketkv-mt")
