@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-import bench_bytes
 import bench_decode as bd
 import jax
 import jax.numpy as jnp
@@ -58,7 +57,7 @@ from rocketkv_jax.methods.skip_layers import compress_layers
 
 ELEM = 4  # float32 params and caches
 SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
-DEFAULTS = dict(models="llama8b-shape,smollm2-shape", batches="1,4,8", contexts="8k,16k,32k",
+DEFAULTS = dict(models="llama8b-shape,smollm2-shape", batches="8,4,1", contexts="32k,16k,8k",
                 budgets="256,2048", methods=",".join(ALL_METHODS), new_tokens=256,
                 warmup=1, iters=5, llama_layers=2, llama_vocab=8192, bandwidth_mb=1024,
                 bandwidth_repeats=5, memory_fraction=0.7)
@@ -163,30 +162,54 @@ def group_methods(sizes: dict[str, int], room: int) -> tuple[list[list[str]], li
 
 
 # ------------------------------------------------------------------------------ grid
-def run_model(bm: bd.BenchModel, args, results: dict, rec: dict) -> None:
-    cfg, N = bm.config, args.new_tokens
+@dataclasses.dataclass
+class ModelRun:
+    """One model's state through the grid: its record, the batch-1 capture every cache is
+    built from, and its compiled decode steps by (plan, B)."""
+
+    bm: bd.BenchModel
+    rec: dict
+    weights: int
+    base: bd.Capture
+    compiled: dict
+
+
+def start_model(key: str, args, rec: dict) -> ModelRun:
+    bm = load_model(key, args)
+    cfg = bm.config
     weights = llama_weight_bytes(model_dims(cfg), ELEM)
     rec.update({"model": bm.key, "label": bm.label, "note": bm.note, "layers": cfg.num_layers,
                 "weights_bytes": weights, "steps": [], "skipped": []})
-    contexts = [T for T in args.contexts if T + N <= cfg.max_position_embeddings]
     t0 = time.perf_counter()
-    base = bd.synthetic_capture(cfg, max(contexts), 1, args.seed)
+    longest = max(T for T in args.contexts if T + args.new_tokens <= cfg.max_position_embeddings)
+    base = bd.synthetic_capture(cfg, longest, 1, args.seed)
     rec["capture_s"] = time.perf_counter() - t0
-    for B in args.batches:
-        for T in contexts:
-            compiled: dict = {}
-            for M in args.budgets:
-                _run_cell(bm, args, rec, base, compiled, B, T, M, weights)
-                _save(results, args)
-            del compiled
-            bd.clear_compress_cache()
-            bd.release_memory()
-    del base
+    return ModelRun(bm, rec, weights, base, {})
+
+
+def run_grid(args, results: dict) -> None:
+    """Budget, then batch, then context, then model, each in the order given (the defaults
+    put the largest batch and context first, so a run cut short keeps the target cells)."""
+    runs = []
+    for key in args.models:
+        rec: dict = {}
+        results["models"].append(rec)
+        runs.append(start_model(key, args, rec))
+    for M in args.budgets:
+        for B in args.batches:
+            for T in args.contexts:
+                for r in runs:
+                    if T + args.new_tokens <= r.bm.config.max_position_embeddings:
+                        _run_cell(r, args, B, T, M)
+                        _save(results, args)
+    del runs
+    bd.clear_compress_cache()
     jax.clear_caches()
     bd.release_memory()
 
 
-def _run_cell(bm, args, rec, base, compiled, B, T, M, weights) -> None:
+def _run_cell(r: ModelRun, args, B: int, T: int, M: int) -> None:
+    bm, rec, base, compiled, weights = r.bm, r.rec, r.base, r.compiled, r.weights
     cfg, N = bm.config, args.new_tokens
     plans = plan_methods(cfg, args.methods, M, T, N, args.stage2)
     for m, p in plans.items():
@@ -214,15 +237,15 @@ def _run_cell(bm, args, rec, base, compiled, B, T, M, weights) -> None:
         print(f"  {bm.key} B={B} T={T} M={M} group {gi}: {','.join(group)}", file=sys.stderr,
               flush=True)
         for m in group:
-            if ok[m] not in compiled:
-                compiled[ok[m]] = bd.compile_step(cfg, ok[m], bm.params, structs[m], B)
+            if (ok[m], B) not in compiled:
+                compiled[ok[m], B] = bd.compile_step(cfg, ok[m], bm.params, structs[m], B)
         cap = batch_capture(base, T, B)
         caches, compress_s = {}, {}
         for m in group:
             caches[m], compress_s[m] = bd.compress_cache(ok[m], cap)
         del cap
         bd.release_memory()
-        times = bd.time_interleaved({m: compiled[ok[m]].fn for m in group}, caches, bm.params,
+        times = bd.time_interleaved({m: compiled[ok[m], B].fn for m in group}, caches, bm.params,
                                     B=B, T=T, warmup=args.warmup, iters=args.iters)
         del caches
         bd.release_memory()
@@ -239,7 +262,7 @@ def _run_cell(bm, args, rec, base, compiled, B, T, M, weights) -> None:
                 "byte_bound": (weights + full_kv) / (weights + kv),
                 "plan": type(p).__name__, "fallback": _describe(p).get("fallback", ""),
                 "capacity": _describe(p).get("capacity"), "kv_cache_bytes": sizes[m],
-                "compile_s": compiled[p].compile_s, "compress_s": compress_s[m],
+                "compile_s": compiled[p, B].compile_s, "compress_s": compress_s[m],
             })
 
 
@@ -248,7 +271,7 @@ def _describe(plan) -> dict:
 
 
 # ----------------------------------------------------------------------------- tables
-def finalize(results: dict, args) -> None:
+def finalize(results: dict) -> None:
     """Rooflines from the best bandwidth, and the H100 bound of each (method, B, T, M)."""
     bw = best_bandwidth(results)
     results["roofline_bandwidth_GBps"] = bw / 1e9
@@ -278,15 +301,15 @@ def _label(T: int) -> str:
     return f"{T // 1024}k" if T % 1024 == 0 else str(T)
 
 
-def _grid(rec, args, title, cell, with_full=False, note=None) -> None:
+def _grid(rec, args, title, cell, with_full=False, note=None, markdown=False) -> None:
     """One row per (B, T, M), one column per method; cell(step) -> str."""
     by = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["steps"]}
     skip = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["skipped"]}
     methods = [m for m in args.methods if with_full or m != "full"]
     rows = []
-    for B in args.batches:
-        for T in args.contexts:
-            for M in args.budgets:
+    for B in sorted(args.batches):
+        for T in sorted(args.contexts):
+            for M in sorted(args.budgets):
                 full = by.get((B, T, M, "full"))
                 row = [str(B), _label(T), str(M),
                        f"{full['median_s'] * 1e3:.1f}" if full else "-"]
@@ -296,33 +319,36 @@ def _grid(rec, args, title, cell, with_full=False, note=None) -> None:
                     row.append(cell(s) if s else ("mem" if sk and "fit" in sk["why"] else
                                                   "n/a" if sk else "-"))
                 rows.append(row)
-    print_table(title, ["B", "T", "M", "full ms", *methods], rows)
+    print_table(title, ["B", "T", "M", "full ms", *methods], rows, markdown=markdown)
     if note:
         print(note)
 
 
-def print_model(rec, args, bw: float) -> None:
+def print_model(rec, args, bw: float, markdown: bool = False) -> None:
+    def grid(*a, **k):
+        _grid(rec, args, *a, markdown=markdown, **k)
+
     print(f"\n=== {rec['label']}: {rec['note']}; weights read per step "
           f"{fmt_bytes(rec['weights_bytes'])}")
-    _grid(rec, args,
-          f"Decode step speedup vs full KV = full time / method time (>1: faster), "
-          f"{rec['label']}, float32, median of {args.iters} steps after {args.warmup} warm-up, "
-          "each method interleaved step by step with full KV", lambda s: f"{s['speedup']:.2f}",
-          note="  mem: its cache and full KV's do not fit in memory together; n/a: the plan "
-          "is not defined at this budget")
-    _grid(rec, args,
-          f"Byte bound on this model = (weights + full KV bytes) / (weights + method bytes), "
-          f"{rec['label']}, float32", lambda s: f"{s['byte_bound']:.2f}")
-    _grid(rec, args,
-          "H100 bound: Llama-3.1-8B (32 layers), bf16, "
-          f"{H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s, same B, T, M",
-          lambda s: "n/a" if s["h100_bound"] is None else f"{s['h100_bound']:.2f}")
-    _grid(rec, args,
-          f"Measured / roofline: step time / ((weights + KV + metadata bytes) / "
-          f"{bw / 1e9:.1f} GB/s), {rec['label']} (1.0 = at this CPU's bandwidth)",
-          lambda s: f"{s['over_roofline']:.2f}", with_full=True)
-    _grid(rec, args, f"Roofline ms = (weights + KV + metadata bytes) / {bw / 1e9:.1f} GB/s, "
-          f"{rec['label']}", lambda s: f"{s['roofline_s'] * 1e3:.1f}", with_full=True)
+    grid(
+        f"Decode step speedup vs full KV = full time / method time (>1: faster), "
+        f"{rec['label']}, float32, median of {args.iters} steps after {args.warmup} warm-up, "
+        "each method interleaved step by step with full KV", lambda s: f"{s['speedup']:.2f}",
+        note="  mem: its cache and full KV's do not fit in memory together; n/a: the plan "
+        "is not defined at this budget")
+    grid(
+        f"Byte bound on this model = (weights + full KV bytes) / (weights + method bytes), "
+        f"{rec['label']}, float32", lambda s: f"{s['byte_bound']:.2f}")
+    grid(
+        "H100 bound: Llama-3.1-8B (32 layers), bf16, "
+        f"{H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s, same B, T, M",
+        lambda s: "n/a" if s["h100_bound"] is None else f"{s['h100_bound']:.2f}")
+    grid(
+        f"Measured / roofline: step time / ((weights + KV + metadata bytes) / "
+        f"{bw / 1e9:.1f} GB/s), {rec['label']} (1.0 = at this CPU's bandwidth)",
+        lambda s: f"{s['over_roofline']:.2f}", with_full=True)
+    grid(f"Roofline ms = (weights + KV + metadata bytes) / {bw / 1e9:.1f} GB/s, "
+         f"{rec['label']}", lambda s: f"{s['roofline_s'] * 1e3:.1f}", with_full=True)
 
 
 def targets(results: dict) -> dict:
@@ -367,7 +393,7 @@ def print_targets(t: dict) -> None:
               f"its roofline (target <= 2x: {'met' if r['met_2x_roofline'] else 'not met'})")
 
 
-def print_results(results: dict, args) -> None:
+def print_results(results: dict, args, markdown: bool = False) -> None:
     print(results["machine"])
     print(f"command: {results['command']}")
     for b in results["bandwidth"]:
@@ -378,11 +404,12 @@ def print_results(results: dict, args) -> None:
     print(f"roofline bandwidth = the best of these: {bw / 1e9:.1f} GB/s")
     for rec in results["models"]:
         if rec.get("steps"):
-            print_model(rec, args, bw)
+            print_model(rec, args, bw, markdown)
     if "targets" in results:
         print_targets(results["targets"])
     if "wall_s" in results:
-        print(f"\nwall time {results['wall_s']:.0f} s")
+        print(f"\nwall time {results['wall_s']:.0f} s; at the end: "
+              f"{results['machine_after'].split('; ')[-1]}")
 
 
 # ------------------------------------------------------------------------------- main
@@ -401,14 +428,11 @@ def run(args) -> dict:
     print(results["machine"], flush=True)
     bw = measure_bandwidth(args.bandwidth_mb * 2**20, args.bandwidth_repeats)
     results["bandwidth"].append({"when": "before the grid", **bw})
-    for key in args.models:
-        rec: dict = {}
-        results["models"].append(rec)
-        run_model(load_model(key, args), args, results, rec)
+    run_grid(args, results)
     bw = measure_bandwidth(args.bandwidth_mb * 2**20, args.bandwidth_repeats)
     results["bandwidth"].append({"when": "after the grid", **bw})
     results["h100_bound"] = h100_bounds(args)
-    finalize(results, args)
+    finalize(results)
     results["targets"] = targets(results)
     results["machine_after"] = machine_line()
     results["wall_s"] = time.perf_counter() - t_start
@@ -478,11 +502,13 @@ def main(argv=None, prog: str = "benchmarks/decode_batched.py") -> int:
     args.command_line = " ".join([prog, *argv])
     if args.report is not None:
         res = json.loads(args.report.read_text())
-        bench_bytes.MARKDOWN = args.markdown
-        try:
-            print_results(res, argparse.Namespace(**res["args"]))
-        finally:
-            bench_bytes.MARKDOWN = False
+        saved = argparse.Namespace(**res["args"])
+        if "targets" not in res:  # a run stopped before its end: finish the accounting
+            res["h100_bound"] = h100_bounds(saved)
+            finalize(res)
+            res["targets"] = targets(res)
+            print("(a partial run: the grid stopped early)")
+        print_results(res, saved, args.markdown)
         return 0
     try:
         resolve_args(args)

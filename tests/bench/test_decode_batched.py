@@ -124,3 +124,18 @@ def test_methods_that_do_not_fit_together_are_split_into_groups():
     assert groups == [["full", "a", "c"], ["full", "b"]]  # smallest first, first fit
     assert all(sum(sizes[m] for m in g) <= 20 for g in groups)
     assert db.group_methods({"full": 5}, room=20) == ([["full"]], [])
+
+
+def test_report_finishes_a_partial_run(quick, tmp_path):
+    _, _, res, _ = quick
+    partial = {k: v for k, v in res.items()
+               if k not in ("targets", "h100_bound", "roofline_bandwidth_GBps", "wall_s")}
+    partial["bandwidth"] = res["bandwidth"][:1]  # killed before the second measurement
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(partial))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert db.main(["--report", str(path)]) == 0
+    out = buf.getvalue()
+    assert "a partial run" in out and "Targets:" in out
+    assert f"{res['bandwidth'][0]['best_GBps']:.1f} GB/s" in out
