@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--json", action="store_true", help="one JSON object per model")
     m.set_defaults(func=cmd_models)
+    from .chat import add_chat_parser
+
+    add_chat_parser(sub)
     _use_formatter(parser)
     return parser
 
