@@ -385,6 +385,10 @@ def _check_vocab(ids: list[list[int]], vocab_size: int, path) -> None:
 
 
 def cmd_eval(args) -> int:
+    if getattr(args, "multi_turn", 0):
+        from .eval.multiturn import cmd_multiturn
+
+        return cmd_multiturn(args)
     from .eval.cli import run_eval_command, validate_eval_args
     from .eval.engine import engine_functions
     from .model_store import load_model

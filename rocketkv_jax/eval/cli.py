@@ -223,6 +223,18 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="RULER model template around each prompt (its data/template.py: base, "
         f"instruction, meta-chat, ...; default: {RULER_DEFAULT_TEMPLATE})",
     )
+    parser.add_argument(
+        "--multi-turn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the multi-turn KV-retrieval task instead (eval/multiturn.py): one context "
+        "with N needles of different keys, asked about in N successive turns of one "
+        "conversation, scored per turn; takes --methods (also rocketkv-mt, snapkv-mt; "
+        "default full,rocketkv,rocketkv-mt,topk), --budgets (default 256,512,1k), --contexts "
+        "(default 4k), --samples (default 5), --seed, --out; writes multiturn.jsonl and "
+        "multiturn.md (default: 0, off)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
