@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_bytes import llama31_8b_config
 
 from rocketkv_jax import programs
 from rocketkv_jax.bench import MODEL_KEYS
@@ -29,7 +30,7 @@ from rocketkv_jax.generate import GREEDY, make_decode_step
 from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
 from rocketkv_jax.methods.capture import KeepRaw
 from rocketkv_jax.methods.skip_layers import compress_layers
-from rocketkv_jax.models.config import ModelConfig, RopeScaling
+from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import forward_prefill
 from rocketkv_jax.models.params import random_params
 
@@ -45,18 +46,6 @@ class BenchModel:
     prompt_ids: Callable[[int], np.ndarray]  # T -> [T] int32
     note: str = ""
     gguf: str | None = None  # the GGUF the weights came from (peers load the same file)
-
-
-def llama8b_shape_config(layers: int, vocab: int) -> ModelConfig:
-    """Llama-3.1-8B's layer shapes (hidden 4096, 32 / 8 heads, head_dim 128, MLP 14336, llama3
-    RoPE scaling, 128k positions) with `layers` layers and a `vocab`-token vocabulary."""
-    return ModelConfig(
-        model_type="llama", vocab_size=vocab, hidden_size=4096, intermediate_size=14336,
-        num_layers=layers, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
-        eos_token_ids=(128001,),
-    )
 
 
 TINY_CONFIG = ModelConfig(
@@ -115,7 +104,7 @@ def load_bench_model(key: str, *, model_path=None, layers: int = 2, vocab: int =
             gguf=gguf,
         )
     if key == "llama8b-shape":
-        cfg = llama8b_shape_config(layers, vocab)
+        cfg = llama31_8b_config(layers, vocab)
         params = random_params(cfg, seed=seed, scale=0.02)
         return BenchModel(
             key, f"Llama-3.1-8B shape, {layers} layers", cfg, params,

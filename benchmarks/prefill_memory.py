@@ -19,7 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from bench_decode import llama8b_shape_config
+from bench_bytes import llama31_8b_config
 
 from rocketkv_jax.bench.xla_stats import memory_stats
 from rocketkv_jax.methods import make_method
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     contexts = parse_contexts(args.contexts)
     dense_max = parse_contexts(args.dense_max)[0]
-    models = {"smollm2-135m": SMOLLM2, "llama3.1-8b-shape-2l": llama8b_shape_config(2, 128256)}
+    models = {"smollm2-135m": SMOLLM2, "llama3.1-8b-shape-2l": llama31_8b_config(layers=2)}
     if args.quick:
         contexts, dense_max = [4096, 8192], 4096
         models = {"smollm2-2l": dataclasses.replace(SMOLLM2, num_layers=2)}
