@@ -13,7 +13,7 @@ from rocketkv_jax.conversation import Conversation, ConversationError, decode_ca
 from rocketkv_jax.generate import generate_ids, length_bucket
 from rocketkv_jax.methods import Full, RocketKV, TopK
 from rocketkv_jax.methods.base import DensePlan
-from rocketkv_jax.methods.multiturn import MultiTurnPlan, RocketKVMT
+from rocketkv_jax.methods.multiturn import MultiTurnPlan, RocketKVMT, SnapKVMT
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import forward_decode, forward_prefill
 from rocketkv_jax.models.params import random_params
@@ -117,12 +117,13 @@ def assert_close_scaled(got, want):
     assert err <= 1e-5, f"max |diff| / max |ref| = {err:.2e}"
 
 
-def test_rocketkv_mt_temporary_copy_is_stage1_of_the_full_history():
+@pytest.mark.parametrize("method", [RocketKVMT(48), SnapKVMT(48)], ids=lambda m: m.name)
+def test_multi_turn_temporary_copy_is_stage1_of_the_full_history(method):
     # two turns without a reply between them, so the whole history is prefilled and a
     # one-shot prefill is its independent reference; turn 2 is shorter than the stage-1
     # window (32), so its window queries come from re-prefilling the history's last ones
     t1, t2 = _turns([100, 5], seed=4)
-    conv = Conversation(PARAMS, CFG, RocketKVMT(48), capacity=192, prefill_chunk=16)
+    conv = Conversation(PARAMS, CFG, method, capacity=192, prefill_chunk=16)
     conv.append(t1)
     stats = conv.append(t2)
     assert stats.prefilled == 32  # t2 and the 27 tokens before it (their queries)
@@ -271,7 +272,7 @@ def test_capacity_empty_turn_and_reset_are_clear():
 
 def test_multi_turn_methods_by_name():
     from rocketkv_jax.methods import make_method
-    from rocketkv_jax.methods.multiturn import MULTI_TURN_CLASSES, SnapKVMT
+    from rocketkv_jax.methods.multiturn import MULTI_TURN_CLASSES
     from rocketkv_jax.names import MULTI_TURN_METHOD_NAMES
 
     assert tuple(cls.name for cls in MULTI_TURN_CLASSES) == MULTI_TURN_METHOD_NAMES
