@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from bench_bytes import llama31_8b_config
 
+from rocketkv_jax.bench import parse_list, parse_size
 from rocketkv_jax.bench.xla_stats import memory_stats
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.models.config import ModelConfig
@@ -31,10 +32,6 @@ SMOLLM2 = ModelConfig(
     num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
     rope_theta=100000.0, max_position_embeddings=1 << 17, tie_word_embeddings=True,
 )
-
-
-def parse_contexts(text: str) -> list[int]:
-    return [int(c[:-1]) * 1024 if c.endswith("k") else int(c) for c in text.split(",")]
 
 
 def temp_gib(config: ModelConfig, plan, T: int, **kw) -> float:
@@ -57,8 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-max", default="8k", help="largest context compiled densely")
     ap.add_argument("--quick", action="store_true", help="4k and 8k on 2 SmolLM2 layers (CI)")
     args = ap.parse_args(argv)
-    contexts = parse_contexts(args.contexts)
-    dense_max = parse_contexts(args.dense_max)[0]
+    contexts = parse_list(args.contexts, "contexts")
+    dense_max = parse_size(args.dense_max)
     models = {"smollm2-135m": SMOLLM2, "llama3.1-8b-shape-2l": llama31_8b_config(layers=2)}
     if args.quick:
         contexts, dense_max = [4096, 8192], 4096
