@@ -21,13 +21,14 @@ if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rocketkv_jax import generate as gen  # noqa: E402
-from rocketkv_jax import partitioned  # noqa: E402
+from rocketkv_jax import partitioned, programs  # noqa: E402
 from rocketkv_jax import sharding as shd  # noqa: E402
 from rocketkv_jax.convert.checkpoint import load_checkpoint  # noqa: E402
 from rocketkv_jax.methods import (  # noqa: E402
@@ -64,24 +65,46 @@ def method(name):
     return make_method(name, None if name == "full" else BUDGET, **kw)
 
 
-def collectives(hlo: str) -> list[str]:
-    """Sorted 'kind op_name' of every collective in a compiled module's HLO text."""
+def collectives(hlos: list[str]) -> list[str]:
+    """Sorted 'kind op_name' of every collective in the HLO texts of a generate call's
+    compiled programs."""
     return sorted(
-        f"{kind} {name.replace('jit(_generate_program)/', '')}"
-        for kind, name in shd.collectives(hlo)
+        f"{kind} {JIT_PREFIX.sub('', name)}" for hlo in hlos for kind, name in shd.collectives(hlo)
     )
 
 
+JIT_PREFIX = re.compile(r"^jit\([^)]*\)/")  # the program's name in an op_name
+PROGRAMS = ("init_program", "chunk_program", "start_program", "decode_program")
+
+
 class Recorder:
-    """Wraps generate._compiled to keep the last compiled program (for its HLO)."""
+    """Wraps the program builders of rocketkv_jax.programs to keep the compiled programs
+    a generate call ran (cache hits included), for their HLO."""
 
     def __init__(self):
-        self.inner, self.last = gen._compiled, None
+        self.inner = {name: getattr(programs, name) for name in PROGRAMS}
+        self.used: list = []
+        for name, fn in self.inner.items():
+            setattr(programs, name, self._wrap(fn))
 
-    def __call__(self, *args):
-        compiled, t = self.inner(*args)
-        self.last = compiled
-        return compiled, t
+    def _wrap(self, fn):
+        def record(*args):
+            compiled, t = fn(*args)
+            self.used.append(compiled)
+            return compiled, t
+
+        return record
+
+    def clear_caches(self) -> None:
+        """Forget the compiled programs (the wrapped builders' lru caches)."""
+        for fn in self.inner.values():
+            fn.cache_clear()
+
+    def hlos(self) -> list[str]:
+        """The HLO of every program used since the last call, then forget them."""
+        texts = [c.as_text() for c in self.used]
+        self.used = []
+        return texts
 
 
 def cache_shapes(mesh_shape, capacity):
@@ -101,16 +124,18 @@ def run(ckpt, report, tag, names, reference=True):
         mesh = shd.make_mesh(*shape)
         params, _ = load_checkpoint(ckpt, shardings=shd.param_shardings(CFG, mesh))
         for name in names:
+            RECORDER.hlos()  # forget programs of earlier calls
             out = gen.generate_ids(
                 params, CFG, prompts(), method(name), max_new_tokens=NEW, mesh=mesh
             )
-            hlo = gen._compiled.last.as_text()
+            hlos = RECORDER.hlos()
+            hlo = "\n".join(hlos)
             T = out.stats.prompt_bucket
             capacity = method(name).plan(CFG, T, NEW).capacity
             whole, local = cache_shapes(shape, capacity)
             report[f"{tag}/{name}/{shape[0]}x{shape[1]}"] = {
                 "tokens": out.tokens,
-                "collectives": collectives(hlo),
+                "collectives": collectives(hlos),
                 "cache_local_in_hlo": local in hlo,
                 "cache_whole_in_hlo": whole in hlo,
             }
@@ -185,12 +210,13 @@ def use_top_k(fn) -> None:
     for module in TOP_K_USERS:
         assert hasattr(module, "top_k"), module
         module.top_k = fn
-    gen._compiled.inner.cache_clear()
+    RECORDER.clear_caches()
 
 
 def main():
     ckpt = sys.argv[1]
-    gen._compiled = Recorder()
+    global RECORDER
+    RECORDER = Recorder()
     report = {"devices": jax.device_count()}
     use_top_k(lambda x, k: tuple(jax.lax.top_k(x, k)))
     run(ckpt, report, "stock", ("full", "rocketkv"))
