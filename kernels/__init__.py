@@ -8,25 +8,36 @@ Prefill: `prefill_attention` is flash-style causal GQA attention of a block of q
 (a whole prompt, or one chunk at q_start) over the KV buffer, with per-row lengths and
 Mistral's sliding window; its reference `prefill_attention_reference` is also the CPU path.
 
-The backend ("auto", "reference", "interpret", "triton") is chosen in `backend.py`.
+Each kernel file holds the Pallas kernel (`<op>_pallas`, `interpret=` for the Pallas
+interpreter), its pure-jnp reference (`<op>_reference`) and `<op>(..., backend=...)`, which
+runs the one `backend.choose` picks for a backend name ("reference", "interpret",
+"triton", "auto"; `rocketkv_jax.names.KERNEL_BACKENDS`).
 """
 
-from .approx_scores import approx_scores, approx_scores_reference
-from .backend import BACKENDS, Backend, resolve_backend
-from .prefill_attention import prefill_attention, prefill_attention_reference
+from .approx_scores import approx_scores, approx_scores_pallas, approx_scores_reference
+from .backend import BACKENDS, choose, resolve_backend
+from .prefill_attention import (
+    prefill_attention,
+    prefill_attention_pallas,
+    prefill_attention_reference,
+)
 from .sparse_decode_attention import (
     sparse_decode_attention,
+    sparse_decode_attention_pallas,
     sparse_decode_attention_reference,
 )
 
 __all__ = [
     "BACKENDS",
-    "Backend",
     "approx_scores",
+    "approx_scores_pallas",
     "approx_scores_reference",
+    "choose",
     "prefill_attention",
+    "prefill_attention_pallas",
     "prefill_attention_reference",
     "resolve_backend",
     "sparse_decode_attention",
+    "sparse_decode_attention_pallas",
     "sparse_decode_attention_reference",
 ]

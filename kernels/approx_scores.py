@@ -79,9 +79,8 @@ def approx_scores_reference(
     *,
     page_size: int,
     channel_major: bool = False,
-    **unused,
 ) -> jax.Array:
-    """Pure-jnp approximate page scores; same signature as `approx_scores` (extra kwargs ignored).
+    """Pure-jnp approximate page scores, the contract `approx_scores_pallas` is pinned to.
 
     Args:
       q: [B, K, G, D] decode queries of each KV head's group, any float dtype.
@@ -89,11 +88,11 @@ def approx_scores_reference(
       channels: [B, K, R] int32 selected channels (in [0, D)).
       lengths: [B] int32 valid tokens per row.
       page_size: tokens per page.
+      channel_major: page_max/page_min are stored [B, K, D, P].
 
     Returns:
       [B, K, G, P] float32 upper-bound scores; -inf for pages with no valid token.
     """
-    del unused
     _check_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
     q_hat, use_max = _channel_signs(q, channels)  # [B, K, G, R], [B, K, R]
     if channel_major:  # read only the R selected rows of [D, P], then [P, R] as below
@@ -163,11 +162,11 @@ def _approx_scores_call(
     block_p: int,
     num_warps: int,
     num_stages: int,
-    backend: str,
+    interpret: bool,
     channel_major: bool,
     out_init: jax.Array | None = None,
 ) -> jax.Array:
-    """Runs the Pallas kernel on padded operands.
+    """Runs the Pallas kernel on padded operands (grid and BlockSpecs).
 
     Args:
       q_hat: [B, K, Gp, Rp] compute-dtype sign-flipped query channels (0 in padding).
@@ -218,7 +217,7 @@ def _approx_scores_call(
     )
     return backend_lib.pallas_call(
         kernel,
-        backend=backend,
+        interpret=interpret,
         out_shape=out_shape,
         grid=(b * kv, num_blocks),
         in_specs=in_specs,
@@ -254,10 +253,10 @@ def prepare_approx_operands(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "page_size", "block_p", "num_warps", "num_stages", "backend", "channel_major"
+        "page_size", "block_p", "num_warps", "num_stages", "interpret", "channel_major"
     ),
 )
-def approx_scores(
+def approx_scores_pallas(
     q: jax.Array,
     page_max: jax.Array,
     page_min: jax.Array,
@@ -268,7 +267,7 @@ def approx_scores(
     block_p: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
-    backend: backend_lib.Backend = "auto",
+    interpret: bool = False,
     channel_major: bool = False,
 ) -> jax.Array:
     """Approximate (upper-bound) page scores of stage 2, reading only the selected channels.
@@ -283,18 +282,13 @@ def approx_scores(
       block_p: pages per program (power of 2 >= 16; clipped for small P). The H100 default
         gives B * K * P / 128 programs, e.g. 128 for one row of Llama-3.1-8B at 32k, page 16.
       num_warps, num_stages: Triton launch parameters.
-      backend: "auto" | "reference" | "interpret" | "triton", see `kernels/backend.py`.
+      interpret: run in the Pallas interpreter (any device) instead of lowering to Triton.
       channel_major: metadata is stored [B, K, D, P] (contiguous per channel).
 
     Returns:
       [B, K, G, P] float32; pages with no valid token are exactly -inf.
     """
     _check_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
-    if not backend_lib.is_pallas(backend):
-        return approx_scores_reference(
-            q, page_max, page_min, channels, lengths, page_size=page_size,
-            channel_major=channel_major,
-        )
     if block_p < _MIN_DOT or block_p & (block_p - 1):
         raise ValueError(f"block_p must be a power of 2 >= {_MIN_DOT}, got {block_p}")
     _, _, g, _ = q.shape
@@ -304,6 +298,36 @@ def approx_scores(
     out = _approx_scores_call(
         q_hat, use_max, channels_pad, page_max, page_min, lengths.astype(jnp.int32),
         page_size=page_size, block_p=block_p, num_warps=num_warps, num_stages=num_stages,
-        backend=backend, channel_major=channel_major,
+        interpret=interpret, channel_major=channel_major,
     )  # [B, K, Gp, P_pad]
     return out[:, :, :g, :num_pages]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "page_size", "block_p", "num_warps", "num_stages", "backend", "channel_major"
+    ),
+)
+def approx_scores(
+    q: jax.Array,
+    page_max: jax.Array,
+    page_min: jax.Array,
+    channels: jax.Array,
+    lengths: jax.Array,
+    *,
+    page_size: int,
+    block_p: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    backend: str = "auto",
+    channel_major: bool = False,
+) -> jax.Array:
+    """`approx_scores_pallas` or `approx_scores_reference`, whichever `backend` names
+    (`backend.choose`); block_p and the launch parameters go to the kernel only."""
+    kernel = functools.partial(
+        approx_scores_pallas, block_p=block_p, num_warps=num_warps, num_stages=num_stages
+    )
+    run = backend_lib.choose(backend, pallas=kernel, reference=approx_scores_reference)
+    return run(q, page_max, page_min, channels, lengths, page_size=page_size,
+               channel_major=channel_major)

@@ -1,6 +1,8 @@
 """The one place where a kernel backend is chosen.
 
-Backends:
+Each kernel file holds the Pallas kernel (`<op>_pallas(..., interpret=False)`) and its
+pure-jnp reference (`<op>_reference`); `<op>(..., backend=...)` runs the one that `choose`
+picks for a backend name (the names are `rocketkv_jax.names.KERNEL_BACKENDS`):
   - "auto": the Triton-lowered Pallas kernel when JAX's default backend is a GPU, otherwise the
     pure-jnp reference. This is what the method layer uses.
   - "reference": the pure-jnp reference beside each kernel (XLA on any device).
@@ -18,6 +20,7 @@ here means a future Mosaic GPU or jax-triton port only touches this file and the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,8 +29,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..names import KERNEL_BACKENDS as BACKENDS
-
-Backend = str  # one of BACKENDS
 
 
 def resolve_backend(backend: str) -> str:
@@ -46,15 +47,23 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def is_pallas(backend: str) -> bool:
-    """True when `backend` resolves to a Pallas kernel (interpret or Triton)."""
-    return resolve_backend(backend) != "reference"
+def choose(backend: str, *, pallas: Callable[..., Any], reference: Callable[..., Any]):
+    """The implementation `backend` names: `reference`, or the Pallas kernel `pallas` with
+    `interpret=` set (True: the Pallas interpreter; False: lowered through Triton).
+
+    The only place a backend name picks code; each kernel's `<op>(..., backend=...)` calls
+    it at trace time with its own `<op>_pallas` and `<op>_reference`.
+    """
+    resolved = resolve_backend(backend)
+    if resolved == "reference":
+        return reference
+    return functools.partial(pallas, interpret=resolved == "interpret")
 
 
 def pallas_call(
     kernel: Callable[..., None],
     *,
-    backend: str,
+    interpret: bool,
     out_shape: Any,
     grid: tuple[int, ...],
     in_specs: Sequence[Any],
@@ -64,15 +73,8 @@ def pallas_call(
     name: str,
     input_output_aliases: dict[int, int] | None = None,
 ) -> Callable[..., Any]:
-    """`pl.pallas_call` with the backend-specific arguments filled in.
-
-    `backend` must resolve to "interpret" or "triton". Triton gets explicit
-    `plgpu.CompilerParams` so the Triton lowering (not Mosaic GPU) is used.
-    """
-    resolved = resolve_backend(backend)
-    if resolved == "reference":
-        raise ValueError("pallas_call needs a Pallas backend ('interpret' or 'triton').")
-    interpret = resolved == "interpret"
+    """`pl.pallas_call` for the Pallas interpreter (`interpret`) or the Triton lowering, which
+    always gets explicit `plgpu.CompilerParams` so that Triton (not Mosaic GPU) is used."""
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,

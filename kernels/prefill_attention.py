@@ -17,8 +17,9 @@ which every query of the block sees whole, skip it (on CPU the masking costs as 
 matmul). GQA folds the G query heads of a KV head into the rows of one matmul, so K and V
 are never repeated.
 
-`prefill_attention(..., backend="triton" | "interpret")` runs the Pallas kernel (Triton
-lowering, like the stage-2 kernels). Its design:
+`prefill_attention_pallas(..., interpret=False)` is the Pallas kernel (Triton lowering,
+like the stage-2 kernels); `prefill_attention(..., backend=...)` runs whichever of the two
+a backend name picks (`backend.choose`). The kernel's design:
   - GQA folded into rows: the wrapper lays q out as [B, K, T * G, D] with row t * G + g
     (query t, head g), so one tile of `block_q` rows holds block_q / G consecutive query
     positions of all G heads of a KV head, and each K/V tile is loaded once for all of
@@ -278,29 +279,32 @@ def _kernel_key_block_range(q_lo, q_hi, length, *, block_k, num_blocks, sliding_
     return lo, jnp.maximum(hi, lo)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("sliding_window", "backend", "block_q", "block_k", "num_warps",
-                     "num_stages"),
-)
-def _prefill_attention_pallas(
-    q, k, v, lengths, q_start, *, sliding_window, backend, block_q, block_k, num_warps,
-    num_stages,
-):
-    """Pads and folds the operands, runs the kernel, unfolds. Same contract as the reference."""
-    B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
-    G = H // K
-    rows = min(block_q, max(_MIN_DOT, backend_lib.next_power_of_2(T * G)))
-    bk = min(block_k, max(_MIN_DOT, backend_lib.next_power_of_2(S)))
-    d_pad = max(_MIN_DOT, backend_lib.next_power_of_2(D))
-    num_q_tiles = pl.cdiv(T * G, rows)
-    compute_dtype = jnp.promote_types(q.dtype, k.dtype)
-    qf = q.reshape(B, K, G, T, D).transpose(0, 1, 3, 2, 4).reshape(B, K, T * G, D)
-    qf = jnp.pad(qf.astype(compute_dtype),
-                 ((0, 0), (0, 0), (0, num_q_tiles * rows - T * G), (0, d_pad - D)))
-    q_start = jnp.asarray(q_start, jnp.int32).reshape(1)
-    lengths = lengths.astype(jnp.int32)
+def _prefill_call(
+    qf: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    q_start: jax.Array,
+    *,
+    rows: int,
+    group: int,
+    num_queries: int,
+    block_k: int,
+    sliding_window: int | None,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+    out_dtype: jnp.dtype,
+) -> jax.Array:
+    """Runs the Pallas kernel on folded operands (grid and BlockSpecs).
+
+    qf: [B, K, tiles * rows, Dp] folded queries in the compute dtype, row t * G + g, zero
+    padded; k, v [B, K, S, D] read in place; lengths [B] int32; q_start [1] int32.
+    Returns [B, K, tiles * rows, Dp] in out_dtype.
+    """
+    B, K, folded, d_pad = qf.shape
+    S, D = k.shape[2], k.shape[3]
+    num_q_tiles = folded // rows
 
     def bk_of(j):
         return j // K, j % K
@@ -316,21 +320,75 @@ def _prefill_attention_pallas(
     out_spec = pl.BlockSpec((None, None, rows, d_pad),
                             lambda i, j: (*bk_of(j), num_q_tiles - 1 - i, 0))
     kernel = functools.partial(
-        _prefill_kernel, num_q_tiles=num_q_tiles, group=G, num_queries=T, seq_len=S,
-        head_dim=D, block_k=bk, sliding_window=sliding_window, sm_scale=1.0 / math.sqrt(D),
-        precision=lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None,
+        _prefill_kernel, num_q_tiles=num_q_tiles, group=group, num_queries=num_queries,
+        seq_len=S, head_dim=D, block_k=block_k, sliding_window=sliding_window,
+        sm_scale=1.0 / math.sqrt(D),
+        precision=lax.Precision.HIGHEST if qf.dtype == jnp.float32 else None,
     )
-    out = backend_lib.pallas_call(
+    return backend_lib.pallas_call(
         kernel,
-        backend=backend,
-        out_shape=jax.ShapeDtypeStruct((B, K, num_q_tiles * rows, d_pad), q.dtype),
+        interpret=interpret,
+        out_shape=jax.ShapeDtypeStruct(qf.shape, out_dtype),
         grid=(num_q_tiles, B * K),
         in_specs=in_specs,
         out_specs=out_spec,
         num_warps=num_warps,
         num_stages=num_stages,
         name="rocketkv_prefill_attention",
-    )(lengths, q_start, qf, k, v)  # [B, K, tiles * R, Dp]
+    )(lengths, q_start, qf, k, v)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sliding_window", "block_q", "block_k", "num_warps", "num_stages",
+                     "interpret"),
+)
+def prefill_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    q_start: jax.Array | int = 0,
+    *,
+    sliding_window: int | None = None,
+    block_q: int = PALLAS_BLOCK_Q,
+    block_k: int = PALLAS_BLOCK_K,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:
+    """Prefill attention as a Pallas kernel; the contract of `prefill_attention_reference`.
+
+    block_q counts rows of the folded (query, head) tile, block_q / G query positions of
+    all G heads; block_q and block_k are powers of 2 >= 16 (shrunk for short T and S).
+    num_warps: Triton warps, default 4 for D <= 64 and 8 above. interpret: run in the
+    Pallas interpreter (any device) instead of lowering to Triton.
+    """
+    _check_args(q, k, v, lengths, block_q, block_k)
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if value < _MIN_DOT or value & (value - 1):
+            raise ValueError(
+                f"{name} must be a power of 2 >= {_MIN_DOT} for the Pallas kernel, got {value}"
+            )
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    rows = min(block_q, max(_MIN_DOT, backend_lib.next_power_of_2(T * G)))
+    bk = min(block_k, max(_MIN_DOT, backend_lib.next_power_of_2(S)))
+    d_pad = max(_MIN_DOT, backend_lib.next_power_of_2(D))
+    num_q_tiles = pl.cdiv(T * G, rows)
+    compute_dtype = jnp.promote_types(q.dtype, k.dtype)
+    qf = q.reshape(B, K, G, T, D).transpose(0, 1, 3, 2, 4).reshape(B, K, T * G, D)
+    qf = jnp.pad(qf.astype(compute_dtype),
+                 ((0, 0), (0, 0), (0, num_q_tiles * rows - T * G), (0, d_pad - D)))
+    out = _prefill_call(
+        qf, k, v, lengths.astype(jnp.int32), jnp.asarray(q_start, jnp.int32).reshape(1),
+        rows=rows, group=G, num_queries=T, block_k=bk, sliding_window=sliding_window,
+        num_warps=num_warps or (4 if D <= 64 else 8), num_stages=num_stages,
+        interpret=interpret, out_dtype=q.dtype,
+    )  # [B, K, tiles * R, Dp]
     out = out[:, :, : T * G, :D].reshape(B, K, T, G, D).transpose(0, 1, 3, 2, 4)
     return out.reshape(B, H, T, D)
 
@@ -347,32 +405,11 @@ def prefill_attention(
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> jax.Array:
-    """Prefill attention on the chosen backend (see `backend.py`); same contract as
-    `prefill_attention_reference`. Block sizes default per backend.
-
-    For the reference, block_q counts query positions (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K).
-    For the Pallas kernel ("interpret", "triton"), block_q counts rows of the folded
-    (query, head) tile, block_q / G query positions of all G heads, and both blocks must
-    be powers of 2 >= 16 (PALLAS_BLOCK_Q, PALLAS_BLOCK_K; shrunk for short T and S).
-    """
-    resolved = backend_lib.resolve_backend(backend)
-    if resolved == "reference":
-        return prefill_attention_reference(
-            q, k, v, lengths, q_start, sliding_window=sliding_window,
-            block_q=block_q or DEFAULT_BLOCK_Q, block_k=block_k or DEFAULT_BLOCK_K,
-        )
-    block_q = block_q or PALLAS_BLOCK_Q
-    block_k = block_k or PALLAS_BLOCK_K
-    _check_args(q, k, v, lengths, block_q, block_k)
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if value < _MIN_DOT or value & (value - 1):
-            raise ValueError(
-                f"{name} must be a power of 2 >= {_MIN_DOT} for the Pallas kernel, got {value}"
-            )
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    return _prefill_attention_pallas(
-        q, k, v, lengths, q_start, sliding_window=sliding_window, backend=resolved,
-        block_q=block_q, block_k=block_k, num_warps=4 if q.shape[-1] <= 64 else 8,
-        num_stages=2,
-    )
+    """`prefill_attention_pallas` or `prefill_attention_reference`, whichever `backend`
+    names (`backend.choose`). Block sizes default per implementation: for the reference
+    block_q counts query positions (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K), for the kernel
+    rows of the folded (query, head) tile (PALLAS_BLOCK_Q, PALLAS_BLOCK_K)."""
+    blocks = {name: b for name, b in (("block_q", block_q), ("block_k", block_k)) if b}
+    run = backend_lib.choose(backend, pallas=prefill_attention_pallas,
+                             reference=prefill_attention_reference)
+    return run(q, k, v, lengths, q_start, sliding_window=sliding_window, **blocks)

@@ -62,9 +62,9 @@ def sparse_decode_attention_reference(
     indices: jax.Array,
     *,
     sm_scale: float | None = None,
-    **unused,
 ) -> jax.Array:
-    """Pure-jnp sparse decode attention; same signature as the kernel (extra kwargs ignored).
+    """Pure-jnp sparse decode attention, the contract `sparse_decode_attention_pallas` is
+    pinned to.
 
     Args:
       q: [B, K, G, D] decode queries; k, v: [B, K, C, D] cache (any float dtype).
@@ -74,7 +74,6 @@ def sparse_decode_attention_reference(
     Returns:
       [B, K, G, D] in q's dtype; rows with no valid index are 0.
     """
-    del unused
     _check_args(q, k, v, indices)
     capacity, head_dim = k.shape[2], k.shape[3]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
@@ -155,10 +154,11 @@ def _sparse_attention_call(
     num_splits: int,
     num_warps: int,
     num_stages: int,
-    backend: str,
+    interpret: bool,
     out_init: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Runs the Pallas kernel on padded operands and returns the per-split partials.
+    """Runs the Pallas kernel on padded operands (grid and BlockSpecs) and returns the
+    per-split partials.
 
     Args:
       q_pad: [B, K, Gp, Dp] queries in the compute dtype, zero padded.
@@ -216,7 +216,7 @@ def _sparse_attention_call(
     )
     return backend_lib.pallas_call(
         kernel,
-        backend=backend,
+        interpret=interpret,
         out_shape=out_shape,
         grid=(b * kv, num_splits),
         in_specs=in_specs,
@@ -282,9 +282,9 @@ def combine_splits(acc: jax.Array, row_max: jax.Array, denom: jax.Array) -> jax.
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "block_k", "num_splits", "num_warps", "num_stages", "backend"),
+    static_argnames=("sm_scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret"),
 )
-def sparse_decode_attention(
+def sparse_decode_attention_pallas(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -295,7 +295,7 @@ def sparse_decode_attention(
     num_splits: int = 16,
     num_warps: int = 8,
     num_stages: int = 2,
-    backend: backend_lib.Backend = "auto",
+    interpret: bool = False,
 ) -> jax.Array:
     """Exact softmax attention of each KV head's G query heads over its selected tokens.
 
@@ -311,15 +311,13 @@ def sparse_decode_attention(
       num_warps, num_stages: Triton launch parameters. 8 warps: the [block_k, D] pointer
         tensors of the gathers cost registers; with 4 warps Triton 3.9 for sm_90 needs 216
         registers per thread (bf16) and spills (f32), with 8 warps 138 / 122 and no spills.
-      backend: "auto" | "reference" | "interpret" | "triton", see `kernels/backend.py`.
+      interpret: run in the Pallas interpreter (any device) instead of lowering to Triton.
 
     Returns:
       [B, K, G, D] in q's dtype (softmax and accumulation in f32); rows with no valid index
       are 0.
     """
     _check_args(q, k, v, indices)
-    if not backend_lib.is_pallas(backend):
-        return sparse_decode_attention_reference(q, k, v, indices, sm_scale=sm_scale)
     if block_k < _MIN_DOT or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of 2 >= {_MIN_DOT}, got {block_k}")
     if num_splits < 1:
@@ -331,6 +329,34 @@ def sparse_decode_attention(
     )
     partials = _sparse_attention_call(
         q_pad, indices_pad, k, v, sm_scale=sm_scale, block_k=block_k, num_splits=splits,
-        num_warps=num_warps, num_stages=num_stages, backend=backend,
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
     )  # acc [B, K, S, Gp, Dp], row_max [B, K, S, Gp], denom [B, K, S, Gp]
     return combine_splits(*partials)[:, :, :g, :d].astype(q.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "block_k", "num_splits", "num_warps", "num_stages", "backend"),
+)
+def sparse_decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    indices: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    block_k: int = 64,
+    num_splits: int = 16,
+    num_warps: int = 8,
+    num_stages: int = 2,
+    backend: str = "auto",
+) -> jax.Array:
+    """`sparse_decode_attention_pallas` or `sparse_decode_attention_reference`, whichever
+    `backend` names (`backend.choose`); the tiling and launch parameters go to the kernel
+    only."""
+    kernel = functools.partial(
+        sparse_decode_attention_pallas, block_k=block_k, num_splits=num_splits,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    run = backend_lib.choose(backend, pallas=kernel, reference=sparse_decode_attention_reference)
+    return run(q, k, v, indices, sm_scale=sm_scale)

@@ -1,6 +1,9 @@
-"""approx_scores: Pallas kernel (interpret mode) == jnp reference == independent numpy loops."""
+"""approx_scores: Pallas kernel (interpret mode; Triton on a GPU) == jnp reference ==
+independent numpy loops."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 from kernel_cases import TOLERANCES, channel_sets, page_metadata, random_normal
 
-from rocketkv_jax.kernels import approx_scores, approx_scores_reference
+from rocketkv_jax.kernels import approx_scores, approx_scores_pallas, approx_scores_reference
 from rocketkv_jax.kernels.approx_scores import _approx_scores_call, prepare_approx_operands
 
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -80,10 +83,10 @@ def numpy_approx_scores(q, page_max, page_min, channels, lengths, page_size):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[2]}-D{c[3]}-page{c[4]}-P{c[5]//c[4]}")
-def test_kernel_matches_reference(case, dtype):
+def test_kernel_matches_reference(case, dtype, interpret):
     args = make_inputs(case, dtype)
     page_size, block_p = case[4], case[8]
-    out = approx_scores(*args, page_size=page_size, block_p=block_p, backend="interpret")
+    out = approx_scores_pallas(*args, page_size=page_size, block_p=block_p, interpret=interpret)
     ref = approx_scores_reference(*args, page_size=page_size)
     assert out.dtype == jnp.float32
     assert out.shape == (case[0], case[1], case[2], -(-case[5] // page_size))
@@ -98,7 +101,7 @@ def test_reference_matches_numpy_loops(case):
     assert_scores_close(ref, expected, jnp.float32)
 
 
-def test_single_head_all_channels_is_an_upper_bound():
+def test_single_head_all_channels_is_an_upper_bound(interpret):
     """With G = 1 and R = D the score bounds q.k of every valid token of its page (Quest)."""
     b, kv, d, page_size, c = 2, 2, 64, 8, 96
     rng = np.random.default_rng(3)
@@ -108,8 +111,8 @@ def test_single_head_all_channels_is_an_upper_bound():
     q = random_normal(rng, (b, kv, 1, d))
     channels = np.tile(np.arange(d, dtype=np.int32), (b, kv, 1))
     out = np.asarray(
-        approx_scores(q, page_max, page_min, channels, lengths, page_size=page_size,
-                      backend="interpret")
+        approx_scores_pallas(q, page_max, page_min, channels, lengths, page_size=page_size,
+                             interpret=interpret)
     )[:, :, 0]  # [B, K, P]
     dots = np.einsum("bkd,bkcd->bkc", q[:, :, 0].astype(np.float64), keys)  # [B, K, C]
     for bi in range(b):
@@ -118,19 +121,19 @@ def test_single_head_all_channels_is_an_upper_bound():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_channel_major_layout(dtype):
+def test_channel_major_layout(dtype, interpret):
     case = CASES[2]
     q, page_max, page_min, channels, lengths = make_inputs(case, dtype)
     expected = approx_scores_reference(q, page_max, page_min, channels, lengths,
                                        page_size=case[4])
     pm_t, pn_t = jnp.swapaxes(page_max, 2, 3), jnp.swapaxes(page_min, 2, 3)  # [B, K, D, P]
-    for backend in ("interpret", "reference"):
-        out = approx_scores(q, pm_t, pn_t, channels, lengths, page_size=case[4], block_p=16,
-                            backend=backend, channel_major=True)
+    kernel = functools.partial(approx_scores_pallas, block_p=16, interpret=interpret)
+    for run in (kernel, approx_scores_reference):
+        out = run(q, pm_t, pn_t, channels, lengths, page_size=case[4], channel_major=True)
         assert_scores_close(out, expected, dtype)
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(interpret):
     """The output buffer starts as NaN (aliased input); no NaN may survive, padding included."""
     case = CASES[2]  # P = 10 -> padded to 16, G = 4 -> padded to 16
     q, page_max, page_min, channels, lengths = make_inputs(case, jnp.float32)
@@ -139,7 +142,7 @@ def test_every_output_element_is_written():
     poison = jnp.full((b, kv, g_pad, 16), jnp.nan, jnp.float32)
     out = _approx_scores_call(
         q_hat, use_max, channels_pad, page_max, page_min, lengths, page_size=case[4],
-        block_p=16, num_warps=4, num_stages=2, backend="interpret", channel_major=False,
+        block_p=16, num_warps=4, num_stages=2, interpret=interpret, channel_major=False,
         out_init=poison,
     )
     assert not np.isnan(np.asarray(out)).any()
@@ -148,35 +151,39 @@ def test_every_output_element_is_written():
     assert_scores_close(out[:, :, : case[2], :10], expected, jnp.float32)
 
 
-def test_empty_pages_are_exactly_neg_inf_with_negative_queries():
+def test_empty_pages_are_exactly_neg_inf_with_negative_queries(interpret):
     """-inf metadata times a negative query would be +inf; the kernel must mask instead."""
     case = (1, 1, 2, 64, 16, 64, 16, [20], 16)
     q, page_max, page_min, channels, lengths = make_inputs(case, jnp.float32)
     for sign in (1.0, -1.0):
         out = np.asarray(
-            approx_scores(sign * q, page_max, page_min, channels, lengths, page_size=16,
-                          backend="interpret")
+            approx_scores_pallas(sign * q, page_max, page_min, channels, lengths,
+                                 page_size=16, interpret=interpret)
         )
         assert np.isfinite(out[..., :2]).all()
         assert np.isneginf(out[..., 2:]).all()
 
 
-def test_jit_and_vmap():
+def test_jit_and_vmap(interpret):
     case = CASES[0]
     stacked = [make_inputs(case, jnp.float32, seed=s) for s in (0, 1)]
     args = [jnp.stack(xs) for xs in zip(*stacked, strict=True)]  # leading axis of 2
-    f = jax.jit(jax.vmap(lambda *a: approx_scores(*a, page_size=case[4], backend="interpret")))
+    f = jax.jit(jax.vmap(
+        lambda *a: approx_scores_pallas(*a, page_size=case[4], interpret=interpret)
+    ))
     out = f(*args)
     for i in range(2):
         assert_scores_close(out[i], approx_scores_reference(*stacked[i], page_size=case[4]),
                             jnp.float32)
 
 
-def test_reference_backend_and_auto_on_cpu_match_reference():
+def test_every_backend_name_matches_reference():
+    """`approx_scores(backend=...)`: what each name runs here ("triton" needs a GPU)."""
     case = CASES[1]
     args = make_inputs(case, jnp.float32)
     ref = approx_scores_reference(*args, page_size=case[4])
-    for backend in ("reference", "auto"):
+    on_gpu = jax.default_backend() == "gpu"
+    for backend in ("reference", "auto", "interpret", *(("triton",) if on_gpu else ())):
         out = approx_scores(*args, page_size=case[4], backend=backend)
         assert_scores_close(out, ref, jnp.float32)
 
@@ -186,6 +193,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="unknown kernel backend"):
         approx_scores(*args, page_size=8, backend="cuda")
     with pytest.raises(ValueError, match="block_p"):
-        approx_scores(*args, page_size=8, block_p=48, backend="interpret")
+        approx_scores_pallas(*args, page_size=8, block_p=48, interpret=True)
     with pytest.raises(ValueError, match="channels"):
-        approx_scores(*args[:3], args[3][0], args[4], page_size=8, backend="interpret")
+        approx_scores_pallas(*args[:3], args[3][0], args[4], page_size=8, interpret=True)
+    with pytest.raises(ValueError, match="channels"):
+        approx_scores_reference(*args[:3], args[3][0], args[4], page_size=8)

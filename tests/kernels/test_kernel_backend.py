@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import pytest
 
-from rocketkv_jax.kernels import BACKENDS, resolve_backend
-from rocketkv_jax.kernels.backend import is_pallas, next_power_of_2, pallas_call
+from rocketkv_jax.kernels import BACKENDS, choose, resolve_backend
+from rocketkv_jax.kernels.backend import next_power_of_2
 
 
 def test_backend_names():
@@ -21,22 +23,34 @@ def test_explicit_backends_resolve_to_themselves(name):
     assert resolve_backend(name) == name
 
 
+def kernel(*, interpret):
+    return "interpret" if interpret else "triton"
+
+
+def reference():
+    return "reference"
+
+
+@pytest.mark.parametrize("name", ["reference", "interpret", "triton"])
+def test_choose_runs_what_the_name_says(name):
+    run = choose(name, pallas=kernel, reference=reference)
+    assert run() == name
+    if name != "reference":
+        assert isinstance(run, functools.partial) and run.func is kernel
+
+
 def test_auto_follows_the_default_device():
     expected = "triton" if jax.default_backend() == "gpu" else "reference"
     assert resolve_backend("auto") == expected
-    assert is_pallas("auto") == (expected == "triton")
+    assert choose("auto", pallas=kernel, reference=reference)() == expected
 
 
 @pytest.mark.parametrize("name", ["gpu", "Triton", "", "mosaic"])
 def test_unknown_backend_is_a_clear_error(name):
     with pytest.raises(ValueError, match="unknown kernel backend.*expected one of"):
         resolve_backend(name)
-
-
-def test_pallas_call_refuses_reference():
-    with pytest.raises(ValueError, match="Pallas backend"):
-        pallas_call(lambda: None, backend="reference", out_shape=None, grid=(1,), in_specs=[],
-                    out_specs=None, num_warps=4, num_stages=2, name="x")
+    with pytest.raises(ValueError, match="unknown kernel backend.*expected one of"):
+        choose(name, pallas=kernel, reference=reference)
 
 
 @pytest.mark.parametrize("n,expected", [(0, 1), (1, 1), (2, 2), (3, 4), (16, 16), (17, 32)])

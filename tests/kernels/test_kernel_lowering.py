@@ -14,10 +14,11 @@ import pytest
 from jax.experimental import pallas as pl
 
 from rocketkv_jax.kernels import (
-    approx_scores,
+    approx_scores_pallas,
     backend,
-    prefill_attention,
+    prefill_attention_pallas,
     sparse_decode_attention,
+    sparse_decode_attention_pallas,
 )
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -36,7 +37,7 @@ def lower_for_cuda(f, *shapes) -> str:
 def test_sparse_decode_attention_lowers_to_triton(dtype, b, c, m):
     kv, g, d = 8, 4, 128
     text = lower_for_cuda(
-        lambda *a: sparse_decode_attention(*a, backend="triton"),
+        sparse_decode_attention_pallas,
         S((b, kv, g, d), dtype), S((b, kv, c, d), dtype), S((b, kv, c, d), dtype),
         S((b, kv, m), jnp.int32),
     )
@@ -52,8 +53,7 @@ def test_approx_scores_lowers_to_triton(dtype, channel_major, b, c, page_size, r
     p = -(-c // page_size)
     meta = (b, kv, d, p) if channel_major else (b, kv, p, d)
     text = lower_for_cuda(
-        lambda *a: approx_scores(*a, page_size=page_size, backend="triton",
-                                 channel_major=channel_major),
+        lambda *a: approx_scores_pallas(*a, page_size=page_size, channel_major=channel_major),
         S((b, kv, g, d), dtype), S(meta, dtype), S(meta, dtype), S((b, kv, r), jnp.int32),
         S((b,), jnp.int32),
     )
@@ -65,11 +65,11 @@ def test_gqa_ratios_and_vmap_lower_to_triton(g):
     """G != 16 is padded; a vmap adds the third (and last allowed) Triton grid axis."""
     n, b, kv, d, c, m, r = 2, 1, 8, 128, 8192, 512, 16
     dt = jnp.bfloat16
-    attn = jax.vmap(lambda *a: sparse_decode_attention(*a, backend="triton"))
+    attn = jax.vmap(sparse_decode_attention_pallas)
     text = lower_for_cuda(attn, S((n, b, kv, g, d), dt), S((n, b, kv, c, d), dt),
                           S((n, b, kv, c, d), dt), S((n, b, kv, m), jnp.int32))
     assert TRITON_CALL in text
-    scores = jax.vmap(lambda *a: approx_scores(*a, page_size=16, backend="triton"))
+    scores = jax.vmap(lambda *a: approx_scores_pallas(*a, page_size=16))
     p = c // 16
     text = lower_for_cuda(scores, S((n, b, kv, g, d), dt), S((n, b, kv, p, d), dt),
                           S((n, b, kv, p, d), dt), S((n, b, kv, r), jnp.int32),
@@ -82,8 +82,8 @@ PREFILL_SHAPES = {"llama8b": (8, 4, 128), "smollm2": (3, 3, 64)}
 
 def lower_prefill(kv, g, d, t, s, dtype, sliding_window, batch=1):
     return lower_for_cuda(
-        lambda q, k, v, lengths, q_start: prefill_attention(
-            q, k, v, lengths, q_start, sliding_window=sliding_window, backend="triton"),
+        lambda q, k, v, lengths, q_start: prefill_attention_pallas(
+            q, k, v, lengths, q_start, sliding_window=sliding_window),
         S((batch, kv * g, t, d), dtype), S((batch, kv, s, d), dtype),
         S((batch, kv, s, d), dtype), S((batch,), jnp.int32), S((), jnp.int32),
     )
@@ -114,8 +114,7 @@ def test_prefill_attention_vmap_lowers_to_triton():
     """The grid is 2-D, so a vmap (e.g. over stacked layers) adds the third grid axis."""
     n, kv, g, d, t = 2, 8, 4, 128, 8192
     dt = jnp.bfloat16
-    f = jax.vmap(lambda q, k, v, lengths: prefill_attention(q, k, v, lengths,
-                                                             backend="triton"))
+    f = jax.vmap(prefill_attention_pallas)
     text = lower_for_cuda(f, S((n, 1, kv * g, t, d), dt), S((n, 1, kv, t, d), dt),
                           S((n, 1, kv, t, d), dt), S((n, 1), jnp.int32))
     assert TRITON_CALL in text
@@ -129,7 +128,7 @@ def test_lowering_check_rejects_non_power_of_2_blocks():
 
     def f(x):
         return backend.pallas_call(
-            bad_kernel, backend="triton", out_shape=S((24, 16), jnp.float32), grid=(1,),
+            bad_kernel, interpret=False, out_shape=S((24, 16), jnp.float32), grid=(1,),
             in_specs=[pl.BlockSpec((24, 16), lambda i: (0, 0))],
             out_specs=pl.BlockSpec((24, 16), lambda i: (0, 0)),
             num_warps=4, num_stages=2, name="bad",
@@ -140,7 +139,8 @@ def test_lowering_check_rejects_non_power_of_2_blocks():
 
 
 def test_triton_backend_uses_triton_not_mosaic():
-    """Without explicit Triton params, JAX 0.10 would lower GPU Pallas with Mosaic GPU."""
+    """Without explicit Triton params, JAX 0.10 would lower GPU Pallas with Mosaic GPU; the
+    backend name "triton" reaches the kernel with interpret=False."""
     text = lower_for_cuda(
         lambda *a: sparse_decode_attention(*a, backend="triton"),
         S((1, 2, 4, 64), jnp.bfloat16), S((1, 2, 1024, 64), jnp.bfloat16),

@@ -1,4 +1,5 @@
-"""Prefill attention: the blockwise jnp reference and the Pallas kernel (interpret mode).
+"""Prefill attention: the blockwise jnp reference and the Pallas kernel (interpret mode;
+Triton on a GPU).
 
 The reference is pinned to a float64 numpy loop written from the contract (causal, lengths,
 Mistral's window q - k < w, a chunk of queries at q_start over a longer buffer) and to the
@@ -18,7 +19,11 @@ import numpy as np
 import pytest
 from kernel_cases import TOLERANCES, random_normal
 
-from rocketkv_jax.kernels import prefill_attention, prefill_attention_reference
+from rocketkv_jax.kernels import (
+    prefill_attention,
+    prefill_attention_pallas,
+    prefill_attention_reference,
+)
 from rocketkv_jax.models.layers import attention_mask, dense_attention
 
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -135,11 +140,12 @@ KERNEL_CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", list(KERNEL_CASES), ids=str)
-def test_kernel_interpret_matches_reference(case, dtype):
+def test_kernel_matches_reference(case, dtype, interpret):
     b, kv, g, t, s, d, q_start, lengths, window, block_q, block_k = KERNEL_CASES[case]
     q, k, v, lens = make_case(zlib.crc32(case.encode()), b, kv, g, t, s, d, dtype, lengths)
-    out = prefill_attention(q, k, v, lens, jnp.int32(q_start), sliding_window=window,
-                            backend="interpret", block_q=block_q, block_k=block_k)
+    blocks = {"block_q": block_q, "block_k": block_k} if block_q else {}  # else the defaults
+    out = prefill_attention_pallas(q, k, v, lens, jnp.int32(q_start), sliding_window=window,
+                                   interpret=interpret, **blocks)
     assert out.shape == q.shape and out.dtype == q.dtype
     ref = jax.jit(functools.partial(prefill_attention_reference, q_start=q_start,
                                     sliding_window=window, block_q=16, block_k=16))
@@ -152,4 +158,19 @@ def test_kernel_rejects_bad_blocks():
     q, k, v, lens = make_case(0, 1, 1, 1, 16, 16, 64, jnp.float32, [16])
     for bad in ({"block_q": 24}, {"block_k": 8}):
         with pytest.raises(ValueError, match="power of 2"):
+            prefill_attention_pallas(q, k, v, lens, interpret=True, **bad)
+        with pytest.raises(ValueError, match="power of 2"):  # passed on by the backend name
             prefill_attention(q, k, v, lens, backend="interpret", **bad)
+
+
+def test_every_backend_name_matches_reference():
+    """`prefill_attention(backend=...)`, as the model calls it: what each name runs here
+    ("triton" needs a GPU), with each implementation's default blocks."""
+    q, k, v, lens = make_case(3, 2, 2, 3, 24, 40, 64, jnp.float32, [40, 29])
+    want, seen = ref_prefill(q, k, v, [40, 29], 16, 8)
+    on_gpu = jax.default_backend() == "gpu"
+    for backend in ("reference", "auto", "interpret", *(("triton",) if on_gpu else ())):
+        out = prefill_attention(q, k, v, lens, jnp.int32(16), sliding_window=8,
+                                backend=backend)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert_matches(out, want, seen, [40, 29], 16, jnp.float32)

@@ -1,4 +1,5 @@
-"""sparse_decode_attention: Pallas kernel (interpret) == jnp reference == numpy loops."""
+"""sparse_decode_attention: Pallas kernel (interpret mode; Triton on a GPU) == jnp reference
+== numpy loops."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import numpy as np
 import pytest
 from kernel_cases import TOLERANCES, distinct_indices, random_normal
 
-from rocketkv_jax.kernels import sparse_decode_attention, sparse_decode_attention_reference
+from rocketkv_jax.kernels import (
+    sparse_decode_attention,
+    sparse_decode_attention_pallas,
+    sparse_decode_attention_reference,
+)
 from rocketkv_jax.kernels.sparse_decode_attention import (
     _sparse_attention_call,
     combine_splits,
@@ -77,11 +82,11 @@ def case_id(c):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_kernel_matches_reference(case, dtype):
+def test_kernel_matches_reference(case, dtype, interpret):
     q, k, v, indices = make_inputs(case, dtype)
     block_k, num_splits = case[8], case[9]
-    out = sparse_decode_attention(q, k, v, indices, block_k=block_k, num_splits=num_splits,
-                                  backend="interpret")
+    out = sparse_decode_attention_pallas(q, k, v, indices, block_k=block_k,
+                                         num_splits=num_splits, interpret=interpret)
     ref = sparse_decode_attention_reference(q, k, v, indices)
     assert out.dtype == dtype and out.shape == q.shape
     assert_outputs_close(out, ref, dtype)
@@ -96,19 +101,19 @@ def test_reference_matches_numpy_loops(case):
                          numpy_sparse_attention(q, k, v, indices, sm_scale=0.3), jnp.float32)
 
 
-def test_custom_scale_rows_without_tokens_and_out_of_range_slots():
+def test_custom_scale_rows_without_tokens_and_out_of_range_slots(interpret):
     case = CASES[1]
     q, k, v, indices = make_inputs(case, jnp.float32)
     indices = indices.at[0, 1].set(-1)  # a (b, k) with no token at all
     indices = indices.at[1, 0, :7].set(-5).at[1, 0, 7:9].set(10**6)  # other invalid slots
-    out = sparse_decode_attention(q, k, v, indices, sm_scale=0.25, block_k=32, num_splits=4,
-                                  backend="interpret")
+    out = sparse_decode_attention_pallas(q, k, v, indices, sm_scale=0.25, block_k=32,
+                                         num_splits=4, interpret=interpret)
     np.testing.assert_array_equal(np.asarray(out[0, 1]), 0.0)
     assert_outputs_close(out, numpy_sparse_attention(q, k, v, indices, sm_scale=0.25),
                          jnp.float32)
 
 
-def test_every_partial_output_element_is_written():
+def test_every_partial_output_element_is_written(interpret):
     """All three kernel outputs start as NaN (aliased inputs); none may survive."""
     case = CASES[2]  # G=4 -> 16 rows, M=37 -> 3 blocks of 16 over 3 splits
     q, k, v, indices = make_inputs(case, jnp.float32)
@@ -123,7 +128,7 @@ def test_every_partial_output_element_is_written():
     )
     partials = _sparse_attention_call(
         q_pad, indices_pad, k, v, sm_scale=1 / 8, block_k=block_k, num_splits=splits,
-        num_warps=8, num_stages=2, backend="interpret", out_init=poison,
+        num_warps=8, num_stages=2, interpret=interpret, out_init=poison,
     )
     for x in partials:
         assert not np.isnan(np.asarray(x)).any()
@@ -158,23 +163,22 @@ def test_split_plan(m, block_k, num_splits, expected):
     assert splits * per_split * bk >= m > (splits - 1) * per_split * bk  # no empty split
 
 
-def test_jit_and_vmap():
+def test_jit_and_vmap(interpret):
     case = CASES[0]
     stacked = [make_inputs(case, jnp.float32, seed=s) for s in (0, 1)]
     args = [jnp.stack(xs) for xs in zip(*stacked, strict=True)]  # leading axis of 2
-    f = jax.jit(jax.vmap(
-        lambda *a: sparse_decode_attention(*a, block_k=32, num_splits=2, backend="interpret")
-    ))
+    f = jax.jit(jax.vmap(lambda *a: sparse_decode_attention_pallas(
+        *a, block_k=32, num_splits=2, interpret=interpret)))
     out = f(*args)
     for i in range(2):
         assert_outputs_close(out[i], sparse_decode_attention_reference(*stacked[i]),
                              jnp.float32)
 
 
-def test_mixed_dtypes_promote():
+def test_mixed_dtypes_promote(interpret):
     q, k, v, indices = make_inputs(CASES[0], jnp.bfloat16)
     q32 = q.astype(jnp.float32)
-    out = sparse_decode_attention(q32, k, v, indices, block_k=32, backend="interpret")
+    out = sparse_decode_attention_pallas(q32, k, v, indices, block_k=32, interpret=interpret)
     assert out.dtype == jnp.float32
     assert_outputs_close(out, sparse_decode_attention_reference(q32, k, v, indices),
                          jnp.float32)
@@ -185,8 +189,22 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="unknown kernel backend"):
         sparse_decode_attention(q, k, v, indices, backend="mosaic")
     with pytest.raises(ValueError, match="block_k"):
-        sparse_decode_attention(q, k, v, indices, block_k=24, backend="interpret")
+        sparse_decode_attention_pallas(q, k, v, indices, block_k=24, interpret=True)
     with pytest.raises(ValueError, match="num_splits"):
-        sparse_decode_attention(q, k, v, indices, num_splits=0, backend="interpret")
+        sparse_decode_attention_pallas(q, k, v, indices, num_splits=0, interpret=True)
     with pytest.raises(ValueError, match="indices"):
-        sparse_decode_attention(q, k, v, indices[0], backend="interpret")
+        sparse_decode_attention_pallas(q, k, v, indices[0], interpret=True)
+    with pytest.raises(ValueError, match="indices"):
+        sparse_decode_attention_reference(q, k, v, indices[0])
+
+
+def test_every_backend_name_matches_reference():
+    """`sparse_decode_attention(backend=...)`: what each name runs here ("triton" needs a
+    GPU)."""
+    case = CASES[1]
+    q, k, v, indices = make_inputs(case, jnp.float32)
+    ref = sparse_decode_attention_reference(q, k, v, indices)
+    on_gpu = jax.default_backend() == "gpu"
+    for backend in ("reference", "auto", "interpret", *(("triton",) if on_gpu else ())):
+        out = sparse_decode_attention(q, k, v, indices, block_k=32, backend=backend)
+        assert_outputs_close(out, ref, jnp.float32)
