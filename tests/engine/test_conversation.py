@@ -282,3 +282,25 @@ def test_multi_turn_methods_by_name():
     plan = make_method("rocketkv-mt", 64).plan(CFG, 200, 8)
     assert plan.name == "rocketkv-mt" and plan == dataclasses.replace(
         RocketKV(64).plan(CFG, 200, 8), name="rocketkv-mt")
+
+
+def test_batched_rocketkv_mt_rows_equal_each_row_alone():
+    """Two rows whose turns and replies differ in length (each row prefills from its own
+    start and re-reads its own window) give what each row gives alone; the lengths stay
+    in one bucket, so both resolve the same plan."""
+    t1 = _turns([90, 84], seed=7)
+    t2 = _turns([3, 9], seed=8)
+    method = RocketKVMT(48)
+    conv = Conversation(PARAMS, CFG, method, capacity=160, batch=2, prefill_chunk=16)
+    conv.append(t1)
+    first = conv.generate(6).tokens
+    conv.append(t2)
+    logits = _last_logits(conv)
+    second = conv.generate(6).tokens
+    for b in range(2):
+        alone = Conversation(PARAMS, CFG, method, capacity=160, prefill_chunk=16)
+        alone.append(t1[b])
+        assert alone.generate(6).tokens[0] == first[b]
+        alone.append(t2[b])
+        assert_logits_close(logits[b], _last_logits(alone)[0])
+        assert alone.generate(6).tokens[0] == second[b]
