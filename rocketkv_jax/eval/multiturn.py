@@ -11,7 +11,8 @@ history for every question.
 
 `rocketkv eval --multi-turn N` runs it: methods x budgets x contexts x samples, one
 JSON line per turn in <out>/multiturn.jsonl (resumed: finished (method, budget, context,
-sample) conversations are skipped), and <out>/multiturn.md, the accuracy table by turn.
+sample) conversations are skipped), <out>/multiturn.md, the accuracy table by turn, and
+<out>/multiturn.png, its plot.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ DEFAULTS = {
 }
 RESULTS_FILE = "multiturn.jsonl"
 TABLE_FILE = "multiturn.md"
+PLOT_FILE = "multiturn.png"
 INTRO = ("Some special magic numbers are hidden within the following text. Make sure to "
          "memorize them. I will quiz you about them afterwards.")
 
@@ -183,20 +185,55 @@ def load_results(path: Path) -> list[dict]:
 
 def accuracy_by_turn(rows: Sequence[dict]) -> str:
     """Markdown table: one row per (context, method, budget), mean score % per turn."""
-    cells: dict[tuple, dict[int, list[float]]] = {}
-    for r in rows:
-        key = (r["context"], r["method"], r["token_budget"])
-        cells.setdefault(key, {}).setdefault(r["turn"], []).append(r["score"])
+    means = _mean_by_turn(rows)
     turns = sorted({r["turn"] for r in rows})
     head = "| context | method | budget | " + " | ".join(f"turn {t}" for t in turns) + " |"
     lines = [head, "|" + "---|" * (3 + len(turns))]
     for (context, method, budget), by_turn in sorted(
-            cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
-        scores = [by_turn.get(t) for t in turns]
+            means.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+        cells = [f"{by_turn[t]:.0f}" if t in by_turn else "" for t in turns]
         lines.append(f"| {context} | {method} | {budget if budget is not None else '-'} | "
-                     + " | ".join(f"{100 * sum(s) / len(s):.0f}" if s else "" for s in scores)
-                     + " |")
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_by_turn(rows: Sequence[dict]) -> dict[tuple, dict[int, float]]:
+    """(context, method, budget) -> {turn: mean score %}."""
+    cells: dict[tuple, dict[int, list[float]]] = {}
+    for r in rows:
+        key = (r["context"], r["method"], r["token_budget"])
+        cells.setdefault(key, {}).setdefault(r["turn"], []).append(r["score"])
+    return {k: {t: 100 * sum(v) / len(v) for t, v in by.items()} for k, by in cells.items()}
+
+
+def plot_accuracy_by_turn(rows: Sequence[dict], path: Path) -> Path:
+    """Accuracy (%) by turn, one panel per (context, budget), one line per method (full,
+    which has no budget, in every panel of its context)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    means = _mean_by_turn(rows)
+    panels = sorted({(c, b) for c, _, b in means if b is not None}) or sorted(
+        {(c, None) for c, _, _ in means})
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    FigureCanvasAgg(fig)
+    for i, (context, budget) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, len(panels), i)
+        for (c, method, b), by_turn in sorted(means.items(), key=lambda kv: kv[0][1]):
+            if c != context or b not in (budget, None):
+                continue
+            turns = sorted(by_turn)
+            ax.plot(turns, [by_turn[t] for t in turns], marker="o", label=method,
+                    linestyle="--" if b is None else "-")
+        ax.set_title(f"context {context}" + (f", budget {budget}" if budget else ""))
+        ax.set_xticks(sorted({r["turn"] for r in rows}))
+        ax.set_xlabel("turn")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-5, 105)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def _list(text: str | None, default: tuple, what: str, parse=str) -> tuple:
@@ -253,9 +290,11 @@ def cmd_multiturn(args) -> int:
                              max_new_tokens=max_new, progress=not args.no_progress)
     except TaskError as e:
         return error(str(e))
-    table = accuracy_by_turn(load_results(path))
+    rows = load_results(path)
+    table = accuracy_by_turn(rows)
     (out / TABLE_FILE).write_text(
         f"Multi-turn KV retrieval, {turns} turns: accuracy (%) by turn\n\n{table}\n")
+    plot = plot_accuracy_by_turn(rows, out / PLOT_FILE)
     print(f"\nMulti-turn KV retrieval, accuracy (%) by turn:\n\n{table}")
-    print(f"wrote {path}, {out / TABLE_FILE}")
+    print(f"wrote {path}, {out / TABLE_FILE}, {plot}")
     return 0

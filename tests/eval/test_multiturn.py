@@ -61,6 +61,7 @@ def test_eval_multi_turn_runs_resumes_and_writes_the_table(ckpt, tmp_path, capsy
     table = (tmp_path / "multiturn.md").read_text()
     assert "| context | method | budget | turn 1 | turn 2 |" in table
     assert "| 320 | rocketkv-mt | 64 |" in table
+    assert (tmp_path / "multiturn.png").stat().st_size > 1000
     # a second run finds every conversation done and adds nothing
     assert cli_main(args) == 0
     assert len((tmp_path / "multiturn.jsonl").read_text().splitlines()) == 6
