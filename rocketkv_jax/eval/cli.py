@@ -232,8 +232,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "with N needles of different keys, asked about in N successive turns of one "
         "conversation, scored per turn; takes --methods (also rocketkv-mt, snapkv-mt; "
         "default full,rocketkv,rocketkv-mt,topk), --budgets (default 256,512,1k), --contexts "
-        "(default 4k), --samples (default 5), --seed, --out; writes multiturn.jsonl and "
-        "multiturn.md (default: 0, off)",
+        "(default 4k), --samples (default 5), --seed, --out; writes multiturn.jsonl, "
+        "multiturn.md and multiturn.png (default: 0, off)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
