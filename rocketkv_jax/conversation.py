@@ -95,8 +95,10 @@ class TurnStats:
 
     prefilled: int = 0
     prefill_s: float = 0.0
-    generated: int = 0
-    decode_s: float = 0.0
+    generated: int = 0  # tokens of the replies, the first (from the prefill logits) included
+    start_s: float = 0.0  # the turn's compression (multi_turn, first single_turn) + 1st token
+    decode_s: float = 0.0  # the decode steps after the first token
+    rows: int = 1
     compile_s: float = 0.0
     cached: tuple[int, ...] = ()
     cache_bytes: int = 0
@@ -104,13 +106,17 @@ class TurnStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.generated / self.decode_s if self.decode_s > 0 else 0.0
+        """Tokens per second of the decode steps (each row's first token comes from the
+        prefill logits, so it is not counted)."""
+        decoded = self.generated - self.rows
+        return decoded / self.decode_s if self.decode_s > 0 and decoded > 0 else 0.0
 
     def summary(self) -> str:
         cached = "/".join(map(str, self.cached))
         return (f"[turn] prefilled {self.prefilled} new tokens ({self.prefill_s:.2f} s) | "
                 f"history {cached} tokens | KV cache {self.cache_bytes / 2**20:.1f} MiB | "
-                f"decode {self.generated} tokens, {self.decode_tokens_per_s:.1f} tok/s | "
+                f"reply {self.generated} tokens (first after {self.start_s:.2f} s, then "
+                f"{self.decode_tokens_per_s:.1f} tok/s) | "
                 f"compile {self.compile_s:.1f} s" + (f" | {self.plan}" if self.plan else ""))
 
 
@@ -266,6 +272,8 @@ class Conversation:
         self._history = None  # donated (or compressed away)
         N, step = max_new_tokens, 1
         done = np.asarray(state.done)
+        t_first = time.perf_counter()
+        stats.start_s = t_first - t0
         if on_step is not None:
             on_step(0, np.asarray(state.out)[:, 0], done)
         while step < N and not done.all():
@@ -276,7 +284,8 @@ class Conversation:
                 on_step(step - 1, np.asarray(state.out)[:, step - 1], done)
         out, n_gen = np.asarray(state.out), np.asarray(state.n_generated)
         self._history = finish(state.cache, state.step, state.n_generated)
-        stats.decode_s = time.perf_counter() - t0
+        stats.decode_s = time.perf_counter() - t_first
+        stats.rows = self.batch
         if first:
             self._plan = plan
         replies = [out[b, :n_gen[b]].tolist() for b in range(self.batch)]
