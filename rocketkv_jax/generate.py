@@ -203,7 +203,8 @@ def generate_ids(
     for the bucketed prompt length. stop_ids default to the config's EOS ids.
     on_step(step, tokens [B], done [B]) is called on the host as tokens are produced.
     mesh: a `sharding.make_mesh` mesh to run on (batch over "data", heads over "model");
-    params not yet laid out on it are moved there by `sharding.PARAM_RULES`.
+    params not yet laid out on it are moved there by their declared axes
+    (`sharding.param_shardings`).
     prefill_chunk: prompt tokens per prefill chunk (None: the whole prompt at once); a
     prompt longer than one chunk is padded to a whole number of chunks, so every prompt
     of n chunks shares one program. on_prefill_chunk(done, total) is called on the host
@@ -288,12 +289,22 @@ def pack_prompts(config, prompts, max_new_tokens, pad_id, mesh=None,
     return tokens, lengths
 
 
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly row-sharded) array on the host; with several processes,
+    gathered from all of them."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def run_decode(decode, params, state: DecodeState, lens, n: int, on_step,
                 stats: GenerateStats, t0: float) -> GenerateOutput:
     """Run the decode program from a step-1 state to the end, one step per call when
     tokens are streamed to `on_step`, else in one call; fill in the timings."""
     N = state.out.shape[1]
-    step, done, out = 1, np.asarray(state.done), np.asarray(state.out)
+    step, done, out = 1, host_array(state.done), host_array(state.out)
     t_first = time.perf_counter()
     stats.prefill_s += t_first - t0
     if on_step is not None:
@@ -301,11 +312,11 @@ def run_decode(decode, params, state: DecodeState, lens, n: int, on_step,
     while step < N and not done.all():
         until = step + 1 if on_step is not None else N
         state = decode(params, state, lens, jnp.int32(until))
-        step, done = int(state.step), np.asarray(state.done)
-        out = np.asarray(state.out)
+        step, done = int(host_array(state.step)), host_array(state.done)
+        out = host_array(state.out)
         if on_step is not None:
             on_step(step - 1, out[:n, step - 1], done[:n])
-    n_gen = np.asarray(state.n_generated)
+    n_gen = host_array(state.n_generated)
     stats.decode_s = time.perf_counter() - t_first
     stats.generated_tokens = int(n_gen[:n].sum())
     return GenerateOutput([out[i, : n_gen[i]].tolist() for i in range(n)], stats)

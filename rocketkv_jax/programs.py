@@ -141,12 +141,13 @@ def _prefill_state_shardings(mesh) -> PrefillState | None:
 
 
 def _decode_state_shardings(state: DecodeState, mesh) -> DecodeState | None:
-    """The cache by its rules; the rest replicated, so every process can read it."""
+    """Rows over "data" (the cache by its rules), the step and the key replicated. The
+    host gathers the rows it reads, so no program gathers the [B, N] tokens."""
     if mesh is None:
         return None
-    rep = shd.replicated(mesh)
-    return DecodeState(step=rep, tokens=rep, done=rep, out=rep, n_generated=rep,
-                       cache=shd.cache_shardings(state.cache, mesh), key=rep)
+    rep, rows = shd.replicated(mesh), shd.batch_sharding(mesh)
+    return DecodeState(step=rep, tokens=rows, done=rows, out=shd.batch_sharding(mesh, 2),
+                       n_generated=rows, cache=shd.cache_shardings(state.cache, mesh), key=rep)
 
 
 def params_struct(params):

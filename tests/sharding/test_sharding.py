@@ -125,14 +125,15 @@ def test_restored_checkpoint_lands_in_the_rule_shardings(report):
         assert rows[path]["shard_shape"] == rows[path]["shape"], path
 
 
-# Where the collectives of the full-KV program come from: the row-parallel wo / w_down
+# Where the collectives of the full-KV programs come from: the row-parallel wo / w_down
 # matmuls ("dot_general"), the vocab-parallel embedding lookup ("gather"), the argmax over
-# vocab-sharded logits ("reduce"), and with data > 1 gathering each step's token for the
-# host callback ("select_n"/"reduce"), and with data > 1 the prefill's longest and
-# shortest rows over the data axis ("reduce_max" / "reduce_min" of the int32 lengths: key
-# blocks past the longest are skipped, blocks before the shortest need no mask).
+# vocab-sharded logits ("reduce"), and with data > 1 the prefill's longest and shortest
+# rows over the data axis ("reduce_max" / "reduce_min" of the int32 lengths: key blocks
+# past the longest are skipped, blocks before the shortest need no mask) and the decode
+# loop's "every row stopped" test ("reduce_and" of the row-sharded done flags). The tokens
+# stay row-sharded: the host gathers what it reads between calls, no program does.
 # Never a collective-permute or an all-to-all.
-FULL_SOURCES = ("dot_general", "gather", "reduce", "select_n", "reduce_max", "reduce_min")
+FULL_SOURCES = ("dot_general", "gather", "reduce", "reduce_max", "reduce_min", "reduce_and")
 
 
 @pytest.mark.parametrize("mesh", MESH_IDS)
