@@ -10,43 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from .base import (
-    DensePlan,
-    check_page_size,
-    check_positive_int,
-    check_token_budget,
-    check_top_r,
-    round_capacity,
-)
+from .base import DensePlan, check_token_budget, check_top_r, round_capacity
 from .budget import stage2_reduction
 from .cost import check_stage2, stage2_fallback
 from .skip_layers import check_skip_layers, with_skip_layers
-from .sparse_ops import check_kernels
-from .stage2 import TwoStagePlan
-
-
-def resolve_page_and_channels(
-    name: str, c2: float, head_dim: int, page_size: int | None, top_r: int | None,
-    default: tuple[int, int],
-) -> tuple[int, int]:
-    """(page, r): the derived `default` unless overridden. An explicit page size re-derives
-    r = int(D * page / c2) (clamped to [1, D]); an explicit top_r wins over both."""
-    page, r = default
-    if page_size is not None:
-        page = page_size
-        r = min(max(int(head_dim * page / c2), 1), head_dim)
-    if top_r is not None:
-        check_top_r(name, top_r, head_dim)
-        r = top_r
-    return page, r
-
-
-def check_stage2_overrides(name: str, page_size, top_r, kernels: str) -> None:
-    if page_size is not None:
-        check_page_size(name, page_size)
-    if top_r is not None:
-        check_positive_int(name, "top_r", top_r)
-    check_kernels(name, kernels)
+from .stage2 import TwoStagePlan, check_stage2_overrides, resolve_page_and_channels
 
 
 @with_skip_layers

@@ -21,10 +21,9 @@ from .base import (
 )
 from .budget import rocketkv_split
 from .cost import check_stage2, stage2_fallback
-from .hybrid import check_stage2_overrides, resolve_page_and_channels
 from .skip_layers import check_skip_layers, with_skip_layers
 from .stage1 import resolve_pool_kernel
-from .stage2 import TwoStagePlan
+from .stage2 import TwoStagePlan, check_stage2_overrides, resolve_page_and_channels
 
 
 @with_skip_layers

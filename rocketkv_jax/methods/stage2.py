@@ -7,10 +7,13 @@ turn the bounds into approximate probabilities with SparQ's temperature, pick th
 `k_top` tokens with the highest group-mean probability and attend exactly on them.
 
 `TwoStagePlan` serves both `hybrid` (stage 2 on the uncompressed cache) and `rocketkv`
-(stage-1 SnapKV++ first). With page_size 1 the page bounds are the keys themselves, so
-the cache keeps no separate page metadata and the keys are passed as both bounds. Larger
-pages keep their max/min channel-major, [B, K, D, P]: the R channels stage 2 reads are R
-contiguous runs of pages (row-major [B, K, P, D] would scatter them over every page's row).
+(stage-1 SnapKV++ first); the stage-2 settings both methods resolve
+(`resolve_page_and_channels`, `check_stage2_overrides`) live here too.
+
+With page_size 1 the page bounds are the keys themselves, so the cache keeps no separate
+page metadata and the keys are passed as both bounds. Larger pages keep their max/min
+channel-major, [B, K, D, P]: the R channels stage 2 reads are R contiguous runs of pages
+(row-major [B, K, P, D] would scatter them over every page's row).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import jax.numpy as jnp
 from ..cache import KVCache, append_token, visible_slots
 from ..models.layers import NEG_INF
 from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
-from .base import AppendsTokens, cached_tokens
+from .base import AppendsTokens, cached_tokens, check_page_size, check_positive_int, check_top_r
 from .dense import dense_decode_attention
-from .sparse_ops import approx_scores, sparse_decode_attention
+from .sparse_ops import approx_scores, check_kernels, sparse_decode_attention
 from .stage1 import compress_prompt
 
 
@@ -34,6 +37,31 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
     """q [B, H, D] -> [B, K, G, D] (query heads k*G .. k*G + G - 1 share KV head k)."""
     B, H, D = q.shape
     return q.reshape(B, num_kv_heads, H // num_kv_heads, D)
+
+
+def resolve_page_and_channels(
+    name: str, c2: float, head_dim: int, page_size: int | None, top_r: int | None,
+    default: tuple[int, int],
+) -> tuple[int, int]:
+    """(page, r): the derived `default` unless overridden. An explicit page size re-derives
+    r = int(D * page / c2) (clamped to [1, D]); an explicit top_r wins over both."""
+    page, r = default
+    if page_size is not None:
+        page = page_size
+        r = min(max(int(head_dim * page / c2), 1), head_dim)
+    if top_r is not None:
+        check_top_r(name, top_r, head_dim)
+        r = top_r
+    return page, r
+
+
+def check_stage2_overrides(name: str, page_size, top_r, kernels: str) -> None:
+    """Raise unless the optional stage-2 overrides of `hybrid` / `rocketkv` can work."""
+    if page_size is not None:
+        check_page_size(name, page_size)
+    if top_r is not None:
+        check_positive_int(name, "top_r", top_r)
+    check_kernels(name, kernels)
 
 
 def select_channels(qg: jax.Array, top_r: int) -> jax.Array:
