@@ -15,7 +15,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, visible_slots
+from ..cache import KVCache
 from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
 from .base import (
     DensePlan,
@@ -27,8 +27,7 @@ from .base import (
 )
 from .cost import check_stage2, dense_bytes, dense_reason, mean_slots, quest_bytes
 from .skip_layers import check_skip_layers, with_skip_layers
-from .sparse_ops import check_kernels, sparse_decode_attention
-from .stage2 import group_queries
+from .sparse_ops import SelectsSlots, check_kernels, group_queries
 
 
 def page_upper_bounds(qg: jax.Array, cache: KVCache, page_visible: jax.Array) -> jax.Array:
@@ -69,7 +68,7 @@ def quest_select(
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestPlan(KeepsEveryToken):
+class QuestPlan(SelectsSlots, KeepsEveryToken):
     """Resolved Quest plan: `num_pages` pages of `page_size` tokens attended per step."""
 
     name: str
@@ -85,15 +84,13 @@ class QuestPlan(KeepsEveryToken):
         """Quest keeps page max/min for its page upper bounds."""
         return self.page_size
 
-    def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
-        """q [B, H, D] -> [B, H, D]: exact attention on the chosen pages' visible slots."""
-        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
+    def select(self, q, cache: KVCache, visible) -> jax.Array:
+        """q [B, H, D]; visible [B, K, C] -> the chosen pages' visible slots
+        [B, K, num_pages * page_size] (`quest_select`)."""
         idx, _ = quest_select(
             q, cache, visible, page_size=self.page_size, num_pages=self.num_pages
-        )  # [B, K, n * page]
-        qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
-        out = sparse_decode_attention(qg, cache.k, cache.v, idx, kernels=self.kernels)
-        return out.reshape(q.shape)
+        )
+        return idx
 
     def read_tokens(self, context: int) -> int:
         """Page max + min (one token's worth per page) plus the chosen pages' tokens."""

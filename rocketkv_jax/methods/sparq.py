@@ -31,8 +31,8 @@ from .base import (
     round_capacity,
 )
 from .cost import check_stage2, dense_bytes, dense_reason, mean_slots, sparq_bytes
-from .sparse_ops import check_kernels, sparse_decode_attention
-from .stage2 import group_queries, hybrid_select
+from .sparse_ops import SelectsSlots, attend_selected, check_kernels, group_queries
+from .stage2 import hybrid_select
 
 
 def sparq_attend(
@@ -50,14 +50,14 @@ def sparq_attend(
     alpha [B, K, G] float32).
     """
     B, H, D = q.shape
+    K = cache.k.shape[1]
     idx, s_hat = hybrid_select(
         q, cache, visible, page_size=1, top_r=top_r, k_top=k_top, kernels=kernels
     )  # [B, K, k_top], [B, K, G, C]
     chosen = (idx >= 0)[:, :, None, :]  # [B, K, 1, k_top]
     mass = jnp.take_along_axis(s_hat, jnp.maximum(idx, 0)[:, :, None, :], axis=-1)
     alpha = jnp.where(chosen, mass, 0.0).sum(-1)  # [B, K, G]
-    qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
-    attn = sparse_decode_attention(qg, cache.k, cache.v, idx, kernels=kernels)  # [B, K, G, D]
+    attn = group_queries(attend_selected(q, cache, idx, kernels=kernels), K)  # [B, K, G, D]
     v = jnp.where(visible[..., None], cache.v.astype(jnp.float32), 0.0)  # [B, K, C, D]
     count = jnp.maximum(visible.sum(-1), 1)[..., None]  # [B, K, 1]
     v_mean = v.sum(axis=2) / count  # [B, K, D]
@@ -67,8 +67,9 @@ def sparq_attend(
 
 
 @dataclasses.dataclass(frozen=True)
-class SparQPlan(KeepsEveryToken):
-    """Resolved SparQ plan: top_r channels for the approximate scores, k_top exact tokens."""
+class SparQPlan(SelectsSlots, KeepsEveryToken):
+    """Resolved SparQ plan: top_r channels for the approximate scores, k_top exact tokens.
+    Its `attend` mixes the attention on the selection with mean(V) (`sparq_attend`)."""
 
     name: str
     capacity: int
@@ -79,8 +80,16 @@ class SparQPlan(KeepsEveryToken):
     k_top: int
     kernels: str = "reference"
 
+    def select(self, q, cache: KVCache, visible) -> jax.Array:
+        """q [B, H, D]; visible [B, K, C] -> the k_top slots [B, K, k_top] (stage 2's
+        selection with page size 1: approximate scores from the keys themselves)."""
+        idx, _ = hybrid_select(q, cache, visible, page_size=1, top_r=self.top_r,
+                               k_top=self.k_top, kernels=self.kernels)
+        return idx
+
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
-        """q [B, H, D] -> [B, H, D]."""
+        """q [B, H, D] -> [B, H, D]: alpha * attention on the selection + (1 - alpha) *
+        mean(V) (`sparq_attend`)."""
         visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
         out, _, _ = sparq_attend(
             q, cache, visible, top_r=self.top_r, k_top=self.k_top, kernels=self.kernels

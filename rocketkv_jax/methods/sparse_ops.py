@@ -1,16 +1,21 @@
-"""The two stage-2 primitives that have GPU kernels, behind one dispatch point.
+"""Sparse decode attention shared by the methods that select tokens: quest, sparq, hybrid,
+rocketkv and topk.
 
-`approx_scores` (per-page upper bound of q.k on R of the D channels) and
-`sparse_decode_attention` (exact attention on gathered token indices) follow the
-contracts of `kernels/approx_scores.py` and `kernels/sparse_decode_attention.py`. This
-module is the single place where those kernels get plugged in: the methods call only
-the two public functions here, passing the plan's `kernels` backend name.
+The contract: a sparse plan writes only its selection,
 
-Backends: "reference" runs the kernels' pure-jnp references (any device), "interpret"
-the Pallas kernels in the Pallas interpreter (CPU tests), "triton" the Triton-lowered
-kernels (CUDA), and "auto" Triton on a GPU and the references elsewhere; the choice itself
-lives in `kernels/backend.py`. `jax.lax.top_k` stays in XLA either way (Pallas-Triton has
-no sort).
+    select(q, cache, visible) -> indices [B, K, M] int32
+
+the cache slots each KV head attends, shared by its G query heads, -1 for none (q [B, H, D],
+visible [B, K, C] bool). Gathering and attending on them is shared: `attend_selected`, and
+the `SelectsSlots` plan mixin, whose `attend` is visible slots -> `select` ->
+`attend_selected`. (`stage2.select_tokens` turns per-slot scores into such indices.)
+
+The two primitives that have GPU kernels are plugged in here, behind the plan's `kernels`
+backend name (one of `names.KERNEL_BACKENDS`; the choice itself is made in
+`kernels/backend.py`): `approx_scores` (per-page upper bound of q.k on R of the D channels)
+and `sparse_decode_attention` (exact attention on gathered slot indices), with the
+contracts of `kernels/approx_scores.py` and `kernels/sparse_decode_attention.py`.
+`jax.lax.top_k` stays in XLA either way (Pallas-Triton has no sort).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import jax
 
 from .. import kernels as kernel_lib
+from ..cache import KVCache, visible_slots
 from ..names import KERNEL_BACKENDS
 
 
@@ -65,3 +71,37 @@ def sparse_decode_attention(
     """
     check_kernels("sparse_decode_attention", kernels)
     return kernel_lib.sparse_decode_attention(q, k, v, indices, backend=kernels)
+
+
+def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """q [B, H, D] -> [B, K, G, D] (query heads k*G .. k*G + G - 1 share KV head k)."""
+    B, H, D = q.shape
+    return q.reshape(B, num_kv_heads, H // num_kv_heads, D)
+
+
+def attend_selected(
+    q: jax.Array, cache: KVCache, indices: jax.Array, *, kernels: str = "reference"
+) -> jax.Array:
+    """The gather-and-attend of every sparse method: exact attention of each query head on
+    the slots its KV head selected. q [B, H, D]; indices [B, K, M] int32, -1 = none ->
+    [B, H, D] in q's dtype (zeros for a head with no selected slot)."""
+    qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
+    out = sparse_decode_attention(qg, cache.k, cache.v, indices, kernels=kernels)
+    return out.reshape(q.shape)  # [B, H, D]
+
+
+class SelectsSlots:
+    """Plan mixin of the sparse methods: the plan writes `select(q, cache, visible) ->
+    indices [B, K, M]` (-1 = none) and has a `kernels` backend name; `attend` is shared."""
+
+    kernels: str
+
+    def select(self, q: jax.Array, cache: KVCache, visible: jax.Array) -> jax.Array:
+        """q [B, H, D]; visible [B, K, C] bool -> [B, K, M] int32 slots, -1 = none."""
+        raise NotImplementedError
+
+    def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
+        """q [B, H, D] -> [B, H, D]: exact attention on the selected slots."""
+        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
+        indices = self.select(q, cache, visible)  # [B, K, M]
+        return attend_selected(q, cache, indices, kernels=self.kernels)

@@ -7,8 +7,9 @@ turn the bounds into approximate probabilities with SparQ's temperature, pick th
 `k_top` tokens with the highest group-mean probability and attend exactly on them.
 
 `TwoStagePlan` serves both `hybrid` (stage 2 on the uncompressed cache) and `rocketkv`
-(stage-1 SnapKV++ first); the stage-2 settings both methods resolve
-(`resolve_page_and_channels`, `check_stage2_overrides`) live here too.
+(stage-1 SnapKV++ first): its `select` is `hybrid_select`, and gathering and attending on
+the selection is the shared `sparse_ops.attend_selected`. The stage-2 settings both
+methods resolve (`resolve_page_and_channels`, `check_stage2_overrides`) live here too.
 
 With page_size 1 the page bounds are the keys themselves, so the cache keeps no separate
 page metadata and the keys are passed as both bounds. Larger pages keep their max/min
@@ -29,14 +30,8 @@ from ..models.layers import NEG_INF
 from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
 from .base import AppendsTokens, cached_tokens, check_page_size, check_positive_int, check_top_r
 from .dense import dense_decode_attention
-from .sparse_ops import approx_scores, check_kernels, sparse_decode_attention
+from .sparse_ops import SelectsSlots, approx_scores, check_kernels, group_queries
 from .stage1 import compress_prompt
-
-
-def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
-    """q [B, H, D] -> [B, K, G, D] (query heads k*G .. k*G + G - 1 share KV head k)."""
-    B, H, D = q.shape
-    return q.reshape(B, num_kv_heads, H // num_kv_heads, D)
 
 
 def resolve_page_and_channels(
@@ -154,7 +149,7 @@ def hybrid_select(
 
 
 @dataclasses.dataclass(frozen=True)
-class TwoStagePlan(AppendsTokens):
+class TwoStagePlan(SelectsSlots, AppendsTokens):
     """Resolved plan of `hybrid` and `rocketkv`.
 
     prompt_budget: prompt tokens stage 1 keeps; >= prompt_len means no stage 1 (hybrid,
@@ -206,18 +201,21 @@ class TwoStagePlan(AppendsTokens):
         """As every plan's append, with the page max/min kept channel-major."""
         return append_token(cache, k, v, position, layer, channel_major=True)
 
-    def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
-        """q [B, H, D] -> [B, H, D]: exact attention on the k_top selected slots."""
-        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
-        if self.stage2_dense:
-            return dense_decode_attention(q, cache, visible)
+    def select(self, q, cache: KVCache, visible) -> jax.Array:
+        """q [B, H, D]; visible [B, K, C] -> the k_top slots of `hybrid_select` [B, K, k_top]."""
         idx, _ = hybrid_select(
             q, cache, visible, page_size=self.page_size, top_r=self.top_r,
             k_top=self.k_top, kernels=self.kernels,
-        )  # [B, K, k_top]
-        qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
-        out = sparse_decode_attention(qg, cache.k, cache.v, idx, kernels=self.kernels)
-        return out.reshape(q.shape)
+        )
+        return idx
+
+    def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
+        """q [B, H, D] -> [B, H, D]: exact attention on the k_top selected slots, or dense
+        over the cache where stage 2 falls back (`stage2_dense`)."""
+        if self.stage2_dense:
+            return dense_decode_attention(q, cache, visible_slots(cache, query_pos,
+                                                                  sliding_window))
+        return super().attend(q, cache, query_pos, sliding_window)
 
     def read_tokens(self, context: int) -> int:
         """Tokens' worth (2 * D elements each) read per step per KV head: R of D channels

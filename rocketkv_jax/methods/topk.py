@@ -26,8 +26,8 @@ from .base import (
     check_token_budget,
     round_capacity,
 )
-from .sparse_ops import check_kernels, sparse_decode_attention
-from .stage2 import group_queries, select_tokens
+from .sparse_ops import SelectsSlots, check_kernels, group_queries, sparse_decode_attention
+from .stage2 import select_tokens
 
 
 def exact_probabilities(q: jax.Array, cache: KVCache, visible: jax.Array) -> jax.Array:
@@ -76,7 +76,7 @@ def per_head_attention(
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKPlan(KeepsEveryToken):
+class TopKPlan(SelectsSlots, KeepsEveryToken):
     """Resolved oracle plan: k_top exact tokens per KV head (per query head if per_head)."""
 
     name: str
@@ -87,16 +87,18 @@ class TopKPlan(KeepsEveryToken):
     kernels: str = "reference"
     per_head: bool = False
 
+    def select(self, q, cache: KVCache, visible) -> jax.Array:
+        """q [B, H, D]; visible [B, K, C] -> the group's k_top slots [B, K, k_top]."""
+        return topk_select(q, cache, visible, self.k_top)
+
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
-        """q [B, H, D] -> [B, H, D]."""
-        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
+        """q [B, H, D] -> [B, H, D]. per_head: each query head attends its own k_top slots
+        (one index set per query head, outside the per-KV-head contract of `select`)."""
         if self.per_head:
+            visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
             idx = topk_select_per_head(q, cache, visible, self.k_top)  # [B, K, G, k_top]
             return per_head_attention(q, cache, idx, self.kernels)
-        idx = topk_select(q, cache, visible, self.k_top)  # [B, K, k_top]
-        qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
-        out = sparse_decode_attention(qg, cache.k, cache.v, idx, kernels=self.kernels)
-        return out.reshape(q.shape)
+        return super().attend(q, cache, query_pos, sliding_window)
 
     def read_tokens(self, context: int) -> int:
         """Every key (half a token's worth each) plus the values of the k_top tokens

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.cache import page_bounds
+from rocketkv_jax.cache import page_bounds, visible_slots
 from rocketkv_jax.methods import (
     QuestPlan,
     SparQPlan,
@@ -20,8 +20,13 @@ from rocketkv_jax.methods import (
 )
 from rocketkv_jax.methods.quest import quest_select
 from rocketkv_jax.methods.sparq import sparq_attend
-from rocketkv_jax.methods.sparse_ops import approx_scores
-from rocketkv_jax.methods.stage2 import group_queries, hybrid_select, select_channels
+from rocketkv_jax.methods.sparse_ops import (
+    SelectsSlots,
+    approx_scores,
+    attend_selected,
+    group_queries,
+)
+from rocketkv_jax.methods.stage2 import hybrid_select, select_channels
 from rocketkv_jax.methods.topk import topk_select
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import window_queries
@@ -386,3 +391,33 @@ def test_page_metadata_tracks_appends_across_pages():
     np.testing.assert_array_equal(np.asarray(cache.page_max), np.asarray(kmax))
     np.testing.assert_array_equal(np.asarray(cache.page_min), np.asarray(kmin))
     assert np.isneginf(np.asarray(cache.page_max[0, :, 6:], np.float32)).all()
+
+
+@pytest.mark.parametrize("key", list(PLANS))
+def test_select_contract_and_shared_attend(key):
+    """Every sparse plan's `select` gives slot indices [B, K, M] int32, each a distinct
+    visible slot or -1; where `attend` is the shared one it is exactly `attend_selected` on
+    that selection, and SparQ's own attend uses the same selection."""
+    G, window = 3, 20
+    plan = make_plan(key, G)
+    assert isinstance(plan, SelectsSlots)
+    cache, q, qpos, _ = build(plan, 7, G, T, np.array([T, T - 21]), 5, jnp.float32)
+    visible = jax.jit(visible_slots, static_argnums=2)(cache, qpos, window)
+    idx = np.asarray(jax.jit(plan.select)(q, cache, visible))
+    B, C = q.shape[0], cache.k.shape[2]
+    assert idx.dtype == np.int32 and idx.shape[:2] == (B, K)
+    vis = np.asarray(visible)
+    for b in range(B):
+        for kv in range(K):
+            got = idx[b, kv][idx[b, kv] >= 0]
+            assert ((idx[b, kv] >= -1) & (idx[b, kv] < C)).all()
+            assert len(set(got)) == len(got) and vis[b, kv, got].all()
+            assert len(got) == min(idx.shape[2], vis[b, kv].sum())
+    out = np.asarray(attend(plan, q, cache, qpos, window))
+    if isinstance(plan, SparQPlan):
+        _, sparq_idx, _ = jitted(sparq_attend, top_r=plan.top_r, k_top=plan.k_top)(
+            q, cache, visible)
+        np.testing.assert_array_equal(np.asarray(sparq_idx), idx)
+    else:
+        shared = jitted(attend_selected, kernels=plan.kernels)(q, cache, jnp.asarray(idx))
+        np.testing.assert_array_equal(out, np.asarray(shared))
