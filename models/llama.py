@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from ..kernels.prefill_attention import prefill_attention
 from ..methods.skip_layers import compress_layers, layer_groups
+from ..names import PREFILL_ATTENTION
 from .config import ModelConfig
 from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
 from .rope import apply_rope, inverse_frequencies
@@ -93,9 +94,6 @@ def _unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]  # [E, V]
     return jnp.dot(x, head, preferred_element_type=jnp.float32)
-
-
-PREFILL_ATTENTION = ("auto", "reference", "interpret", "triton", "dense")
 
 
 def window_queries(q: jax.Array, lengths: jax.Array, width: int, q_start=0):
