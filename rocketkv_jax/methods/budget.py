@@ -1,5 +1,6 @@
-"""How RocketKV splits one token budget M between its two stages (ALGORITHM.md, "Budget
-split"), and the stage-2 page/channel reduction shared with the `hybrid` baseline."""
+"""How RocketKV splits one token budget M between its two stages (docs/algorithm.md, "How
+RocketKV divides the budget"), and the stage-2 page/channel reduction shared with the
+`hybrid` baseline."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def rocketkv_split(
     M: int, L: int, N: int, D: int, stage1_share: float | None = None
 ) -> RocketKVSplit:
     """RocketKV's budget split for token budget M, sequence L = T + N, N new tokens,
-    head dim D, exactly as ALGORITHM.md (and the reference implementation) computes it.
+    head dim D, exactly as docs/algorithm.md (and the reference implementation) computes it.
 
     stage1_share: a fixed share `a` of the compression done by stage 1 (the official
     `rocket_r0.3` / `r0.5` / `r0.7` methods), in [0, 1], instead of the adaptive

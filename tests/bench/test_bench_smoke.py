@@ -90,7 +90,7 @@ def test_full_kv_bytes_match_hand_computation(quick_run):
 
 
 def test_rocketkv_bytes_match_hand_computation(quick_run):
-    """ALGORITHM.md's split by hand for T=1024, N=32, M=128, D=64, then stage 2's reads:
+    """docs/algorithm.md's split by hand for T=1024, N=32, M=128, D=64, then stage 2's reads:
     R of D channels of one bound per page for scoring, K and V of k_top tokens."""
     _, _, res, _ = quick_run
     s = next(s for s in res["models"][0]["steps"] if s["method"] == "rocketkv")

@@ -59,7 +59,7 @@ def assert_scores_close(actual, desired, dtype):
 
 
 def numpy_approx_scores(q, page_max, page_min, channels, lengths, page_size):
-    """Independent float64 loop implementation of ALGORITHM.md stage 2's `approx`."""
+    """Independent float64 loop implementation of docs/algorithm.md stage 2's `approx`."""
     q, page_max, page_min = (np.asarray(x, np.float64) for x in (q, page_max, page_min))
     channels, lengths = np.asarray(channels), np.asarray(lengths)
     b_size, kv_size, g_size, _ = q.shape

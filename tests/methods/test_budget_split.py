@@ -1,4 +1,4 @@
-"""rocketkv_split against numbers worked out by hand from ALGORITHM.md's formulas."""
+"""rocketkv_split against numbers worked out by hand from docs/algorithm.md's formulas."""
 
 import math
 

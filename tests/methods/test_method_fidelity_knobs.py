@@ -1,6 +1,6 @@
 """Official-code knobs: RocketKV's fixed stage-1 share (`rocket_r0.3/0.5/0.7`) and the
 official per-query-head top-k oracle (k = M), pinned to hand-worked numbers and to
-float64 numpy loops written from ALGORITHM.md (not to the jnp code)."""
+float64 numpy loops written from docs/algorithm.md (not to the jnp code)."""
 
 import math
 
@@ -35,7 +35,7 @@ def config(G: int, head_dim: int = D) -> ModelConfig:
 
 # ----------------------------------------------------------------- stage1_share
 def ref_split(M, L, N, D, a):
-    """ALGORITHM.md's split with `a` given, float64, written out independently."""
+    """docs/algorithm.md's split with `a` given, float64, written out independently."""
     M = min(M, L)
     c = max(1.0, L / M)
     capacity = max(int(L / c**a), min(2 * N, L))

@@ -1,5 +1,5 @@
 """Stage-1 prompt eviction (snapkv, snapkv++) and streaming, pinned to numpy loops written
-from ALGORITHM.md, not to the jnp code."""
+from docs/algorithm.md, not to the jnp code."""
 
 import math
 
@@ -43,7 +43,7 @@ def random_prompt(seed, B, G, T, dtype):
 
 # ----------------------------------------------------------------- numpy reference
 def ref_pool_kernel(kernel_size, T, window):
-    """ALGORITHM.md: clamp to the scored span (T - window), then odd, at least 1."""
+    """docs/algorithm.md: clamp to the scored span (T - window), then odd, at least 1."""
     k = min(kernel_size, max(T - window, 1))
     return max(k - 1 if k % 2 == 0 else k, 1)
 

@@ -1,5 +1,5 @@
 """Decode-time sparse methods (hybrid / rocketkv stage 2, quest, sparq, topk) pinned to
-numpy loops written from ALGORITHM.md, not to the jnp code."""
+numpy loops written from docs/algorithm.md, not to the jnp code."""
 
 import functools
 import math
@@ -102,7 +102,7 @@ def ref_attention(Q, k, v, slots):
 
 
 def ref_stage2(Q, k, pos, length, vis, page, r, k_top):
-    """ALGORITHM.md stage 2 for one (row, KV head): channels, page scores [G, P],
+    """docs/algorithm.md stage 2 for one (row, KV head): channels, page scores [G, P],
     s_hat [G, C], group-mean scores [C] and the selected slots."""
     G, Dh = Q.shape
     C = k.shape[0]
