@@ -15,7 +15,7 @@ How each method lives across turns (`conversation_mode`):
 
 - "direct" (`full`, `topk`): nothing is ever evicted, so decode runs on the full history
   itself with the method's plan; `topk` is the oracle that reads every key of every turn.
-- "multi_turn" (`rocketkv-mt`, `snapkv-mt`; ALGORITHM.md "RocketKV-MT"): the full history
+- "multi_turn" (`rocketkv-mt`, `snapkv-mt`; docs/algorithm.md): the full history
   is kept; each `generate` compresses a temporary copy with the method's plan (stage 1 over
   the full history, planned for this turn's history bucket and max_new_tokens) and decodes
   on it through `methods.multiturn.MultiTurnPlan`, which appends every new token to both

@@ -32,7 +32,7 @@ METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
 }
 METHOD_VARIANT_NAMES: tuple[str, ...] = tuple(METHOD_VARIANTS)
 
-# Multi-turn methods (`methods/multiturn.py`, docs/algorithm.md "RocketKV-MT"): a conversation
+# Multi-turn methods (`methods/multiturn.py`, docs/algorithm.md): a conversation
 # keeps the full history and compresses a temporary copy per turn. In one turn they are
 # their base method, so the single-turn sweeps (eval, bench) leave them out.
 MULTI_TURN_METHOD_NAMES: tuple[str, ...] = ("rocketkv-mt", "snapkv-mt")

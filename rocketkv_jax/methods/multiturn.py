@@ -1,6 +1,6 @@
 """RocketKV-MT (multi-turn): keep the full KV of every turn, compress a temporary copy per turn.
 
-ALGORITHM.md, "RocketKV-MT": each turn's prefill attends to the full history; stage 1
+docs/algorithm.md: each turn's prefill attends to the full history; stage 1
 builds a temporary compressed copy for that turn's decode only; decode appends each new
 token to both the full cache and the temporary copy; the next turn starts again from the
 full cache. `rocketkv-mt` and `snapkv-mt` are `rocketkv` and `snapkv` with the marker
