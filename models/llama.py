@@ -89,7 +89,7 @@ def _mlp_block(p, config: ModelConfig, x):
     return x + swiglu_mlp(h, p["w_gate"], p["w_up"], p["w_down"])
 
 
-def _unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and LM head: x [..., E] -> float32 logits [..., V]."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]  # [E, V]
@@ -226,7 +226,7 @@ def prefill_finish(params: Params, config: ModelConfig, state: PrefillState,
     if size is not None:
         k, v = k[:, :, :, :size], v[:, :, :, :size]
     cache = compress_layers(plan, k, v, state.q_obs, lengths.astype(jnp.int32))
-    return _unembed(params, config, state.x_last), cache
+    return unembed(params, config, state.x_last), cache
 
 
 def forward_prefill(
@@ -277,7 +277,7 @@ def forward_prefill(
     state, x_all = jax.lax.fori_loop(0, n_chunks, step, (state, x_all))
     logits, cache = prefill_finish(params, config, state, lengths, plan, T)
     if all_logits:
-        logits = _unembed(params, config, x_all[:, :T])
+        logits = unembed(params, config, x_all[:, :T])
     return logits, cache
 
 
@@ -321,4 +321,4 @@ def forward_decode(
     for group in layer_groups(plan, config.num_layers):
         x, stack = group_loop(x, group.stack(cache), group)
         cache = group.replace(cache, stack)
-    return _unembed(params, config, x[:, 0]), cache
+    return unembed(params, config, x[:, 0]), cache

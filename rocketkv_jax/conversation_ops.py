@@ -27,9 +27,9 @@ from .methods.skip_layers import compress_layers
 from .models.config import ModelConfig
 from .models.llama import (
     PrefillState,
-    _unembed,  # the final norm and LM head (the model's own, so logits match prefill)
     forward_decode,
     prefill_chunk,
+    unembed,  # the final norm and LM head (the model's own, so logits match prefill)
 )
 from .programs import LoopSettings, begin_decode, compile_program
 
@@ -199,7 +199,7 @@ def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s)
 def logits_program(config: ModelConfig, B: int, params_s):
     x = jax.ShapeDtypeStruct((B, config.hidden_size), _dtype(params_s))
     return compile_program("conversation_logits",
-                           lambda p, x: _unembed(p, config, x), (_params(params_s), x))
+                           lambda p, x: unembed(p, config, x), (_params(params_s), x))
 
 
 def _start_fn(config, mode, plan, size, loop, first):

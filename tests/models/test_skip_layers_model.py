@@ -20,7 +20,7 @@ from rocketkv_jax.generate import generate_ids, make_decode_step, make_prefill
 from rocketkv_jax.methods import MethodConfigError, make_method
 from rocketkv_jax.methods.skip_layers import LayeredCache
 from rocketkv_jax.models.layers import rms_norm
-from rocketkv_jax.models.llama import _mlp_block, _project_qkv, _unembed, forward_prefill
+from rocketkv_jax.models.llama import _mlp_block, _project_qkv, forward_prefill, unembed
 from rocketkv_jax.models.rope import inverse_frequencies
 
 CFG = dataclasses.replace(tiny_config(), num_layers=4)
@@ -58,7 +58,7 @@ def reference_decoder(params, layer_plans, tokens, lengths):
             c = jax.tree.map(lambda a, i=i: a[i], stacks[j])
             attn = plan.attend(q[:, :, 0], c, pos, CFG.sliding_window)  # [B, H, D]
             x = _mlp_block(p, CFG, x + attn.reshape(x.shape[0], 1, -1) @ p["wo"])
-        return _unembed(params, CFG, x[:, 0]), tuple(stacks)
+        return unembed(params, CFG, x[:, 0]), tuple(stacks)
 
     return logits, step, tuple(stacks)
 
