@@ -227,7 +227,7 @@ def _run_cell(r: ModelRun, args, B: int, T: int, M: int) -> None:
     groups, too_big = group_methods(sizes, room)
     why = (f"does not fit beside full KV: capture {fmt_bytes(cap_bytes)} + caches > "
            f"{args.memory_fraction:g} x {fmt_bytes(avail)} available")
-    if sizes["full"] > room:
+    if sizes["full"] > room or groups == [["full"]] and len(ok) > 1:  # nothing to compare
         groups, too_big = [], list(ok)
     for m in too_big:
         rec["skipped"].append({"B": B, "T": T, "M": M, "method": m, "why": why})
@@ -311,6 +311,8 @@ def _grid(rec, args, title, cell, with_full=False, note=None, markdown=False) ->
         for T in sorted(args.contexts):
             for M in sorted(args.budgets):
                 full = by.get((B, T, M, "full"))
+                if not any((B, T, M, m) in by or (B, T, M, m) in skip for m in args.methods):
+                    continue  # not reached (a partial run) or not asked
                 row = [str(B), _label(T), str(M),
                        f"{full['median_s'] * 1e3:.1f}" if full else "-"]
                 for m in methods:
@@ -395,7 +397,7 @@ def print_targets(t: dict) -> None:
 
 def print_results(results: dict, args, markdown: bool = False) -> None:
     print(results["machine"])
-    print(f"command: {results['command']}")
+    print(f"command: {results['command']}; started {results['date']}")
     for b in results["bandwidth"]:
         print(f"memory bandwidth ({b['when']}, {fmt_bytes(b['buffer_bytes'])} buffer, best of "
               f"{b['repeats']}): numpy copy {b['copy_GBps']:.1f} GB/s (read + write), jitted "
