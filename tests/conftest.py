@@ -15,6 +15,11 @@ from typing import Any
 
 import pytest
 
+# Tests that run the CLI in-process (cli.main(["generate", ...])) would turn on JAX's
+# persistent compilation cache in the user's cache directory for the rest of the session;
+# keep it off. Tests of the cache itself set the variable for their own subprocesses.
+os.environ["ROCKETKV_JAX_COMPILE_CACHE"] = "off"
+
 # Small enough to build in milliseconds, large enough for GQA and two layers.
 TINY_BASE: dict[str, Any] = dict(
     vocab_size=128,
