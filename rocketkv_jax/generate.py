@@ -129,15 +129,6 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def kv_cache_bytes(params, config: ModelConfig, plan, B: int, T: int) -> int:
-    """Bytes of the KV cache pytree the program holds (all layers), from shapes."""
-    _, cache = jax.eval_shape(
-        lambda p, t, n: forward_prefill(p, config, t, n, plan, all_logits=False),
-        params, jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32),
-    )
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
-
-
 def check_request(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
     """Raise GenerateError for requests the model cannot serve (before any compile).
 
@@ -226,7 +217,7 @@ def generate_ids(
                                  mesh)
     stats = GenerateStats(
         prompt_tokens=int(lengths[:n].sum()), generated_tokens=0, compile_s=progs.compile_s,
-        prefill_s=0.0, decode_s=0.0, kv_cache_bytes=kv_cache_bytes(params, config, plan, B, T),
+        prefill_s=0.0, decode_s=0.0, kv_cache_bytes=progs.cache_bytes,
         batch=n, prompt_bucket=T, prefill_chunk=C,
         **method_stats(method, plan, T, max_new_tokens))
     padded = np.zeros((B, n_chunks * C), np.int32)
@@ -304,19 +295,18 @@ def run_decode(decode, params, state: DecodeState, lens, n: int, on_step,
     """Run the decode program from a step-1 state to the end, one step per call when
     tokens are streamed to `on_step`, else in one call; fill in the timings."""
     N = state.out.shape[1]
-    step, done, out = 1, host_array(state.done), host_array(state.out)
+    step, done = 1, host_array(state.done)
     t_first = time.perf_counter()
     stats.prefill_s += t_first - t0
-    if on_step is not None:
-        on_step(0, out[:n, 0], done[:n])
+    if on_step is not None:  # state.tokens is the column of out the last call wrote
+        on_step(0, host_array(state.tokens)[:n], done[:n])
     while step < N and not done.all():
         until = step + 1 if on_step is not None else N
         state = decode(params, state, lens, jnp.int32(until))
         step, done = int(host_array(state.step)), host_array(state.done)
-        out = host_array(state.out)
         if on_step is not None:
-            on_step(step - 1, out[:n, step - 1], done[:n])
-    n_gen = host_array(state.n_generated)
+            on_step(step - 1, host_array(state.tokens)[:n], done[:n])
+    out, n_gen = host_array(state.out), host_array(state.n_generated)
     stats.decode_s = time.perf_counter() - t_first
     stats.generated_tokens = int(n_gen[:n].sum())
     return GenerateOutput([out[i, : n_gen[i]].tolist() for i in range(n)], stats)

@@ -209,6 +209,7 @@ def _start_fn(config, plan, T, loop, mesh):
     return start
 
 
+@functools.lru_cache(maxsize=32)  # start_program and for_request ask for the same one
 def decode_state_struct(config, plan, B, S, T, W, loop, params_s, mesh=None) -> DecodeState:
     """Shape structs (with shardings under a mesh) of the DecodeState `start` returns."""
     state = jax.eval_shape(
@@ -263,6 +264,12 @@ class Programs:
     start: Any
     decode: Any
     compile_s: float
+    cache_bytes: int  # the KV cache the decode state holds (all layers)
+
+
+def nbytes(tree) -> int:
+    """Bytes of a pytree of arrays or shape structs."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def for_request(config: ModelConfig, plan, B: int, T: int, C: int, loop: LoopSettings,
@@ -275,7 +282,8 @@ def for_request(config: ModelConfig, plan, B: int, T: int, C: int, loop: LoopSet
     start, t_start = start_program(config, plan, B, S, T, W, loop, params_s, mesh)
     state_s = decode_state_struct(config, plan, B, S, T, W, loop, params_s, mesh)
     decode, t_decode = decode_program(config, plan, loop, hashable(state_s), params_s, mesh)
-    return Programs(init, chunk, start, decode, t_init + t_chunk + t_start + t_decode)
+    return Programs(init, chunk, start, decode, t_init + t_chunk + t_start + t_decode,
+                    nbytes(state_s.cache))
 
 
 def hashable(tree) -> tuple:

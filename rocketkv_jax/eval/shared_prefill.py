@@ -20,7 +20,6 @@ from ..generate import (
     check_prefill_chunk,
     check_request,
     check_token_ids,
-    kv_cache_bytes,
     length_bucket,
     make_decode_step,
     make_prefill,
@@ -81,7 +80,7 @@ class SharedPrefill:
 
     def generate(self, method, *, sampling: Sampling = GREEDY, seed: int = 0,
                  stop_ids: Sequence[int] | None = None) -> GenerateOutput:
-        B, T = self.tokens.shape
+        T = self.tokens.shape[1]
         N = self.max_new_tokens
         plan = method.plan(self.config, T, N)
         loop = LoopSettings(N, sampling, stop_tuple(self.config, stop_ids), self.pad_id)
@@ -96,7 +95,7 @@ class SharedPrefill:
         stats = GenerateStats(
             prompt_tokens=int(self.lengths[: self.n].sum()), generated_tokens=0,
             compile_s=t_start + t_decode, prefill_s=self.prefill_s, decode_s=0.0,
-            kv_cache_bytes=kv_cache_bytes(self.params, self.config, plan, B, T), batch=self.n,
+            kv_cache_bytes=programs.nbytes(state_s.cache), batch=self.n,
             prompt_bucket=T, **method_stats(method, plan, T, N))
         t0 = time.perf_counter()
         return run_decode(decode, self.params, start(*args), lens, self.n, None, stats, t0)
