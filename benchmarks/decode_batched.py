@@ -51,7 +51,7 @@ from bench_bytes import (
 )
 from bench_grid import cache_bytes, machine_line, plan_methods
 
-from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list
+from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list, parse_methods
 from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
 from rocketkv_jax.methods.skip_layers import compress_layers
 
@@ -488,11 +488,7 @@ def resolve_args(args) -> argparse.Namespace:
     args.batches = parse_list(args.batches, "batches")
     args.contexts = parse_list(args.contexts, "contexts")
     args.budgets = parse_list(args.budgets, "budgets")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
-    if bad:
-        raise BenchError(f"unknown method(s) {bad}; --methods takes {', '.join(ALL_METHODS)}")
-    args.methods = ["full"] + [m for m in methods if m != "full"]
+    args.methods = parse_methods(args.methods)
     if args.warmup + args.iters > args.new_tokens:
         raise BenchError("--warmup + --iters must be <= --new-tokens (the cache's room)")
     return args

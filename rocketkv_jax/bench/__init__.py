@@ -165,6 +165,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bars on stderr")
 
 
+def parse_methods(text: str) -> list[str]:
+    """--methods "a,b" -> ["full", a, b] (full first: the reference of every ratio);
+    BenchError for a name that is not a KV method."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise BenchError(f"unknown method(s) {bad}; --methods takes {', '.join(ALL_METHODS)}")
+    return ["full"] + [m for m in methods if m != "full"]
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults (quick ones under --quick), parse lists, validate."""
     if getattr(args, "markdown", False):
@@ -180,11 +190,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                          "or none")
     args.contexts = parse_list(args.contexts, "contexts")
     args.budgets = parse_list(args.budgets, "budgets")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
-    if bad:
-        raise BenchError(f"unknown method(s) {bad}; --methods takes {', '.join(ALL_METHODS)}")
-    args.methods = ["full"] + [m for m in methods if m != "full"]
+    args.methods = parse_methods(args.methods)
     args.peer_context = parse_size(str(args.peer_context))
     args.peer_threads = tuple(parse_list(str(args.peer_threads), "peer-threads"))
     args.roofline_context = parse_size(str(args.roofline_context))
