@@ -57,6 +57,10 @@ from rocketkv_jax.methods.skip_layers import compress_layers
 
 ELEM = 4  # float32 params and caches
 SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
+# The exact top-k oracle scores every key by design (the accuracy ceiling of the sparse
+# methods, not a fast method) and so has no dense fallback: a dense step would not be the
+# oracle's output. Its cells are reported beside the target, not in it.
+ORACLES = ("topk", "topk_head")
 DEFAULTS = dict(models="llama8b-shape,smollm2-shape", batches="8,4,1", contexts="32k,16k,8k",
                 budgets="256,2048", methods=",".join(ALL_METHODS), new_tokens=256,
                 warmup=1, iters=5, llama_layers=2, llama_vocab=8192, bandwidth_mb=1024,
@@ -355,13 +359,19 @@ def print_model(rec, args, bw: float, markdown: bool = False) -> None:
 
 def targets(results: dict) -> dict:
     """The issue's targets, checked from the measurements."""
-    steps = [s for r in results["models"] for s in r["steps"] if s["method"] != "full"]
-    slow = [s for s in steps if s["speedup"] < 1 / SLOWER]
+    every = [s for r in results["models"] for s in r["steps"] if s["method"] != "full"]
+    steps = [s for s in every if s["method"] not in ORACLES]
+    keys = ("B", "T", "M", "method", "speedup", "plan", "fallback")
+
+    def slow(cells):
+        return [{k: s[k] for k in keys}
+                for s in sorted(cells, key=lambda s: s["speedup"]) if s["speedup"] < 1 / SLOWER]
+
     worst = min(steps, key=lambda s: s["speedup"]) if steps else None
-    out = {"cells": len(steps), "slower_than_full_by_5pct": [
-        {k: s[k] for k in ("B", "T", "M", "method", "speedup", "plan", "fallback")}
-        for s in sorted(slow, key=lambda s: s["speedup"])],
-        "worst": worst and {k: worst[k] for k in ("B", "T", "M", "method", "speedup")}}
+    out = {"cells": len(steps), "slower_than_full_by_5pct": slow(steps),
+           "worst": worst and {k: worst[k] for k in ("B", "T", "M", "method", "speedup")},
+           "oracle_cells": len(every) - len(steps),
+           "oracle_slower_than_full_by_5pct": slow([s for s in every if s not in steps])}
     for r in results["models"]:
         if r["model"] != "llama8b-shape":
             continue
@@ -386,6 +396,13 @@ def print_targets(t: dict) -> None:
         why = f", dense by {s['fallback']}" if s["fallback"] else ""
         print(f"  B={s['B']} T={s['T']} M={s['M']} {s['method']}: {s['speedup']:.2f} "
               f"({s['plan']}{why})")
+    if t.get("oracle_cells"):
+        oracle = t["oracle_slower_than_full_by_5pct"]
+        print(f"The exact top-k oracle (scores every key; no fallback by design, not in the "
+              f"target): {len(oracle)} of {t['oracle_cells']} cells slower by more than "
+              f"{SLOWER - 1:.0%}" + "".join(
+                  f"\n  B={s['B']} T={s['T']} M={s['M']} {s['method']}: {s['speedup']:.2f}"
+                  for s in oracle))
     r = t.get("rocketkv")
     if r:
         print(f"rocketkv M={r['M']} T={r['T']} B={r['B']} (Llama-3.1-8B shape): speedup "

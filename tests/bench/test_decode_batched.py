@@ -139,3 +139,20 @@ def test_report_finishes_a_partial_run(quick, tmp_path):
     out = buf.getvalue()
     assert "a partial run" in out and "Targets:" in out
     assert f"{res['bandwidth'][0]['best_GBps']:.1f} GB/s" in out
+
+
+def test_targets_count_slow_cells_and_keep_the_oracle_apart():
+    def step(method, speedup, B=8, T=32768, M=256):
+        return {"B": B, "T": T, "M": M, "method": method, "speedup": speedup, "plan": "P",
+                "fallback": "", "byte_bound": 3.0, "over_roofline": 1.5}
+
+    steps = [step("full", 1.0), step("rocketkv", 2.7), step("quest", 0.96),
+             step("sparq", 0.94, M=2048), step("topk", 0.80, M=2048)]
+    t = db.targets({"models": [{"model": "llama8b-shape", "steps": steps}]})
+    assert t["cells"] == 3 and t["oracle_cells"] == 1
+    assert [(s["method"], s["M"]) for s in t["slower_than_full_by_5pct"]] == [("sparq", 2048)]
+    assert [s["method"] for s in t["oracle_slower_than_full_by_5pct"]] == ["topk"]
+    assert t["worst"]["method"] == "sparq"
+    r = t["rocketkv"]
+    assert r["fraction_of_bound"] == pytest.approx(0.9) and r["met_80pct"]
+    assert r["met_2x_roofline"]
