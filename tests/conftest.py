@@ -20,6 +20,41 @@ import pytest
 # keep it off. Tests of the cache itself set the variable for their own subprocesses.
 os.environ["ROCKETKV_JAX_COMPILE_CACHE"] = "off"
 
+# Modules whose lru caches hold compiled programs (AOT-compiled executables that
+# jax.clear_caches() does not reach).
+_PROGRAM_CACHES = ("rocketkv_jax.programs", "rocketkv_jax.conversation_ops",
+                   "rocketkv_jax.eval.shared_prefill")
+
+
+def drop_compiled_programs() -> None:
+    """Release every compiled XLA program this process holds (ours and jax.jit's).
+
+    XLA:CPU maps each executable's machine code into memory regions of its own. A pytest
+    process that kept every program it compiled reached the kernel's limit on a process's
+    mappings (vm.max_map_count, 65530) about 800 tests in: the next compile failed, and
+    jaxlib crashed with a segfault while raising that failure (a core dump held 65,410
+    mappings)."""
+    import gc
+    import sys
+
+    import jax
+
+    for name in _PROGRAM_CACHES:
+        module = sys.modules.get(name)
+        for value in vars(module).values() if module else ():
+            if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
+                value.cache_clear()
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the programs it compiled (`drop_compiled_programs`)."""
+    yield
+    drop_compiled_programs()
+
+
 # Small enough to build in milliseconds, large enough for GQA and two layers.
 TINY_BASE: dict[str, Any] = dict(
     vocab_size=128,
