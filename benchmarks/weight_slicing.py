@@ -1,0 +1,116 @@
+"""What a decode step pays on XLA:CPU to read one layer's weights out of the stacked
+[layers, ...] parameters, measured in one run.
+
+    python benchmarks/weight_slicing.py [--layers 2] [--hidden 4096] [--ffn 14336] [--batch 8]
+                                        [--iters 9] [--quick]
+
+The decoders keep each weight as one array over all layers and loop over the layers with
+`lax.fori_loop`, indexing `w[i]` (models/llama.py). XLA:CPU cannot hand a slice at a
+traced offset to its matmul: it copies the slice into a fresh buffer first (a
+`dynamic-slice` loop fusion before the dot), so the weights cross memory three times
+(read, write, read) instead of once. This script times `x @ w[i]` over the layers three
+ways on the same weights, [batch, hidden] @ [hidden, ffn] (Llama-3.1-8B's MLP shape by
+default, float32):
+
+  traced index  lax.fori_loop over the stacked array, as the decoders do
+  static index  a Python loop over w[0], w[1], ... of the stacked array
+  separate      a Python loop over one array per layer (no slicing at all)
+
+and counts the weight-sized copy fusions in each compiled program. Each row prints the
+median step time, the weight bytes / time (GB/s, weights read once) and the ratio to the
+"separate" row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench_grid import machine_line
+
+
+def _traced(w, x):
+    def body(i, h):
+        return h + (x @ w[i])[:, : h.shape[1]]
+
+    return jax.lax.fori_loop(0, w.shape[0], body, jnp.zeros((x.shape[0], x.shape[1])))
+
+
+def _static(w, x):
+    h = jnp.zeros((x.shape[0], x.shape[1]))
+    for i in range(w.shape[0]):
+        h = h + (x @ w[i])[:, : h.shape[1]]
+    return h
+
+
+def _separate(ws, x):
+    h = jnp.zeros((x.shape[0], x.shape[1]))
+    for w in ws:
+        h = h + (x @ w)[:, : h.shape[1]]
+    return h
+
+
+def copy_fusions(hlo: str, shape: tuple[int, int]) -> int:
+    """Loop fusions in optimized HLO text that produce a whole weight matrix of `shape`."""
+    want = f"f32[{shape[0]},{shape[1]}]"
+    return sum(1 for line in hlo.splitlines()
+               if "kind=kLoop" in line and f"= {want}" in line)
+
+
+def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((layers, hidden, ffn), dtype=np.float32) * 0.01)
+    ws = [jnp.asarray(np.asarray(w[i])) for i in range(layers)]  # own buffers
+    x = jnp.ones((batch, hidden), jnp.float32)
+    weight_bytes = layers * hidden * ffn * 4
+    rows = []
+    for name, fn, arg in (("traced index", _traced, w), ("static index", _static, w),
+                          ("separate", _separate, ws)):
+        compiled = jax.jit(fn).lower(arg, x).compile()
+        compiled(arg, x).block_until_ready()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            compiled(arg, x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        rows.append({"way": name, "median_s": med, "GBps": weight_bytes / med / 1e9,
+                     "copies": copy_fusions(compiled.as_text(), (hidden, ffn))})
+    base = rows[-1]["median_s"]
+    for r in rows:
+        r["vs_separate"] = r["median_s"] / base
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=14336)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=9, help="timed calls after one warm-up")
+    p.add_argument("--quick", action="store_true", help="hidden 256, ffn 512, 3 iters")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.hidden, a.ffn, a.iters = 256, 512, 3
+    for k in ("layers", "hidden", "ffn", "batch", "iters"):
+        if getattr(a, k) < 1:
+            p.error(f"--{k} must be >= 1")
+    print(machine_line())
+    print(f"x [{a.batch}, {a.hidden}] @ w[i] [{a.hidden}, {a.ffn}] over {a.layers} layers, "
+          f"float32, median of {a.iters} calls")
+    print(f"{'way':<14} {'ms':>9} {'GB/s':>7} {'copies':>7} {'x separate':>11}")
+    for r in measure(a.layers, a.hidden, a.ffn, a.batch, a.iters):
+        print(f"{r['way']:<14} {r['median_s'] * 1e3:9.1f} {r['GBps']:7.2f} {r['copies']:7d} "
+              f"{r['vs_separate']:11.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
