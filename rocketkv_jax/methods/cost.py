@@ -59,6 +59,13 @@ RANK_BYTES = 24  # per slot: lax.top_k over the group-mean score, and the shared
 GATHER_FACTOR = 3.0  # a gathered K/V row costs this many streamed ones
 METADATA_FACTOR = 5.0  # a gathered metadata / key-channel element costs this many bytes
 INDEX_BYTES = 4  # int32 slot index, written by top-k and read by the gather
+# "auto" runs the sparse path only where it is estimated at least this much cheaper than
+# dense: the model's error. In the batched decode grid (docs/benchmarks/decode-batched.md,
+# 2026-12-03, idle) the one sparse cell more than 5% slower than full KV was SparQ on the
+# SmolLM2 shape at 16k, M = 2048, batch 4 (0.81x), estimated at 0.945 of dense; the
+# cheapest estimate that was slower than dense in the SmolLM2 grid of docs/benchmarks.md
+# was hybrid at 4k, M = 1024 (0.97x).
+SPARSE_MARGIN = 0.93
 
 
 def check_stage2(name: str, stage2: object) -> None:
@@ -111,8 +118,9 @@ def sparq_bytes(slots: float, head_dim: int, group: int, top_r: int, k_top: int)
 
 def dense_reason(stage2: str, sparse: float, dense: float) -> str:
     """Why the plan attends densely: "" (it runs its sparse path: stage2 "on", or "auto"
-    with the sparse step cheaper than the dense one), "off" (stage2 "off") or "cost"."""
-    if stage2 == "on" or (stage2 == "auto" and sparse < dense):
+    with the sparse step estimated at under SPARSE_MARGIN of the dense one), "off"
+    (stage2 "off") or "cost"."""
+    if stage2 == "on" or (stage2 == "auto" and sparse < SPARSE_MARGIN * dense):
         return ""
     return "off" if stage2 == "off" else "cost"
 
