@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any
 
@@ -292,7 +293,17 @@ def hashable(tree) -> tuple:
     return treedef, tuple(leaves)
 
 
+# Modules whose lru caches hold compiled programs: AOT-compiled executables, which
+# jax.clear_caches() does not reach.
+_PROGRAM_MODULES = (__name__, "rocketkv_jax.conversation_ops", "rocketkv_jax.eval.shared_prefill")
+
+
 def clear_caches() -> None:
-    """Forget every compiled program (tests that swap a function the programs call)."""
-    for fn in (init_program, chunk_program, start_program, decode_program):
-        fn.cache_clear()
+    """Forget every compiled program this package holds: generate's, the conversation's and
+    the shared prefill's (tests that swap a function the programs call, or that must release
+    the executables' memory)."""
+    for name in _PROGRAM_MODULES:
+        module = sys.modules.get(name)
+        for value in vars(module).values() if module else ():
+            if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
+                value.cache_clear()

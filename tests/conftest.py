@@ -20,12 +20,6 @@ import pytest
 # keep it off. Tests of the cache itself set the variable for their own subprocesses.
 os.environ["ROCKETKV_JAX_COMPILE_CACHE"] = "off"
 
-# Modules whose lru caches hold compiled programs (AOT-compiled executables that
-# jax.clear_caches() does not reach).
-_PROGRAM_CACHES = ("rocketkv_jax.programs", "rocketkv_jax.conversation_ops",
-                   "rocketkv_jax.eval.shared_prefill")
-
-
 def drop_compiled_programs() -> None:
     """Release every compiled XLA program this process holds (ours and jax.jit's).
 
@@ -35,15 +29,12 @@ def drop_compiled_programs() -> None:
     jaxlib crashed with a segfault while raising that failure (a core dump held 65,410
     mappings)."""
     import gc
-    import sys
 
     import jax
 
-    for name in _PROGRAM_CACHES:
-        module = sys.modules.get(name)
-        for value in vars(module).values() if module else ():
-            if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
-                value.cache_clear()
+    from rocketkv_jax import programs
+
+    programs.clear_caches()
     jax.clear_caches()
     gc.collect()
 
