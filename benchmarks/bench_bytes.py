@@ -1,6 +1,6 @@
 """Bytes a decode step moves, counted from shapes: the shared accounting of the benchmarks.
 
-Used by `benchmarks/kernels.py` (per-layer kernel bytes, the Llama-3.1-8B H100 roofline) and
+Used by `benchmarks/bench_kernels.py` (per-layer kernel bytes, the Llama-3.1-8B H100 roofline) and
 `rocketkv bench` (benchmarks/bench_grid.py: whole-model decode steps of every KV method).
 Everything here is pure arithmetic on shapes; nothing is measured.
 """

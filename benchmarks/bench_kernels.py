@@ -10,8 +10,8 @@ of a measured device-to-device copy. On a CPU it prints the bytes each path move
 counted from shapes, XLA's `cost_analysis()` bytes for the reference paths, and the
 Llama-3.1-8B roofline (weights + KV bytes per step, H100 HBM) with the bound on speedup.
 
-    python benchmarks/kernels.py --quick        # CI smoke, seconds
-    python benchmarks/kernels.py                # full tables (32k and 128k)
+    python benchmarks/bench_kernels.py --quick        # CI smoke, seconds
+    python benchmarks/bench_kernels.py                # full tables (32k and 128k)
 """
 
 from __future__ import annotations
