@@ -54,6 +54,7 @@ from bench_grid import cache_bytes, machine_line, plan_methods
 from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list, parse_methods
 from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
 from rocketkv_jax.methods.skip_layers import compress_layers
+from rocketkv_jax.models.params import unstack_layers
 
 ELEM = 4  # float32 params and caches
 SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
@@ -69,6 +70,7 @@ QUICK = dict(models="tiny", batches="1,2", contexts="256", budgets="64",
              methods="full,streaming,rocketkv", new_tokens=16, warmup=1, iters=3,
              bandwidth_mb=64, bandwidth_repeats=3)
 MODEL_KEYS = ("llama8b-shape", "smollm2-shape", "tiny")
+LAYOUTS = ("stacked", "per-layer")
 
 
 # ------------------------------------------------------------------------- bandwidth
@@ -108,9 +110,19 @@ def best_bandwidth(results: dict) -> float:
 
 
 # ---------------------------------------------------------------------------- models
-def load_model(key: str, args) -> bd.BenchModel:
-    """The benchmark models. `smollm2-shape` is SmolLM2-135M (its weights) with the context
-    limit raised to fit the largest context: decode cost does not depend on RoPE's range."""
+def load_model(key: str, args, layout: str = "stacked") -> bd.BenchModel:
+    """The benchmark models, with their weights stacked over layers or one array per layer
+    (`unstack_layers`: the model unrolls its layer loop)."""
+    bm = _load_model(key, args)
+    if layout == "per-layer":
+        bm = dataclasses.replace(bm, label=f"{bm.label}, per-layer weights",
+                                 params=unstack_layers(bm.params))
+    return bm
+
+
+def _load_model(key: str, args) -> bd.BenchModel:
+    """`smollm2-shape` is SmolLM2-135M (its weights) with the context limit raised to fit
+    the largest context: decode cost does not depend on RoPE's range."""
     if key == "smollm2-shape":
         bm = bd.load_bench_model("smollm2", seed=args.seed)
         limit = max(args.contexts) + args.new_tokens
@@ -178,12 +190,12 @@ class ModelRun:
     compiled: dict
 
 
-def start_model(key: str, args, rec: dict) -> ModelRun:
-    bm = load_model(key, args)
+def start_model(key: str, args, rec: dict, layout: str = "stacked") -> ModelRun:
+    bm = load_model(key, args, layout)
     cfg = bm.config
     weights = llama_weight_bytes(model_dims(cfg), ELEM)
-    rec.update({"model": bm.key, "label": bm.label, "note": bm.note, "layers": cfg.num_layers,
-                "weights_bytes": weights, "steps": [], "skipped": []})
+    rec.update({"model": bm.key, "layout": layout, "label": bm.label, "note": bm.note,
+                "layers": cfg.num_layers, "weights_bytes": weights, "steps": [], "skipped": []})
     t0 = time.perf_counter()
     longest = max(T for T in args.contexts if T + args.new_tokens <= cfg.max_position_embeddings)
     base = bd.synthetic_capture(cfg, longest, 1, args.seed)
@@ -196,9 +208,10 @@ def run_grid(args, results: dict) -> None:
     put the largest batch and context first, so a run cut short keeps the target cells)."""
     runs = []
     for key in args.models:
-        rec: dict = {}
-        results["models"].append(rec)
-        runs.append(start_model(key, args, rec))
+        for layout in args.layout:
+            rec: dict = {}
+            results["models"].append(rec)
+            runs.append(start_model(key, args, rec, layout))
     for M in args.budgets:
         for B in args.batches:
             for T in args.contexts:
@@ -375,12 +388,13 @@ def targets(results: dict) -> dict:
     for r in results["models"]:
         if r["model"] != "llama8b-shape":
             continue
+        layout = r.get("layout", "stacked")
         hit = [s for s in r["steps"] if s["method"] == "rocketkv" and s["M"] == 256
                and s["B"] == max(x["B"] for x in r["steps"])
                and s["T"] == max(x["T"] for x in r["steps"])]
         if hit:
             s = hit[0]
-            out["rocketkv"] = {
+            out.setdefault("rocketkv_by_layout", {})[layout] = {
                 "B": s["B"], "T": s["T"], "M": s["M"], "speedup": s["speedup"],
                 "byte_bound": s["byte_bound"], "fraction_of_bound": s["speedup"] / s[
                     "byte_bound"], "over_roofline": s["over_roofline"],
@@ -403,9 +417,11 @@ def print_targets(t: dict) -> None:
               f"{SLOWER - 1:.0%}" + "".join(
                   f"\n  B={s['B']} T={s['T']} M={s['M']} {s['method']}: {s['speedup']:.2f}"
                   for s in oracle))
-    r = t.get("rocketkv")
-    if r:
-        print(f"rocketkv M={r['M']} T={r['T']} B={r['B']} (Llama-3.1-8B shape): speedup "
+    by_layout = t.get("rocketkv_by_layout") or ({"stacked": t["rocketkv"]} if "rocketkv" in t
+                                                 else {})
+    for layout, r in by_layout.items():
+        print(f"rocketkv M={r['M']} T={r['T']} B={r['B']} (Llama-3.1-8B shape, {layout} "
+              "weights): speedup "
               f"{r['speedup']:.2f}x of a {r['byte_bound']:.2f}x byte bound = "
               f"{r['fraction_of_bound']:.0%} (target >= 80%: "
               f"{'met' if r['met_80pct'] else 'not met'}); step time {r['over_roofline']:.2f}x "
@@ -485,6 +501,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="share of the available memory the capture and one group's caches "
                    f"may take (default: {d['memory_fraction']})")
     p.add_argument("--stage2", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--layout", default="stacked",
+                   help="comma list of weight layouts, each a model of its own in the run: "
+                   "stacked (one array per weight over all layers, one loop over layers) or "
+                   "per-layer (one array per layer, the loop unrolled; see "
+                   "benchmarks/weight_slicing.py) (default: stacked)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every measurement as JSON")
     p.add_argument("--report", type=Path, help="measure nothing: print the tables of a --json")
@@ -506,6 +527,11 @@ def resolve_args(args) -> argparse.Namespace:
     args.contexts = parse_list(args.contexts, "contexts")
     args.budgets = parse_list(args.budgets, "budgets")
     args.methods = parse_methods(args.methods)
+    args.layout = [x.strip() for x in args.layout.split(",") if x.strip()]
+    bad = [x for x in args.layout if x not in LAYOUTS] or ([] if args.layout else ["(none)"])
+    if bad or len(set(args.layout)) < len(args.layout):
+        raise BenchError(f"--layout takes a comma list of distinct {', '.join(LAYOUTS)}; "
+                         f"got {','.join(args.layout) or 'nothing'}")
     if args.warmup + args.iters > args.new_tokens:
         raise BenchError("--warmup + --iters must be <= --new-tokens (the cache's room)")
     return args

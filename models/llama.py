@@ -3,11 +3,14 @@
 The forward is a pure function of (params, config, tokens, positions, cache, plan). The
 KV method is passed in as a resolved plan with three pure functions (`compress` once
 after prefill, `append` and `attend` at every decode step); the model never branches on
-which method it is. Params and caches are stacked on a leading layer axis and the layers
-run in one `lax.fori_loop`, so compile time does
-not grow with depth. At decode the stacked cache is the loop carry: each layer writes its
-new token into it in place and attends on its own slice, so a step reads the cache once
-instead of copying every layer in and out of the loop.
+which method it is. Caches are stacked on a leading layer axis. Params come in one of two
+layouts (`loop_layers`): stacked on a leading layer axis, where the layers run in one
+`lax.fori_loop` and compile time does not grow with depth, or one dict per layer
+(`models.params.unstack_layers`), where the loop is unrolled so that each matmul reads its
+layer's own array (on XLA:CPU, slicing the stacked weights copies them first). At decode
+the stacked cache is the loop carry: each layer writes its new token into it in place and
+attends on its own slice, so a step reads the cache once instead of copying every layer in
+and out of the loop.
 
 Prefill runs the prompt one chunk at a time through every layer (one chunk of T unless
 `chunk` is given), writing each layer's keys and values into a prompt-sized buffer and
@@ -57,6 +60,32 @@ class KVPlan(Protocol):
     # Optional, for plans whose layers hold caches of different shapes (skip_layers):
     # `layer_groups()` -> (plan, cache field, layer range) per stacked cache, and
     # `compress_layers(k, v, q, lengths)` over all layers; see methods/skip_layers.py.
+
+
+def loop_layers(layers, start: int, stop: int, body, carry):
+    """carry = body(i, p, carry) for layers i in [start, stop), p layer i's weights.
+
+    layers: params["layers"], either stacked (a dict of [L, ...] arrays: one
+    `lax.fori_loop`, i traced, p sliced out of the stack) or per layer (a tuple of dicts:
+    a Python loop, i a static int, p that layer's own arrays). XLA:CPU copies a weight
+    slice taken at a loop index into a fresh buffer before its matmul, about 4x the time
+    of reading one array per layer (benchmarks/weight_slicing.py); unrolling over separate
+    arrays avoids the copy at the cost of compile time that grows with depth.
+    """
+    if isinstance(layers, (tuple, list)):
+        for i in range(start, stop):
+            # Tie the carry together before each layer, as a loop iteration would: a cache
+            # write that does not depend on the layer's activations (the positions) could
+            # otherwise run before the previous layer's reads, and XLA copies the whole
+            # stacked buffer to keep those reads correct (measured: 29 copies of the
+            # positions per step on SmolLM2).
+            carry = body(i, layers[i], jax.lax.optimization_barrier(carry))
+        return carry
+
+    def step(i, c):
+        return body(i, jax.tree.map(lambda a: a[i], layers), c)
+
+    return jax.lax.fori_loop(start, stop, step, carry)
 
 
 def _project_qkv(p, config: ModelConfig, h, positions, inv_freq):
@@ -192,9 +221,8 @@ def prefill_chunk(
         return prefill_attention(q, k_all, v_all, lengths, start,
                                  sliding_window=config.sliding_window, backend=attention)
 
-    def layer(i, lc):
+    def layer(i, p, lc):
         x, k_buf, v_buf, q_obs = lc
-        p = jax.tree.map(lambda a: a[i], params["layers"])
         h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
         q, k, v = _project_qkv(p, config, h, positions, inv_freq)
         k_buf = jax.lax.dynamic_update_slice(k_buf, k[None].astype(dtype), (i, 0, 0, start, 0))
@@ -208,8 +236,8 @@ def prefill_chunk(
         return _mlp_block(p, config, x), k_buf, v_buf, q_obs
 
     x = params["embed"][tokens]  # [B, C, E]
-    x, k, v, q_obs = jax.lax.fori_loop(0, config.num_layers, layer,
-                                       (x, state.k, state.v, state.q_obs))
+    x, k, v, q_obs = loop_layers(params["layers"], 0, config.num_layers, layer,
+                                 (x, state.k, state.v, state.q_obs))
     last = lengths - 1 - start  # [B]
     here = (last >= 0) & (last < C)
     x_row = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
@@ -303,9 +331,8 @@ def forward_decode(
     def group_loop(x, stack, group):
         sub, start = group.plan, group.start
 
-        def layer(i, carry):
+        def layer(i, p, carry):
             x, stack = carry
-            p = jax.tree.map(lambda a: a[i], params["layers"])
             h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
             q, k, v = _project_qkv(p, config, h, positions[:, None], inv_freq)
             stack = sub.append(stack, k[:, :, 0], v[:, :, 0], positions, i - start)
@@ -316,7 +343,7 @@ def forward_decode(
 
         # the cache as loop carry (not scan xs/ys): XLA updates it in place, where scanning
         # over it measured ~16x the cache bytes per step (a copy of every layer in and out)
-        return jax.lax.fori_loop(start, group.stop, layer, (x, stack))
+        return loop_layers(params["layers"], start, group.stop, layer, (x, stack))
 
     for group in layer_groups(plan, config.num_layers):
         x, stack = group_loop(x, group.stack(cache), group)

@@ -54,3 +54,25 @@ def random_params(
 
 def param_bytes(params) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """params with "layers" as a tuple of per-layer dicts (each its own arrays) instead of
+    one dict of stacked [L, ...] arrays; the model unrolls its layer loop over them
+    (`models.llama.loop_layers`). The stacked arrays are not kept by this function."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n = {x.shape[0] for x in jax.tree.leaves(layers)}
+    if len(n) != 1:
+        raise ValueError(f"stacked layer params disagree on the layer count: {sorted(n)}")
+    per_layer = tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n.pop()))
+    return {**params, "layers": per_layer}
+
+
+def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `unstack_layers`."""
+    layers = params["layers"]
+    if not isinstance(layers, (tuple, list)):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}

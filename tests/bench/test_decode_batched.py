@@ -148,11 +148,41 @@ def test_targets_count_slow_cells_and_keep_the_oracle_apart():
 
     steps = [step("full", 1.0), step("rocketkv", 2.7), step("quest", 0.96),
              step("sparq", 0.94, M=2048), step("topk", 0.80, M=2048)]
-    t = db.targets({"models": [{"model": "llama8b-shape", "steps": steps}]})
-    assert t["cells"] == 3 and t["oracle_cells"] == 1
+    per_layer = [step("full", 1.0), step("rocketkv", 2.1)]
+    t = db.targets({"models": [{"model": "llama8b-shape", "steps": steps},
+                               {"model": "llama8b-shape", "layout": "per-layer",
+                                "steps": per_layer}]})
+    assert t["cells"] == 4 and t["oracle_cells"] == 1
     assert [(s["method"], s["M"]) for s in t["slower_than_full_by_5pct"]] == [("sparq", 2048)]
     assert [s["method"] for s in t["oracle_slower_than_full_by_5pct"]] == ["topk"]
     assert t["worst"]["method"] == "sparq"
-    r = t["rocketkv"]
+    r = t["rocketkv_by_layout"]["stacked"]
     assert r["fraction_of_bound"] == pytest.approx(0.9) and r["met_80pct"]
     assert r["met_2x_roofline"]
+    r = t["rocketkv_by_layout"]["per-layer"]
+    assert r["fraction_of_bound"] == pytest.approx(0.7) and not r["met_80pct"]
+
+
+def test_both_layouts_run_the_same_cells_as_models_of_their_own(tmp_path):
+    out = tmp_path / "layouts.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = db.main(["--quick", "--batches", "1", "--methods", "rocketkv",
+                        "--layout", "stacked,per-layer", "--json", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    recs = {r["layout"]: r for r in res["models"]}
+    assert set(recs) == {"stacked", "per-layer"}
+    assert "per-layer weights" in recs["per-layer"]["label"]
+    assert "per-layer weights" in buf.getvalue()
+
+    def cells(r):
+        return sorted((s["B"], s["T"], s["M"], s["method"]) for s in r["steps"])
+
+    assert cells(recs["stacked"]) == cells(recs["per-layer"]) != []
+
+
+@pytest.mark.parametrize("layout", ["columns", "stacked,stacked", ","])
+def test_bad_layout_is_refused(layout, capsys):
+    assert db.main(["--quick", "--layout", layout]) != 0
+    assert "--layout" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Per-layer weights (`unstack_layers`): the model unrolls its layer loop over one array per
+layer instead of slicing stacked [L, ...] weights in a `lax.fori_loop`.
+
+The two layouts must compute the same thing (the stacked layout is checked against
+transformers in test_parity.py), and the per-layer one must do what it is for: no copy of
+a layer's weights before its matmuls, and still no copy of the stacked KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from weight_slicing import copy_fusions
+
+from rocketkv_jax.generate import make_decode_step, make_prefill
+from rocketkv_jax.methods.registry import make_method
+from rocketkv_jax.models.config import ModelConfig
+from rocketkv_jax.models.params import random_params, stack_layers, unstack_layers
+
+CONFIG = ModelConfig(
+    model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=160, num_layers=3,
+    num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4,
+    max_position_embeddings=512, tie_word_embeddings=False,
+)
+METHODS = [("full", {}), ("rocketkv", {"token_budget": 64, "stage2": "on"}),
+           ("quest", {"token_budget": 64, "skip_layers": 1})]
+
+
+def test_unstack_then_stack_is_the_identity_and_layers_are_their_own_arrays():
+    params = random_params(CONFIG)
+    per = unstack_layers(params)
+    assert isinstance(per["layers"], tuple) and len(per["layers"]) == CONFIG.num_layers
+    for i, layer in enumerate(per["layers"]):
+        for name, w in layer.items():
+            np.testing.assert_array_equal(np.asarray(w), np.asarray(params["layers"][name][i]))
+    back = stack_layers(per)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert unstack_layers(per) is per and stack_layers(params) is params
+
+
+def test_unstack_rejects_disagreeing_layer_counts():
+    params = random_params(CONFIG)
+    params["layers"]["wq"] = params["layers"]["wq"][:2]
+    with pytest.raises(ValueError, match="layer count"):
+        unstack_layers(params)
+
+
+@pytest.mark.parametrize("name,kw", METHODS)
+def test_per_layer_prefill_and_decode_equal_stacked(name, kw):
+    params = random_params(CONFIG, seed=3, scale=0.05)
+    per = unstack_layers(params)
+    T, N, B = 200, 6, 2
+    plan = make_method(name, **kw).plan(CONFIG, T, N)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (B, T)), jnp.int32)
+    lengths = jnp.asarray([T, T - 37], jnp.int32)
+    prefill, step = make_prefill(CONFIG, plan, 64), make_decode_step(CONFIG, plan)
+    runs = []
+    for p in (params, per):
+        logits, cache = prefill(p, tokens, lengths)
+        out = [logits]
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        pos = lengths
+        for _ in range(N):
+            logits, cache = step(p, tok, pos, cache)
+            out.append(logits)
+            tok, pos = jnp.argmax(logits, -1).astype(jnp.int32), pos + 1
+        runs.append(out)
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def _compiled_step(params, plan, T: int, B: int):
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    cache = jax.eval_shape(make_prefill(CONFIG, plan), params, tokens, lengths)[1]
+    row = jax.ShapeDtypeStruct((B,), jnp.int32)
+    compiled = make_decode_step(CONFIG, plan).lower(params, row, row, cache).compile()
+    cache_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(cache))
+    return compiled, cache_bytes
+
+
+def test_per_layer_decode_copies_no_weights_where_stacked_does():
+    params = random_params(CONFIG)
+    plan = make_method("full").plan(CONFIG, 256, 8)
+    gate = (CONFIG.hidden_size, CONFIG.intermediate_size)
+    stacked, _ = _compiled_step(params, plan, 256, 2)
+    per, _ = _compiled_step(unstack_layers(params), plan, 256, 2)
+    assert copy_fusions(stacked.as_text(), gate) > 0  # what the layout is for
+    assert copy_fusions(per.as_text(), gate) == 0
+
+
+@pytest.mark.parametrize("name,kw", METHODS)
+def test_per_layer_decode_allocates_no_copy_of_the_cache(name, kw):
+    T = 2048
+    plan = make_method(name, **kw).plan(CONFIG, T, 16)
+    compiled, cache_bytes = _compiled_step(unstack_layers(random_params(CONFIG)), plan, T, 2)
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 0.5 * cache_bytes, (temp, cache_bytes)
