@@ -167,3 +167,22 @@ def test_batch_mode_prints_one_stats_line_per_batch_on_its_own_line(ckpt, capsys
     assert [line[:len("[stats] batch 1/2 | ")] for line in lines] == [
         "[stats] batch 1/2 | ", "[stats] batch 2/2 | "], err
     assert all("method: full |" in line for line in lines)
+
+
+# ------------------------------------------------------------ --weight-layout
+def test_per_layer_weights_generate_what_stacked_weights_do(ckpt, capsys):
+    outs = []
+    for layout in ("stacked", "per-layer"):
+        code, out, err = _cli(capsys, "--model", str(ckpt), "--method", "rocketkv",
+                              "--token-budget", "48", "--prompt", words(60),
+                              "--max-new-tokens", "4", "--no-stream",
+                              "--weight-layout", layout)
+        assert code == 0, err
+        outs.append(out)
+    assert outs[0] == outs[1] and outs[0].strip()
+
+
+def test_per_layer_weights_refuse_a_mesh(ckpt, capsys):
+    err = _one_error(*_cli(capsys, "--model", str(ckpt), "--prompt", "w1 w2",
+                           "--mesh", "data=1", "--weight-layout", "per-layer"))
+    assert "--weight-layout per-layer runs on one device" in err
