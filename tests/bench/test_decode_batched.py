@@ -186,3 +186,34 @@ def test_both_layouts_run_the_same_cells_as_models_of_their_own(tmp_path):
 def test_bad_layout_is_refused(layout, capsys):
     assert db.main(["--quick", "--layout", layout]) != 0
     assert "--layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,kw", [("full", {}), ("quest", {"token_budget": 64}),
+                                     ("rocketkv", {"token_budget": 64, "stage2": "on"}),
+                                     ("snapkv", {"token_budget": 64, "skip_layers": 1})])
+def test_one_row_compressed_then_broadcast_equals_compressing_every_row(name, kw):
+    import bench_decode as bd
+    import numpy as np
+
+    from rocketkv_jax.methods.registry import make_method
+    from rocketkv_jax.methods.skip_layers import compress_layers
+
+    cfg = bd.load_bench_model("tiny").config
+    T, B = 200, 3
+    plan = make_method(name, **kw).plan(cfg, T, 16)
+    base = bd.synthetic_capture(cfg, T + 40, 1, seed=1)
+    rows = db.batch_capture(base, T, B)
+    want = compress_layers(plan, rows.k, rows.v, rows.q, rows.lengths)
+    one = db.batch_capture(base, T, 1)
+    struct = jax.eval_shape(lambda *a: compress_layers(plan, *a), *db.capture_struct(cfg, T, B))
+    got = db.broadcast_rows(compress_layers(plan, one.k, one.v, one.q, one.lengths), struct)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_broadcast_rows_refuses_a_leaf_that_is_not_one_row():
+    x = {"a": jax.numpy.zeros((2, 2, 5))}
+    with pytest.raises(ValueError, match="cannot broadcast"):
+        db.broadcast_rows(x, {"a": jax.ShapeDtypeStruct((2, 4, 5), jax.numpy.float32)})
