@@ -1,8 +1,8 @@
 """What a decode step pays on XLA:CPU to read one layer's weights out of the stacked
 [layers, ...] parameters, measured in one run.
 
-    python benchmarks/weight_slicing.py [--layers 2] [--hidden 4096] [--ffn 14336] [--batch 8]
-                                        [--iters 9] [--quick]
+    python benchmarks/weight_slicing.py [--layers 2] [--hidden 4096] [--ffn 14336]
+                                        [--batch 8[,1,...]] [--iters 9] [--quick]
 
 The decoders keep each weight as one array over all layers and loop over the layers with
 `lax.fori_loop`, indexing `w[i]` (models/llama.py). XLA:CPU cannot hand a slice at a
@@ -18,7 +18,10 @@ default, float32):
 
 and counts the weight-sized copy fusions in each compiled program. Each row prints the
 median step time, the weight bytes / time (GB/s, weights read once) and the ratio to the
-"separate" row.
+"separate" row, for each batch size given. The same run measures this CPU's memory
+bandwidth (as benchmarks/decode_batched.py does) and prints what share of it the
+"separate" matmul reaches: the ceiling a decode step's weight reads can get to with
+XLA:CPU's matmul, whatever the layout.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from bench_grid import machine_line
+from decode_batched import measure_bandwidth
 
 
 def _traced(w, x):
@@ -93,22 +97,38 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ffn", type=int, default=14336)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", default="8", help="comma list of batch sizes (default: 8)")
+    p.add_argument("--bandwidth-mb", type=int, default=1024,
+                   help="bandwidth benchmark buffer in MiB (default: 1024)")
     p.add_argument("--iters", type=int, default=9, help="timed calls after one warm-up")
     p.add_argument("--quick", action="store_true", help="hidden 256, ffn 512, 3 iters")
     a = p.parse_args(argv)
     if a.quick:
-        a.hidden, a.ffn, a.iters = 256, 512, 3
-    for k in ("layers", "hidden", "ffn", "batch", "iters"):
+        a.hidden, a.ffn, a.iters, a.bandwidth_mb = 256, 512, 3, 16
+    try:
+        batches = [int(x) for x in a.batch.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        p.error(f"--batch takes a comma list of batch sizes >= 1, got {a.batch!r}")
+    for k in ("layers", "hidden", "ffn", "iters", "bandwidth_mb"):
         if getattr(a, k) < 1:
-            p.error(f"--{k} must be >= 1")
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
     print(machine_line())
-    print(f"x [{a.batch}, {a.hidden}] @ w[i] [{a.hidden}, {a.ffn}] over {a.layers} layers, "
-          f"float32, median of {a.iters} calls")
-    print(f"{'way':<14} {'ms':>9} {'GB/s':>7} {'copies':>7} {'x separate':>11}")
-    for r in measure(a.layers, a.hidden, a.ffn, a.batch, a.iters):
-        print(f"{r['way']:<14} {r['median_s'] * 1e3:9.1f} {r['GBps']:7.2f} {r['copies']:7d} "
-              f"{r['vs_separate']:11.2f}")
+    bw = measure_bandwidth(a.bandwidth_mb * 2**20, 3)["best_GBps"]
+    print(f"memory bandwidth: {bw:.1f} GB/s (best of a numpy copy and a jitted sum over "
+          f"{a.bandwidth_mb} MiB, as benchmarks/decode_batched.py measures it)")
+    for batch in batches:
+        print(f"\nx [{batch}, {a.hidden}] @ w[i] [{a.hidden}, {a.ffn}] over {a.layers} layers, "
+              f"float32, median of {a.iters} calls")
+        print(f"{'way':<14} {'ms':>9} {'GB/s':>7} {'copies':>7} {'x separate':>11}")
+        rows = measure(a.layers, a.hidden, a.ffn, batch, a.iters)
+        for r in rows:
+            print(f"{r['way']:<14} {r['median_s'] * 1e3:9.1f} {r['GBps']:7.2f} "
+                  f"{r['copies']:7d} {r['vs_separate']:11.2f}")
+        sep = rows[-1]["GBps"]
+        print(f"one array per layer reads at {sep / bw:.0%} of the memory bandwidth: a step "
+              f"whose bytes are these weights runs at >= {bw / sep:.2f}x its byte roofline")
     return 0
 
 

@@ -38,3 +38,19 @@ def test_quick_run_prints_three_rows(capsys):
             if line.startswith(("traced", "static", "separate"))]
     assert [r[0] for r in rows] == ["traced", "static", "separate"]
     assert float(rows[-1][-1]) == 1.0  # the baseline row
+
+
+def test_batches_each_get_a_table_and_the_bandwidth_share(capsys):
+    assert ws.main(["--quick", "--batch", "1,3"]) == 0
+    out = capsys.readouterr().out
+    assert "memory bandwidth:" in out
+    assert "x [1, 256]" in out and "x [3, 256]" in out
+    assert out.count("of the memory bandwidth") == 2
+
+
+def test_bad_batch_is_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        ws.main(["--quick", "--batch", "8,x"])
+    assert "--batch takes a comma list" in capsys.readouterr().err
