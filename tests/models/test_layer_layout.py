@@ -81,6 +81,8 @@ def _compiled_step(params, plan, T: int, B: int):
     return compiled, cache_bytes
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="the slice copy is XLA:CPU's; GPU fuses the slice into the matmul")
 def test_per_layer_decode_copies_no_weights_where_stacked_does():
     params = random_params(CONFIG)
     plan = make_method("full").plan(CONFIG, 256, 8)
