@@ -1,0 +1,96 @@
+"""End-to-end `generate` with stacked and per-layer weights, measured in one run.
+
+    python benchmarks/weight_layout.py [--model smollm2|llama8b-shape|tiny] [--context 7936]
+                                       [--new-tokens 64] [--batch 1] [--budget 256]
+                                       [--methods full,rocketkv] [--quick]
+
+`generate --weight-layout per-layer` unrolls the layer loop over one array per layer, so
+XLA:CPU's matmuls read each layer's weights in place instead of a copy of a slice of the
+stacked arrays (benchmarks/weight_slicing.py); the price is compile time that grows with
+depth. For each method this runs `generate_ids` on the same prompt with both layouts: a
+first call (compile included, the persistent compilation cache off) and a second, warm
+call. It prints compile seconds, warm prefill seconds and warm decode tokens/s per layout,
+the per-layer / stacked ratios, and whether the two layouts generated the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("ROCKETKV_JAX_COMPILE_CACHE", "off")
+
+import bench_decode as bd  # noqa: E402
+from bench_grid import machine_line  # noqa: E402
+
+from rocketkv_jax.bench import parse_methods  # noqa: E402
+from rocketkv_jax.generate import generate_ids  # noqa: E402
+from rocketkv_jax.methods import make_method  # noqa: E402
+from rocketkv_jax.models.params import unstack_layers  # noqa: E402
+
+LAYOUTS = ("stacked", "per-layer")
+
+
+def measure(bm: bd.BenchModel, method: str, budget: int, T: int, N: int, B: int) -> dict:
+    prompts = [bm.prompt_ids(T).tolist()] * B
+    kv = make_method(method) if method == "full" else make_method(method, token_budget=budget)
+    out = {}
+    for layout, params in (("stacked", bm.params), ("per-layer", unstack_layers(bm.params))):
+        first = generate_ids(params, bm.config, prompts, kv, max_new_tokens=N, stop_ids=[])
+        warm = generate_ids(params, bm.config, prompts, kv, max_new_tokens=N, stop_ids=[])
+        out[layout] = {"compile_s": first.stats.compile_s, "prefill_s": warm.stats.prefill_s,
+                       "decode_tok_s": warm.stats.decode_tokens_per_s,
+                       "tokens": [list(map(int, t)) for t in warm.tokens]}
+        del params
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "llama8b-shape", "tiny"))
+    p.add_argument("--context", type=int, default=7936, help="prompt tokens (default: 7936)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--batch", type=int, default=1, help="copies of the prompt (default: 1)")
+    p.add_argument("--budget", type=int, default=256, help="token budget M (default: 256)")
+    p.add_argument("--methods", default="full,rocketkv", help="KV methods (default: full,rocketkv)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 256 tokens, 8 new")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.model, a.context, a.new_tokens, a.budget = "tiny", 256, 8, 64
+    for k in ("context", "new_tokens", "batch", "budget"):
+        if getattr(a, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    methods = parse_methods(a.methods)
+    bm = bd.load_bench_model(a.model)
+    if a.context + a.new_tokens - 1 > bm.config.max_position_embeddings:
+        p.error(f"--context {a.context} + --new-tokens {a.new_tokens} needs "
+                f"{a.context + a.new_tokens - 1} positions; {bm.label} has "
+                f"{bm.config.max_position_embeddings}")
+    print(machine_line())
+    print(f"{bm.label} ({bm.config.num_layers} layers), prompt {a.context} tokens x {a.batch}, "
+          f"{a.new_tokens} new tokens, greedy, budget {a.budget}; compile = the first call "
+          "(persistent compilation cache off), prefill and decode = a second, warm call")
+    head = (f"{'method':<10} {'layout':<10} {'compile s':>9} {'prefill s':>9} "
+            f"{'decode tok/s':>12}")
+    print(head)
+    summary = []
+    for m in methods:
+        r = measure(bm, m, a.budget, a.context, a.new_tokens, a.batch)
+        for layout in LAYOUTS:
+            x = r[layout]
+            print(f"{m:<10} {layout:<10} {x['compile_s']:9.1f} {x['prefill_s']:9.2f} "
+                  f"{x['decode_tok_s']:12.1f}")
+        s, q = r["stacked"], r["per-layer"]
+        summary.append(
+            f"{m}: per-layer / stacked: compile {q['compile_s'] / s['compile_s']:.2f}x, "
+            f"prefill time {q['prefill_s'] / s['prefill_s']:.2f}x, decode speed "
+            f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x; same tokens: "
+            f"{'yes' if q['tokens'] == s['tokens'] else 'NO'}")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
