@@ -19,7 +19,7 @@ from rocketkv_jax.cache import KVCache, append_token, page_bounds
 from rocketkv_jax.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods.registry import make_method
 from rocketkv_jax.models.config import ModelConfig
-from rocketkv_jax.models.params import random_params
+from rocketkv_jax.models.params import random_params, unstack_layers
 
 CONFIG = ModelConfig(
     model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
@@ -36,8 +36,10 @@ METHODS = [("full", {}), ("quest", {"token_budget": 256}),
            ("rocketkv", {"token_budget": 256, "skip_layers": 2, "stage2": "on"})]
 
 
-def compiled_step(name, kw, B):
+def compiled_step(name, kw, B, layout="stacked"):
     params = jax.tree.map(jnp.asarray, random_params(CONFIG))
+    if layout == "per-layer":  # the unrolled layer loop (models.llama.loop_layers)
+        params = unstack_layers(params)
     plan = make_method(name, **kw).plan(CONFIG, T, 16)
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
@@ -48,9 +50,10 @@ def compiled_step(name, kw, B):
     return compiled, cache_bytes
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per-layer"])
 @pytest.mark.parametrize("name,kw", METHODS)
-def test_decode_step_allocates_no_copy_of_the_cache(name, kw):
-    compiled, cache_bytes = compiled_step(name, kw, B=2)
+def test_decode_step_allocates_no_copy_of_the_cache(name, kw, layout):
+    compiled, cache_bytes = compiled_step(name, kw, B=2, layout=layout)
     temp = compiled.memory_analysis().temp_size_in_bytes
     # at most one layer's slice may be materialised (4 layers here); a copy of the
     # stacked cache (the old scan) needs more than the whole cache

@@ -3,7 +3,8 @@ layer instead of slicing stacked [L, ...] weights in a `lax.fori_loop`.
 
 The two layouts must compute the same thing (the stacked layout is checked against
 transformers in test_parity.py), and the per-layer one must do what it is for: no copy of
-a layer's weights before its matmuls, and still no copy of the stacked KV cache."""
+a layer's weights before its matmuls (and still no copy of the stacked KV cache:
+test_decode_inplace.py runs its no-copy check on both layouts)."""
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,7 @@ def _compiled_step(params, plan, T: int, B: int):
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
     cache = jax.eval_shape(make_prefill(CONFIG, plan), params, tokens, lengths)[1]
     row = jax.ShapeDtypeStruct((B,), jnp.int32)
-    compiled = make_decode_step(CONFIG, plan).lower(params, row, row, cache).compile()
-    cache_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(cache))
-    return compiled, cache_bytes
+    return make_decode_step(CONFIG, plan).lower(params, row, row, cache).compile()
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -87,16 +86,25 @@ def test_per_layer_decode_copies_no_weights_where_stacked_does():
     params = random_params(CONFIG)
     plan = make_method("full").plan(CONFIG, 256, 8)
     gate = (CONFIG.hidden_size, CONFIG.intermediate_size)
-    stacked, _ = _compiled_step(params, plan, 256, 2)
-    per, _ = _compiled_step(unstack_layers(params), plan, 256, 2)
+    stacked = _compiled_step(params, plan, 256, 2)
+    per = _compiled_step(unstack_layers(params), plan, 256, 2)
     assert copy_fusions(stacked.as_text(), gate) > 0  # what the layout is for
     assert copy_fusions(per.as_text(), gate) == 0
 
 
-@pytest.mark.parametrize("name,kw", METHODS)
-def test_per_layer_decode_allocates_no_copy_of_the_cache(name, kw):
-    T = 2048
-    plan = make_method(name, **kw).plan(CONFIG, T, 16)
-    compiled, cache_bytes = _compiled_step(unstack_layers(random_params(CONFIG)), plan, T, 2)
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < 0.5 * cache_bytes, (temp, cache_bytes)
+def test_unrolled_cache_writes_copy_no_stacked_buffer():
+    """The position write of layer i+1 does not depend on layer i's activations; without
+    the barrier in `loop_layers` XLA may run it before layer i reads the positions and
+    copies the whole stacked array to keep that read right (once per layer)."""
+    T, B = 256, 2
+    plan = make_method("full").plan(CONFIG, T, 8)
+    compiled = _compiled_step(unstack_layers(random_params(CONFIG)), plan, T, B)
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    cache = jax.eval_shape(make_prefill(CONFIG, plan), random_params(CONFIG), tokens,
+                           jax.ShapeDtypeStruct((B,), jnp.int32))[1]
+    shapes = {",".join(map(str, x.shape)) for x in jax.tree.leaves(cache)
+              if x.ndim >= 4 and x.size}  # (empty leaves: metadata a method does not keep)
+    copies = [line for line in compiled.as_text().splitlines()
+              if " copy(" in line and any(f"[{s}]" in line.split("copy(")[0] or
+                                          f"[{s},1]" in line.split("copy(")[0] for s in shapes)]
+    assert len(copies) <= 1, copies  # one copy of the positions passed in; was 1 per layer
