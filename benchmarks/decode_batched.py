@@ -55,6 +55,7 @@ from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list, parse_method
 from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
 from rocketkv_jax.methods.skip_layers import compress_layers
 from rocketkv_jax.models.params import unstack_layers
+from rocketkv_jax.names import WEIGHT_LAYOUTS
 
 ELEM = 4  # float32 params and caches
 SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
@@ -70,7 +71,6 @@ QUICK = dict(models="tiny", batches="1,2", contexts="256", budgets="64",
              methods="full,streaming,rocketkv", new_tokens=16, warmup=1, iters=3,
              bandwidth_mb=64, bandwidth_repeats=3)
 MODEL_KEYS = ("llama8b-shape", "smollm2-shape", "tiny")
-LAYOUTS = ("stacked", "per-layer")
 
 
 # ------------------------------------------------------------------------- bandwidth
@@ -547,9 +547,9 @@ def resolve_args(args) -> argparse.Namespace:
     args.budgets = parse_list(args.budgets, "budgets")
     args.methods = parse_methods(args.methods)
     args.layout = [x.strip() for x in args.layout.split(",") if x.strip()]
-    bad = [x for x in args.layout if x not in LAYOUTS] or ([] if args.layout else ["(none)"])
+    bad = [x for x in args.layout if x not in WEIGHT_LAYOUTS] or ([] if args.layout else ["(none)"])
     if bad or len(set(args.layout)) < len(args.layout):
-        raise BenchError(f"--layout takes a comma list of distinct {', '.join(LAYOUTS)}; "
+        raise BenchError(f"--layout takes a comma list of distinct {', '.join(WEIGHT_LAYOUTS)}; "
                          f"got {','.join(args.layout) or 'nothing'}")
     if args.warmup + args.iters > args.new_tokens:
         raise BenchError("--warmup + --iters must be <= --new-tokens (the cache's room)")

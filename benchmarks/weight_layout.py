@@ -28,15 +28,15 @@ from rocketkv_jax.bench import parse_methods  # noqa: E402
 from rocketkv_jax.generate import generate_ids  # noqa: E402
 from rocketkv_jax.methods import make_method  # noqa: E402
 from rocketkv_jax.models.params import unstack_layers  # noqa: E402
-
-LAYOUTS = ("stacked", "per-layer")
+from rocketkv_jax.names import WEIGHT_LAYOUTS  # noqa: E402
 
 
 def measure(bm: bd.BenchModel, method: str, budget: int, T: int, N: int, B: int) -> dict:
     prompts = [bm.prompt_ids(T).tolist()] * B
     kv = make_method(method) if method == "full" else make_method(method, token_budget=budget)
     out = {}
-    for layout, params in (("stacked", bm.params), ("per-layer", unstack_layers(bm.params))):
+    for layout in WEIGHT_LAYOUTS:  # one layout's weights in memory at a time
+        params = bm.params if layout == "stacked" else unstack_layers(bm.params)
         first = generate_ids(params, bm.config, prompts, kv, max_new_tokens=N, stop_ids=[])
         warm = generate_ids(params, bm.config, prompts, kv, max_new_tokens=N, stop_ids=[])
         out[layout] = {"compile_s": first.stats.compile_s, "prefill_s": warm.stats.prefill_s,
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     summary = []
     for m in methods:
         r = measure(bm, m, a.budget, a.context, a.new_tokens, a.batch)
-        for layout in LAYOUTS:
+        for layout in WEIGHT_LAYOUTS:
             x = r[layout]
             print(f"{m:<10} {layout:<10} {x['compile_s']:9.1f} {x['prefill_s']:9.2f} "
                   f"{x['decode_tok_s']:12.1f}")

@@ -12,7 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from .names import KERNEL_BACKENDS, METHOD_NAMES  # JAX-free: --help does not import JAX
+from .names import (  # JAX-free: --help does not import JAX
+    KERNEL_BACKENDS,
+    METHOD_NAMES,
+    WEIGHT_LAYOUTS,
+)
 
 EXAMPLES = """examples:
   rocketkv generate --chat --prompt "What is the capital of France?"
@@ -160,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hosts, every process runs the same command after jax.distributed.initialize()",
     )
     g.add_argument(
-        "--weight-layout", default="stacked", choices=("stacked", "per-layer"),
+        "--weight-layout", default="stacked", choices=WEIGHT_LAYOUTS,
         help="stacked: each weight one array over all layers, the layers one compiled loop "
         "(fast to compile); per-layer: one array per layer and the loop unrolled, so on CPU "
         "each matmul reads its layer's weights in place instead of a copied slice (faster "

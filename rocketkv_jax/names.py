@@ -1,4 +1,5 @@
-"""The names users type: KV methods, their named variants, and kernel backends.
+"""The names users type: KV methods, their named variants, kernel backends and weight
+layouts.
 
 Written once here, in a module that imports nothing (so `rocketkv --help` and
 `import rocketkv_jax.eval` do not pay for JAX). The method registry
@@ -46,3 +47,7 @@ KERNEL_BACKENDS: tuple[str, ...] = ("reference", "interpret", "triton", "auto")
 # Prefill attention of the model (`models/llama.py`): a kernel backend, or "dense", the
 # materialised [B, H, T, S] softmax kept as the baseline.
 PREFILL_ATTENTION: tuple[str, ...] = (*KERNEL_BACKENDS, "dense")
+
+# Weight layouts (`generate --weight-layout`, `models.params.unstack_layers`): one array per
+# weight over all layers (the checkpoint's), or one array per layer with the loop unrolled.
+WEIGHT_LAYOUTS: tuple[str, ...] = ("stacked", "per-layer")
