@@ -405,25 +405,33 @@ def _check_vocab(ids: list[list[int]], vocab_size: int, path) -> None:
 
 
 def cmd_eval(args) -> int:
-    if getattr(args, "multi_turn", 0):
-        from .eval.multiturn import cmd_multiturn
-
-        return cmd_multiturn(args)
     from .eval.cli import run_eval_command, validate_eval_args
-    from .eval.engine import engine_functions
+    from .eval.engine import check_methods_fit, engine_functions, engine_identity
+    from .eval.runner import EVAL_METHOD_NAMES
     from .model_store import load_model
 
-    validate_eval_args(args)  # fail on bad flags before loading the model
-    if args.skip_layers < 0:
-        raise UserError(f"--skip-layers must be >= 0 (leading layers kept dense), got "
-                        f"{args.skip_layers}")
+    config = validate_eval_args(args)  # fail on bad flags before loading the model
     model = load_model(args.model)
-    gen, forced, greedy = engine_functions(model, kernels=args.kernels,
-                                           skip_layers=args.skip_layers,
-                                           batch_size=getattr(args, "batch_size", 8))
+    info = {"model": str(model.path)}
+    config = validate_eval_args(args, max_context_length=model.config.max_position_embeddings)
+    check_methods_fit(model.config, config.methods, config.budgets, config.contexts,
+                      config.max_new_tokens or 16, kernels=config.kernels,
+                      skip_layers=config.skip_layers)
+    if config.multi_turn is not None:
+        from .eval.multiturn import METHODS, PREFILL_CHUNK, run_multiturn_command
+
+        identity = engine_identity(model, METHODS, kernels=config.kernels,
+                                   skip_layers=config.skip_layers, prefill_chunk=PREFILL_CHUNK)
+        enable_compilation_cache()
+        return run_multiturn_command(config, model, engine_identity=identity, info=info)
+    gen, forced, greedy = engine_functions(model, kernels=config.kernels,
+                                           skip_layers=config.skip_layers,
+                                           batch_size=config.batch_size)
+    identity = engine_identity(model, EVAL_METHOD_NAMES, kernels=config.kernels,
+                               skip_layers=config.skip_layers)
     return run_eval_command(args, gen, model.tokenizer, forced, greedy,
                             max_context_length=model.config.max_position_embeddings,
-                            tokenizer_dir=model.path)
+                            tokenizer_dir=model.path, engine_identity=identity, info=info)
 
 
 def cmd_models(args) -> int:

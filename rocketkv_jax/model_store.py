@@ -322,6 +322,46 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
     return Model(params, config, tokenizer, ckpt)
 
 
+def model_identity(model: Model) -> dict[str, Any]:
+    """What a loaded model's outputs depend on, by content: its config, its parameters'
+    dtype, and SHA-256 digests of its weights and its tokenizer files.
+
+    The weights digest covers every parameter's path, dtype, shape and bytes, in path
+    order. It is computed from the loaded arrays, not from the checkpoint's files: orbax
+    writes random file names and timestamps, so two conversions of the same weights have
+    different files but the same digest, while a fine-tune that shares the tokenizer
+    does not. On CPU the arrays are hashed in place (no copy); elsewhere one array at a
+    time is copied to the host. Cost: docs/eval-files.md.
+    """
+    import jax
+    import numpy as np
+
+    from .convert.checkpoint import TOKENIZER_FILES
+
+    host = jax.devices("cpu")[0]
+    weights = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(model.params)
+    dtypes = set()
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        array = np.asarray(jax.device_put(leaf, host) if isinstance(leaf, jax.Array) else leaf)
+        dtypes.add(str(array.dtype))
+        weights.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
+        weights.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+    tokenizer = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = Path(model.path) / name
+        if file.is_file():
+            data = file.read_bytes()
+            tokenizer.update(f"{name} {len(data)}\n".encode() + data)
+    return {
+        "config": {k: v for k, v in model.config.to_dict().items()
+                   if k != "rocketkv_config_version"},
+        "dtype": ",".join(sorted(dtypes)),
+        "weights_sha256": weights.hexdigest(),
+        "tokenizer_sha256": tokenizer.hexdigest(),
+    }
+
+
 def _cached_model_name(ckpt: Path) -> str | None:
     """The named model whose user-cache entry `ckpt` is, else None."""
     for m in NAMED_MODELS.values():

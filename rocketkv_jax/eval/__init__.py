@@ -27,8 +27,6 @@ from rocketkv_jax.eval.runner import (
     METHOD_NAMES,
     RESULTS_FILE,
     EngineContractError,
-    ResultsFileError,
-    read_jsonl,
     run_eval,
 )
 from rocketkv_jax.eval.scoring import (
@@ -38,6 +36,7 @@ from rocketkv_jax.eval.scoring import (
     string_match_all,
     string_match_part,
 )
+from rocketkv_jax.eval.store import ResultsFileError, ResultsStore, read_jsonl, read_records
 from rocketkv_jax.eval.suites import QUICK_SUITE, SUITE_NAMES, TaskSuite, make_suite
 from rocketkv_jax.eval.tasks import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -65,6 +64,7 @@ __all__ = [
     "EvalArgumentError",
     "EvalConfig",
     "ResultsFileError",
+    "ResultsStore",
     "RulerSuite",
     "TaskError",
     "TaskSample",
@@ -78,6 +78,7 @@ __all__ = [
     "make_sample",
     "make_suite",
     "read_jsonl",
+    "read_records",
     "render_markdown",
     "run_eval",
     "run_eval_command",

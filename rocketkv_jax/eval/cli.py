@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,14 @@ from rocketkv_jax.eval.fidelity import (
     FIDELITY_FILE,
     ForcedLogprobsFn,
     GreedyTokensFn,
+    fidelity_identity,
     run_fidelity,
 )
+from rocketkv_jax.eval.multiturn import DEFAULTS as MULTI_TURN_DEFAULTS
+from rocketkv_jax.eval.multiturn import METHODS as MULTI_TURN_METHODS
+from rocketkv_jax.eval.multiturn import TASK as MULTI_TURN_TASK
 from rocketkv_jax.eval.report import (
+    REPORT_FILES,
     load_records,
     markdown_table,
     mean_cells,
@@ -40,11 +46,12 @@ from rocketkv_jax.eval.runner import (
     FULL_METHOD,
     METHOD_NAMES,
     GenerateFn,
-    ResultsFileError,
     prepare_samples,
     resolve_max_new_tokens,
+    results_identity,
     run_eval,
 )
+from rocketkv_jax.eval.store import ResultsFileError, ResultsStore
 from rocketkv_jax.eval.suites import SUITE_NAMES, make_suite
 from rocketkv_jax.eval.tasks import TASK_NAMES, TaskError
 
@@ -104,6 +111,34 @@ class EvalConfig:
     max_new_tokens: int | None = None
     suite: str = "quick"
     ruler_template: str = RULER_DEFAULT_TEMPLATE
+    kernels: str = "reference"
+    skip_layers: int = 0
+    multi_turn: int | None = None  # questions per conversation; None: single-turn eval
+    force: bool = False
+
+
+# Flags of single-turn eval that mean nothing to --multi-turn: (flag, argparse dest).
+SINGLE_TURN_FLAGS = (
+    ("--suite", "suite"),
+    ("--tasks", "tasks"),
+    ("--ruler-template", "ruler_template"),
+    ("--fidelity-tokens", "fidelity_tokens"),
+    ("--fidelity-samples", "fidelity_samples"),
+    ("--batch-size", "batch_size"),
+    ("--smoke", "smoke"),
+)
+DEFAULT_BATCH_SIZE = 8
+RESUME_RULE = (
+    "Runs are resumable: re-running into the same --out skips finished records and adds "
+    "only the missing ones, including new cells of a grown grid (more methods, budgets, "
+    "contexts, tasks or samples). Each results file starts with a header that records "
+    "everything that decides what its records mean: the model (digests of its weights, "
+    "config and tokenizer), dtype, device, kernels, --skip-layers, every method's "
+    "settings, --seed, the suite and its template and package versions, answer "
+    "allowances, fidelity tokens, turns. A resume that differs in any of these is "
+    "refused, naming each difference; use a new --out, or --force to start over. "
+    "Details: docs/eval-files.md."
+)
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -116,8 +151,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
             "haystack over Paul Graham essays, RULER-style multikey / multivalue needles, "
             "variable tracking, common words, QA) at several token budgets and context "
             "lengths, plus token-level fidelity to full KV. Writes results.jsonl, "
-            "fidelity.jsonl, table.md and accuracy_vs_budget.png into --out. Runs are "
-            "resumable: re-running the same command skips finished records."
+            "fidelity.jsonl, table.md and accuracy_vs_budget.png into --out.\n\n"
+            + RESUME_RULE
         ),
         epilog=(
             "examples:\n"
@@ -168,7 +203,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--out",
         metavar="DIR",
         default="eval-results",
-        help="output directory; an existing run there is resumed (default: eval-results)",
+        help="output directory; an existing run of the same configuration there is resumed "
+        "(see above) (default: eval-results)",
     )
     parser.add_argument(
         "--fidelity-tokens",
@@ -187,9 +223,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=8,
         metavar="N",
-        help="prompts per generate call (default: 8)",
+        help=f"prompts per generate call (default: {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
         "--smoke",
@@ -208,7 +243,6 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--suite",
         choices=SUITE_NAMES,
-        default="quick",
         help="task source: quick = our NIAH / RULER-style tasks (default); ruler = NVIDIA's "
         f"RULER, 13 tasks ({','.join(RULER_TASK_NAMES)}) from its own generators and "
         "scoring, sized in the model's tokens (needs: pip install --no-deps "
@@ -218,7 +252,6 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ruler-template",
-        default=RULER_DEFAULT_TEMPLATE,
         metavar="NAME",
         help="RULER model template around each prompt (its data/template.py: base, "
         f"instruction, meta-chat, ...; default: {RULER_DEFAULT_TEMPLATE})",
@@ -226,14 +259,23 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--multi-turn",
         type=int,
-        default=0,
         metavar="N",
         help="run the multi-turn KV-retrieval task instead (eval/multiturn.py): one context "
-        "with N needles of different keys, asked about in N successive turns of one "
+        "with N >= 1 needles of different keys, asked about in N successive turns of one "
         "conversation, scored per turn; takes --methods (also rocketkv-mt, snapkv-mt; "
         "default full,rocketkv,rocketkv-mt,topk), --budgets (default 256,512,1k), --contexts "
-        "(default 4k), --samples (default 5), --seed, --out; writes multiturn.jsonl, "
-        "multiturn.md and multiturn.png (default: 0, off)",
+        "(default 4k), --samples (default 5), --max-new-tokens (per reply, default 16), "
+        "--seed, --kernels, --skip-layers, --out, --force; writes multiturn.jsonl, "
+        "multiturn.md and multiturn.png. --suite, --tasks, --ruler-template, "
+        "--fidelity-tokens, --fidelity-samples, --batch-size and --smoke do not apply "
+        "and are refused (default: off)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over: replace this command's results files in --out (results.jsonl "
+        "and fidelity.jsonl, or multiturn.jsonl) and its reports, even when they were "
+        "written by another configuration; other files in --out are left alone",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -286,20 +328,49 @@ def validate_eval_args(
 ) -> EvalConfig:
     """Turn parsed `eval` arguments into an EvalConfig; raise EvalArgumentError if bad.
 
-    max_context_length: the model's position limit; longer --contexts are refused.
+    Every count is checked here, before anything is loaded or created: --samples,
+    --max-new-tokens, --batch-size, --fidelity-samples and --multi-turn must be positive
+    (a 0 is refused, never replaced by a default), --fidelity-tokens and --skip-layers
+    >= 0 (--fidelity-tokens 0 turns fidelity off). A flag that does not apply to the
+    chosen mode is refused. max_context_length: the model's position limit; longer
+    --contexts are refused.
     """
-    suite = getattr(args, "suite", "quick") or "quick"
-    if suite not in SUITE_NAMES:
-        raise EvalArgumentError(f"unknown suite {suite!r}; choose from {', '.join(SUITE_NAMES)}")
-    if suite == "ruler":
-        if getattr(args, "smoke", False):
-            raise EvalArgumentError("--smoke is a quick-suite grid; drop --smoke or --suite ruler")
-        defaults, task_names = RULER_DEFAULTS, RULER_TASK_NAMES
+    turns = getattr(args, "multi_turn", None)
+    if turns is not None:
+        if turns < 1:
+            raise EvalArgumentError(
+                f"--multi-turn must be >= 1 (questions per conversation), got {turns}")
+        given = [flag for flag, dest in SINGLE_TURN_FLAGS  # 0 is given, False is not
+                 if getattr(args, dest, None) is not None and getattr(args, dest) is not False]
+        if given:
+            raise EvalArgumentError(
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
+                "--multi-turn (its own task, one conversation at a time, no fidelity "
+                f"measurement); drop {'it' if len(given) == 1 else 'them'}")
+        suite, task_names = "quick", (MULTI_TURN_TASK,)
+        defaults = {**MULTI_TURN_DEFAULTS, "tasks": task_names, "fidelity_tokens": 0,
+                    "fidelity_samples": 1}
+        known_methods = MULTI_TURN_METHODS
     else:
-        defaults = SMOKE_DEFAULTS if getattr(args, "smoke", False) else DEFAULTS
-        task_names = TASK_NAMES
-    methods = _names(args.methods, defaults["methods"], EVAL_METHOD_NAMES, "method")
-    if FULL_METHOD not in methods:
+        suite = getattr(args, "suite", None) or "quick"
+        if suite not in SUITE_NAMES:
+            raise EvalArgumentError(
+                f"unknown suite {suite!r}; choose from {', '.join(SUITE_NAMES)}")
+        if suite == "ruler":
+            if getattr(args, "smoke", False):
+                raise EvalArgumentError(
+                    "--smoke is a quick-suite grid; drop --smoke or --suite ruler")
+            defaults, task_names = RULER_DEFAULTS, RULER_TASK_NAMES
+        else:
+            if getattr(args, "ruler_template", None) is not None:
+                raise EvalArgumentError(
+                    "--ruler-template applies to --suite ruler only; drop it or add "
+                    "--suite ruler")
+            defaults = SMOKE_DEFAULTS if getattr(args, "smoke", False) else DEFAULTS
+            task_names = TASK_NAMES
+        known_methods = EVAL_METHOD_NAMES
+    methods = _names(args.methods, defaults["methods"], known_methods, "method")
+    if turns is None and FULL_METHOD not in methods:
         methods = (FULL_METHOD, *methods)
     budgets = _counts(args.budgets, defaults["budgets"], "budget")
     contexts = _counts(args.contexts, defaults["contexts"], "context length")
@@ -310,8 +381,9 @@ def validate_eval_args(
                 f"context length(s) {', '.join(map(str, too_long))} exceed the model's limit "
                 f"of {max_context_length} tokens; pick --contexts at most {max_context_length}"
             )
-    tasks = _names(args.tasks, defaults["tasks"], task_names, "task")
-    pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)
+    tasks = _names(getattr(args, "tasks", None), defaults["tasks"], task_names, "task")
+    pick = lambda name: defaults[name] if getattr(args, name, None) is None else getattr(
+        args, name)
     samples, fidelity_tokens = pick("samples"), pick("fidelity_tokens")
     fidelity_samples = pick("fidelity_samples")
     if samples <= 0:
@@ -322,11 +394,21 @@ def validate_eval_args(
         raise EvalArgumentError(
             f"--fidelity-samples must be in 1..--samples ({samples}), got {fidelity_samples}"
         )
-    if args.batch_size <= 0:
-        raise EvalArgumentError(f"--batch-size must be positive, got {args.batch_size}")
+    if fidelity_tokens == 0 and getattr(args, "fidelity_samples", None) is not None:
+        raise EvalArgumentError(
+            "--fidelity-samples has no effect without fidelity (--fidelity-tokens is 0); "
+            "drop it or give --fidelity-tokens N")
+    batch_size = getattr(args, "batch_size", None)
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if batch_size <= 0:
+        raise EvalArgumentError(f"--batch-size must be positive, got {batch_size}")
     max_new = getattr(args, "max_new_tokens", None)
     if max_new is not None and max_new <= 0:
         raise EvalArgumentError(f"--max-new-tokens must be positive, got {max_new}")
+    skip_layers = getattr(args, "skip_layers", 0) or 0
+    if skip_layers < 0:
+        raise EvalArgumentError(
+            f"--skip-layers must be >= 0 (leading layers kept dense), got {skip_layers}")
     return EvalConfig(
         model=args.model,
         methods=methods,
@@ -338,11 +420,15 @@ def validate_eval_args(
         out=Path(args.out),
         fidelity_tokens=fidelity_tokens,
         fidelity_samples=fidelity_samples,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         progress=not getattr(args, "no_progress", False),
         max_new_tokens=max_new,
         suite=suite,
         ruler_template=getattr(args, "ruler_template", None) or RULER_DEFAULT_TEMPLATE,
+        kernels=getattr(args, "kernels", None) or "reference",
+        skip_layers=skip_layers,
+        multi_turn=turns,
+        force=bool(getattr(args, "force", False)),
     )
 
 
@@ -360,12 +446,18 @@ def run_eval_command(
     *,
     max_context_length: int | None = None,
     tokenizer_dir: str | Path | None = None,
+    engine_identity: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> int:
     """Validate, run accuracy + fidelity (resumable), write the report; return exit code.
 
-    Bad arguments, prompts that cannot be built and incompatible output directories
-    print one `error: ...` line to stderr and return 2 (no traceback).
-    Engine contract violations (EngineContractError) propagate: they are bugs.
+    Bad arguments, prompts that cannot be built, damaged results files and results of
+    another configuration print one `error: ...` line to stderr and return 2 (no
+    traceback), before any file is created or changed. Engine contract violations
+    (EngineContractError) propagate: they are bugs.
+    `engine_identity`: what decides generate_fn's outputs (eval/engine.py's
+    `engine_identity`), recorded in each results file's header with the suite, seed and
+    answer allowances, and compared on resume; `info` is recorded, not compared.
     Fidelity is skipped when --fidelity-tokens is 0 or either fidelity callable is None.
     `--suite ruler` needs `tokenizer_dir`, the model's directory holding tokenizer.json
     (RULER's generators size prompts in its tokens); its generated task files are kept
@@ -375,6 +467,8 @@ def run_eval_command(
         config = validate_eval_args(args, max_context_length=max_context_length)
     except EvalArgumentError as err:
         return _error(str(err))
+    if config.multi_turn is not None:
+        return _error("--multi-turn runs through eval/multiturn.py, not run_eval_command")
     if config.suite == "ruler" and tokenizer_dir is None:
         return _error("--suite ruler needs the model's tokenizer directory (tokenizer.json)")
     suite = make_suite(
@@ -383,9 +477,18 @@ def run_eval_command(
         cache_dir=config.out / "ruler-data",
         ruler_template=config.ruler_template,
     )
+    # one allowance for every task of the suite, so that adding tasks keeps the identity
     overrides = None if config.max_new_tokens is None else {
-        t: config.max_new_tokens for t in config.tasks}
+        t: config.max_new_tokens for t in suite.task_names}
+    fidelity_on = (config.fidelity_tokens > 0 and forced_logprobs_fn is not None
+                   and greedy_tokens_fn is not None)
     try:
+        identity = results_identity(suite, config.seed, overrides, engine_identity)
+        # Check fidelity.jsonl before run_eval creates anything; without fidelity this
+        # time, records of another token count are still this configuration's.
+        ResultsStore(config.out / FIDELITY_FILE,
+                     fidelity_identity(identity, config.fidelity_tokens),
+                     force=config.force).check(ignore=() if fidelity_on else ("fidelity_tokens",))
         results = run_eval(
             generate_fn,
             tokenizer,
@@ -400,9 +503,12 @@ def run_eval_command(
             show_progress=config.progress,
             max_new_tokens_per_task=overrides,
             suite=suite,
+            engine_identity=engine_identity,
+            info=info,
+            force=config.force,
+            replaces=(FIDELITY_FILE, *REPORT_FILES),
         )
-        fidelity_ready = forced_logprobs_fn is not None and greedy_tokens_fn is not None
-        if config.fidelity_tokens > 0 and fidelity_ready:
+        if fidelity_on:
             keys = [
                 (task, context, index)
                 for context in config.contexts
@@ -426,6 +532,8 @@ def run_eval_command(
                 n_tokens=config.fidelity_tokens,
                 out_dir=config.out,
                 show_progress=config.progress,
+                identity=identity,
+                info=info,
             )
         elif config.fidelity_tokens > 0:
             print("rocketkv eval: fidelity skipped (no logprob functions given)", file=sys.stderr)

@@ -1,15 +1,81 @@
-"""Binds the evaluation harness to the JAX engine: the three callables it needs."""
+"""Binds the evaluation harness to the JAX engine: the three callables it needs, the
+methods it runs, and the identity of what produces its outputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
-from ..generate import generate_ids
+from ..generate import DEFAULT_PREFILL_CHUNK, generate_ids
 from ..methods import make_method, method_hparams
-from ..model_store import Model
+from ..model_store import Model, model_identity
+from ..names import METHOD_VARIANTS
 from .shared_prefill import SharedPrefill, forced_decode_logprobs
+
+# Method fields that come from the run's flags (recorded once, at the identity's top).
+RUN_SETTINGS = ("token_budget", "kernels", "skip_layers")
+
+
+def eval_method(name: str, budget: int | None, *, kernels: str = "reference",
+                skip_layers: int = 0):
+    """The method eval runs for `name` at `budget`: `kernels` goes to every method (those
+    without kernels drop it), `skip_layers` to those that take it; full has no budget."""
+    if name == "full":
+        return make_method("full")
+    kw = {} if kernels == "reference" else {"kernels": kernels}
+    base = METHOD_VARIANTS[name][0] if name in METHOD_VARIANTS else name
+    if skip_layers and "skip_layers" in method_hparams(base):
+        kw["skip_layers"] = skip_layers
+    return make_method(name, budget, **kw)
+
+
+def check_methods_fit(config, methods: Iterable[str], budgets: Iterable[int],
+                      contexts: Iterable[int], max_new_tokens: int, *,
+                      kernels: str = "reference", skip_layers: int = 0) -> None:
+    """Plan every (method, budget, context) of a grid on the model's config, so that a
+    setting the model cannot take (e.g. skip_layers >= its layers) is refused before a
+    run creates anything; raises the method's MethodConfigError (a ValueError)."""
+    budgets, contexts = list(budgets), list(contexts)
+    for name in methods:
+        for budget in budgets:
+            method = eval_method(name, budget, kernels=kernels, skip_layers=skip_layers)
+            for context in contexts:
+                method.plan(config, max(1, context - max_new_tokens), max_new_tokens)
+
+
+def method_settings(method) -> dict[str, Any]:
+    """A method's class and hyperparameters, less those set by the run (RUN_SETTINGS)."""
+    fields = dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {}
+    return {"class": type(method).__name__,
+            **{k: v for k, v in fields.items() if k not in RUN_SETTINGS}}
+
+
+def engine_identity(model: Model, methods: Iterable[str], *, kernels: str = "reference",
+                    skip_layers: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+                    ) -> dict[str, Any]:
+    """Everything of the engine that decides eval's outputs: the model (`model_identity`),
+    the device platform, the kernel backend that runs (`auto` resolved), skip_layers, the
+    prefill chunk, greedy decoding, and the settings of every method in `methods` (pass
+    every method the command can run, not only this grid's, so that adding methods to a
+    grid keeps the identity)."""
+    import jax
+
+    from ..kernels.backend import resolve_backend
+
+    return {
+        "model": model_identity(model),
+        "device": jax.default_backend(),
+        "kernels": resolve_backend(kernels),
+        "skip_layers": skip_layers,
+        "prefill_chunk": prefill_chunk,
+        "decoding": "greedy",
+        "methods": {name: method_settings(eval_method(name, 1024, kernels=kernels,
+                                                      skip_layers=skip_layers))
+                    for name in methods},
+    }
 
 
 def engine_functions(
@@ -28,12 +94,7 @@ def engine_functions(
         stop.add(tok.eos_token_id)
 
     def method_for(name: str, budget: int | None):
-        if name == "full":
-            return make_method("full")
-        kw = {} if kernels == "reference" else {"kernels": kernels}
-        if skip_layers and "skip_layers" in method_hparams(name):
-            kw["skip_layers"] = skip_layers
-        return make_method(name, budget, **kw)
+        return eval_method(name, budget, kernels=kernels, skip_layers=skip_layers)
 
     last: dict[tuple, SharedPrefill] = {}
 

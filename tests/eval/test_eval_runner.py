@@ -8,10 +8,10 @@ import pytest
 from rocketkv_jax.eval.runner import (
     EngineContractError,
     ResultsFileError,
-    read_jsonl,
     record_key,
     run_eval,
 )
+from rocketkv_jax.eval.store import read_records
 
 
 class WhitespaceTokenizer:
@@ -70,7 +70,7 @@ def _run(out_dir, generate, **overrides):
 def test_full_run_records(tmp_path):
     generate = FakeGenerate()
     path = _run(tmp_path, generate)
-    records = read_jsonl(path)
+    records = read_records(path)
     assert len(records) == TOTAL
     assert len({record_key(r) for r in records}) == TOTAL
     full = [r for r in records if r["method"] == "full"]
@@ -102,13 +102,13 @@ def test_resume_after_kill_appends_only_missing_records(tmp_path):
         _run(tmp_path, FakeGenerate(fail_after=4))
     path = tmp_path / "results.jsonl"
     first_bytes = path.read_bytes()
-    first = read_jsonl(path)
+    first = read_records(path)
     assert 0 < len(first) < TOTAL
     generate = FakeGenerate()
     _run(tmp_path, generate)
     final_bytes = path.read_bytes()
     assert final_bytes.startswith(first_bytes)  # finished lines untouched, byte for byte
-    records = read_jsonl(path)
+    records = read_records(path)
     keys = [record_key(r) for r in records]
     assert len(keys) == len(set(keys)) == TOTAL
     assert sum(len(p) for p, *_ in generate.calls) == TOTAL - len(first)
@@ -124,7 +124,7 @@ def test_truncated_last_line_is_dropped_and_redone(tmp_path):
     lines = complete.splitlines(keepends=True)
     killed = b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2]  # half-written record
     path.write_bytes(killed)
-    assert len(read_jsonl(path)) == TOTAL - 1  # reading alone drops it, file unchanged
+    assert len(read_records(path)) == TOTAL - 1  # reading alone drops it, file unchanged
     assert path.read_bytes() == killed
     generate = FakeGenerate()
     _run(tmp_path, generate)
@@ -147,13 +147,13 @@ def test_corrupt_middle_line_raises(tmp_path):
     lines = path.read_bytes().splitlines(keepends=True)
     lines[3] = b"{garbage\n"
     path.write_bytes(b"".join(lines))
-    with pytest.raises(ResultsFileError, match=r"results.jsonl:4: corrupt line"):
+    with pytest.raises(ResultsFileError, match=r"results.jsonl:4: damaged line"):
         _run(tmp_path, FakeGenerate())
 
 
 def test_duplicate_records_raise(tmp_path):
     path = _run(tmp_path, FakeGenerate())
-    first = path.read_bytes().splitlines(keepends=True)[0]
+    first = path.read_bytes().splitlines(keepends=True)[1]  # line 1 is the header
     with path.open("ab") as handle:
         handle.write(first)
     with pytest.raises(ResultsFileError, match="two records"):
@@ -178,7 +178,7 @@ def test_more_samples_later_extend_the_run(tmp_path):
     before = path.read_bytes()
     _run(tmp_path, FakeGenerate(), samples_per_task=3)
     assert path.read_bytes().startswith(before)
-    assert len(read_jsonl(path)) == TOTAL
+    assert len(read_records(path)) == TOTAL
 
 
 def test_engine_contract_and_argument_errors(tmp_path):

