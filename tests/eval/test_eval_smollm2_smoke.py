@@ -18,7 +18,8 @@ def test_eval_smoke_full_and_rocketkv_keep_the_needle_at_2k(smollm2_checkpoint, 
             "--budgets", "256", "--contexts", "2k", "--tasks", "niah_single", "--samples", "2",
             "--fidelity-tokens", "4", "--out", str(out), "--no-progress"]
     assert cli_main(args) == 0
-    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    header, *records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert header["identity"]["model"]["dtype"] == "float32"
     by_method = {}
     for r in records:
         assert 1800 < r["prompt_tokens"] <= 2048
