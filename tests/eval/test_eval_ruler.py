@@ -253,22 +253,23 @@ def test_grid_script_commands_are_valid_eval_command_lines():
     from rocketkv_jax.eval.cli import validate_eval_args
 
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, ROCKETKV="echo", SAMPLES="12")
+    env = dict(os.environ, ROCKETKV="echo", SAMPLES_SHORT="12", SAMPLES_LONG="3")
     done = subprocess.run(["sh", str(root / "benchmarks" / "ruler_grid.sh")], env=env,
                           capture_output=True, text=True, check=True)
     lines = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
-    assert len(lines) == 3  # qwen, qwen32k, smollm2
+    assert len(lines) == 4  # 4k, 8k, 16k, 32k
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     add_eval_parser(sub).add_argument("--kernels")
     configs = [validate_eval_args(parser.parse_args(argv)) for argv in lines]
     for config in configs:
-        assert config.suite == "ruler" and config.samples == 12
-        assert config.budgets == (256, 512, 1024, 2048) and len(config.methods) == 9
-    assert configs[0].contexts == (4096, 8192, 16384) and configs[0].tasks == RULER_TASK_NAMES
-    assert configs[1].contexts == (32768,) and all(t.startswith("niah") for t in configs[1].tasks)
-    assert len(configs[1].tasks) == 8 and configs[0].model == configs[1].model
-    assert configs[2].model is None and configs[2].contexts == (4096, 8192)
+        assert config.suite == "ruler" and config.model == "qwen2.5-coder-0.5b"
+        assert config.budgets == (256, 1024) and len(config.methods) == 9
+        assert config.out == configs[0].out  # one results file for the whole grid
+    assert [c.contexts for c in configs] == [(4096,), (8192,), (16384,), (32768,)]
+    assert [c.samples for c in configs] == [12, 12, 3, 3]
+    assert all(c.tasks == RULER_TASK_NAMES for c in configs[:3])
+    assert len(configs[3].tasks) == 8 and all(t.startswith("niah") for t in configs[3].tasks)
 
 
 def test_cli_suite_ruler_with_fidelity(word_tokenizer, tmp_path):
