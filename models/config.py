@@ -13,6 +13,8 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+from .. import checks
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("llama3", "linear")
 
@@ -102,6 +104,9 @@ class ModelConfig:
                 raise ConfigError(f"config value {f.name} must be a number, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"config value {f.name} must be true or false, got {value!r}")
+        checks.real(self.rms_norm_eps, "rms_norm_eps", ConfigError, ok=lambda x: x >= 0,
+                    rule="a finite number >= 0")
+        checks.positive_number(self.rope_theta, "rope_theta", ConfigError)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:

@@ -48,15 +48,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checks, defaults, programs
 from . import conversation_ops as ops
-from . import defaults, programs
 from .conversation_ops import decode_cache, grown_plan
 from .generate import (
     GREEDY,
     GenerateError,
+    check_callbacks,
+    check_config,
+    check_method,
+    check_pad_id,
+    check_sampling,
+    check_stop_ids,
     check_token_ids,
     length_bucket,
-    prng_key,
     stop_tuple,
 )
 from .methods.base import DensePlan, round_capacity
@@ -66,7 +71,7 @@ from .methods.stage2 import TwoStagePlan
 from .methods.topk import TopK
 from .models.config import ModelConfig
 from .programs import LoopSettings
-from .sampling import Sampling
+from .sampling import Sampling, prng_key
 
 __all__ = ["Conversation", "ConversationError", "Reply", "TurnStats", "conversation_mode",
            "decode_cache"]
@@ -139,20 +144,18 @@ class Conversation:
     def __init__(self, params, config: ModelConfig, method, *, capacity: int, batch: int = 1,
                  prefill_chunk: int | None = defaults.DEFAULT_PREFILL_CHUNK,
                  stop_ids: Sequence[int] | None = None, pad_id: int = 0):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
-            raise ConversationError(f"capacity must be an int >= 2 (tokens of history per "
-                                    f"row), got {capacity!r}")
+        check_config(config)
+        check_method(method)
+        capacity = checks.capacity(capacity, error=ConversationError)
         ctx = config.max_position_embeddings
         if capacity > ctx:
             raise ConversationError(
                 f"capacity {capacity} is larger than the model's context of {ctx} tokens; "
                 f"use at most {ctx}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConversationError(f"batch must be an int >= 1, got {batch!r}")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 16):
-            raise ConversationError(f"prefill_chunk must be an int >= 16 or None, got "
-                                    f"{prefill_chunk!r}")
+        batch = checks.count(batch, "batch", ConversationError)
+        prefill_chunk = checks.prefill_chunk(prefill_chunk, error=ConversationError)
+        check_stop_ids(stop_ids)
+        pad_id = check_pad_id(pad_id, config.vocab_size)
         if getattr(method, "skip_layers", 0):
             raise ConversationError(
                 f"{method.name}: skip_layers is not supported in conversations yet; pass "
@@ -181,6 +184,7 @@ class Conversation:
         self._cached = np.zeros(self.batch, np.int64)  # history tokens in the KV cache
         self._logits = None  # [B, V] of each row's last cached token, when it is the last
         self._plan = None  # single_turn: the plan fixed by the first compression
+        self._replies = 0  # `generate` calls since the start or the last reset
 
     @property
     def history(self) -> list[list[int]]:
@@ -226,12 +230,15 @@ class Conversation:
                  ) -> Reply:
         """Decode a reply per row from the history; the reply joins the history.
 
+        seed: any integer in [0, 2**64). The n-th reply since the conversation started (or
+        was reset), n = 0, 1, ..., samples with `prng_key(seed, n)`: one seed gives each
+        turn its own stream, and the same seed replays the same conversation.
         on_step(step, tokens [B], done [B]) is called as tokens are produced.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ConversationError(f"max_new_tokens must be an int >= 1, got "
-                                    f"{max_new_tokens!r}")
+        max_new_tokens = checks.max_new_tokens(max_new_tokens, error=ConversationError)
+        check_sampling(sampling)
+        key = prng_key(checks.seed(seed, error=ConversationError), self._replies)
+        check_callbacks(on_step=on_step)
         if not all(self._tokens):
             raise ConversationError("the conversation is empty: append a turn before "
                                     "generating")
@@ -268,7 +275,7 @@ class Conversation:
 
         t0 = time.perf_counter()
         state = start(self.params, self._history, self._q_obs, self._logits, lengths,
-                      jnp.asarray(prng_key(seed)))
+                      jnp.asarray(key))
         self._history = None  # donated (or compressed away)
         N, step = max_new_tokens, 1
         done = np.asarray(state.done)
@@ -288,6 +295,7 @@ class Conversation:
         stats.rows = self.batch
         if first:
             self._plan = plan
+        self._replies += 1
         replies = [out[b, :n_gen[b]].tolist() for b in range(self.batch)]
         for b, r in enumerate(replies):
             self._tokens[b].extend(r)
@@ -300,12 +308,20 @@ class Conversation:
     def _rows(self, turns) -> list[list[int]]:
         if isinstance(turns, np.ndarray):
             turns = turns.tolist()
+        if isinstance(turns, str | bytes) or not isinstance(turns, Sequence):
+            raise ConversationError(
+                f"a turn must be a list of token ids (or one list per row), got "
+                f"{type(turns).__name__}; tokenize text first (Tokenizer.encode)")
         turns = list(turns)
         if self.batch == 1 and (not turns or not isinstance(turns[0], Sequence | np.ndarray)):
             turns = [turns]  # one row's token ids
         if len(turns) != self.batch:
             raise ConversationError(f"expected {self.batch} turns (one per row), got "
                                     f"{len(turns)}")
+        for b, t in enumerate(turns):
+            if isinstance(t, str | bytes) or not isinstance(t, Sequence | np.ndarray):
+                raise ConversationError(f"row {b}: a turn must be a list of token ids, got "
+                                        f"{type(t).__name__}")
         return [list(t) for t in turns]
 
     def _check_room(self, b: int, n: int, what: str) -> None:

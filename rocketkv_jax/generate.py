@@ -17,15 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import defaults, programs
+from . import checks, defaults, programs
 from . import sharding as shd
 from .methods.base import DensePlan
 from .methods.cost import fallback_note
 from .models.config import ModelConfig
 from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
 from .programs import DecodeState, LoopSettings
-from .sampling import Sampling
+from .sampling import Sampling, prng_key
 
+__all__ = ["GREEDY", "GenerateError", "GenerateOutput", "GenerateStats", "check_request",
+           "generate_ids", "make_decode_step", "make_prefill", "prng_key"]
 GREEDY = Sampling()
 DEFAULT_PREFILL_CHUNK = defaults.DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill chunk
 
@@ -129,18 +131,26 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def check_request(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+def check_request(config: ModelConfig, prompts: Sequence[Sequence[int]],
+                  max_new_tokens: int) -> None:
     """Raise GenerateError for requests the model cannot serve (before any compile).
 
     A prompt of P tokens with N new tokens needs P + N - 1 positions: the last sampled
     token is returned, never fed back.
     """
-    if not prompts:
+    check_config(config)
+    checks.max_new_tokens(max_new_tokens, error=GenerateError)
+    if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence | np.ndarray):
+        raise GenerateError(f"prompts must be a list of token-id lists (one per prompt), got "
+                            f"{type(prompts).__name__}; tokenize text first "
+                            f"(Tokenizer.encode)")
+    if not len(prompts):
         raise GenerateError("no prompts given")
-    if max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ctx = config.max_position_embeddings
     for i, p in enumerate(prompts):
+        if isinstance(p, str | bytes) or not isinstance(p, Sequence | np.ndarray):
+            raise GenerateError(f"prompt {i} must be a list of token ids, got "
+                                f"{type(p).__name__}")
         if len(p) == 0:
             raise GenerateError(f"prompt {i} is empty")
         check_token_ids(p, config.vocab_size, f"prompt {i}")
@@ -154,6 +164,52 @@ def check_request(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
                 f"needs {len(p) + max_new_tokens - 1} positions > the model's context of "
                 f"{ctx}. Lower --max-new-tokens to at most {ctx - len(p) + 1}."
             )
+
+
+def check_config(config) -> None:
+    if not isinstance(config, ModelConfig):
+        raise GenerateError(f"config must be a ModelConfig (Model.config of load_model), got "
+                            f"{type(config).__name__}")
+
+
+def check_method(method) -> None:
+    """A KV method object: what `make_method` returns (it plans, names are not methods)."""
+    if isinstance(method, str):
+        raise GenerateError(f"method must be a KV method, not its name: pass "
+                            f"make_method({method!r}, token_budget)")
+    if not callable(getattr(method, "plan", None)):
+        raise GenerateError(f"method must be a KV method (make_method(name, token_budget)), "
+                            f"got {type(method).__name__}")
+
+
+def check_sampling(sampling) -> None:
+    if not isinstance(sampling, Sampling):
+        raise GenerateError(f"sampling must be a Sampling(temperature, top_k, top_p), got "
+                            f"{type(sampling).__name__}")
+
+
+def check_stop_ids(stop_ids) -> None:
+    """None (the config's EOS ids) or token ids (integers >= 0; an id past the model's
+    vocabulary, such as a tokenizer's extra token, is never sampled and so never stops)."""
+    if stop_ids is None:
+        return
+    if isinstance(stop_ids, str | bytes) or not isinstance(
+            stop_ids, Sequence | set | frozenset | np.ndarray):
+        raise GenerateError(f"stop_ids must be a list of token ids or None, got "
+                            f"{type(stop_ids).__name__}")
+    for t in stop_ids:
+        checks.integer(t, "each of stop_ids", GenerateError)
+
+
+def check_callbacks(**callbacks) -> None:
+    for name, f in callbacks.items():
+        if f is not None and not callable(f):
+            raise GenerateError(f"{name} must be a function or None, got {type(f).__name__}")
+
+
+def check_pad_id(pad_id, vocab_size: int) -> int:
+    return checks.integer(pad_id, "pad_id", GenerateError, high=vocab_size,
+                          meaning=f" (a token id of the vocabulary of {vocab_size})")
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, what: str = "prompt") -> None:
@@ -203,6 +259,12 @@ def generate_ids(
     """
     check_request(config, prompts, max_new_tokens)
     check_prefill_chunk(prefill_chunk)
+    check_method(method)
+    check_sampling(sampling)
+    checks.seed(seed, error=GenerateError)
+    check_stop_ids(stop_ids)
+    pad_id = check_pad_id(pad_id, config.vocab_size)
+    check_callbacks(on_step=on_step, on_prefill_chunk=on_prefill_chunk)
     loop = LoopSettings(max_new_tokens, sampling, stop_tuple(config, stop_ids), pad_id)
     n = len(prompts)
     tokens, lengths = pack_prompts(config, prompts, max_new_tokens, pad_id, mesh, prefill_chunk)
@@ -241,19 +303,12 @@ def generate_ids(
 
 
 def stop_tuple(config: ModelConfig, stop_ids) -> tuple[int, ...]:
-    return tuple(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)))
+    return tuple(sorted({int(t) for t in (config.eos_token_ids if stop_ids is None
+                                          else stop_ids)}))
 
 
-def prng_key(seed: int) -> jax.Array:
-    return jax.random.key_data(jax.random.key(seed))
-
-
-def check_prefill_chunk(prefill_chunk) -> None:
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(
-            prefill_chunk, int) or prefill_chunk < 16):
-        raise GenerateError(
-            f"prefill_chunk must be an int >= 16 (tokens per prefill chunk) or None, got "
-            f"{prefill_chunk!r}")
+def check_prefill_chunk(prefill_chunk) -> int | None:
+    return checks.prefill_chunk(prefill_chunk, error=GenerateError)
 
 
 def prompt_bucket(n: int, limit: int, prefill_chunk: int | None) -> int:
@@ -315,6 +370,8 @@ def run_decode(decode, params, state: DecodeState, lens, n: int, on_step,
 # ------------------------------------------------------- step-wise API (bench, eval)
 def make_prefill(config: ModelConfig, plan, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
     """jitted (params, tokens [B, T], lengths [B]) -> (last logits [B, V], cache)."""
+    check_config(config)
+    prefill_chunk = check_prefill_chunk(prefill_chunk)
     return jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, plan, all_logits=False,
                                                    chunk=prefill_chunk))
 
@@ -322,6 +379,7 @@ def make_prefill(config: ModelConfig, plan, prefill_chunk: int | None = DEFAULT_
 def make_decode_step(config: ModelConfig, plan):
     """jitted (params, tokens [B], positions [B], cache) -> (logits [B, V], cache), with
     the cache donated so XLA updates it in place."""
+    check_config(config)
 
     def step(p, tok, pos, cache):
         return forward_decode(p, config, tok, pos, cache, plan)

@@ -242,6 +242,9 @@ def resolve_model(model: str | Path | None, progress: bool = True,
     directory."""
     if model is None:
         return named_checkpoint(DEFAULT_MODEL, progress, reconvert=reconvert)
+    if not isinstance(model, str | os.PathLike):
+        raise ModelNotFoundError(f"the model must be a checkpoint directory or a model name "
+                                 f"({', '.join(NAMED_MODELS)}), got {type(model).__name__}")
     name, path = str(model), Path(model)
     if name in NAMED_MODELS and not path.exists():
         return named_checkpoint(name, progress, reconvert=reconvert)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import numbers
+import os
 from pathlib import Path
 
 import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
+
+from .user_text import check_utf8
 
 
 class TokenizerError(ValueError):
@@ -22,6 +26,9 @@ class Tokenizer:
     """
 
     def __init__(self, directory: str | Path):
+        if not isinstance(directory, str | os.PathLike):
+            raise TokenizerError(f"directory must be a path (str or Path), got "
+                                 f"{type(directory).__name__}")
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
@@ -61,10 +68,16 @@ class Tokenizer:
         return self.token_id(self.eos_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, which must be valid Unicode (TokenizerError otherwise)."""
+        check_utf8(text, "the text to encode", TokenizerError)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+                raise TokenizerError(f"decode takes token ids (integers >= 0), got {i!r}")
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
@@ -78,13 +91,16 @@ class Tokenizer:
             raise jinja2.exceptions.TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:  # the template's raise_exception, or a broken one
+            raise TokenizerError(f"the model's chat template cannot render these messages: "
+                                 f"{e}") from None
 
     def encode_chat(self, user_message: str) -> list[int]:
         """Token ids of a one-turn chat prompt ending with the assistant header."""

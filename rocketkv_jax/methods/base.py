@@ -13,6 +13,7 @@ import math
 
 import jax
 
+from .. import checks
 from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
 from .dense import dense_decode_attention, keep_all
 
@@ -33,13 +34,7 @@ def check_token_budget(name: str, token_budget: object) -> None:
             f"method {name!r} needs a token_budget (KV tokens read per decode step per KV "
             "head), e.g. 256"
         )
-    if isinstance(token_budget, bool) or not isinstance(token_budget, int):
-        raise MethodConfigError(
-            f"{name}: token_budget must be an int, got {token_budget!r} "
-            f"({type(token_budget).__name__})"
-        )
-    if token_budget <= 0:
-        raise MethodConfigError(f"{name}: token_budget must be positive, got {token_budget}")
+    checks.token_budget(token_budget, f"{name}: token_budget", MethodConfigError)
 
 
 def check_positive_int(name: str, what: str, value: object) -> None:

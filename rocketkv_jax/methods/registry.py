@@ -46,6 +46,9 @@ def make_method(name: str, token_budget: int | None = None, **hparams):
     Raises MethodConfigError (a ValueError) for an unknown name or hyperparameter, a missing
     or non-positive budget, and settings the method rejects.
     """
+    if not isinstance(name, str):
+        raise MethodConfigError(f"the method name must be a str such as 'rocketkv', got "
+                                f"{type(name).__name__}")
     if name in METHOD_VARIANTS:
         base, fixed = METHOD_VARIANTS[name]
         clash = sorted(k for k, v in fixed.items() if hparams.get(k) not in (None, v))

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from .. import checks
 from ..cache import KVCache
 from .base import DensePlan, MethodConfigError, round_capacity
 
@@ -138,11 +139,7 @@ def skip_layers_plan(inner, skip_layers: int, num_layers: int, prompt_len: int,
 def check_skip_layers(name: str, skip_layers: object) -> None:
     """Raise unless `skip_layers` is an int >= 0 (its upper bound, num_layers - 1, is
     checked at plan time, when the model is known)."""
-    if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or skip_layers < 0:
-        raise MethodConfigError(
-            f"{name}: skip_layers (leading layers kept dense and unevicted) must be an int "
-            f">= 0, e.g. 2 as in Quest's code; got {skip_layers!r}"
-        )
+    checks.skip_layers(skip_layers, f"{name}: skip_layers", MethodConfigError)
 
 
 def with_skip_layers(cls):

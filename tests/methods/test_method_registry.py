@@ -57,10 +57,13 @@ def test_budget_required_and_positive(name):
     with pytest.raises(MethodConfigError, match="needs a token_budget"):
         make_method(name)
     for bad in (0, -5):
-        with pytest.raises(MethodConfigError, match="token_budget must be positive"):
+        with pytest.raises(MethodConfigError, match="token_budget must be >= 1"):
             make_method(name, bad)
-    with pytest.raises(MethodConfigError, match="must be an int"):
-        make_method(name, 25.5)
+    for bad in (25.5, float("nan"), "256", True):
+        with pytest.raises(MethodConfigError, match="token_budget must be an integer"):
+            make_method(name, bad)
+    with pytest.raises(MethodConfigError, match=r"token_budget must be < 2\*\*31"):
+        make_method(name, 2**31)
 
 
 @pytest.mark.parametrize("name", ["snapkv", "snapkv++"])

@@ -1,0 +1,148 @@
+"""The numbers a user gives, each checked in one place: the library's entry points call
+these checks, and the CLI's flags parse with `flag(check)`, so a flag and the API argument
+behind it refuse the same values with the same words.
+
+A check takes the value, the name to call it by (the API argument's name by default) and
+the exception class of the entry point that calls it, and returns the value as the type it
+stands for. It refuses what is not a number of that kind (bools, strings, floats for
+counts), NaN and infinities, and values outside the range where the number means
+something. Nothing is clamped.
+
+This module imports nothing heavy: `rocketkv --help` builds its parser from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+from collections.abc import Callable
+
+# A seed is any integer in [0, 2**64): `sampling.prng_key` turns its 64 bits into a key
+# without dropping any, so two different seeds never share a stream of samples.
+SEED_LIMIT = 2**64
+# Token counts end up as int32 array sizes and positions.
+COUNT_LIMIT = 2**31
+MIN_PREFILL_CHUNK = 16
+
+
+def _subject(name: str | None) -> str:
+    return f"{name} " if name else ""
+
+
+def integer(value, name: str | None, error: type[Exception] = ValueError, *, low: int = 0,
+            high: int = COUNT_LIMIT, meaning: str = "") -> int:
+    """`value` as an int in [low, high); numpy integers count, bools and floats do not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{_subject(name)}must be an integer{meaning}, got {value!r} "
+                    f"({type(value).__name__})")
+    value = int(value)
+    if value < low:
+        raise error(f"{_subject(name)}must be >= {low}{meaning}, got {value}")
+    if value >= high:
+        limit = "2**64" if high == SEED_LIMIT else "2**31" if high == COUNT_LIMIT else high
+        raise error(f"{_subject(name)}must be < {limit}{meaning}, got {value}")
+    return value
+
+
+def real(value, name: str | None, error: type[Exception] = ValueError, *,
+         ok: Callable[[float], bool], rule: str, meaning: str = "") -> float:
+    """`value` as a finite float for which `ok` holds (`rule` says what that is)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{_subject(name)}must be a number{meaning}, got {value!r} "
+                    f"({type(value).__name__})")
+    x = float(value)
+    if not math.isfinite(x) or not ok(x):
+        raise error(f"{_subject(name)}must be {rule}{meaning}, got {value!r}")
+    return x
+
+
+# ------------------------------------------------------------------ named quantities
+def seed(value, name: str | None = "seed", error: type[Exception] = ValueError) -> int:
+    return integer(value, name, error, low=0, high=SEED_LIMIT,
+                   meaning=" (a PRNG seed: any integer in [0, 2**64))")
+
+
+def temperature(value, name: str | None = "temperature",
+                error: type[Exception] = ValueError) -> float:
+    return real(value, name, error, ok=lambda x: x >= 0, rule="a finite number >= 0",
+                meaning=" (0 = greedy)")
+
+
+def top_k(value, name: str | None = "top_k", error: type[Exception] = ValueError) -> int:
+    return integer(value, name, error, low=0, meaning=" (0 = off)")
+
+
+def top_p(value, name: str | None = "top_p", error: type[Exception] = ValueError) -> float:
+    return real(value, name, error, ok=lambda x: 0 < x <= 1, rule="in (0, 1]",
+                meaning=" (1 = off)")
+
+
+def max_new_tokens(value, name: str | None = "max_new_tokens",
+                   error: type[Exception] = ValueError) -> int:
+    return integer(value, name, error, low=1)
+
+
+def token_budget(value, name: str | None = "token_budget",
+                 error: type[Exception] = ValueError) -> int:
+    return integer(value, name, error, low=1,
+                   meaning=" (KV tokens read per decode step per KV head)")
+
+
+def skip_layers(value, name: str | None = "skip_layers",
+                error: type[Exception] = ValueError) -> int:
+    return integer(value, name, error, low=0,
+                   meaning=" (leading layers kept dense and unevicted, e.g. 2 as in Quest's "
+                   "code)")
+
+
+def count(value, name: str | None, error: type[Exception] = ValueError, low: int = 1) -> int:
+    """A count of things (prompts per batch, layers, steps): an int >= low."""
+    return integer(value, name, error, low=low)
+
+
+def capacity(value, name: str | None = "capacity", error: type[Exception] = ValueError) -> int:
+    return integer(value, name, error, low=2, meaning=" (tokens of history per row)")
+
+
+def prefill_chunk(value, name: str | None = "prefill_chunk",
+                  error: type[Exception] = ValueError, off: str = "None") -> int | None:
+    """Tokens per prefill chunk: an int >= 16, or None for the whole prompt in one pass
+    (0 on the command line: `chunk_flag`, and `off` names it in the message)."""
+    if value is None:
+        return None
+    return integer(value, name, error, low=MIN_PREFILL_CHUNK,
+                   meaning=f" (tokens per prefill chunk; {off} = the whole prompt in one "
+                   "pass)")
+
+
+def chunk_flag(text: str) -> int | None:
+    """--prefill-chunk's text as `prefill_chunk` takes it: 0 is off (None)."""
+    n = int(text)
+    return None if n == 0 else n
+
+
+def positive_number(value, name: str | None, error: type[Exception] = ValueError) -> float:
+    return real(value, name, error, ok=lambda x: x > 0, rule="a finite number > 0")
+
+
+# ------------------------------------------------------------------ the CLI's side
+def flag(check: Callable, parse: type = int, **kwargs) -> Callable[[str], object]:
+    """An argparse `type=` for a flag checked by `check`: the text is parsed as `parse`
+    (int or float), then checked; either complaint becomes argparse's error for the flag,
+    "argument --top-p: must be in (0, 1] (1 = off), got 1.5", exit code 2."""
+
+    def parse_flag(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            kind = "a number" if parse is float else "an integer"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        try:
+            return check(value, None, **kwargs)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse_flag.__name__ = getattr(check, "__name__", "value")
+    parse_flag.check = check  # the tests find every numeric flag by it
+    return parse_flag
