@@ -33,6 +33,7 @@ from rocketkv_jax.methods.skip_layers import compress_layers
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import forward_prefill
 from rocketkv_jax.models.params import random_params
+from rocketkv_jax.sampling import prng_key
 
 
 @dataclasses.dataclass
@@ -196,7 +197,7 @@ def synthetic_capture(config: ModelConfig, T: int, B: int, seed: int = 0) -> Cap
     prefill does not fit in memory). A random-weight model's k, v, q are noise too; the
     decode step's cost does not depend on the values."""
     Ly, H, K, D = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
-    kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
+    kk, kv, kq = jax.random.split(jax.random.wrap_key_data(prng_key(seed)), 3)
     k = jax.random.normal(kk, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
     v = jax.random.normal(kv, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
     W = STORED_QUERY_WINDOW

@@ -43,7 +43,10 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "</s>")  # chat models' end-of-turn t
 
 
 def add_chat_parser(sub) -> argparse.ArgumentParser:
-    from .cli import _add_method_args
+    from . import checks
+    from .checks import flag
+    from .cli import PREFILL_CHUNK_FLAG, _add_method_args, _add_sampling_args
+    from .defaults import DEFAULT_PREFILL_CHUNK
     from .names import MULTI_TURN_METHOD_NAMES
 
     c = sub.add_parser("chat", help="multi-turn chat that keeps its KV cache",
@@ -57,10 +60,11 @@ def add_chat_parser(sub) -> argparse.ArgumentParser:
                                     + " (default", 1)
             a.default = "rocketkv-mt"
             a.help = a.help.replace("(default: rocketkv)", "(default: rocketkv-mt)")
-    c.add_argument("--capacity", type=int, default=None, metavar="TOKENS",
+    c.add_argument("--capacity", type=flag(checks.capacity), default=None, metavar="TOKENS",
                    help="most tokens the conversation holds (turns and replies); the KV cache "
                    "is allocated for it once (default: the model's context, at most 8192)")
-    c.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+    c.add_argument("--max-new-tokens", type=flag(checks.max_new_tokens), default=256,
+                   metavar="N",
                    help="most tokens per reply")
     c.add_argument("--document", type=Path, default=None, metavar="FILE",
                    help="a text file put before the first message (chat about a document)")
@@ -68,13 +72,9 @@ def add_chat_parser(sub) -> argparse.ArgumentParser:
                    help="a system message (default: the template's own, if any)")
     c.add_argument("--turns", type=Path, default=None, metavar="FILE.json",
                    help="run the turns of this JSON list instead of reading stdin")
-    c.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy")
-    c.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling mass; 1 = off")
-    c.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    c.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
-                   help="turn tokens per prefill chunk; 0 = a turn in one pass (default: 4096)")
+    _add_sampling_args(c, top_k=False)
+    c.add_argument("--prefill-chunk", type=PREFILL_CHUNK_FLAG, default=DEFAULT_PREFILL_CHUNK,
+                   metavar="TOKENS", help="turn tokens per prefill chunk; 0 = a turn in one pass")
     c.set_defaults(func=cmd_chat)
     return c
 
@@ -102,14 +102,20 @@ class TurnEncoder:
         return bool(self.tok.chat_template)
 
     def user(self, text: str, reply_stopped: bool = True) -> list[int]:
+        """The new turn's token ids; the message joins the history only if they can be
+        made (a template that refuses it leaves the history as it was)."""
+        ids = self._encode_user(text, reply_stopped)
+        self.messages.append({"role": "user", "content": text})
+        return ids
+
+    def _encode_user(self, text: str, reply_stopped: bool) -> list[int]:
+        messages = [*self.messages, {"role": "user", "content": text}]
         if not self.templated:
-            self.messages.append({"role": "user", "content": text})
-            return self.tok.encode(text if len(self.messages) == 1 else " " + text)
+            return self.tok.encode(text if len(messages) == 1 else " " + text)
         answered = any(m["role"] == "assistant" for m in self.messages)
         before = self.tok.apply_chat_template(self.messages, add_generation_prompt=False) \
             if answered else ""
-        self.messages.append({"role": "user", "content": text})
-        full = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        full = self.tok.apply_chat_template(messages, add_generation_prompt=True)
         if not answered:
             return self.tok.encode(full, add_special_tokens=False)
         if not full.startswith(before):  # a template that rewrites earlier turns
@@ -131,11 +137,10 @@ class TurnEncoder:
 def read_turns(path: Path) -> list[str]:
     """The user turns of a JSON list: strings, or objects with a string "content"."""
     from .cli import UserError
+    from .user_text import check_prompt, read_text_file
 
-    if not path.is_file():
-        raise UserError(f"turns file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text_file(path, "turns file", UserError))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e}); expected a list of turns, e.g. "
                         f'["Hello", "And then?"]') from None
@@ -146,10 +151,10 @@ def read_turns(path: Path) -> list[str]:
     for i, t in enumerate(data):
         if isinstance(t, dict):
             t = t.get("content")
-        if not isinstance(t, str) or not t.strip():
+        if not isinstance(t, str):
             raise UserError(f"{path}: turn {i} is not a non-empty string or an object with a "
                             f"non-empty string 'content'")
-        turns.append(t)
+        turns.append(check_prompt(t, f"{path}: turn {i}", UserError))
     return turns
 
 
@@ -172,28 +177,20 @@ def chat_method(args):
 def cmd_chat(args) -> int:
     from .cli import UserError, _check_vocab, _Streamer, enable_compilation_cache
     from .conversation import Conversation, ConversationError
-    from .defaults import DEFAULT_PREFILL_CHUNK
     from .model_store import load_model
     from .sampling import Sampling
+    from .tokenizer import TokenizerError
+    from .user_text import check_utf8, read_text_file
 
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.capacity is not None and args.capacity < 2:
-        raise UserError(f"--capacity must be >= 2 tokens, got {args.capacity}")
     if args.skip_layers:
         raise UserError("--skip-layers is not supported by rocketkv chat yet; drop it")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-    chunk = DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
-    if chunk != 0 and chunk < 16:
-        raise UserError(f"--prefill-chunk must be 0 (off) or >= 16 tokens, got {chunk}")
     method = chat_method(args)
     turns = read_turns(args.turns) if args.turns is not None else None
     document = None
     if args.document is not None:
-        if not args.document.is_file():
-            raise UserError(f"document {args.document} does not exist")
-        document = args.document.read_text()
+        document = read_text_file(args.document, "document", UserError)
+    if args.system is not None:
+        check_utf8(args.system, "--system", UserError)
     enable_compilation_cache()
     model = load_model(args.model)
     tok, config = model.tokenizer, model.config
@@ -209,7 +206,7 @@ def cmd_chat(args) -> int:
         if (i := tok.token_id(t)) is not None:
             stop.add(i)
     conv = Conversation(model.params, config, method, capacity=capacity,
-                        prefill_chunk=chunk or None, stop_ids=sorted(stop))
+                        prefill_chunk=args.prefill_chunk, stop_ids=sorted(stop))
     encoder = TurnEncoder(tok, args.system)
     sampling = Sampling(args.temperature, 0, args.top_p)
     state = {"turn": 0, "stopped": True}
@@ -219,10 +216,10 @@ def cmd_chat(args) -> int:
         if first and document:
             text = document.rstrip() + "\n\n" + text
         ids = encoder.user(text, state["stopped"])
-        _check_vocab([ids], config.vocab_size, model.path)
         try:
+            _check_vocab([ids], config.vocab_size, model.path)
             appended = conv.append(ids)
-        except ConversationError as e:
+        except (UserError, ConversationError) as e:  # the turn is not taken: forget it
             encoder.messages.pop()
             raise UserError(f"{e}") from None
         n = min(args.max_new_tokens, capacity - conv.lengths[0])
@@ -230,8 +227,8 @@ def cmd_chat(args) -> int:
             raise UserError(f"the conversation is full ({conv.lengths[0]} of {capacity} "
                             f"tokens); /reset it or start again with a larger --capacity")
         streamer = _Streamer(tok, stop) if stream else None
-        reply = conv.generate(n, sampling=sampling, seed=args.seed + state["turn"],
-                              on_step=streamer)
+        # each reply samples with its own key: prng_key(seed, reply number) (Conversation)
+        reply = conv.generate(n, sampling=sampling, seed=args.seed, on_step=streamer)
         out = reply.tokens[0]
         state["stopped"] = bool(out) and out[-1] in stop
         text_out = tok.decode([t for t in out if t not in stop])
@@ -265,9 +262,14 @@ def cmd_chat(args) -> int:
         return 0
     print(f"rocketkv chat: {config.model_type}, method {method.name}, capacity {capacity} "
           f"tokens. /reset to start over, /quit to leave.", file=sys.stderr, flush=True)
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:  # a bad byte becomes a lone surrogate, refused per line below
+        reconfigure(errors="surrogateescape")
+    n_line = 0
     while True:
         try:
             line = input("> ")
+            n_line += 1
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -280,7 +282,7 @@ def cmd_chat(args) -> int:
             reset()
             print("(conversation reset)", file=sys.stderr, flush=True)
             continue
-        try:
-            one_turn(line, stream=True)
-        except UserError as e:  # a full conversation: say so, keep the session
+        try:  # a bad line or a full conversation costs one message, not the session
+            one_turn(check_utf8(line, f"input line {n_line}", UserError), stream=True)
+        except (UserError, TokenizerError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

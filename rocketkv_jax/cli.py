@@ -12,11 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-from .names import (  # JAX-free: --help does not import JAX
+from . import checks  # JAX-free, like names: --help does not import JAX
+from .checks import flag
+from .defaults import DEFAULT_PREFILL_CHUNK
+from .names import (
     KERNEL_BACKENDS,
     METHOD_NAMES,
     WEIGHT_LAYOUTS,
 )
+from .user_text import check_prompt, check_utf8, decode_utf8, read_text_file
 
 EXAMPLES = """examples:
   rocketkv generate --chat --prompt "What is the capital of France?"
@@ -86,12 +90,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         help=f"KV-cache method, one of: {', '.join(METHOD_NAMES)} (default: rocketkv)",
     )
     p.add_argument(
-        "--token-budget", type=int, default=256, metavar="M",
+        "--token-budget", type=flag(checks.token_budget), default=256, metavar="M",
         help="KV tokens read per decode step per KV head (the paper's token budget); "
         "ignored by --method full (default: 256)",
     )
     p.add_argument(
-        "--skip-layers", type=int, default=0, metavar="N",
+        "--skip-layers", type=flag(checks.skip_layers), default=0, metavar="N",
         help="keep the first N layers dense and unevicted (quest, snapkv, snapkv++, hybrid, "
         "rocketkv; Quest's code and some official RocketKV configs use 2) (default: 0)",
     )
@@ -106,6 +110,22 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         "a cost model says it reads less than dense attention over the method's cache, on / "
         "off force it (default: auto)",
     )
+
+
+PREFILL_CHUNK_FLAG = flag(checks.prefill_chunk, checks.chunk_flag, off="0")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, top_k: bool) -> None:
+    p.add_argument("--temperature", type=flag(checks.temperature, float), default=0.0,
+                   metavar="T", help="sampling temperature; 0 = greedy")
+    if top_k:
+        p.add_argument("--top-k", type=flag(checks.top_k), default=0, metavar="K",
+                       help="sample from the K most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=flag(checks.top_p, float), default=1.0, metavar="P",
+                   help="sample from the smallest set of tokens holding probability P "
+                   "(nucleus); 1 = off")
+    p.add_argument("--seed", type=flag(checks.seed), default=0,
+                   help="PRNG seed for sampling: any integer in [0, 2**64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,24 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert a named model into the user cache again (a damaged entry)")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template as a user turn")
-    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+    g.add_argument("--max-new-tokens", type=flag(checks.max_new_tokens), default=128,
+                   metavar="N",
                    help="tokens to generate per prompt; fewer when a stop token comes first")
     _add_method_args(g)
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample from the K most likely tokens; 0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample from the smallest set of tokens holding probability P "
-                   "(nucleus); 1 = off")
-    g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B",
+    _add_sampling_args(g, top_k=True)
+    g.add_argument("--batch-size", type=flag(checks.count), default=8, metavar="B",
                    help="prompts per batch with --batch-file")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
-    from .defaults import DEFAULT_PREFILL_CHUNK
-
     g.add_argument(
-        "--prefill-chunk", type=int, default=None, metavar="TOKENS",
+        "--prefill-chunk", type=PREFILL_CHUNK_FLAG, default=DEFAULT_PREFILL_CHUNK,
+        metavar="TOKENS",
         help="prompt tokens per prefill chunk: memory stays O(chunk) for activations and a "
         "prompt of n chunks compiles once for any length in it; 0 = the whole prompt in one "
         f"pass (default: {DEFAULT_PREFILL_CHUNK})",
@@ -178,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     if not any(a.dest == "kernels" for a in e._actions):
         e.add_argument("--kernels", default="reference", choices=KERNEL_BACKENDS,
                        help="stage-2 kernels (see `rocketkv generate --help`)")
-    e.add_argument("--skip-layers", type=int, default=0, metavar="N",
+    e.add_argument("--skip-layers", type=flag(checks.skip_layers), default=0, metavar="N",
                    help="keep the first N layers dense in the methods that take it (quest, "
                    "snapkv, snapkv++, hybrid, rocketkv); the others run as usual (default: 0)")
     e.set_defaults(func=cmd_eval)
@@ -201,40 +214,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_prompts(args) -> tuple[list[str], bool]:
-    """Returns (prompts, batch_mode)."""
+def _read_prompts(args) -> tuple[list[str], list[str], bool]:
+    """Every prompt, checked before any work: (prompts, where each came from, batch_mode).
+
+    One rule everywhere: a prompt is UTF-8 text holding more than whitespace. In a batch
+    file every line is a prompt (a JSON line: its string "prompt" field)."""
     if args.batch_file is not None:
-        if not args.batch_file.is_file():
-            raise UserError(f"batch file {args.batch_file} does not exist")
-        prompts = []
-        for n, line in enumerate(args.batch_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        path = args.batch_file
+        prompts, where = [], []
+        lines = read_text_file(path, "batch file", UserError).split("\n")
+        if lines[-1] == "":  # the newline that ends the last line
+            lines.pop()
+        for n, line in enumerate(lines, 1):
+            text = line = line.removesuffix("\r")
             if line.lstrip().startswith("{"):
                 try:
-                    prompts.append(json.loads(line)["prompt"])
+                    text = json.loads(line)["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(
-                        f"{args.batch_file}:{n}: a JSON line needs a string 'prompt' field"
-                    ) from None
-            else:
-                prompts.append(line)
+                    text = None
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{n}: a JSON line needs a string 'prompt' field, "
+                                    f'e.g. {{"prompt": "Hello"}}')
+            check_prompt(text, f"{path}:{n}", UserError)
+            prompts.append(text)
+            where.append(f"{path}:{n}")
         if not prompts:
-            raise UserError(f"batch file {args.batch_file} holds no prompts")
-        return prompts, True
+            raise UserError(f"batch file {path} holds no prompts")
+        return prompts, where, True
     if args.prompt is not None:
-        text = args.prompt
+        text, where = args.prompt, "--prompt"
     elif args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise UserError(f"prompt file {args.prompt_file} does not exist")
-        text = args.prompt_file.read_text()
+        text, where = read_text_file(args.prompt_file, "prompt file", UserError), \
+            str(args.prompt_file)
     elif not sys.stdin.isatty():
-        text = sys.stdin.read()
+        text, where = _read_stdin(), "standard input"
     else:
         raise UserError("no prompt: give --prompt, --prompt-file, --batch-file or pipe stdin")
-    if not text.strip():
-        raise UserError("the prompt is empty")
-    return [text], False
+    return [check_prompt(text, where, UserError)], [where], False
+
+
+def _read_stdin() -> str:
+    """All of standard input as UTF-8 text (bytes decoded here, so a bad byte is reported
+    with its line)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (tests' StringIO)
+        return check_utf8(sys.stdin.read(), "standard input", UserError)
+    return decode_utf8(buffer.read(), "standard input", UserError)
 
 
 def make_method_from_args(args):
@@ -243,9 +268,6 @@ def make_method_from_args(args):
     if args.method not in METHOD_NAMES:
         raise UserError(f"--method {args.method!r} is not a KV method; choose one of: "
                         f"{', '.join(METHOD_NAMES)}")
-    if args.method != "full" and args.token_budget < 1:
-        raise UserError(f"--token-budget must be >= 1 (KV tokens per decode step), got "
-                        f"{args.token_budget}")
     if args.kernels in ("interpret", "triton") and "kernels" not in method_hparams(args.method):
         raise UserError(f"--kernels {args.kernels}: method {args.method!r} runs no Pallas "
                         f"kernels; drop --kernels")
@@ -275,17 +297,8 @@ def make_method_from_args(args):
 
 
 def check_generate_flags(args) -> None:
-    """Refuse bad generate flags by name before any model is loaded."""
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    """Warn about generate flags that do nothing together (each flag's own range is
+    checked as it is parsed: `checks`)."""
     if args.temperature == 0 and (args.top_k or args.top_p < 1.0):
         flags = " and ".join(f for f, on in (("--top-k", args.top_k), ("--top-p",
                                                                          args.top_p < 1.0)) if on)
@@ -314,17 +327,14 @@ def _mesh_from_flag(spec):
 
 
 def cmd_generate(args) -> int:
-    from .generate import DEFAULT_PREFILL_CHUNK, generate_ids
+    from .generate import GenerateError, check_request, generate_ids
     from .model_store import load_model
     from .sampling import Sampling
 
     check_generate_flags(args)
     method = make_method_from_args(args)
-    prompts, batch_mode = _read_prompts(args)
-    chunk = DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
-    if chunk != 0 and chunk < 16:
-        raise UserError(f"--prefill-chunk must be 0 (off) or >= 16 tokens, got {chunk}")
-    chunk = chunk or None
+    prompts, where, batch_mode = _read_prompts(args)
+    chunk = args.prefill_chunk
     enable_compilation_cache(single_device=args.mesh is None)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     from . import sharding
@@ -349,6 +359,12 @@ def cmd_generate(args) -> int:
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     _check_vocab(ids, model.config.vocab_size, model.path)
+    for i, row in enumerate(ids):  # every prompt, before the first batch prints anything
+        try:
+            check_request(model.config, [row], args.max_new_tokens)
+        except GenerateError as e:
+            raise UserError(f"{where[i]}: {str(e).replace('prompt 0', 'the prompt', 1)}"
+                            ) from None
     if args.top_k > model.config.vocab_size:
         raise UserError(f"--top-k {args.top_k} is larger than the model's vocabulary of "
                         f"{model.config.vocab_size} tokens; use at most "
@@ -541,7 +557,10 @@ class _Streamer:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error argparse has printed (2)
+        return e.code if isinstance(e.code, int) else 2
     from .generate import GenerateError
     from .model_store import ModelNotFoundError
     from .models.config import ConfigError

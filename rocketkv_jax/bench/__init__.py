@@ -16,7 +16,9 @@ import importlib
 import sys
 from pathlib import Path
 
-from ..names import METHOD_NAMES as ALL_METHODS  # JAX-free: --help stays fast
+from .. import checks  # JAX-free, like names: --help stays fast
+from ..checks import flag
+from ..names import METHOD_NAMES as ALL_METHODS
 
 DEFAULTS = dict(
     models="smollm2,llama8b-shape", contexts="4k,8k,16k,32k", budgets="256,512,1024,2048,4096",
@@ -74,9 +76,10 @@ def parse_size(s: str) -> int:
     """'4k' -> 4096, '32K' -> 32768, '1000' -> 1000."""
     s = s.strip().lower()
     try:
-        return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
+        n = int(s[:-1]) * 1024 if s.endswith("k") else int(s)
     except ValueError:
         raise BenchError(f"not a token count: {s!r} (use e.g. 4096 or 4k)") from None
+    return checks.count(n, f"a token count ({s!r})", BenchError)
 
 
 def parse_list(s: str, what: str) -> list[int]:
@@ -84,6 +87,9 @@ def parse_list(s: str, what: str) -> list[int]:
     if not out or any(x <= 0 for x in out):
         raise BenchError(f"--{what} needs positive token counts, got {s!r}")
     return out
+
+
+COUNT = flag(checks.count)  # an integer >= 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,32 +109,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", default=None, metavar="LIST",
                    help=f"KV methods; full always runs as the reference (default: all: "
                    f"{d['methods']})")
-    g.add_argument("--new-tokens", type=int, default=None, metavar="N",
+    g.add_argument("--new-tokens", type=COUNT, default=None, metavar="N",
                    help=f"max_new_tokens the plans are sized for; enters RocketKV's split as "
                    f"L = T + N (default: {d['new_tokens']})")
-    g.add_argument("--warmup", type=int, default=None,
+    g.add_argument("--warmup", type=flag(checks.count, low=0), default=None,
                    help=f"untimed decode steps per method (default: {d['warmup']})")
-    g.add_argument("--iters", type=int, default=None,
+    g.add_argument("--iters", type=COUNT, default=None,
                    help=f"timed decode steps per method and (T, M); the median is reported "
                    f"(default: {d['iters']}); warmup + iters <= N")
-    g.add_argument("--batch", type=int, default=None, help=f"batch size (default: {d['batch']})")
+    g.add_argument("--batch", type=COUNT, default=None, help=f"batch size (default: {d['batch']})")
     g.add_argument("--model", type=Path, default=None, metavar="PATH",
                    help="converted checkpoint used as `smollm2` (default: the embedded SmolLM2)")
-    g.add_argument("--llama-layers", type=int, default=None,
+    g.add_argument("--llama-layers", type=COUNT, default=None,
                    help=f"layers of the llama8b-shape model (default: {d['llama_layers']})")
-    g.add_argument("--llama-vocab", type=int, default=None,
+    g.add_argument("--llama-vocab", type=COUNT, default=None,
                    help=f"vocabulary of the llama8b-shape model (default: {d['llama_vocab']})")
     g.add_argument("--prefill", choices=("auto", "model", "synthetic"), default=None,
                    help="how decode caches are built: the model's prefill, random k/v/q, or "
                    "auto = the model's prefill when it fits --prefill-memory-gb (default)")
-    g.add_argument("--prefill-memory-gb", type=float, default=None,
+    g.add_argument("--prefill-memory-gb", type=flag(checks.positive_number, float),
+                   default=None,
                    help=f"XLA peak memory above which auto uses random k/v/q (default: "
                    f"{d['prefill_memory_gb']})")
     g.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip XLA's memory analysis of the whole generate program")
     g.add_argument("--roofline-context", default=None,
                    help=f"context of the H100 roofline tables (default: {d['roofline_context']})")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=flag(checks.seed), default=0,
+                   help="seed of the random weights, prompts and stand-in caches: any "
+                   "integer in [0, 2**64)")
     g.add_argument("--stage2", default="auto", choices=("auto", "on", "off"),
                    help="sparse selection of hybrid, rocketkv, quest and sparq: auto = where "
                    "the cost model says it pays (see `rocketkv generate --help`)")
@@ -138,12 +147,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pe.add_argument("--no-peers", dest="peers", action="store_false")
     pe.add_argument("--peer-context", default=None,
                     help=f"prompt tokens (default: {d['peer_context']})")
-    pe.add_argument("--peer-new-tokens", type=int, default=None,
+    pe.add_argument("--peer-new-tokens", type=COUNT, default=None,
                     help=f"greedy new tokens (default: {d['peer_new_tokens']})")
-    pe.add_argument("--peer-budget", type=int, default=None,
+    pe.add_argument("--peer-budget", type=COUNT, default=None,
                     help=f"token budget of rocketkv / snapkv / kvpress SnapKV (default: "
                     f"{d['peer_budget']})")
-    pe.add_argument("--peer-rounds", type=int, default=None,
+    pe.add_argument("--peer-rounds", type=COUNT, default=None,
                     help=f"interleaved rounds; medians are reported (default: "
                     f"{d['peer_rounds']})")
     pe.add_argument("--peer-threads", default=None, metavar="LIST",
@@ -194,12 +203,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.peer_context = parse_size(str(args.peer_context))
     args.peer_threads = tuple(parse_list(str(args.peer_threads), "peer-threads"))
     args.roofline_context = parse_size(str(args.roofline_context))
-    for name in ("new_tokens", "iters", "batch", "llama_layers", "llama_vocab", "peer_new_tokens",
-                 "peer_budget", "peer_rounds"):
-        if getattr(args, name) < 1:
-            raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        raise BenchError("--warmup must be >= 0")
     if args.warmup + args.iters > args.new_tokens:
         raise BenchError(
             f"--warmup + --iters ({args.warmup + args.iters}) must be <= --new-tokens "

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rocketkv_jax import checks
+from rocketkv_jax.checks import flag
 from rocketkv_jax.eval.fidelity import (
     FIDELITY_FILE,
     ForcedLogprobsFn,
@@ -198,7 +200,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help=f"samples per task and context length (default: {DEFAULTS['samples']})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="task generation seed (default: 0)")
+    parser.add_argument("--seed", type=flag(checks.seed), default=0,
+                        help="task generation seed: any integer in [0, 2**64) (default: 0)")
     parser.add_argument(
         "--out",
         metavar="DIR",

@@ -81,11 +81,6 @@ def _one_error(code, out, err):
 @pytest.mark.parametrize("argv, message", [
     (["--top-k", "100", "--temperature", "1"],
      "--top-k 100 is larger than the model's vocabulary of 61 tokens"),
-    (["--top-k", "-1"], "--top-k must be >= 0"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--temperature", "-0.5"], "--temperature must be >= 0"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-    (["--token-budget", "0"], "--token-budget must be >= 1"),
     (["--method", "full", "--kernels", "triton"],
      "--kernels triton: method 'full' runs no Pallas kernels; drop --kernels"),
     (["--method", "snapkv", "--kernels", "interpret"],

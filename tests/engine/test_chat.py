@@ -75,7 +75,8 @@ def test_a_turn_past_the_capacity_is_a_clear_error(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("content, message", [
     ("[]", "non-empty JSON list"),
-    ('["ok", ""]', "turn 1 is not a non-empty string"),
+    ('["ok", ""]', "turn 1: the prompt is empty"),
+    ('["ok", 5]', "turn 1 is not a non-empty string"),
     ("{", "not valid JSON"),
 ])
 def test_bad_turns_files_are_clear_errors(ckpt, tmp_path, capsys, content, message):
