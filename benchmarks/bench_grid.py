@@ -38,6 +38,7 @@ from rocketkv_jax.methods import (
     make_method,
     method_hparams,
 )
+from rocketkv_jax.user_text import read_text_file
 
 
 # ------------------------------------------------------------------------------ grid
@@ -242,9 +243,15 @@ def _run_peers(bm, args) -> dict:
 
 def report(path: Path, markdown: bool = False) -> None:
     """Print the tables of a results JSON written by --json (as markdown tables if asked)."""
-    if not path.is_file():
-        raise BenchError(f"no results file {path}")
-    res = json.loads(path.read_text())
+    try:
+        res = json.loads(read_text_file(path, "results file", BenchError))
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path}:{e.lineno}: not JSON ({e.msg}); --report reads the file "
+                         f"`rocketkv bench --json PATH` writes") from None
+    if not (isinstance(res, dict) and isinstance(res.get("args"), dict)
+            and isinstance(res.get("models"), list) and "machine" in res):
+        raise BenchError(f"{path} is not a results file of `rocketkv bench --json PATH` (it "
+                         f"has no args, machine and models)")
     args = argparse.Namespace(**{**res["args"], "markdown": markdown})
     print(res["machine"])
     print(f"command: {args.command_line}")

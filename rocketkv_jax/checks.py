@@ -63,10 +63,16 @@ def seed(value, name: str | None = "seed", error: type[Exception] = ValueError) 
                    meaning=" (a PRNG seed: any integer in [0, 2**64))")
 
 
+# Sampling divides the logits by the temperature in float32: under float32's range (about
+# 1e-38) the quotient is inf or NaN and the samples garbage, and long before that (1e-6)
+# sampling is already greedy. So a positive temperature starts here; 0 is greedy.
+MIN_TEMPERATURE = 1e-6
+
+
 def temperature(value, name: str | None = "temperature",
                 error: type[Exception] = ValueError) -> float:
-    return real(value, name, error, ok=lambda x: x >= 0, rule="a finite number >= 0",
-                meaning=" (0 = greedy)")
+    return real(value, name, error, ok=lambda x: x == 0 or x >= MIN_TEMPERATURE,
+                rule=f"0 or a finite number >= {MIN_TEMPERATURE:g}", meaning=" (0 = greedy)")
 
 
 def top_k(value, name: str | None = "top_k", error: type[Exception] = ValueError) -> int:

@@ -203,6 +203,15 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.peer_context = parse_size(str(args.peer_context))
     args.peer_threads = tuple(parse_list(str(args.peer_threads), "peer-threads"))
     args.roofline_context = parse_size(str(args.roofline_context))
+    if args.json is not None:  # before the grid runs, not when it writes the results
+        if args.json.is_dir():
+            raise BenchError(f"--json {args.json} is a directory; give the path of a file")
+        from ..paths import PathError, check_can_create
+
+        try:
+            check_can_create(args.json, f"write --json {args.json}")
+        except PathError as e:
+            raise BenchError(str(e)) from None
     if args.warmup + args.iters > args.new_tokens:
         raise BenchError(
             f"--warmup + --iters ({args.warmup + args.iters}) must be <= --new-tokens "

@@ -211,3 +211,28 @@ def test_cli_wiring_help_and_bad_input(capsys):
 def test_model_contexts_clamp_to_the_model():
     cfg = bd.TINY_CONFIG  # 4096 positions
     assert bench.model_contexts(cfg, [1024, 4096, 8192], 256) == [(1024, "1k"), (3840, "4k*")]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "results file {p} is a directory, not a file"),
+    (b'{"a": 1}', "{p} is not a results file of `rocketkv bench --json PATH`"),
+    (b'{"args": [1', "{p}:1: not JSON"),
+    (b'{"args": "\xff"}', "{p}:1: not UTF-8 text (byte 0xff"),
+])
+def test_report_of_a_file_that_is_not_a_results_file(capsys, tmp_path, content, message):
+    p = tmp_path / "r.json"
+    if content is None:
+        p.mkdir()
+    else:
+        p.write_bytes(content)
+    assert bench.main(["--report", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(p=p)) and err.count("\n") == 1, err
+
+
+def test_json_path_is_checked_before_the_grid_runs(capsys, tmp_path):
+    assert bench.main(["--quick", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a directory" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert bench.main(["--quick", "--json", str(tmp_path / "f" / "r.json")]) == 2
+    assert f"{tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err

@@ -55,7 +55,7 @@ CASES = [
     (lambda: _generate(on_step=3), "on_step must be a function"),
     (lambda: generate_ids(PARAMS, {"vocab_size": 61}, [[1]], Full(), max_new_tokens=2),
      "config must be a ModelConfig"),
-    (lambda: Sampling(temperature=math.nan), "temperature must be a finite number"),
+    (lambda: Sampling(temperature=math.nan), "temperature must be 0 or a finite number"),
     (lambda: Sampling(top_k=3.0), "top_k must be an integer"),
     (lambda: make_prefill(CFG, PLAN, prefill_chunk="4096"), "prefill_chunk must be an integer"),
     (lambda: make_prefill(None, PLAN), "config must be a ModelConfig"),

@@ -83,7 +83,8 @@ def test_numeric_flags_refuse_meaningless_numbers(capsys, command, name, bad):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--temperature", "-0.5"], "must be a finite number >= 0 (0 = greedy)"),
+    (["generate", "--temperature", "-0.5"], "must be 0 or a finite number >= 1e-06 (0 = greedy)"),
+    (["generate", "--temperature", "1e-300"], "must be 0 or a finite number >= 1e-06"),
     (["generate", "--top-p", "0"], "must be in (0, 1] (1 = off), got 0.0"),
     (["generate", "--top-p", "1.5"], "must be in (0, 1]"),
     (["generate", "--top-k", "2.5"], "must be an integer, got '2.5'"),
@@ -109,7 +110,7 @@ def test_the_flag_and_the_api_say_the_same_rule(capsys):
     line = _parse_error(capsys, ["generate", "--temperature", "nan"])
     with pytest.raises(ValueError) as e:
         Sampling(temperature=math.nan)
-    rule = "must be a finite number >= 0 (0 = greedy), got nan"
+    rule = "must be 0 or a finite number >= 1e-06 (0 = greedy), got nan"
     assert rule in line and str(e.value) == "temperature " + rule
 
 
@@ -129,8 +130,9 @@ def test_bench_token_counts_are_positive():
 
 # ------------------------------------------------------------------------ the API
 @pytest.mark.parametrize("kw, message", [
-    (dict(temperature=math.nan), "temperature must be a finite number >= 0"),
-    (dict(temperature=math.inf), "temperature must be a finite number >= 0"),
+    (dict(temperature=math.nan), "temperature must be 0 or a finite number >= 1e-06"),
+    (dict(temperature=math.inf), "temperature must be 0 or a finite number >= 1e-06"),
+    (dict(temperature=1e-39), "temperature must be 0 or a finite number >= 1e-06"),
     (dict(temperature="0.7"), "temperature must be a number"),
     (dict(top_k=2.5), "top_k must be an integer"),
     (dict(top_k=True), "top_k must be an integer"),
