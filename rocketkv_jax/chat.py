@@ -186,6 +186,9 @@ def cmd_chat(args) -> int:
         raise UserError("--skip-layers is not supported by rocketkv chat yet; drop it")
     method = chat_method(args)
     turns = read_turns(args.turns) if args.turns is not None else None
+    if turns is None and sys.stdin is None:
+        raise UserError("standard input is closed: type or pipe the turns, or give "
+                        "--turns FILE")
     document = None
     if args.document is not None:
         document = read_text_file(args.document, "document", UserError)

@@ -246,7 +246,7 @@ def _read_prompts(args) -> tuple[list[str], list[str], bool]:
     elif args.prompt_file is not None:
         text, where = read_text_file(args.prompt_file, "prompt file", UserError), \
             str(args.prompt_file)
-    elif not sys.stdin.isatty():
+    elif sys.stdin is not None and not sys.stdin.isatty():  # None: stdin is closed
         text, where = _read_stdin(), "standard input"
     else:
         raise UserError("no prompt: give --prompt, --prompt-file, --batch-file or pipe stdin")
@@ -582,5 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m rocketkv_jax.cli: run the module the others import,
+    # so that the errors they raise (cli.UserError) are the classes main() catches
+    from rocketkv_jax.cli import main as _main
+
+    sys.exit(_main())

@@ -207,3 +207,15 @@ def test_positions_are_counted_in_lines():
         check_utf8("ab\nc\udc80", "x")
     with pytest.raises(TextError, match=r"lone surrogate U\+D800"):
         check_utf8("\ud800", "x")
+
+
+@pytest.mark.parametrize("command, message", [
+    ("generate", "error: no prompt: give --prompt"),
+    ("chat", "error: standard input is closed"),
+])
+def test_closed_stdin(ckpt, command, message):
+    r = subprocess.run(["sh", "-c", 'exec "$0" "$@" <&-', sys.executable, "-m",
+                        "rocketkv_jax.cli", command, "--model", str(ckpt)],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(message), r.stderr
