@@ -45,7 +45,7 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "</s>")  # chat models' end-of-turn t
 def add_chat_parser(sub) -> argparse.ArgumentParser:
     from . import checks
     from .checks import flag
-    from .cli import PREFILL_CHUNK_FLAG, _add_method_args, _add_sampling_args
+    from .cli import PREFILL_CHUNK_FLAG, _add_method_args, add_sampling_args
     from .defaults import DEFAULT_PREFILL_CHUNK
     from .names import MULTI_TURN_METHOD_NAMES
 
@@ -72,7 +72,7 @@ def add_chat_parser(sub) -> argparse.ArgumentParser:
                    help="a system message (default: the template's own, if any)")
     c.add_argument("--turns", type=Path, default=None, metavar="FILE.json",
                    help="run the turns of this JSON list instead of reading stdin")
-    _add_sampling_args(c, top_k=False)
+    add_sampling_args(c, top_k=False)
     c.add_argument("--prefill-chunk", type=PREFILL_CHUNK_FLAG, default=DEFAULT_PREFILL_CHUNK,
                    metavar="TOKENS", help="turn tokens per prefill chunk; 0 = a turn in one pass")
     c.set_defaults(func=cmd_chat)

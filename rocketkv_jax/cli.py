@@ -115,7 +115,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 PREFILL_CHUNK_FLAG = flag(checks.prefill_chunk, checks.chunk_flag, off="0")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, top_k: bool) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, top_k: bool) -> None:
     p.add_argument("--temperature", type=flag(checks.temperature, float), default=0.0,
                    metavar="T", help="sampling temperature; 0 = greedy")
     if top_k:
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N",
                    help="tokens to generate per prompt; fewer when a stop token comes first")
     _add_method_args(g)
-    _add_sampling_args(g, top_k=True)
+    add_sampling_args(g, top_k=True)
     g.add_argument("--batch-size", type=flag(checks.count), default=8, metavar="B",
                    help="prompts per batch with --batch-file")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
