@@ -38,8 +38,18 @@ class RopeScaling:
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"unsupported rope_type {self.rope_type!r}; "
                               f"implemented: {', '.join(ROPE_TYPES)}")
-        if self.factor <= 0:
-            raise ConfigError(f"rope scaling factor must be positive, got {self.factor}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_number(f"rope_scaling {name}", getattr(self, name), positive=True)
+        if not _is_int(self.original_max_position_embeddings) or (
+                self.original_max_position_embeddings <= 0):
+            raise ConfigError(f"rope_scaling original_max_position_embeddings must be a "
+                              f"positive integer, got {self.original_max_position_embeddings!r}")
+        # llama3 divides by (high - low): equal factors would make every frequency NaN
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"rope_scaling high_freq_factor ({self.high_freq_factor}) must be greater "
+                f"than low_freq_factor ({self.low_freq_factor})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +110,16 @@ class ModelConfig:
             if f.type in ("int", "int | None") and not (_is_int(value) or (
                     value is None and f.type == "int | None")):
                 raise ConfigError(f"config value {f.name} must be an integer, got {value!r}")
-            if f.type == "float" and not (_is_int(value) or isinstance(value, numbers.Real)):
-                raise ConfigError(f"config value {f.name} must be a number, got {value!r}")
+            if f.type == "float":
+                _check_number(f"config value {f.name}", value)
             if f.type == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"config value {f.name} must be true or false, got {value!r}")
         checks.real(self.rms_norm_eps, "rms_norm_eps", ConfigError, ok=lambda x: x >= 0,
                     rule="a finite number >= 0")
         checks.positive_number(self.rope_theta, "rope_theta", ConfigError)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"config value rope_scaling must be an object or null, got "
+                              f"{self.rope_scaling!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -120,6 +133,16 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
+        # a special token outside the embedding would be gathered from a clamped row
+        if not isinstance(self.eos_token_ids, tuple):
+            raise ConfigError(f"config value eos_token_ids must be a list of token ids, got "
+                              f"{self.eos_token_ids!r}")
+        named = [("bos_token_id", self.bos_token_id)] * (self.bos_token_id is not None)
+        named += [("eos_token_id", e) for e in self.eos_token_ids]
+        for name, token in named:
+            if not _is_int(token) or not 0 <= token < self.vocab_size:
+                raise ConfigError(f"{name} {token!r} is not a token id of the "
+                                  f"{self.vocab_size}-token vocabulary")
 
     @property
     def group_size(self) -> int:
@@ -164,20 +187,24 @@ class ModelConfig:
         rope_theta = _float_value(rope_params if "rope_theta" in rope_params else cfg,
                                   "rope_theta", 10000.0)
         scaling = cfg.get("rope_scaling") or None
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError(f"config value rope_scaling must be an object or null, got "
+                              f"{scaling!r}")
         if rope_params and rope_params.get("rope_type", "default") != "default":
             scaling = rope_params
         rope_scaling = _parse_rope_scaling(scaling)
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        eos_ids = tuple(_int_value({"eos_token_id": e}, "eos_token_id") for e in eos_ids)
         sliding = cfg.get("sliding_window") if model_type == "mistral" else None
-        if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3") and _bool_value(cfg, "use_sliding_window", False):
             raise ConfigError(
                 f"{model_type} config has use_sliding_window=true (layer-wise sliding window "
                 f"attention), which rocketkv-jax does not implement; set it to false in "
                 f"config.json to run every layer with full attention, as Qwen's released "
                 f"models do"
             )
-        attention_bias = bool(cfg.get("attention_bias", False))
+        attention_bias = _bool_value(cfg, "attention_bias", False)
         qkv_bias = model_type == "qwen2" or attention_bias
         o_bias = model_type != "qwen2" and attention_bias
         return cls(
@@ -192,14 +219,15 @@ class ModelConfig:
             rms_norm_eps=_float_value(cfg, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             max_position_embeddings=_int_value(cfg, "max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_bool_value(cfg, "tie_word_embeddings", False),
             rope_scaling=rope_scaling,
             sliding_window=None if sliding is None else _int_value(cfg, "sliding_window"),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
+            bos_token_id=(None if cfg.get("bos_token_id") is None
+                          else _int_value(cfg, "bos_token_id")),
+            eos_token_ids=eos_ids,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=_bool_value(cfg, "mlp_bias", False),
             qk_norm=model_type == "qwen3",
         )
 
@@ -210,8 +238,12 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory, not a config.json file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid json: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} does not hold a json object")
         if data.get("rocketkv_config_version") == 1:
             return cls.from_dict(data)
         return cls.from_hf_dict(data)
@@ -225,10 +257,21 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """The inverse of `to_dict`; a ConfigError names an unknown, missing or mistyped key."""
         d = {k: v for k, v in d.items() if k != "rocketkv_config_version"}
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        _check_keys("config", d, cls)
+        scaling = d.get("rope_scaling")
+        if scaling is not None:
+            if not isinstance(scaling, dict):
+                raise ConfigError(f"config value rope_scaling must be an object or null, got "
+                                  f"{scaling!r}")
+            _check_keys("rope_scaling", scaling, RopeScaling)
+            d["rope_scaling"] = RopeScaling(**scaling)
+        eos = d.get("eos_token_ids", ())
+        if not isinstance(eos, list | tuple):
+            raise ConfigError(f"config value eos_token_ids must be a list of token ids, got "
+                              f"{eos!r}")
+        d["eos_token_ids"] = tuple(eos)
         return cls(**d)
 
     def param_infos(self) -> dict[str, ArrayInfo]:
@@ -287,6 +330,36 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _check_number(what: str, value: Any, positive: bool = False) -> None:
+    """A finite real number (not a bool); `positive`: also > 0 (checks.real's words)."""
+    if positive:
+        checks.positive_number(value, what, ConfigError)
+    else:
+        checks.real(value, what, ConfigError, ok=lambda x: True, rule="a finite number")
+
+
+def _check_keys(what: str, d: dict[str, Any], cls: type) -> None:
+    """`d` holds exactly the keys of dataclass `cls` that have no default, and no others."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, d.keys() - fields.keys()))
+    if unknown:
+        raise ConfigError(f"{what} has unknown key(s) {', '.join(unknown)}")
+    missing = [name for name, f in fields.items() if name not in d
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{what} is missing key(s) {', '.join(missing)}")
+
+
+def _bool_value(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    """cfg[key] as true/false; a missing or null key gives `default`. Never bool("false")."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config value {key} must be true or false, got {value!r}")
+    return value
+
+
 def _int_value(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
     """cfg[key] as an int (a whole float such as 4096.0 too); a missing or null key gives
     `default`; anything else is a ConfigError naming the key."""
@@ -304,8 +377,7 @@ def _float_value(cfg: dict[str, Any], key: str, default: float) -> float:
     value = cfg.get(key)
     if value is None:
         return default
-    if not (_is_int(value) or isinstance(value, numbers.Real)) or isinstance(value, bool):
-        raise ConfigError(f"config value {key} must be a number, got {value!r}")
+    _check_number(f"config value {key}", value)
     return float(value)
 
 
@@ -321,15 +393,17 @@ def _parse_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
             f"{', '.join(ROPE_TYPES)}; 'dynamic' and 'yarn' change the frequencies with the "
             f"sequence length or attention scale and are refused rather than ignored"
         )
-    try:
-        if kind == "linear":
-            return RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
-        return RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-            rope_type="llama3",
-        )
-    except KeyError as e:
-        raise ConfigError(f"rope_scaling of type {kind} is missing {e.args[0]!r}") from None
+    need = ["factor"] + (["low_freq_factor", "high_freq_factor",
+                          "original_max_position_embeddings"] if kind == "llama3" else [])
+    for key in need:
+        if scaling.get(key) is None:
+            raise ConfigError(f"rope_scaling of type {kind} is missing {key!r}")
+    if kind == "linear":
+        return RopeScaling(factor=_float_value(scaling, "factor", 1.0), rope_type="linear")
+    return RopeScaling(
+        factor=_float_value(scaling, "factor", 1.0),
+        low_freq_factor=_float_value(scaling, "low_freq_factor", 1.0),
+        high_freq_factor=_float_value(scaling, "high_freq_factor", 4.0),
+        original_max_position_embeddings=_int_value(scaling, "original_max_position_embeddings"),
+        rope_type="llama3",
+    )
