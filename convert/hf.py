@@ -10,8 +10,9 @@ host numpy arrays (`ml_dtypes.bfloat16` for bf16).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rocketkv_jax import interrupts
 from rocketkv_jax.models.config import ConfigError, ModelConfig
+from rocketkv_jax.paths import not_a_file
 
 from ..models.params import unflatten
 
@@ -60,6 +62,7 @@ HF_TENSORS: dict[str, tuple[str, bool]] = {
 
 # Non-parameter buffers some exporters write; skipped without complaint.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class ConversionError(ValueError):
@@ -110,20 +113,26 @@ def check_tensor_shapes(
     *,
     describe: Callable[[str], str] = str,
     optional: Iterable[str] = (),
+    layers_key: str = "num_hidden_layers in config.json",
+    source: str = "the weights",
 ) -> None:
     """Raise `ConversionError` naming the first missing, unexpected or misshapen tensor.
 
     `found` maps HF names to the shapes the source holds. `describe(hf_name)` spells a
     tensor for the message (the GGUF reader adds its own name and file). Tensors in
     `optional` may be present or absent (a tied `lm_head.weight`); when present their
-    shape must still match the embedding.
+    shape must still match the embedding. `layers_key` names where the layer count came
+    from, `source` where the tensors are. Nothing is sized by the config before its layer
+    count matches the weights.
     """
+    check_layer_count(config, found, layers_key)
     expected = expected_hf_shapes(config)
     optional = set(optional)
     for name, shape in expected.items():
         if name not in found:
             raise ConversionError(
-                f"missing tensor {describe(name)}: expected shape {shape} from the config"
+                f"missing tensor {describe(name)} in {source}: expected shape {shape} from "
+                f"the config"
             )
         if tuple(found[name]) != shape:
             raise ConversionError(
@@ -145,6 +154,29 @@ def check_tensor_shapes(
             f"unexpected tensor {describe(name)} with shape {tuple(shape)}: "
             f"not part of a {config.model_type} model with this config"
         )
+
+
+def check_layer_count(config: ModelConfig, found: Iterable[str], layers_key: str) -> None:
+    """The config's layer count must be the number of layers the weights hold.
+
+    Checked before anything is built per layer: a config claiming 10**9 layers over
+    2-layer weights is refused at once instead of listing 10**9 layers of tensor names.
+    After it, every per-layer structure is bounded by the tensors actually present.
+    """
+    layers = sorted({int(m.group(1)) for n in found if (m := _LAYER_NAME.match(n))})
+    if len(layers) == config.num_layers:
+        return  # a gap (layers 0, 1, 3 of 3) is named as a missing tensor after this
+    if not layers:
+        held = "no model.layers.* tensors"
+    elif layers == list(range(len(layers))):
+        held = f"{len(layers)} (model.layers.0 to model.layers.{layers[-1]})"
+    else:
+        shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
+        held = f"{len(layers)} (model.layers indices {shown})"
+    raise ConversionError(
+        f"the config says {config.num_layers} layers ({layers_key}) but the weights hold "
+        f"{held}; config and weights disagree"
+    )
 
 
 def assemble_params(
@@ -198,18 +230,16 @@ def _refuse_non_finite(name: str, source: np.ndarray, stored: np.ndarray) -> Non
 def read_hf_config(src: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """`src/config.json` -> (ModelConfig, raw dict). Rejects features the model lacks."""
     path = src / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConversionError(
             f"{src} has no config.json: expected a Hugging Face model directory "
             f"(config.json + model.safetensors) or a .gguf file"
         )
+    raw = read_json_object(src, "config.json")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid json: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path} does not hold a json object")
-    config = ModelConfig.from_hf_dict(raw)  # ConfigError for unsupported architectures
+        config = ModelConfig.from_hf_dict(raw)  # ConfigError for unsupported architectures
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
     if act not in ("silu", "swish"):  # transformers maps both names to SiLU
         raise ConfigError(f"unsupported hidden_act {act!r} in {path}: only 'silu' (= 'swish') "
@@ -217,21 +247,83 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict[str, Any]]:
     return config, raw
 
 
+def model_file(folder: Path, name: str, named_by: Path | None = None) -> Path:
+    """`folder / name` for a file the converter reads, refused unless it stays inside
+    `folder` and is a regular file.
+
+    `name` comes from a file (`named_by`, e.g. the shard names of an index) or is one of
+    our fixed names. It must be a relative path without "..", and its real path (symlinks
+    resolved) must lie inside the folder's: a downloaded model cannot make the converter
+    read /etc/passwd or ../other. The one outside target allowed is the Hugging Face hub
+    cache's own layout, where snapshots/REV/NAME is a symlink to ../../blobs/SHA.
+    """
+    where = f"{named_by} names {name!r}" if named_by is not None else f"{folder / name}"
+    rel = PurePosixPath(name)
+    if (not name or "\0" in name or rel.is_absolute() or ".." in rel.parts
+            or rel.parts[:1] == ("~",)):
+        raise ConversionError(
+            f"{where}, which is not a file name inside {folder}; refusing to read it "
+            f"(files named by a model must be relative paths inside its folder)"
+        )
+    path = folder / name
+    root, real = folder.resolve(), path.resolve()
+    in_hub_blobs = root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+    if not real.is_relative_to(root) and not in_hub_blobs:
+        raise ConversionError(
+            f"{where}: {path} leads to {real}, outside the model folder {folder}; refusing "
+            f"to read it (copy the file into the folder instead of linking it)"
+        )
+    problem = not_a_file(path)
+    if problem is not None:
+        if named_by is not None and problem == "does not exist":
+            raise ConversionError(f"{named_by} lists {name}, which is missing")
+        raise ConversionError(f"{path} {problem}")
+    return path
+
+
+def read_json_object(folder: Path, name: str) -> dict[str, Any]:
+    """The json object in `folder / name` (see `model_file`), or a ConversionError."""
+    path = model_file(folder, name)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid json: {e}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a json object")
+    return data
+
+
+def read_safetensors_index(src: Path) -> dict[str, Path]:
+    """`model.safetensors.index.json`'s weight_map: tensor name -> shard file, each shard
+    checked by `model_file`."""
+    index_path = src / "model.safetensors.index.json"
+    weight_map = read_json_object(src, index_path.name).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(
+            f"{index_path} is not a valid safetensors index: it needs a non-empty "
+            f"\"weight_map\" object (tensor name -> shard file)"
+        )
+    files, checked = {}, {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ConversionError(
+                f"{index_path} is not a valid safetensors index: weight_map[{name!r}] "
+                f"must be a shard file name, got {shard!r}"
+            )
+        if shard not in checked:
+            checked[shard] = model_file(src, shard, named_by=index_path)
+        files[name] = checked[shard]
+    return files
+
+
 def safetensors_files(src: Path) -> dict[str, Path]:
     """Tensor name -> shard file, from `model.safetensors.index.json` or `model.safetensors`."""
     index_path = src / "model.safetensors.index.json"
     single = src / "model.safetensors"
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ConversionError(f"{index_path} is not a valid safetensors index: {e}") from None
-        files = {name: src / shard for name, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            if not shard.is_file():
-                raise ConversionError(f"{index_path} lists shard {shard.name}, which is missing")
-        return files
-    if single.is_file():
+    if index_path.exists() or index_path.is_symlink():
+        return read_safetensors_index(src)
+    if single.exists() or single.is_symlink():
+        model_file(src, single.name)
         return {}  # names come from the file header; see `read_safetensors_headers`
     raise ConversionError(
         f"{src} has no model.safetensors or model.safetensors.index.json "
@@ -274,7 +366,7 @@ def load_hf(
     """
     src = Path(src)
     if not src.is_dir():
-        raise ConversionError(f"{src} is not a directory")
+        raise ConversionError(f"{src} is not a model directory ({not_a_file(src) or 'a file'})")
     config, _ = read_hf_config(src)
     headers = read_safetensors_headers(src)
     optional = ["lm_head.weight"] if config.tie_word_embeddings else []
@@ -283,6 +375,8 @@ def load_hf(
         {name: shape for name, (_, shape) in headers.items()},
         describe=lambda n: f"{n} ({headers[n][0].name})" if n in headers else n,
         optional=optional,
+        layers_key=f"num_hidden_layers in {src / 'config.json'}",
+        source=f"the safetensors files of {src}",
     )
 
     open_files: dict[Path, Any] = {}

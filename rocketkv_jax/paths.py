@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -112,3 +113,23 @@ def _alive(pid: int) -> bool:
     except OSError:  # EPERM: someone else's live process
         return True
     return True
+
+
+def not_a_file(path: Path) -> str | None:
+    """None if `path` is a regular file (or a link to one), else what it is instead:
+    "does not exist", "is a directory, not a file", ... A FIFO or device is refused too:
+    reading one would block or never end."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist" if not path.is_symlink() else "is a broken symlink"
+    except NotADirectoryError:
+        return "does not exist (a component of the path is a file, not a directory)"
+    except OSError as e:
+        return f"cannot be read: {REASONS.get(e.errno, e.strerror or str(e))}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    return "is not a regular file (a pipe, socket or device)"
