@@ -30,13 +30,23 @@ from rocketkv_jax.paths import (
     PathError,
     check_can_create,
     describe_os_error,
+    not_a_file,
     remove_stale_temp_dirs,
     temp_prefix,
 )
+from rocketkv_jax.tokenizer import TokenizerError, check_tokenizer_files
 
 from ..models.params import flatten, unflatten
 from .gguf import load_gguf
-from .hf import ConversionError, Params, load_hf, resolve_dtype
+from .hf import (
+    DTYPES,
+    ConversionError,
+    Params,
+    load_hf,
+    model_file,
+    read_hf_config,
+    resolve_dtype,
+)
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -52,9 +62,11 @@ TOKENIZER_FILES = (
 
 
 def _quiet_orbax() -> None:
-    # orbax/absl log every save and restore at INFO/WARNING; the CLI output is ours.
+    # orbax/absl log every save and restore at INFO/WARNING, and a damaged file at ERROR
+    # (multi-line tensorstore specs) before raising; the CLI output is ours: the errors
+    # that matter are raised, and said in one line.
     for name in ("absl", "orbax", "jax._src.xla_bridge", "asyncio"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def save_checkpoint(
@@ -189,23 +201,34 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     hint = "make one with: rocketkv-convert SRC OUT"
     cfg_path = path / CONFIG_FILE
     if not path.is_dir():
-        raise ConversionError(f"{path} is not a converted checkpoint directory; {hint}")
-    if not cfg_path.is_file() or not (path / PARAMS_DIR).is_dir():
+        what = not_a_file(path) or "is a file"
+        raise ConversionError(f"{path} is not a converted checkpoint directory (it {what}); "
+                              f"{hint}")
+    if not cfg_path.exists() or not (path / PARAMS_DIR).exists():
         raise ConversionError(
             f"{path} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/); {hint}"
         )
+    problem = not_a_file(cfg_path)
+    if problem is not None:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {cfg_path} {problem}; "
+                                     + REBUILD_HINT.format(path=path))
+    if not (path / PARAMS_DIR).is_dir():
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {path / PARAMS_DIR} is "
+                                     f"not a directory; " + REBUILD_HINT.format(path=path))
     try:
-        data = json.loads(cfg_path.read_text())
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{cfg_path} is not valid json: {e}") from None
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {cfg_path} is not valid "
+                                     f"json ({e}); " + REBUILD_HINT.format(path=path)) from None
     if not isinstance(data, dict) or data.get("rocketkv_config_version") != 1:
         raise ConversionError(
             f"{cfg_path} is not a rocketkv-jax config (a Hugging Face directory?); {hint}"
         )
     try:
         return ModelConfig.from_dict(data)
-    except TypeError as e:
-        raise ConversionError(f"{cfg_path} is malformed: {e}") from None
+    except (TypeError, ConfigError) as e:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {cfg_path}: {e}; "
+                                     + REBUILD_HINT.format(path=path)) from None
 
 
 def _check_orbax_files(path: Path) -> None:
@@ -221,6 +244,18 @@ def _check_orbax_files(path: Path) -> None:
         if not p.exists():
             raise DamagedCheckpointError(
                 f"checkpoint {path} is damaged: {p} is missing; " + REBUILD_HINT.format(path=path))
+    if (params / "manifest.ocdbt").is_file():
+        # List the OCDBT index (its manifest and b-tree nodes, not the array data): a damaged
+        # node is refused here, where orbax would leave tensorstore callbacks running that
+        # print "Event loop is closed" tracebacks after our error.
+        import tensorstore as ts
+
+        try:
+            store = ts.KvStore.open({"driver": "ocdbt",
+                                     "base": {"driver": "file", "path": f"{params}/"}}).result()
+            store.list().result()
+        except Exception as e:  # tensorstore's ValueError, or anything else it raises
+            raise _damaged(path, f"the index of {params} cannot be read", e) from None
 
 
 def load_checkpoint(
@@ -245,6 +280,24 @@ def load_checkpoint(
     _check_orbax_files(path)
     _quiet_orbax()
     checkpointer = ocp.StandardCheckpointer()
+    try:  # closed on every path: an open one's threads print tracebacks at exit
+        stored_flat = _stored_arrays(checkpointer, path, config)
+        abstract = _restore_targets(stored_flat, config, dtype, shardings)
+        try:
+            params = checkpointer.restore(path / PARAMS_DIR, unflatten(abstract))
+        except Exception as e:  # TensorStore: a truncated or missing data file
+            raise _damaged(path, f"the arrays under {path / PARAMS_DIR} cannot be read "
+                           f"(a truncated or missing file)", e) from None
+    finally:
+        checkpointer.close()
+    if check_weights:
+        check_finite_params(params, path)
+    return params, config
+
+
+def _stored_arrays(checkpointer: Any, path: Path, config: ModelConfig) -> dict[str, Any]:
+    """Flat params key -> orbax array metadata, checked against `config.param_shapes()`
+    and the dtypes conversion writes, before anything is allocated."""
     try:
         meta = checkpointer.metadata(path / PARAMS_DIR).item_metadata
     except Exception as e:  # orbax raises a zoo of types for a broken directory
@@ -255,19 +308,30 @@ def load_checkpoint(
             f"checkpoint {path} is damaged: {path / PARAMS_DIR} has no readable array "
             f"metadata (files or data directories deleted?); "
             + REBUILD_HINT.format(path=path))
-    stored = meta.tree
-    stored_flat = flatten(dict(stored))
+    stored_flat = flatten(dict(meta.tree))
     expected = config.param_shapes()
     if stored_flat.keys() != expected.keys():
         diff = sorted(stored_flat.keys() ^ expected.keys())
-        raise ConversionError(f"checkpoint {path} does not match its config.json: params {diff}")
+        raise DamagedCheckpointError(f"checkpoint {path} does not match its config.json: "
+                                     f"params {diff}; " + REBUILD_HINT.format(path=path))
     for key, shape in expected.items():
         if tuple(stored_flat[key].shape) != shape:
-            raise ConversionError(
+            raise DamagedCheckpointError(
                 f"checkpoint {path}: param {key!r} has shape {tuple(stored_flat[key].shape)}, "
-                f"config.json says {shape}"
+                f"config.json says {shape}; " + REBUILD_HINT.format(path=path)
             )
+        if np.dtype(stored_flat[key].dtype) not in DTYPES.values():  # what conversion writes
+            raise DamagedCheckpointError(
+                f"checkpoint {path}: param {key!r} is stored as {stored_flat[key].dtype}, "
+                f"not one of {', '.join(DTYPES)}; " + REBUILD_HINT.format(path=path)
+            )
+    return stored_flat
 
+
+def _restore_targets(stored_flat: dict[str, Any], config: ModelConfig,
+                     dtype: str | np.dtype | None, shardings: Any) -> dict[str, Any]:
+    """Flat params key -> the ShapeDtypeStruct (with its sharding) to restore into."""
+    expected = config.param_shapes()
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         sharding_flat = dict.fromkeys(expected, shardings or default)
@@ -277,23 +341,13 @@ def load_checkpoint(
             diff = sorted(sharding_flat.keys() ^ expected.keys())
             raise ValueError(f"shardings must be a pytree matching params; differs at {diff}")
     cast = None if dtype is None else resolve_dtype(dtype)
-    abstract = {
+    return {
         key: jax.ShapeDtypeStruct(
             shape, cast if cast is not None else stored_flat[key].dtype,
             sharding=sharding_flat[key],
         )
         for key, shape in expected.items()
     }
-    try:
-        params = checkpointer.restore(path / PARAMS_DIR, unflatten(abstract))
-    except Exception as e:  # TensorStore: a truncated or missing data file
-        raise _damaged(path, f"the arrays under {path / PARAMS_DIR} cannot be read "
-                       f"(a truncated or missing file)", e) from None
-    finally:
-        checkpointer.close()
-    if check_weights:
-        check_finite_params(params, path)
-    return params, config
 
 
 def check_finite_params(params: Params, path: str | Path) -> None:
@@ -337,8 +391,8 @@ def convert_any(
     """
     src, out_path = Path(src), Path(out).absolute()
     resolve_dtype(dtype)
-    if not src.exists():
-        raise ConversionError(f"{src} does not exist")
+    if not src.is_dir() and not_a_file(src) is not None:
+        raise ConversionError(f"{src} {not_a_file(src)}")
     if src.resolve() == out_path.resolve() or out_path.resolve() in src.resolve().parents:
         raise ConversionError(f"output {out_path} would overwrite the source {src}")
     check_replaceable(out_path, force)  # after: the source check names the real problem
@@ -355,10 +409,14 @@ def convert_any(
 
 def _convert(src: Path, out_path: Path, dtype: str, progress: bool, force: bool) -> ModelConfig:
     if src.is_dir():
-        params, config = load_hf(src, dtype, progress=progress)
+        read_hf_config(src)  # a folder without config.json is said as such first
         extra: dict[str, bytes | str] = {
-            name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()
+            name: model_file(src, name).read_bytes() for name in TOKENIZER_FILES
+            if (src / name).exists() or (src / name).is_symlink()
         }
+        # checked now, not at the first prompt, whose advice would be to convert again
+        _check_tokenizer(extra, src, "replace it with the model's original file")
+        params, config = load_hf(src, dtype, progress=progress)
     elif is_gguf(src):
         params, config, _, extra = load_gguf(src, dtype, progress=progress)
     else:
@@ -367,6 +425,17 @@ def _convert(src: Path, out_path: Path, dtype: str, progress: bool, force: bool)
         )
     save_checkpoint(out_path, params, config, extra, force=force)
     return config
+
+
+def _check_tokenizer(files: dict[str, bytes | str], src: Path, repair: str) -> None:
+    """Refuse tokenizer files that `rocketkv_jax.tokenizer.Tokenizer` could not load. A
+    source without tokenizer.json converts (the weights alone serve the Python API)."""
+    if "tokenizer.json" not in files:
+        return
+    try:
+        check_tokenizer_files(files, src, repair)
+    except TokenizerError as e:
+        raise ConversionError(str(e)) from None
 
 
 __all__ = [

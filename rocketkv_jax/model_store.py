@@ -29,6 +29,7 @@ from .paths import (
     PathError,
     describe_os_error,
     ensure_writable_dir,
+    not_a_file,
     remove_stale_temp_dirs,
     temp_prefix,
 )
@@ -305,7 +306,10 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
             f"{ckpt} is {kind}, not a converted checkpoint directory; convert it once with "
             f"`rocketkv-convert {ckpt} {out}`, then pass --model {out}"
         )
-    if not (ckpt / "config.json").is_file():
+    if not ckpt.is_dir():
+        raise ModelNotFoundError(f"{ckpt} {not_a_file(ckpt)}, not a converted checkpoint "
+                                 f"directory")
+    if not (ckpt / "config.json").exists():  # one that is there but damaged is said below
         raise ModelNotFoundError(
             f"{ckpt} is not a converted checkpoint (no config.json); "
             f"create one with `rocketkv-convert SRC {ckpt}`"

@@ -1,60 +1,174 @@
-"""Hugging Face `tokenizers` wrapper with the chat template (no torch, no transformers)."""
+"""Hugging Face `tokenizers` wrapper with the chat template (no torch, no transformers).
+
+Every file is checked when the tokenizer is built, so a damaged one is one TokenizerError
+naming the file (and line) at load, or at conversion (`check_tokenizer_files`), never a
+failure at the first prompt or chat turn.
+"""
 
 from __future__ import annotations
 
 import json
 import numbers
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
 
+from .paths import not_a_file
 from .user_text import check_utf8
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# transformers >= 4.43 saves the chat template in a file of its own, which takes priority
+# over tokenizer_config.json's "chat_template" (as in transformers)
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, *CHAT_TEMPLATE_FILES)
+REPAIR = "convert the model again, which writes it next to the checkpoint"
 
 
 class TokenizerError(ValueError):
     """A checkpoint directory whose tokenizer files are missing or unusable."""
 
 
+def read_tokenizer_files(directory: Path, repair: str = REPAIR) -> dict[str, bytes]:
+    """The tokenizer files present in `directory` (name -> bytes); a name that is there
+    but not a regular file (a directory, a pipe) is an error."""
+    files = {}
+    for name in FILES:
+        path = directory / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        problem = not_a_file(path)
+        if problem is not None:
+            raise TokenizerError(f"{path} {problem}; {repair}")
+        files[name] = path.read_bytes()
+    return files
+
+
+def check_tokenizer_files(files: dict[str, bytes | str], where: Path, repair: str) -> None:
+    """Raise TokenizerError (naming the file, and the line where one is known) unless the
+    tokenizer files `files` (name -> content, as they would lie in `where`) make a usable
+    Tokenizer. Files other than the tokenizer's own are ignored."""
+    _Parsed(files, where, repair)
+
+
+def compile_chat_template(template: str, fail: Callable[[str], Exception]) -> jinja2.Template:
+    """The Jinja chat template compiled in transformers' sandbox (with its
+    `raise_exception`); a syntax error raises `fail(problem)`, which names the line."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise fail(f"its chat template has a syntax error at template line {e.lineno}: "
+                   f"{e.message}") from None
+
+
+class _Parsed:
+    """The tokenizer files parsed and checked: the `tokenizers` object, the chat template
+    (compiled) and the bos/eos token texts."""
+
+    def __init__(self, files: dict[str, bytes | str], where: Path, repair: str):
+        self.where, self.repair = where, repair
+        if TOKENIZER_JSON not in files:
+            raise TokenizerError(
+                f"no {TOKENIZER_JSON} in {where}: rocketkv-jax reads the tokenizer from the "
+                f"{TOKENIZER_JSON} that rocketkv-convert copies from the model; put the "
+                f"model's {TOKENIZER_JSON} there (a model with only a sentencepiece "
+                f"tokenizer.model needs one saved by transformers' AutoTokenizer)"
+            )
+        text = self.text(TOKENIZER_JSON, files[TOKENIZER_JSON])
+        try:
+            self.tok = HFTokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+            raise self.damaged(TOKENIZER_JSON, f"not a tokenizer file: {e}") from None
+        config = self.json(TOKENIZER_CONFIG, files.get(TOKENIZER_CONFIG, "{}"))
+        template, source = config.get("chat_template"), TOKENIZER_CONFIG
+        if "chat_template.json" in files:
+            template = self.json("chat_template.json", files["chat_template.json"]).get(
+                "chat_template")
+            source = "chat_template.json"
+        if "chat_template.jinja" in files:
+            template = self.text("chat_template.jinja", files["chat_template.jinja"])
+            source = "chat_template.jinja"
+        self.chat_template = self.pick_template(template, source)
+        self.template = None if self.chat_template is None else self.compile(
+            self.chat_template, source)
+        self.bos_token = self.token_text(config, "bos_token")
+        self.eos_token = self.token_text(config, "eos_token")
+
+    def damaged(self, name: str, problem: str) -> TokenizerError:
+        return TokenizerError(f"{self.where / name} is damaged ({problem}); {self.repair}")
+
+    def text(self, name: str, data: bytes | str) -> str:
+        if isinstance(data, str):
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.damaged(name, f"not UTF-8 text: {e.reason} at byte {e.start}") from None
+
+    def json(self, name: str, data: bytes | str) -> dict[str, Any]:
+        try:
+            value = json.loads(self.text(name, data))
+        except json.JSONDecodeError as e:
+            raise self.damaged(name, f"not valid json: {e}") from None
+        if not isinstance(value, dict):
+            raise self.damaged(name, "not a json object")
+        return value
+
+    def pick_template(self, template: Any, source: str) -> str | None:
+        """A template string; transformers' list form [{"name", "template"}] gives its
+        "default" entry."""
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if "default" not in named:
+                raise self.damaged(source, "its chat_template list has no \"default\" entry")
+            template = named["default"]
+        if template is not None and not isinstance(template, str):
+            raise self.damaged(source, f"chat_template must be a string, got "
+                               f"{type(template).__name__}")
+        return template or None
+
+    def compile(self, template: str, source: str) -> jinja2.Template:
+        return compile_chat_template(template, lambda problem: self.damaged(source, problem))
+
+    def token_text(self, config: dict[str, Any], key: str) -> str | None:
+        token = config.get(key)
+        if isinstance(token, dict):  # old transformers AddedToken serialisation
+            token = token.get("content")
+        if token is not None and not isinstance(token, str):
+            raise self.damaged(TOKENIZER_CONFIG, f"{key} must be a string, got {token!r}")
+        return token
+
+
 class Tokenizer:
     """Encode/decode text and render chat prompts from a checkpoint's tokenizer files.
 
     Reads `tokenizer.json` and, when present, `tokenizer_config.json` (chat_template,
-    bos/eos tokens) from `directory`.
+    bos/eos tokens) and `chat_template.jinja` / `chat_template.json` from `directory`.
+    `repair` is the advice a TokenizerError ends with.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, repair: str = REPAIR):
         if not isinstance(directory, str | os.PathLike):
             raise TokenizerError(f"directory must be a path (str or Path), got "
                                  f"{type(directory).__name__}")
         directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(
-                f"no tokenizer.json in {directory}: convert the model with rocketkv-convert, "
-                "which copies the tokenizer next to the checkpoint"
-            )
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for a truncated file
-            raise TokenizerError(
-                f"{path} is damaged or not a tokenizer file ({e}); convert the model "
-                f"again, which writes it next to the checkpoint"
-            ) from None
-        cfg_path = directory / "tokenizer_config.json"
-        try:
-            self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{cfg_path} is damaged (not valid json: {e}); convert "
-                                 f"the model again") from None
-        if not isinstance(self.config, dict):
-            raise TokenizerError(f"{cfg_path} is damaged (not a json object); convert the "
-                                 f"model again")
-        self.chat_template: str | None = self.config.get("chat_template")
-        self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
+        parsed = _Parsed(read_tokenizer_files(directory, repair), directory, repair)
+        self._tok = parsed.tok
+        self._template = parsed.template
+        self.chat_template: str | None = parsed.chat_template
+        self.bos_token = parsed.bos_token
+        self.eos_token = parsed.eos_token
 
     @property
     def vocab_size(self) -> int:
@@ -83,32 +197,21 @@ class Tokenizer:
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         """Render `messages` ([{"role", "content"}]) with the model's Jinja chat template."""
-        if not self.chat_template:
+        if self._template is None:
             raise TokenizerError("this model's tokenizer has no chat template; drop --chat")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
         try:
-            return env.from_string(self.chat_template).render(
+            return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except jinja2.TemplateError as e:  # the template's raise_exception, or a broken one
+        except Exception as e:  # the template's raise_exception, or a bug in the template
             raise TokenizerError(f"the model's chat template cannot render these messages: "
-                                 f"{e}") from None
+                                 f"{type(e).__name__}: {e}") from None
 
     def encode_chat(self, user_message: str) -> list[int]:
         """Token ids of a one-turn chat prompt ending with the assistant header."""
         text = self.apply_chat_template([{"role": "user", "content": user_message}])
         return self.encode(text, add_special_tokens=False)
 
-
-def _token_text(token) -> str | None:
-    if isinstance(token, dict):  # old transformers AddedToken serialisation
-        return token.get("content")
-    return token
