@@ -126,7 +126,8 @@ def test_extra_layer(capsys, tiny_llama_dir, tmp_path):
 
     rewrite_tensors(src, add_layer)
     msg = run_bad(capsys, src, tmp_path / "out")
-    assert "unexpected tensor model.layers.2.input_layernorm.weight" in msg
+    assert "says 2 layers (num_hidden_layers in" in msg and "config.json" in msg
+    assert "weights hold 3 (model.layers.0 to model.layers.2)" in msg
 
 
 def test_misshapen_tensor(capsys, tiny_llama_dir, tmp_path):

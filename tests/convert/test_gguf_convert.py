@@ -58,7 +58,7 @@ def test_unpermute_inverts_llama_cpp_permute(n_head, head_dim, cols):
 
 # ------------------------------------------------------------ tiny written GGUF
 def _byte_tokens(n: int) -> list[str]:
-    from rocketkv_jax.convert.gguf import _bytes_to_unicode
+    from rocketkv_jax.convert.gguf_tokenizer import _bytes_to_unicode
 
     return list(_bytes_to_unicode().values())[:n]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from tiny_checkpoint import tokenizer_json
 
 from rocketkv_jax.convert import load_checkpoint
 from rocketkv_jax.convert.cli import main
@@ -168,7 +169,7 @@ def test_tokenizer_files_are_copied(tiny_llama_dir, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_llama_dir, src)
     files = {
-        "tokenizer.json": b'{"version": "1.0"}',
+        "tokenizer.json": tokenizer_json(61).encode(),
         "tokenizer_config.json": b'{"bos_token": "<s>"}',
         "special_tokens_map.json": b'{"eos_token": "</s>"}',
         "chat_template.jinja": "{{ messages }} \u2728".encode(),

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import gguf
 import numpy as np
 import pytest
 
 from rocketkv_jax import model_store
 from rocketkv_jax.convert.gguf import gguf_rope_scaling
+from rocketkv_jax.convert.gguf_file import GGUFFile
 from rocketkv_jax.model_store import ModelNotFoundError, NamedModel
 from rocketkv_jax.models.config import ConfigError
 
@@ -61,25 +63,30 @@ def test_unknown_model_name_lists_the_names(tmp_path, monkeypatch):
         model_store.resolve_model("qwen9")
 
 
-class _Reader:
-    def __init__(self, fields):
-        self.fields = fields
+def _metadata_gguf(path, fields: dict) -> GGUFFile:
+    """A GGUF file holding only the metadata `fields` (key -> float or str)."""
+    w = gguf.GGUFWriter(path, "qwen2")
+    for key, value in fields.items():
+        kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.FLOAT32
+        w.add_key_value(key, value, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return GGUFFile(path)
 
-    def get_field(self, key):
-        if key not in self.fields:
-            return None
-        value = self.fields[key]
-        return type("F", (), {"contents": lambda self: value})()
 
+def test_gguf_rope_factor_without_type_is_linear(tmp_path):
+    def scaling(fields, arch):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.gguf"
+        return gguf_rope_scaling(_metadata_gguf(path, fields), arch)
 
-def test_gguf_rope_factor_without_type_is_linear():
-    assert gguf_rope_scaling(_Reader({"qwen2.rope.scaling.factor": 4.0}), "qwen2") == {
+    assert scaling({"qwen2.rope.scaling.factor": 4.0}, "qwen2") == {
         "rope_type": "linear", "factor": 4.0}
-    assert gguf_rope_scaling(_Reader({}), "llama") is None
-    assert gguf_rope_scaling(_Reader({"llama.rope.scaling.type": "none"}), "llama") is None
+    assert scaling({}, "llama") is None
+    assert scaling({"llama.rope.scaling.type": "none"}, "llama") is None
     with pytest.raises(ConfigError, match="unsupported GGUF rope scaling type 'yarn'"):
-        gguf_rope_scaling(_Reader({"qwen2.rope.scaling.type": "yarn",
-                                   "qwen2.rope.scaling.factor": 4.0}), "qwen2")
+        scaling({"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0}, "qwen2")
 
 
 # ------------------------------------------------------------------ the real model
