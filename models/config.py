@@ -133,6 +133,10 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
+        for name in ("max_position_embeddings", "sliding_window"):  # positions are int32
+            if (getattr(self, name) or 0) >= checks.COUNT_LIMIT:
+                raise ConfigError(f"{name} must be < 2**31 (positions are 32-bit), got "
+                                  f"{getattr(self, name)}")
         # a special token outside the embedding would be gathered from a clamped row
         if not isinstance(self.eos_token_ids, tuple):
             raise ConfigError(f"config value eos_token_ids must be a list of token ids, got "

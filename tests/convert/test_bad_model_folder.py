@@ -86,6 +86,8 @@ def test_config_claiming_1e9_layers_fails_fast_under_a_memory_limit(tmp_path):
     ({"num_attention_heads": 0}, "num_attention_heads must be positive, got 0"),
     ({"num_key_value_heads": 0}, "num_kv_heads must be positive, got 0"),
     ({"vocab_size": 10**15}, "expected (1000000000000000, 32) from the config"),
+    ({"max_position_embeddings": 1e20},
+     "max_position_embeddings must be < 2**31 (positions are 32-bit)"),
     ({"bos_token_id": -1}, "bos_token_id -1 is not a token id of the 64-token vocabulary"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 1.0, "original_max_position_embeddings": 64}},
