@@ -253,7 +253,8 @@ def load_gguf(
         t = tensors[name]
         shape = tuple(int(n) for n in reversed(t.shape))
         try:
-            w = dequantize(t.data, GGMLQuantizationType(t.tensor_type)).reshape(shape)
+            with np.errstate(all="ignore"):  # a NaN scale: refused by name in assemble_params
+                w = dequantize(t.data, GGMLQuantizationType(t.tensor_type)).reshape(shape)
         except (NotImplementedError, ValueError) as e:
             raise ConversionError(
                 f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}"

@@ -209,7 +209,8 @@ def assemble_params(
             w = w.T
         target = flat[key] if layer is None else flat[key][layer]
         assert w.shape == target.shape, (name, w.shape, target.shape)
-        target[...] = w.astype(dtype)
+        with np.errstate(all="ignore"):  # overflow to Inf is refused below, by name
+            target[...] = w.astype(dtype)
         if not np.isfinite(target).all():
             _refuse_non_finite(describe(name), w, target)
     return unflatten(flat)

@@ -38,12 +38,15 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{GGUF_LAYER_PARTS[rest.removesuffix('.weight')]}.weight"
 
 
-def write_gguf(path: Path, edit_meta=None, *, cfg: dict | None = None) -> Path:
+def write_gguf(path: Path, edit_meta=None, *, cfg: dict | None = None,
+               quantize: dict[str, object] | None = None) -> Path:
     """`HF_CONFIG`'s model as an F32 Llama GGUF with a byte-level BPE vocabulary.
 
     `edit_meta(meta)` may change the metadata dict (key -> (value, GGUFValueType or None))
-    before it is written; a value of None removes the key. (q/k rows are not permuted:
-    these files test refusals, not numerics.)
+    before it is written; a value of None removes the key. `quantize` maps GGUF tensor
+    names to `edit(q8_0_bytes) -> bytes`: those tensors are stored Q8_0 (blocks of a float16
+    scale and 32 int8 values), edited first. (q/k rows are not permuted: these files test
+    refusals, not numerics.)
     """
     from rocketkv_jax.convert.gguf_tokenizer import _bytes_to_unicode
 
@@ -79,7 +82,13 @@ def write_gguf(path: Path, edit_meta=None, *, cfg: dict | None = None) -> Path:
         if value is not None:
             w.add_key_value(key, value, kind)
     for name, t in hf_tensors().items():
-        w.add_tensor(gguf_name(name), t)
+        g = gguf_name(name)
+        if g in (quantize or {}):
+            q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
+            q = np.frombuffer(quantize[g](q.tobytes()), np.uint8).reshape(q.shape)
+            w.add_tensor(g, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(g, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import struct
+import warnings
 from pathlib import Path
 
 import gguf
@@ -88,6 +89,20 @@ def test_layer_count_beyond_the_tensors_is_refused_before_sizing_anything(capsys
     msg = convert_error(capsys, src, tmp_path / "out")
     assert "says 1000000000 layers (llama.block_count in m.gguf)" in msg
     assert "the weights hold 2 (model.layers.0 to model.layers.1)" in msg
+
+
+def test_a_quantized_block_with_an_infinite_scale_is_refused_by_name(capsys, tmp_path):
+    """inf * 0 in the dequantization: the NaN is named, with no numpy warning lines."""
+    def inf_scale(q: bytes) -> bytes:
+        return b"\x00\x7c\x00" + q[3:]  # first block: scale float16 +inf, first value 0
+
+    src = write_gguf(tmp_path / "m.gguf", quantize={"blk.1.ffn_up.weight": inf_scale})
+    with warnings.catch_warnings(record=True) as caught:  # a user would see them on stderr
+        warnings.simplefilter("always")
+        msg = convert_error(capsys, src, tmp_path / "out")
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == []
+    assert "tensor blk.1.ffn_up.weight (model.layers.1.mlp.up_proj.weight) in m.gguf" in msg
+    assert "NaN" in msg and "Inf" in msg, msg
 
 
 # ----------------------------------------------------------------- the layout
