@@ -28,6 +28,7 @@ from rocketkv_jax import interrupts
 from rocketkv_jax.models.config import ConfigError, ModelConfig
 from rocketkv_jax.paths import (
     PathError,
+    as_path,
     check_can_create,
     describe_os_error,
     not_a_file,
@@ -83,7 +84,7 @@ def save_checkpoint(
     not change or is complete. An existing `out_dir` is an error unless `force`, in which
     case it is replaced. Returns the absolute checkpoint path.
     """
-    out = Path(out_dir).absolute()
+    out = as_path(out_dir, "out_dir", ConversionError).absolute()
     _check_params(params, config)
     check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,9 @@ def check_replaceable(out: Path, force: bool) -> None:
     an empty directory. --force never deletes a directory that is not ours."""
     if not out.exists() and not out.is_symlink():
         return
+    if not force and not out.is_dir():
+        raise ConversionError(f"{out} already exists and is not a directory; choose another "
+                              f"OUT (--force replaces only a converted checkpoint)")
     if not force:
         raise ConversionError(f"{out} already exists; pass --force to overwrite it")
     if out.is_dir() and not out.is_symlink():
@@ -197,7 +201,7 @@ def _damaged(path: Path, what: str, error: BaseException) -> DamagedCheckpointEr
 
 def read_checkpoint_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a converted checkpoint, with a clear error for anything else."""
-    path = Path(path)
+    path = as_path(path, "path", ConversionError)
     hint = "make one with: rocketkv-convert SRC OUT"
     cfg_path = path / CONFIG_FILE
     if not path.is_dir():
@@ -220,6 +224,12 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DamagedCheckpointError(f"checkpoint {path} is damaged: {cfg_path} is not valid "
                                      f"json ({e}); " + REBUILD_HINT.format(path=path)) from None
+    if isinstance(data, dict) and data.get("rocketkv_config_version", 1) != 1:
+        raise ConversionError(
+            f"{cfg_path} is rocketkv-jax config version {data['rocketkv_config_version']!r}, "
+            f"which this version does not read (it reads version 1); convert the model again "
+            f"with this version: rocketkv-convert SRC {path} --force"
+        )
     if not isinstance(data, dict) or data.get("rocketkv_config_version") != 1:
         raise ConversionError(
             f"{cfg_path} is not a rocketkv-jax config (a Hugging Face directory?); {hint}"
@@ -275,7 +285,7 @@ def load_checkpoint(
       weight; conversion already checks, this catches a file damaged after it).
     Returns params as `jax.Array`s with shapes `config.param_shapes()`.
     """
-    path = Path(path).absolute()
+    path = as_path(path, "path", ConversionError).absolute()
     config = read_checkpoint_config(path)
     _check_orbax_files(path)
     _quiet_orbax()
@@ -336,6 +346,9 @@ def _restore_targets(stored_flat: dict[str, Any], config: ModelConfig,
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         sharding_flat = dict.fromkeys(expected, shardings or default)
     else:
+        if not isinstance(shardings, dict):
+            raise TypeError(f"shardings must be None, a jax.sharding.Sharding or a dict "
+                            f"pytree matching params, got {type(shardings).__name__}")
         sharding_flat = flatten(shardings)
         if sharding_flat.keys() != expected.keys():
             diff = sorted(sharding_flat.keys() ^ expected.keys())
@@ -389,7 +402,8 @@ def convert_any(
     (see `save_checkpoint`). Raises `ConversionError` / `ConfigError` for bad input.
     Returns the model's config.
     """
-    src, out_path = Path(src), Path(out).absolute()
+    src = as_path(src, "src", ConversionError)
+    out_path = as_path(out, "out", ConversionError).absolute()
     resolve_dtype(dtype)
     if not src.is_dir() and not_a_file(src) is not None:
         raise ConversionError(f"{src} {not_a_file(src)}")

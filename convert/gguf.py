@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from rocketkv_jax.models.config import ConfigError, ModelConfig
-from rocketkv_jax.paths import not_a_file
+from rocketkv_jax.paths import as_path, not_a_file
 
 from .gguf_file import GGUFFile
 from .gguf_tokenizer import gguf_tokenizer_files, special_token_ids
@@ -219,7 +219,7 @@ def load_gguf(
     file names (tokenizer.json, tokenizer_config.json, special_tokens_map.json) to text.
     Every tensor name and shape is checked before any tensor is dequantized.
     """
-    path = Path(path)
+    path = as_path(path, "path", ConversionError)
     gguf = open_gguf(path)
     try:
         hf_config = gguf_hf_config(gguf)

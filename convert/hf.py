@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rocketkv_jax import interrupts
 from rocketkv_jax.models.config import ConfigError, ModelConfig
-from rocketkv_jax.paths import not_a_file
+from rocketkv_jax.paths import as_path, not_a_file
 
 from ..models.params import unflatten
 
@@ -75,10 +75,13 @@ def resolve_dtype(dtype: str | np.dtype) -> np.dtype:
         if dtype not in DTYPES:
             raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         return DTYPES[dtype]
-    dtype = np.dtype(dtype)
-    if dtype not in DTYPES.values():
-        raise ConversionError(f"unsupported dtype {dtype}; choose bfloat16 or float32")
-    return dtype
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:  # not a dtype at all: 5, an object
+        resolved = None
+    if resolved not in DTYPES.values():
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose bfloat16 or float32")
+    return resolved
 
 
 # ------------------------------------------------------------------------- naming
@@ -365,7 +368,7 @@ def load_hf(
     Validates every tensor name and shape before reading any data. Params are nested
     dicts of host numpy arrays in `dtype` with the layout of `config.param_shapes()`.
     """
-    src = Path(src)
+    src = as_path(src, "src", ConversionError)
     if not src.is_dir():
         raise ConversionError(f"{src} is not a model directory ({not_a_file(src) or 'a file'})")
     config, _ = read_hf_config(src)

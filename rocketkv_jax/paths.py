@@ -133,3 +133,12 @@ def not_a_file(path: Path) -> str | None:
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
     return "is not a regular file (a pipe, socket or device)"
+
+
+def as_path(value: object, name: str, error: type[Exception] = TypeError) -> Path:
+    """`value` as a Path, or `error` (the entry point's own class) naming the argument,
+    not a TypeError from deep inside pathlib for an int or None."""
+    if isinstance(value, str | os.PathLike):
+        return Path(value)
+    raise error(f"{name} must be a path (str or os.PathLike), got "
+                f"{type(value).__name__} {value!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,10 @@ import pytest
 from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config, tiny_params
 
 from rocketkv_jax.cli import main as cli_main
+from rocketkv_jax.convert import ConversionError, convert_any, load_checkpoint
+from rocketkv_jax.model_store import ModelNotFoundError, load_model
 from rocketkv_jax.models.params import flatten, unflatten
+from rocketkv_jax.tokenizer import Tokenizer, TokenizerError
 
 REBUILD = "rocketkv-convert SRC {ckpt} --force"
 
@@ -72,6 +76,8 @@ def _replace(name, make):
     (_config(rope_scaling={"factor": "x"}), "rope_scaling factor must be a finite number"),
     (_config(foo=1), "config has unknown key(s) foo"),
     (_drop("hidden_size"), "config is missing key(s) hidden_size"),
+    (_config(rocketkv_config_version=2), "is rocketkv-jax config version 2, which this "
+     "version does not read"),
     (lambda c: (c / "config.json").write_bytes(b"\xff{"), "config.json is not valid json"),
     (_replace("config.json", Path.mkdir), "config.json is a directory, not a file"),
     (_replace("config.json", os.mkfifo), "config.json is not a regular file"),
@@ -132,3 +138,24 @@ def test_damaged_orbax_index_prints_no_background_tracebacks(tmp_path, good_chec
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
         assert f"the index of {ckpt / 'params'} cannot be read" in lines[0], lines[0]
+
+
+# -------------------------------------------------------------- the Python API
+@pytest.mark.parametrize("call, error, says", [
+    (lambda: convert_any(None, "out"), ConversionError,
+     "src must be a path (str or os.PathLike), got NoneType None"),
+    (lambda: load_checkpoint(3), ConversionError,
+     "path must be a path (str or os.PathLike), got int 3"),
+    (lambda: load_model(3.5), ModelNotFoundError, "the model must be a checkpoint directory"),
+    (lambda: Tokenizer(None), TokenizerError, "directory must be a path"),
+])
+def test_api_arguments_of_the_wrong_type_fail_at_our_boundary(call, error, says):
+    with pytest.raises(error, match=re.escape(says)):
+        call()
+
+
+def test_api_dtype_and_shardings_of_the_wrong_type(good_checkpoint):
+    with pytest.raises(ConversionError, match="unsupported dtype 5; choose bfloat16"):
+        load_checkpoint(good_checkpoint, dtype=5)
+    with pytest.raises(TypeError, match="shardings must be None, a jax.sharding.Sharding or"):
+        load_checkpoint(good_checkpoint, shardings=[1, 2])

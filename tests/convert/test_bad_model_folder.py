@@ -215,6 +215,15 @@ def test_a_directory_or_pipe_where_a_file_belongs(capsys, tmp_path, name, kind):
     assert f"{src / name} {what}" in msg, msg
 
 
+def test_out_that_is_a_file(capsys, tmp_path):
+    src = make_hf_dir(tmp_path / "src")
+    (tmp_path / "out").write_text("mine")
+    rc = main([str(src), str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "out already exists and is not a directory; choose another OUT" in err
+    assert (tmp_path / "out").read_text() == "mine"
+
+
 def test_source_that_is_a_pipe(capsys, tmp_path):
     os.mkfifo(tmp_path / "model")
     with deadline(60):
