@@ -11,24 +11,12 @@ from pathlib import Path
 
 import gguf
 import pytest
+from convert_runs import convert_error, run_convert_bounded
 from crafted import write_gguf
-from limits import run_convert_bounded
 
 from rocketkv_jax.convert.cli import main
 
 T = gguf.GGUFValueType
-
-
-def convert_error(capsys, src: Path, out: Path) -> str:
-    """Run the CLI on `src`; assert exit 2, one `error:` line, no traceback, no OUT."""
-    rc = main([str(src), str(out), "-q"])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2 and len(lines) == 1, (rc, err)
-    assert lines[0].startswith("rocketkv-convert: error: ") and "Traceback" not in err
-    assert "ROCKETKV_DEBUG" not in err, err  # the catch-all for our own bugs
-    assert not out.exists()
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

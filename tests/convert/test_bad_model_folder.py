@@ -15,25 +15,13 @@ import signal
 from pathlib import Path
 
 import pytest
-from limits import run_convert_bounded
+from convert_runs import convert_error, run_convert_bounded
 from safetensors.numpy import load_file, save_file
 from tiny_checkpoint import make_hf_dir
 
 from rocketkv_jax.convert import load_checkpoint
 from rocketkv_jax.convert.cli import main
 from rocketkv_jax.tokenizer import Tokenizer
-
-
-def convert_error(capsys, src: Path, out: Path) -> str:
-    """Run the CLI on `src`; assert exit 2, one `error:` line, no traceback, no OUT."""
-    rc = main([str(src), str(out), "-q"])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2 and len(lines) == 1, (rc, err)
-    assert lines[0].startswith("rocketkv-convert: error: ") and "Traceback" not in err
-    assert "ROCKETKV_DEBUG" not in err, err  # the catch-all for our own bugs
-    assert not out.exists()
-    return lines[0]
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""Run `rocketkv-convert` in a child process under a memory and time limit: a file that
-claims huge sizes must fail fast, not grow memory until the machine kills it."""
+"""Running `rocketkv-convert` on bad files: `convert_error` in-process (the contract of
+every refusal), and `run_convert_bounded` in a child process under a memory and time
+limit (a file that claims huge sizes must fail fast, not grow memory until killed)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def convert_error(capsys, src: Path, out: Path) -> str:
+    """Run the CLI on `src`; assert exit 2, one `error:` line, no traceback, no OUT.
+    Returns the line."""
+    from rocketkv_jax.convert.cli import main
+
+    rc = main([str(src), str(out), "-q"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, (rc, err)
+    assert lines[0].startswith("rocketkv-convert: error: ") and "Traceback" not in err
+    assert "ROCKETKV_DEBUG" not in err, err  # the catch-all for our own bugs
+    assert not out.exists()
+    return lines[0]
+
 
 # Address space for the child: a tiny conversion needs about 2.2 GiB of it on CPU (JAX's
 # reservations), while a loop sized by a claimed count grows past it within seconds.
