@@ -364,30 +364,33 @@ def _bool_value(cfg: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _int_value(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+def _int_value(cfg: dict[str, Any], key: str, default: int | None = None,
+               where: str = "config value") -> int:
     """cfg[key] as an int (a whole float such as 4096.0 too); a missing or null key gives
-    `default`; anything else is a ConfigError naming the key."""
+    `default`; anything else is a ConfigError naming the key (after `where`)."""
     value = cfg.get(key)
     if value is None and default is not None:
         return default
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if not _is_int(value):
-        raise ConfigError(f"config value {key} must be an integer, got {value!r}")
+        raise ConfigError(f"{where} {key} must be an integer, got {value!r}")
     return value
 
 
-def _float_value(cfg: dict[str, Any], key: str, default: float) -> float:
+def _float_value(cfg: dict[str, Any], key: str, default: float,
+                 where: str = "config value") -> float:
     value = cfg.get(key)
     if value is None:
         return default
-    _check_number(f"config value {key}", value)
+    _check_number(f"{where} {key}", value)
     return float(value)
 
 
 def _parse_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
     if not scaling:
         return None
+    where = "rope_scaling"
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
@@ -403,11 +406,12 @@ def _parse_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
         if scaling.get(key) is None:
             raise ConfigError(f"rope_scaling of type {kind} is missing {key!r}")
     if kind == "linear":
-        return RopeScaling(factor=_float_value(scaling, "factor", 1.0), rope_type="linear")
+        return RopeScaling(factor=_float_value(scaling, "factor", 1.0, where), rope_type="linear")
     return RopeScaling(
-        factor=_float_value(scaling, "factor", 1.0),
-        low_freq_factor=_float_value(scaling, "low_freq_factor", 1.0),
-        high_freq_factor=_float_value(scaling, "high_freq_factor", 4.0),
-        original_max_position_embeddings=_int_value(scaling, "original_max_position_embeddings"),
+        factor=_float_value(scaling, "factor", 1.0, where),
+        low_freq_factor=_float_value(scaling, "low_freq_factor", 1.0, where),
+        high_freq_factor=_float_value(scaling, "high_freq_factor", 4.0, where),
+        original_max_position_embeddings=_int_value(
+            scaling, "original_max_position_embeddings", where=where),
         rope_type="llama3",
     )

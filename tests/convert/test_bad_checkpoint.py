@@ -73,7 +73,7 @@ def _replace(name, make):
     (_config(eos_token_ids=[1000]), "eos_token_id 1000 is not a token id of the 61-token"),
     (_config(rope_scaling="x"), "rope_scaling must be an object or null, got 'x'"),
     (_config(rope_scaling={"factor": 2.0, "foo": 1}), "rope_scaling has unknown key(s) foo"),
-    (_config(rope_scaling={"factor": "x"}), "rope_scaling factor must be a finite number"),
+    (_config(rope_scaling={"factor": "x"}), "rope_scaling factor must be a number, got 'x' (str)"),
     (_config(foo=1), "config has unknown key(s) foo"),
     (_drop("hidden_size"), "config is missing key(s) hidden_size"),
     (_config(rocketkv_config_version=2), "is rocketkv-jax config version 2, which this "

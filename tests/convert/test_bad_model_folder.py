@@ -81,7 +81,7 @@ def test_config_claiming_1e9_layers_fails_fast_under_a_memory_limit(tmp_path):
                        "high_freq_factor": 1.0, "original_max_position_embeddings": 64}},
      "high_freq_factor (1.0) must be greater than low_freq_factor (1.0)"),
     ({"rope_scaling": {"rope_type": "linear", "factor": "x"}},
-     "factor must be a finite number, got 'x'"),
+     "rope_scaling factor must be a number, got 'x' (str)"),
 ])
 def test_config_values_are_checked(capsys, tmp_path, values, says):
     src = edit_config(make_hf_dir(tmp_path / "src"), **values)

@@ -83,12 +83,12 @@ def test_generate_check_weights_refuses_a_damaged_checkpoint(tmp_path, capsys):
 # ------------------------------------------------------------ config.json values
 @pytest.mark.parametrize("key, value, message", [
     ("hidden_size", None, "config value hidden_size must be an integer, got None"),
-    ("rms_norm_eps", "abc", "config value rms_norm_eps must be a finite number, got 'abc'"),
+    ("rms_norm_eps", "abc", "config value rms_norm_eps must be a number, got 'abc' (str)"),
     ("rms_norm_eps", float("nan"), "config value rms_norm_eps must be a finite number, got nan"),
     ("rope_theta", float("inf"), "config value rope_theta must be a finite number, got inf"),
     ("num_hidden_layers", "2", "config value num_hidden_layers must be an integer, got '2'"),
     ("max_position_embeddings", [128], "max_position_embeddings must be an integer"),
-    ("rope_theta", True, "config value rope_theta must be a finite number, got True"),
+    ("rope_theta", True, "config value rope_theta must be a number, got True (bool)"),
     ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
     ("eos_token_id", "2", "config value eos_token_id must be an integer, got '2'"),
     ("eos_token_id", [1, 64], "eos_token_id 64 is not a token id of the 64-token vocabulary"),
