@@ -171,21 +171,22 @@ def _prompt_arrays(model: BenchModel, T: int, B: int):
     return tokens, jnp.full((B,), T, jnp.int32)
 
 
-def compile_capture_prefill(model: BenchModel, T: int, B: int):
+def compile_capture_prefill(model: BenchModel, T: int, B: int, kernels: str = "auto"):
     """Compile (do not run) the capturing prefill, whose KeepRaw plan makes forward_prefill
     return every layer's raw (k, v, q) stacked over layers: (compiled, compile seconds)."""
     fn = jax.jit(lambda p, t, n: forward_prefill(p, model.config, t, n, KeepRaw(T),
-                                                 all_logits=False)[1])
+                                                 all_logits=False, kernels=kernels)[1])
     t0 = time.perf_counter()
     compiled = fn.lower(model.params, jax.ShapeDtypeStruct((B, T), jnp.int32),
                         jax.ShapeDtypeStruct((B,), jnp.int32)).compile()
     return compiled, time.perf_counter() - t0
 
 
-def capture_prefill(model: BenchModel, T: int, B: int, compiled=None, compile_s=0.0) -> Capture:
+def capture_prefill(model: BenchModel, T: int, B: int, compiled=None, compile_s=0.0,
+                    kernels: str = "auto") -> Capture:
     """Run the model's prefill forward once and keep every layer's (k, v, q)."""
     if compiled is None:
-        compiled, compile_s = compile_capture_prefill(model, T, B)
+        compiled, compile_s = compile_capture_prefill(model, T, B, kernels)
     tokens, lengths = _prompt_arrays(model, T, B)
     t0 = time.perf_counter()
     k, v, q = jax.block_until_ready(compiled(model.params, tokens, lengths))

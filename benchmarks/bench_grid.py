@@ -42,14 +42,15 @@ from rocketkv_jax.user_text import read_text_file
 
 
 # ------------------------------------------------------------------------------ grid
-def plan_methods(config, methods, budget, T, N, stage2: str = "auto") -> dict:
+def plan_methods(config, methods, budget, T, N, stage2: str = "auto",
+                 kernels: str = "auto") -> dict:
     """{method: plan or the MethodConfigError message}; `stage2` for the methods that
-    take it (hybrid, rocketkv, quest, sparq)."""
+    take it (hybrid, rocketkv, quest, sparq), `kernels` the sparse attention's backend."""
     out = {}
     for m in methods:
         base = METHOD_VARIANTS.get(m, (m, {}))[0]
         takes = base in METHOD_NAMES and "stage2" in method_hparams(base)
-        kw = {"stage2": stage2} if takes else {}
+        kw = {"stage2": stage2, "kernels": kernels} if takes else {"kernels": kernels}
         try:
             out[m] = make_method(m, budget, **kw).plan(config, T, N)
         except MethodConfigError as e:
@@ -84,7 +85,7 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
         compiled: dict = {}
         for M in args.budgets:
             bar.set_postfix_str(f"{bm.key} T={T} M={M}")
-            plans = plan_methods(cfg, args.methods, M, T, N, getattr(args, "stage2", "auto"))
+            plans = plan_methods(cfg, args.methods, M, T, N, args.stage2, args.kernels)
             ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
             caches, compress_s = {}, {}
             for m, p in ok.items():
@@ -138,7 +139,7 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
 def _prefill(bm, T, B, args):
     """Decode-cache source for context T (see --prefill) and its record."""
     bd.release_memory()
-    compiled, compile_s = bd.compile_capture_prefill(bm, T, B)
+    compiled, compile_s = bd.compile_capture_prefill(bm, T, B, args.kernels)
     mem = bd.memory_stats(compiled)
     peak = mem["peak"] if mem else 0
     avail = bd.available_memory()

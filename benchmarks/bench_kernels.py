@@ -58,7 +58,7 @@ def dense_decode_attention(q, k, v, lengths):
 
 
 def sparse_decode_step(q, k, v, page_max, page_min, lengths, *, page_size, top_r, k_top,
-                       backend):
+                       kernels):
     """RocketKV stage 2: channels -> approx page scores -> top pages -> exact attention.
 
     Page-granular top-k (top ceil(k_top / page) pages, then their tokens) selects the same
@@ -67,7 +67,7 @@ def sparse_decode_step(q, k, v, page_max, page_min, lengths, *, page_size, top_r
     b, kv, _, d = q.shape
     _, channels = jax.lax.top_k(jnp.abs(q.astype(jnp.float32)).mean(axis=2), top_r)  # [B,K,R]
     scores = approx_scores(q, page_max, page_min, channels.astype(jnp.int32), lengths,
-                           page_size=page_size, backend=backend)  # [B, K, G, P]
+                           page_size=page_size, kernels=kernels)  # [B, K, G, P]
     q_abs = jnp.abs(q.astype(jnp.float32))
     q_sel = jnp.take_along_axis(q_abs, channels[:, :, None, :], axis=-1)  # [B, K, G, R]
     scale = jnp.sqrt(d * q_sel.sum(-1) / q_abs.sum(-1))[..., None]  # [B, K, G, 1] SparQ
@@ -77,7 +77,7 @@ def sparse_decode_step(q, k, v, page_max, page_min, lengths, *, page_size, top_r
     slots = pages[..., None] * page_size + jnp.arange(page_size)  # [B, K, n, page]
     slots = slots.reshape(b, kv, -1)[..., :k_top]  # [B, K, M/2]
     slots = jnp.where(slots < lengths[:, None, None], slots, -1).astype(jnp.int32)
-    return sparse_decode_attention(q, k, v, slots, backend=backend)
+    return sparse_decode_attention(q, k, v, slots, kernels=kernels)
 
 
 def make_operands(b, kv, g, d, cache, page_size, dtype, seed=0):
@@ -150,7 +150,7 @@ def bytes_table(args, dtype) -> None:
                 pages = -(-plan.capacity // plan.page_size)
                 step = functools.partial(
                     sparse_decode_step, page_size=plan.page_size, top_r=plan.top_r,
-                    k_top=plan.k_top, backend="reference",
+                    k_top=plan.k_top, kernels="reference",
                 )
                 sparse_xla = xla_bytes_accessed(
                     step,
@@ -218,7 +218,7 @@ def timing_table(args, dtype, on_gpu: bool) -> None:
             for backend in backends:
                 step = jax.jit(functools.partial(
                     sparse_decode_step, page_size=plan.page_size, top_r=plan.top_r,
-                    k_top=plan.k_top, backend=backend,
+                    k_top=plan.k_top, kernels=backend,
                 ))
                 t = time_call(step, *ops, iters=iters)
                 rows.append([f"{context // 1024}k", f"sparse {backend}", str(budget),

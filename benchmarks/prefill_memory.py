@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                 m = make_method(method, None if method == "full" else 256)
                 plan = m.plan(cfg, T, 64)
                 t0 = time.perf_counter()
-                dense = temp_gib(cfg, plan, T, attention="dense") if T <= dense_max else None
+                dense = temp_gib(cfg, plan, T, kernels="dense") if T <= dense_max else None
                 ours = temp_gib(cfg, plan, T, chunk=args.chunk)
                 growth = f"{ours / prev:.2f}x" if prev else ""
                 prev = ours

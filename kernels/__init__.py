@@ -9,13 +9,20 @@ Prefill: `prefill_attention` is flash-style causal GQA attention of a block of q
 Mistral's sliding window; its reference `prefill_attention_reference` is also the CPU path.
 
 Each kernel file holds the Pallas kernel (`<op>_pallas`, `interpret=` for the Pallas
-interpreter), its pure-jnp reference (`<op>_reference`) and `<op>(..., backend=...)`, which
+interpreter), its pure-jnp reference (`<op>_reference`) and `<op>(..., kernels=...)`, which
 runs the one `backend.choose` picks for a backend name ("reference", "interpret",
 "triton", "auto"; `rocketkv_jax.names.KERNEL_BACKENDS`).
 """
 
 from .approx_scores import approx_scores, approx_scores_pallas, approx_scores_reference
-from .backend import BACKENDS, choose, resolve_backend
+from .backend import (
+    BACKENDS,
+    KernelsUnavailableError,
+    available_backends,
+    check_available,
+    choose,
+    resolve_backend,
+)
 from .prefill_attention import (
     prefill_attention,
     prefill_attention_pallas,
@@ -29,9 +36,12 @@ from .sparse_decode_attention import (
 
 __all__ = [
     "BACKENDS",
+    "KernelsUnavailableError",
     "approx_scores",
     "approx_scores_pallas",
     "approx_scores_reference",
+    "available_backends",
+    "check_available",
     "choose",
     "prefill_attention",
     "prefill_attention_pallas",

@@ -306,7 +306,7 @@ def approx_scores_pallas(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "page_size", "block_p", "num_warps", "num_stages", "backend", "channel_major"
+        "page_size", "block_p", "num_warps", "num_stages", "kernels", "channel_major"
     ),
 )
 def approx_scores(
@@ -320,14 +320,14 @@ def approx_scores(
     block_p: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
-    backend: str = "auto",
+    kernels: str = "auto",
     channel_major: bool = False,
 ) -> jax.Array:
-    """`approx_scores_pallas` or `approx_scores_reference`, whichever `backend` names
+    """`approx_scores_pallas` or `approx_scores_reference`, whichever `kernels` names
     (`backend.choose`); block_p and the launch parameters go to the kernel only."""
     kernel = functools.partial(
         approx_scores_pallas, block_p=block_p, num_warps=num_warps, num_stages=num_stages
     )
-    run = backend_lib.choose(backend, pallas=kernel, reference=approx_scores_reference)
+    run = backend_lib.choose(kernels, pallas=kernel, reference=approx_scores_reference)
     return run(q, page_max, page_min, channels, lengths, page_size=page_size,
                channel_major=channel_major)

@@ -1,10 +1,11 @@
 """The one place where a kernel backend is chosen.
 
 Each kernel file holds the Pallas kernel (`<op>_pallas(..., interpret=False)`) and its
-pure-jnp reference (`<op>_reference`); `<op>(..., backend=...)` runs the one that `choose`
-picks for a backend name (the names are `rocketkv_jax.names.KERNEL_BACKENDS`):
-  - "auto": the Triton-lowered Pallas kernel when JAX's default backend is a GPU, otherwise the
-    pure-jnp reference. This is what the method layer uses.
+pure-jnp reference (`<op>_reference`); `<op>(..., kernels=...)` runs the one that `choose`
+picks for a backend name (the names are `rocketkv_jax.names.KERNEL_BACKENDS`; the option is
+called `kernels` everywhere, from `--kernels` down to here):
+  - "auto" (the default everywhere): the Triton-lowered Pallas kernel when JAX's default
+    backend is a GPU, otherwise the pure-jnp reference.
   - "reference": the pure-jnp reference beside each kernel (XLA on any device).
   - "interpret": the Pallas kernel run by the Pallas interpreter (`interpret=True`). Slow; for
     CPU tests of the kernel body.
@@ -31,30 +32,58 @@ from jax.experimental.pallas import triton as plgpu
 from ..names import KERNEL_BACKENDS as BACKENDS
 
 
-def resolve_backend(backend: str) -> str:
+class KernelsUnavailableError(ValueError):
+    """A kernel backend this process cannot run (Triton without a CUDA GPU)."""
+
+
+def resolve_backend(kernels: str) -> str:
     """Maps a requested backend name to the one that runs ("auto" is resolved here).
 
-    Called at trace time (the backend is a static argument), so "auto" follows the default
-    device of the process that traces.
+    Called at plan and trace time (the backend is a static argument), so "auto" follows the
+    default device of the process.
     """
-    if backend not in BACKENDS:
+    if kernels not in BACKENDS:
         raise ValueError(
-            f"unknown kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}. "
+            f"unknown kernel backend {kernels!r}; expected one of {', '.join(BACKENDS)}. "
             "Use 'auto' to get the Triton kernel on GPU and the jnp reference elsewhere."
         )
-    if backend == "auto":
-        return "triton" if jax.default_backend() == "gpu" else "reference"
-    return backend
+    if kernels == "auto":
+        return "triton" if triton_runs_here() else "reference"
+    return kernels
 
 
-def choose(backend: str, *, pallas: Callable[..., Any], reference: Callable[..., Any]):
-    """The implementation `backend` names: `reference`, or the Pallas kernel `pallas` with
+def triton_runs_here() -> bool:
+    """Whether the Triton-lowered kernels can run in this process: JAX's default backend is
+    a GPU (the kernels import Pallas' Triton module, so this JAX has it)."""
+    return jax.default_backend() == "gpu"
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backend names this process can run, in `BACKENDS` order."""
+    return tuple(b for b in BACKENDS if b != "triton" or triton_runs_here())
+
+
+def check_available(kernels: str) -> str:
+    """`resolve_backend(kernels)`, refusing a backend this machine or JAX cannot run with a
+    message that names the ones it can (KernelsUnavailableError, a ValueError)."""
+    resolved = resolve_backend(kernels)
+    if resolved == "triton" and not triton_runs_here():
+        here = ", ".join(f"{b} (= {resolve_backend(b)} here)" if b == "auto" else b
+                         for b in available_backends())
+        raise KernelsUnavailableError(
+            f"the Triton kernels need a CUDA GPU, but JAX {jax.__version__} runs on "
+            f"{jax.default_backend()}; available here: {here}")
+    return resolved
+
+
+def choose(kernels: str, *, pallas: Callable[..., Any], reference: Callable[..., Any]):
+    """The implementation `kernels` names: `reference`, or the Pallas kernel `pallas` with
     `interpret=` set (True: the Pallas interpreter; False: lowered through Triton).
 
-    The only place a backend name picks code; each kernel's `<op>(..., backend=...)` calls
+    The only place a backend name picks code; each kernel's `<op>(..., kernels=...)` calls
     it at trace time with its own `<op>_pallas` and `<op>_reference`.
     """
-    resolved = resolve_backend(backend)
+    resolved = resolve_backend(kernels)
     if resolved == "reference":
         return reference
     return functools.partial(pallas, interpret=resolved == "interpret")

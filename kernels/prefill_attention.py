@@ -18,7 +18,7 @@ matmul). GQA folds the G query heads of a KV head into the rows of one matmul, s
 are never repeated.
 
 `prefill_attention_pallas(..., interpret=False)` is the Pallas kernel (Triton lowering,
-like the stage-2 kernels); `prefill_attention(..., backend=...)` runs whichever of the two
+like the stage-2 kernels); `prefill_attention(..., kernels=...)` runs whichever of the two
 a backend name picks (`backend.choose`). The kernel's design:
   - GQA folded into rows: the wrapper lays q out as [B, K, T * G, D] with row t * G + g
     (query t, head g), so one tile of `block_q` rows holds block_q / G consecutive query
@@ -401,15 +401,15 @@ def prefill_attention(
     q_start: jax.Array | int = 0,
     *,
     sliding_window: int | None = None,
-    backend: str = "auto",
+    kernels: str = "auto",
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> jax.Array:
-    """`prefill_attention_pallas` or `prefill_attention_reference`, whichever `backend`
+    """`prefill_attention_pallas` or `prefill_attention_reference`, whichever `kernels`
     names (`backend.choose`). Block sizes default per implementation: for the reference
     block_q counts query positions (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K), for the kernel
     rows of the folded (query, head) tile (PALLAS_BLOCK_Q, PALLAS_BLOCK_K)."""
     blocks = {name: b for name, b in (("block_q", block_q), ("block_k", block_k)) if b}
-    run = backend_lib.choose(backend, pallas=prefill_attention_pallas,
+    run = backend_lib.choose(kernels, pallas=prefill_attention_pallas,
                              reference=prefill_attention_reference)
     return run(q, k, v, lengths, q_start, sliding_window=sliding_window, **blocks)

@@ -336,7 +336,7 @@ def sparse_decode_attention_pallas(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "block_k", "num_splits", "num_warps", "num_stages", "backend"),
+    static_argnames=("sm_scale", "block_k", "num_splits", "num_warps", "num_stages", "kernels"),
 )
 def sparse_decode_attention(
     q: jax.Array,
@@ -349,14 +349,14 @@ def sparse_decode_attention(
     num_splits: int = 16,
     num_warps: int = 8,
     num_stages: int = 2,
-    backend: str = "auto",
+    kernels: str = "auto",
 ) -> jax.Array:
     """`sparse_decode_attention_pallas` or `sparse_decode_attention_reference`, whichever
-    `backend` names (`backend.choose`); the tiling and launch parameters go to the kernel
+    `kernels` names (`backend.choose`); the tiling and launch parameters go to the kernel
     only."""
     kernel = functools.partial(
         sparse_decode_attention_pallas, block_k=block_k, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages,
     )
-    run = backend_lib.choose(backend, pallas=kernel, reference=sparse_decode_attention_reference)
+    run = backend_lib.choose(kernels, pallas=kernel, reference=sparse_decode_attention_reference)
     return run(q, k, v, indices, sm_scale=sm_scale)

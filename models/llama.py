@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from ..kernels.prefill_attention import prefill_attention
 from ..methods.skip_layers import compress_layers, layer_groups
-from ..names import PREFILL_ATTENTION
+from ..names import PREFILL_KERNELS
 from .config import ModelConfig
 from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
 from .rope import apply_rope, inverse_frequencies
@@ -191,7 +191,7 @@ def prefill_chunk(
     start: jax.Array | int,
     lengths: jax.Array,
     *,
-    attention: str = "auto",
+    kernels: str = "auto",
 ) -> tuple[PrefillState, jax.Array]:
     """Run one chunk of prompt tokens through every layer.
 
@@ -201,9 +201,9 @@ def prefill_chunk(
     key written so far (positions < lengths), blockwise: memory is O(C * S), never
     [S, S]. Returns (state, x [B, C, E] the chunk's final hidden states).
     """
-    if attention not in PREFILL_ATTENTION:
-        raise ValueError(f"unknown prefill attention {attention!r}; expected one of "
-                         f"{', '.join(PREFILL_ATTENTION)}")
+    if kernels not in PREFILL_KERNELS:
+        raise ValueError(f"unknown prefill kernels {kernels!r}; expected one of "
+                         f"{', '.join(PREFILL_KERNELS)}")
     B, C = tokens.shape
     S = state.k.shape[3]
     H, D = config.num_heads, config.head_dim
@@ -214,13 +214,13 @@ def prefill_chunk(
     positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
 
     def attend(q, k_all, v_all):
-        if attention == "dense":  # the [B, H, C, S] baseline
+        if kernels == "dense":  # the [B, H, C, S] baseline
             key_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
             key_pos = jnp.where(key_pos < lengths[:, None], key_pos, -1)  # [B, S]
             mask = attention_mask(positions, key_pos, config.sliding_window)[:, None]
             return dense_attention(q, k_all, v_all, mask)
         return prefill_attention(q, k_all, v_all, lengths, start,
-                                 sliding_window=config.sliding_window, backend=attention)
+                                 sliding_window=config.sliding_window, kernels=kernels)
 
     def layer(i, p, lc):
         x, k_buf, v_buf, q_obs = lc
@@ -267,7 +267,7 @@ def forward_prefill(
     *,
     all_logits: bool = True,
     chunk: int | None = None,
-    attention: str = "auto",
+    kernels: str = "auto",
 ) -> tuple[jax.Array, Any]:
     """Run the prompt through the model and build the (compressed) KV cache.
 
@@ -276,9 +276,9 @@ def forward_prefill(
       chunk at a time (`prefill_chunk`), each chunk attending to the keys built so far, so
       activations are O(chunk) and attention never holds a [T, T] matrix; None runs one
       chunk of T.
-    attention: the prefill attention backend (`kernels.backend`: "auto", "reference",
-      "interpret", "triton"), or "dense" for the materialised [B, H, T, T] softmax (kept as
-      the baseline of benchmarks and tests).
+    kernels: the prefill attention's kernel backend (`kernels.backend`: "auto",
+      "reference", "interpret", "triton"), or "dense" for the materialised [B, H, T, T]
+      softmax (kept as the baseline of benchmarks and tests).
     Returns (logits, cache): logits [B, T, V] float32 when `all_logits`, else the
     logits of each row's last real token [B, V]; cache: the plan's cache pytree with a
     leading layer axis, from `plan.compress` on every layer's prompt keys and values and
@@ -298,7 +298,7 @@ def forward_prefill(
         start = c * C
         chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, C, axis=1)  # [B, C]
         state, x = prefill_chunk(params, config, state, chunk_tokens, start, lengths,
-                                 attention=attention)
+                                 kernels=kernels)
         if all_logits:
             x_all = jax.lax.dynamic_update_slice_in_dim(x_all, x, start, axis=1)
         return state, x_all

@@ -209,7 +209,8 @@ def cmd_chat(args) -> int:
         if (i := tok.token_id(t)) is not None:
             stop.add(i)
     conv = Conversation(model.params, config, method, capacity=capacity,
-                        prefill_chunk=args.prefill_chunk, stop_ids=sorted(stop))
+                        prefill_chunk=args.prefill_chunk, stop_ids=sorted(stop),
+                        kernels=args.kernels)
     encoder = TurnEncoder(tok, args.system)
     sampling = Sampling(args.temperature, 0, args.top_p)
     state = {"turn": 0, "stopped": True}

@@ -16,7 +16,9 @@ from . import checks  # JAX-free, like names: --help does not import JAX
 from .checks import flag
 from .defaults import DEFAULT_PREFILL_CHUNK
 from .names import (
+    DEFAULT_KERNELS,
     KERNEL_BACKENDS,
+    KERNELS_HELP,
     METHOD_NAMES,
     WEIGHT_LAYOUTS,
 )
@@ -84,6 +86,23 @@ def _use_formatter(parser: argparse.ArgumentParser) -> None:
                 _use_formatter(p)
 
 
+def add_kernels_arg(p: argparse.ArgumentParser) -> None:
+    """`--kernels`, the one backend option of generate, chat, eval and bench."""
+    p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_BACKENDS,
+                   help=KERNELS_HELP)
+
+
+def kernels_from_args(args) -> str:
+    """--kernels, refused (UserError naming what this machine has) where it cannot run."""
+    from .kernels.backend import KernelsUnavailableError, check_available
+
+    try:
+        check_available(args.kernels)
+    except KernelsUnavailableError as e:
+        raise UserError(f"--kernels {args.kernels}: {e}") from None
+    return args.kernels
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method", default="rocketkv", metavar="NAME",
@@ -99,11 +118,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         help="keep the first N layers dense and unevicted (quest, snapkv, snapkv++, hybrid, "
         "rocketkv; Quest's code and some official RocketKV configs use 2) (default: 0)",
     )
-    p.add_argument(
-        "--kernels", default="reference", choices=KERNEL_BACKENDS,
-        help="stage-2 kernels: jnp reference, Pallas in interpret mode (CPU, slow), Pallas "
-        "Triton (CUDA GPU), or auto (Triton on GPU, else reference) (default: reference)",
-    )
+    add_kernels_arg(p)
     p.add_argument(
         "--stage2", default="auto", choices=("auto", "on", "off"),
         help="sparse selection of hybrid, rocketkv, quest and sparq: auto runs it only where "
@@ -189,8 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = add_eval_parser(sub)
     if not any(a.dest == "kernels" for a in e._actions):
-        e.add_argument("--kernels", default="reference", choices=KERNEL_BACKENDS,
-                       help="stage-2 kernels (see `rocketkv generate --help`)")
+        add_kernels_arg(e)
     e.add_argument("--skip-layers", type=flag(checks.skip_layers), default=0, metavar="N",
                    help="keep the first N layers dense in the methods that take it (quest, "
                    "snapkv, snapkv++, hybrid, rocketkv); the others run as usual (default: 0)")
@@ -268,19 +282,8 @@ def make_method_from_args(args):
     if args.method not in METHOD_NAMES:
         raise UserError(f"--method {args.method!r} is not a KV method; choose one of: "
                         f"{', '.join(METHOD_NAMES)}")
-    if args.kernels in ("interpret", "triton") and "kernels" not in method_hparams(args.method):
-        raise UserError(f"--kernels {args.kernels}: method {args.method!r} runs no Pallas "
-                        f"kernels; drop --kernels")
-    if args.kernels == "triton":
-        import jax
-
-        if jax.default_backend() != "gpu":
-            raise UserError(
-                f"--kernels triton needs a CUDA GPU, but JAX runs on {jax.default_backend()}; "
-                f"choose --kernels reference (jnp, any device), interpret (Pallas on CPU, "
-                f"slow) or auto (Triton on a GPU, else reference)")
     budget = None if args.method == "full" else args.token_budget
-    kw = {} if args.kernels == "reference" else {"kernels": args.kernels}
+    kw = {"kernels": kernels_from_args(args)}  # every method takes it (full: unused)
     stage2 = getattr(args, "stage2", "auto")
     if stage2 != "auto":
         if "stage2" not in method_hparams(args.method):
@@ -377,7 +380,7 @@ def cmd_generate(args) -> int:
             if (i := tok.token_id(t)) is not None:
                 stop.add(i)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                  stop_ids=sorted(stop), mesh=mesh, prefill_chunk=chunk)
+                  stop_ids=sorted(stop), mesh=mesh, prefill_chunk=chunk, kernels=args.kernels)
     if not batch_mode:
         streamer = None if args.no_stream else _Streamer(tok, stop)
         with _PrefillBar() as bar:
@@ -421,6 +424,7 @@ def _check_vocab(ids: list[list[int]], vocab_size: int, path) -> None:
 
 
 def cmd_eval(args) -> int:
+    kernels_from_args(args)  # before any model is loaded
     from .eval.cli import run_eval_command, validate_eval_args
     from .eval.engine import check_methods_fit, engine_functions, engine_identity
     from .eval.runner import EVAL_METHOD_NAMES

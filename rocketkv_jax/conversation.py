@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, defaults, programs
+from . import checks, defaults, names, programs
 from . import conversation_ops as ops
 from .conversation_ops import decode_cache, grown_plan
 from .generate import (
@@ -61,9 +61,11 @@ from .generate import (
     check_sampling,
     check_stop_ids,
     check_token_ids,
+    kernels_summary,
     length_bucket,
     stop_tuple,
 )
+from .kernels.backend import resolve_backend
 from .methods.base import DensePlan, round_capacity
 from .methods.full import Full
 from .methods.multiturn import MultiTurnPlan, is_multi_turn
@@ -108,6 +110,7 @@ class TurnStats:
     cached: tuple[int, ...] = ()
     cache_bytes: int = 0
     plan: str = ""
+    kernels: str = ""  # which kernel backends ran (`generate.kernels_summary`)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -122,7 +125,8 @@ class TurnStats:
                 f"history {cached} tokens | KV cache {self.cache_bytes / 2**20:.1f} MiB | "
                 f"reply {self.generated} tokens (first after {self.start_s:.2f} s, then "
                 f"{self.decode_tokens_per_s:.1f} tok/s) | "
-                f"compile {self.compile_s:.1f} s" + (f" | {self.plan}" if self.plan else ""))
+                f"compile {self.compile_s:.1f} s" + (f" | {self.plan}" if self.plan else "")
+                + (f" | kernels: {self.kernels}" if self.kernels else ""))
 
 
 @dataclasses.dataclass
@@ -139,11 +143,14 @@ class Conversation:
       ConversationError naming the numbers. At most the model's context.
     prefill_chunk: turn tokens per prefill chunk (None: one chunk per turn).
     stop_ids: a reply stops after one of these (default: the config's EOS ids).
+    kernels: the prefill attention's backend ("auto": the Pallas kernel on a GPU); the
+      decode's sparse attention runs the method's own `kernels`.
     """
 
     def __init__(self, params, config: ModelConfig, method, *, capacity: int, batch: int = 1,
                  prefill_chunk: int | None = defaults.DEFAULT_PREFILL_CHUNK,
-                 stop_ids: Sequence[int] | None = None, pad_id: int = 0):
+                 stop_ids: Sequence[int] | None = None, pad_id: int = 0,
+                 kernels: str = names.DEFAULT_KERNELS):
         check_config(config)
         check_method(method)
         capacity = checks.capacity(capacity, error=ConversationError)
@@ -160,6 +167,7 @@ class Conversation:
             raise ConversationError(
                 f"{method.name}: skip_layers is not supported in conversations yet; pass "
                 f"skip_layers=0")
+        self.kernels = resolve_backend(kernels)
         self.params, self.config, self.method = params, config, method
         self.capacity, self.batch, self.pad_id = capacity, batch, pad_id
         self.stop_ids = stop_tuple(config, stop_ids)
@@ -272,6 +280,7 @@ class Conversation:
                                            programs.hashable(jax.tree.unflatten(*state_s).cache))
         stats.compile_s += t_start + t_decode + t_finish
         stats.plan = _plan_summary(plan)
+        stats.kernels = kernels_summary(self.kernels, dplan)
 
         t0 = time.perf_counter()
         state = start(self.params, self._history, self._q_obs, self._logits, lengths,
@@ -371,7 +380,7 @@ class Conversation:
         for b, t in enumerate(self._tokens):
             tokens[b, :e[b] - a[b]] = t[a[b]:e[b]]
         chunk, t_chunk = ops.chunk_program(self.config, self.batch, C, self.size, self.window,
-                                        self._params_s)
+                                           self._params_s, self.kernels)
         logits, t_logits = ops.logits_program(self.config, self.batch, self._params_s)
         stats.compile_s += t_chunk + t_logits
         lengths = jnp.asarray(e, jnp.int32)

@@ -56,7 +56,7 @@ def with_lengths(history: KVCache, lengths: jax.Array) -> KVCache:
 
 
 def prefill_turn(params, config: ModelConfig, history: KVCache, q_obs, x_last, tokens,
-                 start, lengths, *, attention: str = "auto"):
+                 start, lengths, *, kernels: str = "auto"):
     """One chunk of a turn through every layer, against each row's cached history.
 
     history: the full history (stacked KVCache [Ly, B, K, S, D]); q_obs [Ly, B, H, W, D];
@@ -70,13 +70,13 @@ def prefill_turn(params, config: ModelConfig, history: KVCache, q_obs, x_last, t
     def row(k, v, q, x, tok, s, n):  # k, v [Ly, K, S, D], q [Ly, H, W, D], x [E]
         state = PrefillState(k[:, None], v[:, None], q[:, None], x[None])
         state, _ = prefill_chunk(params, config, state, tok[None], s, n[None],
-                                 attention=attention)
+                                 kernels=kernels)
         return state.k[:, 0], state.v[:, 0], state.q_obs[:, 0], state.x_last[0]
 
     if B == 1:  # no vmap: the buffer is written with dynamic_update_slice, in place
         state = PrefillState(history.k, history.v, q_obs, x_last)
         state, _ = prefill_chunk(params, config, state, tokens, start[0], lengths,
-                                 attention=attention)
+                                 kernels=kernels)
         k, v, q_obs, x_last = state.k, state.v, state.q_obs, state.x_last
     else:
         k, v, q_obs, x_last = jax.vmap(row, in_axes=(1, 1, 1, 0, 0, 0, 0),
@@ -184,11 +184,14 @@ def _history_structs(config, B, S, W, params_s):
 
 
 @functools.lru_cache(maxsize=32)
-def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s):
-    """(params, history, q_obs, x_last, tokens [B, C], start [B], lengths [B]) -> the three."""
+def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s,
+                  kernels: str = "auto"):
+    """(params, history, q_obs, x_last, tokens [B, C], start [B], lengths [B]) -> the three;
+    the prefill attention run by the `kernels` backend."""
 
     def chunk(params, history, q_obs, x_last, tokens, start, lengths):
-        return prefill_turn(params, config, history, q_obs, x_last, tokens, start, lengths)
+        return prefill_turn(params, config, history, q_obs, x_last, tokens, start, lengths,
+                            kernels=kernels)
 
     hist, q, x = _history_structs(config, B, S, W, params_s)
     args = (_params(params_s), hist, q, x, _i32(B, C), _i32(B), _i32(B))

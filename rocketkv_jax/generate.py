@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, defaults, programs
+from . import checks, defaults, names, programs
 from . import sharding as shd
-from .methods.base import DensePlan
+from .kernels.backend import resolve_backend
+from .methods.base import NO_KERNELS, DensePlan
 from .methods.cost import fallback_note
 from .models.config import ModelConfig
 from .models.llama import forward_decode, forward_prefill, prefill_chunk_size
@@ -30,6 +31,7 @@ __all__ = ["GREEDY", "GenerateError", "GenerateOutput", "GenerateStats", "check_
            "generate_ids", "make_decode_step", "make_prefill", "prng_key"]
 GREEDY = Sampling()
 DEFAULT_PREFILL_CHUNK = defaults.DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill chunk
+DEFAULT_KERNELS = names.DEFAULT_KERNELS  # "auto": Pallas kernels on a GPU
 
 
 class GenerateError(ValueError):
@@ -69,6 +71,7 @@ class GenerateStats:
     sequence: int = 0  # prompt bucket + max_new_tokens: what the budget is compared with
     dense_fallback: bool = False  # the budget covers the sequence: exact dense attention
     attention_note: str = ""  # why a budgeted plan attends densely (methods.cost.fallback_note)
+    kernels: str = ""  # which kernel backends ran (`kernels_summary`)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -98,12 +101,25 @@ class GenerateStats:
         decode = (f"{self.decode_tokens_per_s:.1f} tok/s" if self.decoded_tokens > 0
                   else "n/a (one token per prompt, from prefill)")
         method = f"method: {self.method_summary()} | " if self.method else ""
+        kernels = f"kernels: {self.kernels} | " if self.kernels else ""
         return (
-            f"[stats] {method}prompt tokens: {self.prompt_tokens} | generated tokens: "
+            f"[stats] {method}{kernels}prompt tokens: {self.prompt_tokens} | generated tokens: "
             f"{self.generated_tokens} | prefill: {self.prefill_s:.3f} s "
             f"({self.prefill_tokens_per_s:.0f} tok/s) | decode: {decode} | "
             f"compile: {self.compile_s:.1f} s | KV cache: {_fmt_bytes(self.kv_cache_bytes)}"
         )
+
+
+def kernels_summary(prefill: str, plan) -> str:
+    """Which kernel backends ran, for the stats line: "triton" (prefill attention and the
+    decode's sparse attention), "prefill triton, decode reference", or, for a plan whose
+    decode attention is dense jnp under XLA, "triton (prefill; decode attention dense)".
+    prefill: the resolved backend of the prefill attention."""
+    decode = plan.describe().get("kernels", NO_KERNELS) if hasattr(plan, "describe") else (
+        NO_KERNELS)
+    if decode == NO_KERNELS:
+        return f"{prefill} (prefill; decode attention dense)"
+    return prefill if decode == prefill else f"prefill {prefill}, decode {decode}"
 
 
 def method_stats(method, plan, T: int, N: int) -> dict:
@@ -243,6 +259,7 @@ def generate_ids(
     mesh=None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     on_prefill_chunk: Callable[[int, int], None] | None = None,
+    kernels: str = DEFAULT_KERNELS,
 ) -> GenerateOutput:
     """Generate for a batch of token-id prompts of any lengths (one compiled program).
 
@@ -256,8 +273,12 @@ def generate_ids(
     prompt longer than one chunk is padded to a whole number of chunks, so every prompt
     of n chunks shares one program. on_prefill_chunk(done, total) is called on the host
     as each chunk finishes.
+    kernels: the prefill attention's backend (`names.KERNEL_BACKENDS`; "auto": the Pallas
+    kernel on a GPU, the jnp reference elsewhere). The decode's sparse attention runs the
+    method's own `kernels`; the stats line names both as they ran.
     """
     check_request(config, prompts, max_new_tokens)
+    kernels = resolve_backend(kernels)
     check_prefill_chunk(prefill_chunk)
     check_method(method)
     check_sampling(sampling)
@@ -276,11 +297,11 @@ def generate_ids(
     C = prefill_chunk_size(T, prefill_chunk)
     n_chunks = -(-T // C)
     progs = programs.for_request(config, plan, B, T, C, loop, programs.params_struct(params),
-                                 mesh)
+                                 mesh, kernels)
     stats = GenerateStats(
         prompt_tokens=int(lengths[:n].sum()), generated_tokens=0, compile_s=progs.compile_s,
         prefill_s=0.0, decode_s=0.0, kv_cache_bytes=progs.cache_bytes,
-        batch=n, prompt_bucket=T, prefill_chunk=C,
+        batch=n, prompt_bucket=T, prefill_chunk=C, kernels=kernels_summary(kernels, plan),
         **method_stats(method, plan, T, max_new_tokens))
     padded = np.zeros((B, n_chunks * C), np.int32)
     padded[:, :T] = tokens
@@ -368,12 +389,14 @@ def run_decode(decode, params, state: DecodeState, lens, n: int, on_step,
 
 
 # ------------------------------------------------------- step-wise API (bench, eval)
-def make_prefill(config: ModelConfig, plan, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
-    """jitted (params, tokens [B, T], lengths [B]) -> (last logits [B, V], cache)."""
+def make_prefill(config: ModelConfig, plan, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 kernels: str = DEFAULT_KERNELS):
+    """jitted (params, tokens [B, T], lengths [B]) -> (last logits [B, V], cache), the
+    prefill attention run by the `kernels` backend."""
     check_config(config)
     prefill_chunk = check_prefill_chunk(prefill_chunk)
     return jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, plan, all_logits=False,
-                                                   chunk=prefill_chunk))
+                                                   chunk=prefill_chunk, kernels=kernels))
 
 
 def make_decode_step(config: ModelConfig, plan):

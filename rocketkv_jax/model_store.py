@@ -25,8 +25,9 @@ from typing import Any
 
 from . import interrupts
 from .models.config import ModelConfig
-from .paths import (
+from .paths import (  # cache_root: the user cache, re-exported for the CLI
     PathError,
+    cache_root,
     describe_os_error,
     ensure_writable_dir,
     not_a_file,
@@ -84,10 +85,6 @@ class Model:
     config: ModelConfig
     tokenizer: Tokenizer
     path: Path
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ROCKETKV_JAX_CACHE", Path.home() / ".cache" / "rocketkv_jax"))
 
 
 def named_model(name: str) -> NamedModel:

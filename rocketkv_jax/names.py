@@ -38,15 +38,23 @@ METHOD_VARIANT_NAMES: tuple[str, ...] = tuple(METHOD_VARIANTS)
 # their base method, so the single-turn sweeps (eval, bench) leave them out.
 MULTI_TURN_METHOD_NAMES: tuple[str, ...] = ("rocketkv-mt", "snapkv-mt")
 
-# Kernel backends (`--kernels`; the choice itself is made in `kernels/backend.py`):
+# Kernel backends: the one option `kernels` (`--kernels`, `make_method(kernels=)`,
+# `generate_ids(kernels=)`, ...; the choice itself is made in `kernels/backend.py`):
 # "reference" the pure-jnp reference beside each kernel (XLA, any device), "interpret" the
 # Pallas kernel in the Pallas interpreter (CPU tests, slow), "triton" the Pallas kernel
-# lowered through Triton (CUDA GPU), "auto" Triton on a GPU and the reference elsewhere.
+# lowered through Triton (CUDA GPU), "auto" (the default everywhere) Triton on a GPU and
+# the reference elsewhere.
 KERNEL_BACKENDS: tuple[str, ...] = ("reference", "interpret", "triton", "auto")
+DEFAULT_KERNELS = "auto"
+KERNELS_HELP = (  # `--kernels` of generate, chat, eval and bench
+    "kernel backend of the prefill attention and of the methods' sparse decode attention: "
+    "auto (the Pallas kernels on a CUDA GPU, the jnp references elsewhere), reference (jnp, "
+    "any device), triton (Pallas lowered through Triton, CUDA GPU), interpret (Pallas in "
+    "the interpreter: CPU tests, slow). The stats line says which ran")
 
-# Prefill attention of the model (`models/llama.py`): a kernel backend, or "dense", the
-# materialised [B, H, T, S] softmax kept as the baseline.
-PREFILL_ATTENTION: tuple[str, ...] = (*KERNEL_BACKENDS, "dense")
+# The model's prefill attention takes the same `kernels` names plus "dense", the
+# materialised [B, H, T, S] softmax kept as the baseline of benchmarks and tests.
+PREFILL_KERNELS: tuple[str, ...] = (*KERNEL_BACKENDS, "dense")
 
 # Weight layouts (`generate --weight-layout`, `models.params.unstack_layers`): one array per
 # weight over all layers (the checkpoint's), or one array per layer with the loop unrolled.

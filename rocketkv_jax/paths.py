@@ -25,6 +25,12 @@ REASONS = {
 }
 
 
+def cache_root() -> Path:
+    """The user cache: converted named models, the cost-model calibration
+    ($ROCKETKV_JAX_CACHE, default ~/.cache/rocketkv_jax)."""
+    return Path(os.environ.get("ROCKETKV_JAX_CACHE", Path.home() / ".cache" / "rocketkv_jax"))
+
+
 class PathError(ValueError):
     """A path the program cannot write (or read): printed as one `error:` line."""
 

@@ -188,11 +188,14 @@ def _prefill_state_struct(config, B, S, W, params_s, mesh):
 
 
 @functools.lru_cache(maxsize=32)
-def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s, mesh=None):
-    """(params, state, tokens [B, C], start [], lengths [B]) -> state: one prefill chunk."""
+def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s, mesh=None,
+                  kernels: str = "auto"):
+    """(params, state, tokens [B, C], start [], lengths [B]) -> state: one prefill chunk,
+    its attention run by the `kernels` backend."""
 
     def chunk(params, state, tokens, start, lengths):
-        return prefill_chunk(params, config, state, tokens, start, lengths)[0]
+        return prefill_chunk(params, config, state, tokens, start, lengths,
+                             kernels=kernels)[0]
 
     args = (_params_abstract(params_s), _prefill_state_struct(config, B, S, W, params_s, mesh),
             jax.ShapeDtypeStruct((B, C), jnp.int32, sharding=_batch(mesh, 2)),
@@ -274,12 +277,13 @@ def nbytes(tree) -> int:
 
 
 def for_request(config: ModelConfig, plan, B: int, T: int, C: int, loop: LoopSettings,
-                params_s, mesh=None) -> Programs:
+                params_s, mesh=None, kernels: str = "auto") -> Programs:
     """Programs for B rows of a T-token prompt bucket prefilled in chunks of C tokens
-    (T padded up to whole chunks), decoded with `plan` and `loop`."""
+    (T padded up to whole chunks) with the `kernels` backend's attention, decoded with
+    `plan` and `loop`."""
     S, W = -(-T // C) * C, getattr(plan, "query_window", 0)
     init, t_init = init_program(config, B, S, W, params_s, mesh)
-    chunk, t_chunk = chunk_program(config, B, C, S, W, params_s, mesh)
+    chunk, t_chunk = chunk_program(config, B, C, S, W, params_s, mesh, kernels)
     start, t_start = start_program(config, plan, B, S, T, W, loop, params_s, mesh)
     state_s = decode_state_struct(config, plan, B, S, T, W, loop, params_s, mesh)
     decode, t_decode = decode_program(config, plan, loop, hashable(state_s), params_s, mesh)

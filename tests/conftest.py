@@ -19,6 +19,10 @@ import pytest
 # persistent compilation cache in the user's cache directory for the rest of the session;
 # keep it off. Tests of the cache itself set the variable for their own subprocesses.
 os.environ["ROCKETKV_JAX_COMPILE_CACHE"] = "off"
+# The cost model's decisions are pinned to its built-in constants: a calibration file the
+# user wrote into their cache (`rocketkv bench --calibrate`) must not change them. Tests of
+# the calibration set the variable themselves.
+os.environ["ROCKETKV_JAX_COST_FILE"] = "off"
 
 def drop_compiled_programs() -> None:
     """Release every compiled XLA program this process holds (ours and jax.jit's).

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import checks  # JAX-free, like names: --help stays fast
 from ..checks import flag
+from ..names import DEFAULT_KERNELS, KERNEL_BACKENDS, KERNELS_HELP
 from ..names import METHOD_NAMES as ALL_METHODS
 
 DEFAULTS = dict(
@@ -141,6 +142,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage2", default="auto", choices=("auto", "on", "off"),
                    help="sparse selection of hybrid, rocketkv, quest and sparq: auto = where "
                    "the cost model says it pays (see `rocketkv generate --help`)")
+    g.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_BACKENDS,
+                   help=KERNELS_HELP)
     pe = p.add_argument_group("peers (SmolLM2 only)")
     pe.add_argument("--peers", dest="peers", action="store_true", default=None,
                     help="run the peer comparison (default: on, off with --quick)")
@@ -217,7 +220,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--warmup + --iters ({args.warmup + args.iters}) must be <= --new-tokens "
             f"({args.new_tokens}): the plans size the cache for N new tokens"
         )
+    check_kernels(args.kernels)
     return args
+
+
+def check_kernels(kernels: str) -> None:
+    """BenchError for a --kernels backend this machine cannot run, naming the ones it can."""
+    from ..kernels.backend import KernelsUnavailableError, check_available
+
+    try:
+        check_available(kernels)
+    except KernelsUnavailableError as e:
+        raise BenchError(f"--kernels {kernels}: {e}") from None
 
 
 def model_contexts(config, contexts: list[int], N: int) -> list[tuple[int, str]]:

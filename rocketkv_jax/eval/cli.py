@@ -56,6 +56,7 @@ from rocketkv_jax.eval.runner import (
 from rocketkv_jax.eval.store import ResultsFileError, ResultsStore
 from rocketkv_jax.eval.suites import SUITE_NAMES, make_suite
 from rocketkv_jax.eval.tasks import TASK_NAMES, TaskError
+from rocketkv_jax.names import DEFAULT_KERNELS
 
 DEFAULTS = {
     "methods": ("full", "streaming", "snapkv", "snapkv++", "quest", "sparq", "hybrid",
@@ -113,7 +114,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     suite: str = "quick"
     ruler_template: str = RULER_DEFAULT_TEMPLATE
-    kernels: str = "reference"
+    kernels: str = DEFAULT_KERNELS
     skip_layers: int = 0
     multi_turn: int | None = None  # questions per conversation; None: single-turn eval
     force: bool = False
@@ -428,7 +429,7 @@ def validate_eval_args(
         max_new_tokens=max_new,
         suite=suite,
         ruler_template=getattr(args, "ruler_template", None) or RULER_DEFAULT_TEMPLATE,
-        kernels=getattr(args, "kernels", None) or "reference",
+        kernels=getattr(args, "kernels", None) or DEFAULT_KERNELS,
         skip_layers=skip_layers,
         multi_turn=turns,
         force=bool(getattr(args, "force", False)),

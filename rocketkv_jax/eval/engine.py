@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..generate import DEFAULT_PREFILL_CHUNK, generate_ids
+from ..generate import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK, generate_ids
 from ..methods import make_method, method_hparams
 from ..model_store import Model, model_identity
 from ..names import METHOD_VARIANTS
@@ -19,13 +19,13 @@ from .shared_prefill import SharedPrefill, forced_decode_logprobs
 RUN_SETTINGS = ("token_budget", "kernels", "skip_layers")
 
 
-def eval_method(name: str, budget: int | None, *, kernels: str = "reference",
+def eval_method(name: str, budget: int | None, *, kernels: str = DEFAULT_KERNELS,
                 skip_layers: int = 0):
     """The method eval runs for `name` at `budget`: `kernels` goes to every method (those
     without kernels drop it), `skip_layers` to those that take it; full has no budget."""
     if name == "full":
         return make_method("full")
-    kw = {} if kernels == "reference" else {"kernels": kernels}
+    kw = {"kernels": kernels}
     base = METHOD_VARIANTS[name][0] if name in METHOD_VARIANTS else name
     if skip_layers and "skip_layers" in method_hparams(base):
         kw["skip_layers"] = skip_layers
@@ -34,7 +34,7 @@ def eval_method(name: str, budget: int | None, *, kernels: str = "reference",
 
 def check_methods_fit(config, methods: Iterable[str], budgets: Iterable[int],
                       contexts: Iterable[int], max_new_tokens: int, *,
-                      kernels: str = "reference", skip_layers: int = 0) -> None:
+                      kernels: str = DEFAULT_KERNELS, skip_layers: int = 0) -> None:
     """Plan every (method, budget, context) of a grid on the model's config, so that a
     setting the model cannot take (e.g. skip_layers >= its layers) is refused before a
     run creates anything; raises the method's MethodConfigError (a ValueError)."""
@@ -53,7 +53,7 @@ def method_settings(method) -> dict[str, Any]:
             **{k: v for k, v in fields.items() if k not in RUN_SETTINGS}}
 
 
-def engine_identity(model: Model, methods: Iterable[str], *, kernels: str = "reference",
+def engine_identity(model: Model, methods: Iterable[str], *, kernels: str = DEFAULT_KERNELS,
                     skip_layers: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
                     ) -> dict[str, Any]:
     """Everything of the engine that decides eval's outputs: the model (`model_identity`),
@@ -79,9 +79,11 @@ def engine_identity(model: Model, methods: Iterable[str], *, kernels: str = "ref
 
 
 def engine_functions(
-    model: Model, *, kernels: str = "reference", batch_size: int = 8, skip_layers: int = 0
+    model: Model, *, kernels: str = DEFAULT_KERNELS, batch_size: int = 8, skip_layers: int = 0
 ) -> tuple[Callable, Callable, Callable]:
     """(generate_fn, forced_logprobs_fn, greedy_tokens_fn) over `model`, greedy decoding.
+    kernels: the backend of the prefill attention and of every method's sparse attention
+    ("auto": the Pallas kernels on a GPU, the jnp references elsewhere).
     skip_layers: leading layers kept dense by the methods that have the setting.
 
     Prompts are raw text (no chat template); generation stops at the model's EOS ids.
@@ -102,7 +104,8 @@ def engine_functions(
         key = (tuple(map(tuple, ids)), max_new)
         if key not in last:
             last.clear()  # free the previous batch's k, v, q first
-            last[key] = SharedPrefill(model.params, config, ids, max_new_tokens=max_new)
+            last[key] = SharedPrefill(model.params, config, ids, max_new_tokens=max_new,
+                                      kernels=kernels)
         return last[key]
 
     def generate_fn(prompts: list[str], method: str, budget: int, max_new: int) -> list[str]:
@@ -117,11 +120,11 @@ def engine_functions(
 
     def greedy_tokens_fn(prompt: str, method: str, budget: int, n: int) -> list[int]:
         out = generate_ids(model.params, config, [tok.encode(prompt)], method_for(method, budget),
-                           max_new_tokens=n, stop_ids=sorted(stop))
+                           max_new_tokens=n, stop_ids=sorted(stop), kernels=kernels)
         return out.tokens[0]
 
     def forced_logprobs_fn(prompt: str, forced: list[int], method: str, budget: int) -> np.ndarray:
         return forced_decode_logprobs(model.params, config, tok.encode(prompt), forced,
-                                      method_for(method, budget))
+                                      method_for(method, budget), kernels=kernels)
 
     return generate_fn, forced_logprobs_fn, greedy_tokens_fn

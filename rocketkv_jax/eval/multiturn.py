@@ -39,7 +39,7 @@ from rocketkv_jax.eval.tasks import (
     load_sentences,
     sample_rng,
 )
-from rocketkv_jax.names import METHOD_NAMES, MULTI_TURN_METHOD_NAMES
+from rocketkv_jax.names import DEFAULT_KERNELS, METHOD_NAMES, MULTI_TURN_METHOD_NAMES
 
 TASK = "multiturn_kv"
 METHODS = (*METHOD_NAMES, *MULTI_TURN_METHOD_NAMES)  # what --methods may name
@@ -172,12 +172,13 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
                   budgets: Sequence[int], contexts: Sequence[int], samples: int, seed: int,
                   num_turns: int, out_dir: Path, max_new_tokens: int = ANSWER_TOKENS,
                   prefill_chunk: int | None = PREFILL_CHUNK, progress: bool = True,
-                  kernels: str = "reference", skip_layers: int = 0,
+                  kernels: str = DEFAULT_KERNELS, skip_layers: int = 0,
                   engine_identity: Mapping[str, Any] | None = None,
                   info: Mapping[str, Any] | None = None, force: bool = False) -> Path:
     """The grid, appended to <out_dir>/multiturn.jsonl (finished conversations skipped).
     `full` runs once per context (it has no budget); the methods are built as eval builds
-    them (`engine.eval_method`: `kernels`, `skip_layers`). The file's header records
+    them (`engine.eval_method`: `kernels`, `skip_layers`), and `kernels` also runs the
+    conversations' prefill attention. The file's header records
     `multiturn_identity(engine_identity, ...)`; another identity there is refused
     (`force` starts over). Every pending sample is built before any file is created.
     Returns the results path. Raises ResultsFileError, TaskError."""
@@ -219,7 +220,7 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
                         method = eval_method(name, budget, kernels=kernels,
                                              skip_layers=skip_layers)
                         conv = Conversation(params, config, method, capacity=context,
-                                            prefill_chunk=prefill_chunk)
+                                            prefill_chunk=prefill_chunk, kernels=kernels)
                     turns = run_conversation(conv, tokenizer, s, max_new_tokens=max_new_tokens)
                     append([{"method": name, "token_budget": budget, "context": context,
                              "sample": s.index, "seed": seed, "turns": turns}])

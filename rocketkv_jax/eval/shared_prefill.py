@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import programs
 from ..generate import (
+    DEFAULT_KERNELS,
     DEFAULT_PREFILL_CHUNK,
     GREEDY,
     GenerateOutput,
@@ -20,6 +21,7 @@ from ..generate import (
     check_prefill_chunk,
     check_request,
     check_token_ids,
+    kernels_summary,
     length_bucket,
     make_decode_step,
     make_prefill,
@@ -29,6 +31,7 @@ from ..generate import (
     run_decode,
     stop_tuple,
 )
+from ..kernels.backend import resolve_backend
 from ..methods.capture import KeepRaw
 from ..methods.skip_layers import compress_layers
 from ..models.config import ModelConfig
@@ -58,20 +61,24 @@ class SharedPrefill:
 
     Holds each layer's prompt k, v [Ly, B, K, T, D] and each row's last
     STORED_QUERY_WINDOW queries [Ly, B, H, W, D] in memory. Used by the evaluation, which
-    runs many (method, budget) pairs on the same prompts.
+    runs many (method, budget) pairs on the same prompts. kernels: the prefill attention's
+    backend ("auto": the Pallas kernel on a GPU).
     """
 
     def __init__(self, params, config: ModelConfig, prompts, *, max_new_tokens: int,
-                 pad_id: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 pad_id: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 kernels: str = DEFAULT_KERNELS):
         check_request(config, prompts, max_new_tokens)
         check_prefill_chunk(prefill_chunk)
+        self.kernels = resolve_backend(kernels)
         self.params, self.config, self.n = params, config, len(prompts)
         self.max_new_tokens, self.pad_id = max_new_tokens, pad_id
         self.tokens, self.lengths = pack_prompts(config, prompts, max_new_tokens, pad_id,
                                                  prefill_chunk=prefill_chunk)
         B, T = self.tokens.shape
-        prefill = jax.jit(lambda p, t, n: forward_prefill(p, config, t, n, KeepRaw(T),
-                                                          all_logits=False, chunk=prefill_chunk))
+        prefill = jax.jit(lambda p, t, n: forward_prefill(
+            p, config, t, n, KeepRaw(T), all_logits=False, chunk=prefill_chunk,
+            kernels=self.kernels))
         t0 = time.perf_counter()
         self.logits, self.raw = prefill(params, jnp.asarray(self.tokens),
                                         jnp.asarray(self.lengths))
@@ -96,13 +103,15 @@ class SharedPrefill:
             prompt_tokens=int(self.lengths[: self.n].sum()), generated_tokens=0,
             compile_s=t_start + t_decode, prefill_s=self.prefill_s, decode_s=0.0,
             kv_cache_bytes=programs.nbytes(state_s.cache), batch=self.n,
-            prompt_bucket=T, **method_stats(method, plan, T, N))
+            prompt_bucket=T, kernels=kernels_summary(self.kernels, plan),
+            **method_stats(method, plan, T, N))
         t0 = time.perf_counter()
         return run_decode(decode, self.params, start(*args), lens, self.n, None, stats, t0)
 
 
 def forced_decode_logprobs(
-    params, config: ModelConfig, prompt: Sequence[int], forced: Sequence[int], method
+    params, config: ModelConfig, prompt: Sequence[int], forced: Sequence[int], method,
+    kernels: str = DEFAULT_KERNELS,
 ) -> np.ndarray:
     """Next-token log-probabilities at each step of decoding `forced` after `prompt`.
 
@@ -115,7 +124,7 @@ def forced_decode_logprobs(
     plan = method.plan(config, T, len(forced))
     tokens = np.zeros((1, T), np.int32)
     tokens[0, : len(prompt)] = prompt
-    prefill, step = _stepwise(config, plan)
+    prefill, step = _stepwise(config, plan, resolve_backend(kernels))
     logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray([len(prompt)], jnp.int32))
     rows = [jax.nn.log_softmax(logits[0])]
     for i, tok in enumerate(forced[:-1]):
@@ -126,5 +135,5 @@ def forced_decode_logprobs(
 
 
 @functools.lru_cache(maxsize=16)
-def _stepwise(config, plan):
-    return make_prefill(config, plan), make_decode_step(config, plan)
+def _stepwise(config, plan, kernels):
+    return make_prefill(config, plan, kernels=kernels), make_decode_step(config, plan)

@@ -21,6 +21,9 @@ CAPACITY_MULTIPLE = 16  # cache capacities are multiples of 16 (and of the page 
 # Trailing queries kept per row by the plans that store a raw prefill to compress later
 # with several methods (SharedPrefill, the benchmarks): any stage-1 window up to this.
 STORED_QUERY_WINDOW = 128
+# describe()["kernels"] of a plan whose decode attention is dense (jnp under XLA): no kernel
+# backend runs in its decode step. Sparse plans name the resolved backend instead.
+NO_KERNELS = "none"
 
 
 class MethodConfigError(ValueError):
@@ -123,4 +126,4 @@ class DensePlan(KeepsEveryToken):
         return context
 
     def describe(self) -> dict:
-        return {**dataclasses.asdict(self), "dense": True}
+        return {**dataclasses.asdict(self), "dense": True, "kernels": NO_KERNELS}

@@ -9,41 +9,59 @@ reading the cache. When it does not, the plan attends densely over its own cache
 The model: bytes moved per decode step per KV head, with S the cached slots averaged over
 the decode steps (every cost below is linear in S, so the mean S gives the mean cost), D
 the head dim, G the query heads per KV head, e = KV_ELEMENT_BYTES, p the page size, R the
-kept channels, k the tokens attended exactly:
+kept channels, k the tokens attended exactly, and the constants c of the kernel backend
+that runs (`CostConstants`):
 
     dense   = S * 2D * e                                       K and V of every slot
-    stage 2 = ceil(S / p) * R * e * METADATA_FACTOR            one bound per page, R channels
-            + S * (G * SCORE_BYTES + RANK_BYTES)               approximate scores, top-k
-            + k * (2D * e * GATHER_FACTOR + INDEX_BYTES)       the chosen tokens
+    stage 2 = ceil(S / p) * R * e * c.metadata_factor          one bound per page, R channels
+              (p = 1: S * R * e * c.key_channel_factor)        R channels of each key row
+            + S * (G * c.score_bytes + c.rank_bytes)           approximate scores, top-k
+            + k * (2D * e * c.gather_factor + INDEX_BYTES)     the chosen tokens
     quest   = ceil(S / p) * 2D * e                             page max and min, streamed
-            + ceil(S / p) * (G * SCORE_BYTES + RANK_BYTES)     page bounds, top-k of pages
+            + ceil(S / p) * (G * c.score_bytes + c.rank_bytes) page bounds, top-k of pages
             + n * p * (2D * e + INDEX_BYTES)                   the chosen pages: runs of p
                                                                slots, read near-sequentially
-    sparq   = S * R * e * METADATA_FACTOR + S * D * e          R key channels, mean(V)
-            + S * (G * SCORE_BYTES + RANK_BYTES) + k * (2D * e * GATHER_FACTOR + INDEX_BYTES)
+    sparq   = S * R * e * c.key_channel_factor + S * D * e     R key channels, mean(V)
+            + S * (G * c.score_bytes + c.rank_bytes) + k * (2D * e * c.gather_factor + 4)
 
-Calibration (the constants below): a micro-benchmark of `TwoStagePlan.attend` against
-`DensePlan.attend` (jnp reference kernels, jitted, median of 30 calls; B = 1, K = 3,
-D = 64, G in {1, 3, 8}, S in {2048, 8192}, page 16 or 1, R = 4, k_top 16 or 1024, bf16
-and f32) on this project's CPU box (2 shared x86-64 cores, XLA:CPU, jax 0.10.2, load ~5),
-each sparse time converted into bytes at the dense path's own measured rate (bf16: 1.5-3
-GB/s, f32: 2.3-6.6 GB/s) with a token counted as 2D * 2 bytes:
+The constants depend on the backend (`constants_for`): the jnp references and the Pallas
+kernels move the same data at very different costs. Where `rocketkv bench --calibrate` has
+measured this device (a file in the user cache, or $ROCKETKV_JAX_COST_FILE; see
+`cost_file.py`), its constants are used; otherwise the built-ins below.
+
+Built-in constants of the jnp references (`REFERENCE_CONSTANTS`), calibrated by a
+micro-benchmark of `TwoStagePlan.attend` against `DensePlan.attend` (jnp reference kernels,
+jitted, median of 30 calls; B = 1, K = 3, D = 64, G in {1, 3, 8}, S in {2048, 8192}, page 16
+or 1, R = 4, k_top 16 or 1024, bf16 and f32) on this project's CPU box (2 shared x86-64
+cores, XLA:CPU, jax 0.10.2, load ~5), each sparse time converted into bytes at the dense
+path's own measured rate (bf16: 1.5-3 GB/s, f32: 2.3-6.6 GB/s) with a token counted as
+2D * 2 bytes:
   - scoring and ranking cost 23-43 B (bf16) / 32-40 B (f32) per slot at G = 1..8, S = 8k
     (the f32 scores pass through repeat, temperature, mask, softmax and the group mean
-    before `lax.top_k`): G * SCORE_BYTES + RANK_BYTES = 28 / 36 / 56;
-  - a gathered token costs 2.6-3.5x a streamed one (bf16; 2.1-3.7x in f32): GATHER_FACTOR;
+    before `lax.top_k`): G * score_bytes + rank_bytes = 28 / 36 / 56;
+  - a gathered token costs 2.6-3.5x a streamed one (bf16; 2.1-3.7x in f32): gather_factor;
   - a bound element read through `take_along_axis` costs 3.6-6.2x its bytes (bf16; 2.5-6x
-    in f32): both bounds are gathered, then widened to f32: METADATA_FACTOR.
+    in f32): both bounds are gathered, then widened to f32: metadata_factor, and the same
+    for key channels.
 Not modelled: a fixed ~0.15 ms per sparse attend call (B = 1, K = 3), which makes the model
 optimistic for the sparse path below ~2k cached slots. Checked against the SmolLM2 decode
 grid of docs/benchmarks.md (f32): the fallback is taken where hybrid, sparq and rocketkv
-were measured slower than full KV (tests/methods/test_dense_fallback.py pins it). The GPU
-kernels (`kernels/`) read close to the ideal bytes (factors near 1), so on a GPU the model
-errs towards dense.
+were measured slower than full KV (tests/methods/test_dense_fallback.py pins it).
+
+Built-in constants of the Pallas kernels (`PALLAS_CONSTANTS`, Triton on a GPU; the
+interpreter plans as Triton does), from their byte counts until a calibration replaces
+them: `approx_scores` reads R contiguous runs of channel-major page bounds (factor 1),
+`sparse_decode_attention` reads each chosen K/V row whole (256 B rows at D = 128 bf16: a
+gather close to a stream, factor 1); the f32 scores are written once and read once by the
+group mean (8 B per slot per query head), and the group-mean score is written and read by
+`lax.top_k` with the visible mask (12 B per slot). Key channels at page 1 come from
+row-major key rows, where a 32-byte sector holds 16 bf16 channels: R = 16-32 of 128 channels
+touch 60-90% of a row's sectors, about 4x the R * e bytes requested.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from .base import MethodConfigError
@@ -54,11 +72,70 @@ STAGE2_MODES = ("auto", "on", "off")
 # here. In f32 the dense side doubles and the f32 score overheads do not, so assuming bf16
 # errs towards dense.
 KV_ELEMENT_BYTES = 2
-SCORE_BYTES = 4  # per slot per query head: the f32 approximate-score pipeline
-RANK_BYTES = 24  # per slot: lax.top_k over the group-mean score, and the shared passes
-GATHER_FACTOR = 3.0  # a gathered K/V row costs this many streamed ones
-METADATA_FACTOR = 5.0  # a gathered metadata / key-channel element costs this many bytes
 INDEX_BYTES = 4  # int32 slot index, written by top-k and read by the gather
+
+
+@dataclasses.dataclass(frozen=True)
+class CostConstants:
+    """What a kernel backend's sparse path costs, in bytes at the dense path's rate.
+
+    score_bytes: per slot per query head, the f32 approximate-score pipeline.
+    rank_bytes: per slot, `lax.top_k` over the group-mean score and the shared passes.
+    gather_factor: a gathered K/V row costs this many streamed ones.
+    metadata_factor: a page-bound element (channel-major, R of D channels) costs this many
+      of its bytes.
+    key_channel_factor: the same for R channels read from row-major key rows (stage 2 at
+      page 1, SparQ).
+    """
+
+    score_bytes: float
+    rank_bytes: float
+    gather_factor: float
+    metadata_factor: float
+    key_channel_factor: float
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"cost constant {f.name} must be a positive finite number, "
+                                 f"got {value!r}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+REFERENCE_CONSTANTS = CostConstants(score_bytes=4, rank_bytes=24, gather_factor=3.0,
+                                    metadata_factor=5.0, key_channel_factor=5.0)
+PALLAS_CONSTANTS = CostConstants(score_bytes=8, rank_bytes=12, gather_factor=1.0,
+                                 metadata_factor=1.0, key_channel_factor=4.0)
+# The backend whose measured constants a plan for each (resolved) backend name uses: the
+# interpreter runs the Pallas kernels, so it plans as Triton does.
+COST_BACKEND = {"reference": "reference", "triton": "triton", "interpret": "triton"}
+BUILTIN_CONSTANTS = {"reference": REFERENCE_CONSTANTS, "triton": PALLAS_CONSTANTS}
+
+
+def constants_for(kernels: str) -> CostConstants:
+    """The constants of a resolved backend name ("reference", "interpret", "triton"): from
+    this device's calibration file where there is one (`cost_file.py`; a damaged file or one
+    from another device raises CostFileError), else the built-ins."""
+    from . import cost_file
+
+    backend = COST_BACKEND[kernels]
+    measured = cost_file.calibrated_constants()
+    if measured is None:
+        return BUILTIN_CONSTANTS[backend]
+    path, by_backend = measured
+    if backend not in by_backend:
+        if kernels == "interpret":  # never timed: a CPU file has no Triton constants
+            return BUILTIN_CONSTANTS[backend]
+        raise cost_file.CostFileError(
+            f"{path} holds cost constants for {', '.join(sorted(by_backend))} but not for "
+            f"the {backend} kernels that run here; run `rocketkv bench --calibrate` again")
+    return by_backend[backend]
+
+
 # "auto" runs the sparse path only where it is estimated at least this much cheaper than
 # dense: the model's error. In the batched decode grid (docs/benchmarks/decode-batched.md,
 # 2026-12-03, idle) the one sparse cell more than 5% slower than full KV was SparQ on the
@@ -85,35 +162,39 @@ def dense_bytes(slots: float, head_dim: int) -> float:
     return slots * 2 * head_dim * KV_ELEMENT_BYTES
 
 
-def _selection(slots: float, group: int) -> float:
-    return slots * (group * SCORE_BYTES + RANK_BYTES)
+def _selection(slots: float, group: int, c: CostConstants) -> float:
+    return slots * (group * c.score_bytes + c.rank_bytes)
 
 
-def _gather(tokens: float, head_dim: int, factor: float = GATHER_FACTOR) -> float:
+def _gather(tokens: float, head_dim: int, factor: float) -> float:
     return tokens * (2 * head_dim * KV_ELEMENT_BYTES * factor + INDEX_BYTES)
 
 
 def stage2_bytes(slots: float, head_dim: int, group: int, page_size: int, top_r: int,
-                 k_top: int) -> float:
+                 k_top: int, c: CostConstants = REFERENCE_CONSTANTS) -> float:
     """Hybrid / RocketKV stage 2 (page_size 1 scores the keys themselves)."""
     pages = math.ceil(slots / page_size)
-    metadata = pages * top_r * KV_ELEMENT_BYTES * METADATA_FACTOR
-    return metadata + _selection(slots, group) + _gather(min(k_top, slots), head_dim)
+    factor = c.key_channel_factor if page_size == 1 else c.metadata_factor
+    metadata = pages * top_r * KV_ELEMENT_BYTES * factor
+    return metadata + _selection(slots, group, c) + _gather(min(k_top, slots), head_dim,
+                                                            c.gather_factor)
 
 
 def quest_bytes(slots: float, head_dim: int, group: int, page_size: int,
-                num_pages: int) -> float:
+                num_pages: int, c: CostConstants = REFERENCE_CONSTANTS) -> float:
     pages = math.ceil(slots / page_size)
     metadata = pages * 2 * head_dim * KV_ELEMENT_BYTES  # einsum over whole rows: streamed
     chosen = min(num_pages * page_size, slots)
-    return metadata + _selection(pages, group) + _gather(chosen, head_dim, factor=1.0)
+    return metadata + _selection(pages, group, c) + _gather(chosen, head_dim, factor=1.0)
 
 
-def sparq_bytes(slots: float, head_dim: int, group: int, top_r: int, k_top: int) -> float:
+def sparq_bytes(slots: float, head_dim: int, group: int, top_r: int, k_top: int,
+                c: CostConstants = REFERENCE_CONSTANTS) -> float:
     """SparQ as implemented here: mean(V) is recomputed over every slot each step."""
-    channels = slots * top_r * KV_ELEMENT_BYTES * METADATA_FACTOR
+    channels = slots * top_r * KV_ELEMENT_BYTES * c.key_channel_factor
     mean_v = slots * head_dim * KV_ELEMENT_BYTES
-    return channels + mean_v + _selection(slots, group) + _gather(min(k_top, slots), head_dim)
+    return (channels + mean_v + _selection(slots, group, c)
+            + _gather(min(k_top, slots), head_dim, c.gather_factor))
 
 
 def dense_reason(stage2: str, sparse: float, dense: float) -> str:
@@ -138,10 +219,15 @@ def fallback_note(plan) -> str:
 
 
 def stage2_fallback(stage2: str, *, kept_prompt: int, new_tokens: int, head_dim: int,
-                    group: int, page_size: int, top_r: int, k_top: int) -> str:
-    """A `TwoStagePlan`'s `fallback`: "" (stage 2 sparse), "k_top", "off" or "cost"."""
+                    group: int, page_size: int, top_r: int, k_top: int,
+                    kernels: str = "reference") -> str:
+    """A `TwoStagePlan`'s `fallback`: "" (stage 2 sparse), "k_top", "off" or "cost".
+    kernels: the resolved backend the plan runs (its constants, `constants_for`)."""
     if k_top >= kept_prompt + new_tokens:
         return "k_top"
+    if stage2 != "auto":  # forced: the constants are not consulted
+        return dense_reason(stage2, 0.0, 0.0)
     slots = mean_slots(kept_prompt, new_tokens)
-    sparse = stage2_bytes(slots, head_dim, group, page_size, top_r, k_top)
+    sparse = stage2_bytes(slots, head_dim, group, page_size, top_r, k_top,
+                          constants_for(kernels))
     return dense_reason(stage2, sparse, dense_bytes(slots, head_dim))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from ..kernels.backend import resolve_backend
 from .base import DensePlan, check_token_budget, check_top_r, round_capacity
 from .budget import stage2_reduction
 from .cost import check_stage2, stage2_fallback
@@ -28,7 +29,7 @@ class Hybrid:
     token_budget: int
     page_size: int | None = None
     top_r: int | None = None
-    kernels: str = "reference"
+    kernels: str = "auto"
     stage2: str = "auto"
     skip_layers: int = 0  # leading layers kept dense and unevicted
     name: ClassVar[str] = "hybrid"
@@ -50,10 +51,11 @@ class Hybrid:
             self.name, c2, D, self.page_size, self.top_r, stage2_reduction(c2, D)
         )
         k_top = max(1, M // 2)
+        kernels = resolve_backend(self.kernels)
         fallback = stage2_fallback(
             self.stage2, kept_prompt=prompt_len, new_tokens=max_new_tokens, head_dim=D,
             group=config.num_heads // config.num_kv_heads, page_size=page, top_r=r,
-            k_top=k_top,
+            k_top=k_top, kernels=kernels,
         )
         return TwoStagePlan(
             name=self.name,
@@ -68,6 +70,6 @@ class Hybrid:
             top_r=r,
             k_top=k_top,
             stage2_dense=bool(fallback),
-            kernels=self.kernels,
+            kernels=kernels,
             fallback=fallback,
         )

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache
+from ..kernels.backend import resolve_backend
 from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
 from .base import (
     DensePlan,
@@ -25,7 +26,14 @@ from .base import (
     check_token_budget,
     round_capacity,
 )
-from .cost import check_stage2, dense_bytes, dense_reason, mean_slots, quest_bytes
+from .cost import (
+    check_stage2,
+    constants_for,
+    dense_bytes,
+    dense_reason,
+    mean_slots,
+    quest_bytes,
+)
 from .skip_layers import check_skip_layers, with_skip_layers
 from .sparse_ops import SelectsSlots, check_kernels, group_queries
 
@@ -77,7 +85,7 @@ class QuestPlan(SelectsSlots, KeepsEveryToken):
     token_budget: int
     page_size: int
     num_pages: int
-    kernels: str = "reference"
+    kernels: str = "auto"
 
     @property
     def metadata_page_size(self) -> int:
@@ -111,7 +119,7 @@ class Quest:
 
     token_budget: int
     page_size: int = 16
-    kernels: str = "reference"
+    kernels: str = "auto"
     stage2: str = "auto"
     skip_layers: int = 0
     name: ClassVar[str] = "quest"
@@ -134,11 +142,14 @@ class Quest:
         num_pages = M // self.page_size
         if M >= L or num_pages >= capacity // self.page_size:
             return DensePlan(self.name, round_capacity(L), prompt_len, M)
-        slots, D = mean_slots(prompt_len, max_new_tokens), config.head_dim
-        sparse = quest_bytes(slots, D, config.num_heads // config.num_kv_heads,
-                             self.page_size, num_pages)
-        reason = dense_reason(self.stage2, sparse, dense_bytes(slots, D))
+        kernels = resolve_backend(self.kernels)
+        reason = dense_reason(self.stage2, 0.0, 0.0)  # "on" / "off" need no estimate
+        if self.stage2 == "auto":
+            slots, D = mean_slots(prompt_len, max_new_tokens), config.head_dim
+            sparse = quest_bytes(slots, D, config.num_heads // config.num_kv_heads,
+                                 self.page_size, num_pages, constants_for(kernels))
+            reason = dense_reason(self.stage2, sparse, dense_bytes(slots, D))
         if reason:
             return DensePlan(self.name, round_capacity(L), prompt_len, M, reason)
         return QuestPlan(self.name, capacity, prompt_len, M, self.page_size, num_pages,
-                         self.kernels)
+                         kernels)

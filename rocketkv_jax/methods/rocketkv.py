@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from ..kernels.backend import resolve_backend
 from .base import (
     DensePlan,
     MethodConfigError,
@@ -46,7 +47,7 @@ class RocketKV:
     kernel_size: int = 63
     page_size: int | None = None
     top_r: int | None = None
-    kernels: str = "reference"
+    kernels: str = "auto"
     stage1_share: float | None = None
     stage2: str = "auto"
     skip_layers: int = 0  # leading layers kept dense and unevicted (official configs: 2)
@@ -90,10 +91,11 @@ class RocketKV:
         )
         kept = min(T, budget) + N  # most tokens the cache ever holds
         k_top = max(1, split.k_top)
+        kernels = resolve_backend(self.kernels)
         fallback = stage2_fallback(
             self.stage2, kept_prompt=min(T, budget), new_tokens=N, head_dim=D,
             group=config.num_heads // config.num_kv_heads, page_size=page, top_r=r,
-            k_top=k_top,
+            k_top=k_top, kernels=kernels,
         )
         return TwoStagePlan(
             name=self.name,
@@ -108,7 +110,7 @@ class RocketKV:
             top_r=r,
             k_top=k_top,
             stage2_dense=bool(fallback),
-            kernels=self.kernels,
+            kernels=kernels,
             sliding_window=config.sliding_window,
             fallback=fallback,
         )

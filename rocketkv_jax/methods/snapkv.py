@@ -17,6 +17,7 @@ import jax
 
 from ..cache import KVCache, visible_slots
 from .base import (
+    NO_KERNELS,
     AppendsTokens,
     DensePlan,
     MethodConfigError,
@@ -71,7 +72,7 @@ class PromptEvictionPlan(AppendsTokens):
         return cached_tokens(context, self.prompt_len, self.prompt_budget)
 
     def describe(self) -> dict:
-        return {**dataclasses.asdict(self), "dense": False}
+        return {**dataclasses.asdict(self), "dense": False, "kernels": NO_KERNELS}
 
 
 def plan_prompt_eviction(

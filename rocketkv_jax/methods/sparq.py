@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache, visible_slots
+from ..kernels.backend import resolve_backend
 from .base import (
     DensePlan,
     KeepsEveryToken,
@@ -30,7 +31,14 @@ from .base import (
     check_top_r,
     round_capacity,
 )
-from .cost import check_stage2, dense_bytes, dense_reason, mean_slots, sparq_bytes
+from .cost import (
+    check_stage2,
+    constants_for,
+    dense_bytes,
+    dense_reason,
+    mean_slots,
+    sparq_bytes,
+)
 from .sparse_ops import SelectsSlots, attend_selected, check_kernels, group_queries
 from .stage2 import hybrid_select
 
@@ -42,7 +50,7 @@ def sparq_attend(
     *,
     top_r: int,
     k_top: int,
-    kernels: str = "reference",
+    kernels: str = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """SparQ decode attention. q [B, H, D]; visible [B, K, C] bool.
 
@@ -78,7 +86,7 @@ class SparQPlan(SelectsSlots, KeepsEveryToken):
     head_dim: int
     top_r: int
     k_top: int
-    kernels: str = "reference"
+    kernels: str = "auto"
 
     def select(self, q, cache: KVCache, visible) -> jax.Array:
         """q [B, H, D]; visible [B, K, C] -> the k_top slots [B, K, k_top] (stage 2's
@@ -113,7 +121,7 @@ class SparQ:
 
     token_budget: int
     top_r: int | None = None
-    kernels: str = "reference"
+    kernels: str = "auto"
     stage2: str = "auto"
     name: ClassVar[str] = "sparq"
 
@@ -132,11 +140,13 @@ class SparQ:
             return DensePlan(self.name, round_capacity(L), prompt_len, M)
         r = self.top_r if self.top_r is not None else min(max(int(D * M / (2 * L)), 1), D)
         k_top = max(1, M // 2)
-        slots = mean_slots(prompt_len, max_new_tokens)
-        sparse = sparq_bytes(slots, D, config.num_heads // config.num_kv_heads, r, k_top)
-        reason = dense_reason(self.stage2, sparse, dense_bytes(slots, D))
+        kernels = resolve_backend(self.kernels)
+        reason = dense_reason(self.stage2, 0.0, 0.0)  # "on" / "off" need no estimate
+        if self.stage2 == "auto":
+            slots = mean_slots(prompt_len, max_new_tokens)
+            sparse = sparq_bytes(slots, D, config.num_heads // config.num_kv_heads, r, k_top,
+                                 constants_for(kernels))
+            reason = dense_reason(self.stage2, sparse, dense_bytes(slots, D))
         if reason:
             return DensePlan(self.name, round_capacity(L), prompt_len, M, reason)
-        return SparQPlan(
-            self.name, round_capacity(L), prompt_len, M, D, r, k_top, self.kernels
-        )
+        return SparQPlan(self.name, round_capacity(L), prompt_len, M, D, r, k_top, kernels)

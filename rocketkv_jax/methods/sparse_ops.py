@@ -44,7 +44,7 @@ def approx_scores(
     lengths: jax.Array,
     *,
     page_size: int,
-    kernels: str = "reference",
+    kernels: str = "auto",
     channel_major: bool = False,
 ) -> jax.Array:
     """Stage-2 approximate page scores.
@@ -56,13 +56,13 @@ def approx_scores(
     """
     check_kernels("approx_scores", kernels)
     return kernel_lib.approx_scores(
-        q, page_max, page_min, channels, lengths, page_size=page_size, backend=kernels,
+        q, page_max, page_min, channels, lengths, page_size=page_size, kernels=kernels,
         channel_major=channel_major,
     )
 
 
 def sparse_decode_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, *, kernels: str = "reference"
+    q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, *, kernels: str = "auto"
 ) -> jax.Array:
     """Exact attention of each group's queries on its selected slots.
 
@@ -70,7 +70,7 @@ def sparse_decode_attention(
     Returns [B, K, G, D] in q's dtype; a head with no selected slot gets zeros.
     """
     check_kernels("sparse_decode_attention", kernels)
-    return kernel_lib.sparse_decode_attention(q, k, v, indices, backend=kernels)
+    return kernel_lib.sparse_decode_attention(q, k, v, indices, kernels=kernels)
 
 
 def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -80,7 +80,7 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
 
 
 def attend_selected(
-    q: jax.Array, cache: KVCache, indices: jax.Array, *, kernels: str = "reference"
+    q: jax.Array, cache: KVCache, indices: jax.Array, *, kernels: str = "auto"
 ) -> jax.Array:
     """The gather-and-attend of every sparse method: exact attention of each query head on
     the slots its KV head selected. q [B, H, D]; indices [B, K, M] int32, -1 = none ->

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 from ..cache import KVCache, append_token, visible_slots
 from ..models.layers import NEG_INF
 from ..partitioned import top_k  # lax.top_k that stays local to each KV head's device
-from .base import AppendsTokens, cached_tokens, check_page_size, check_positive_int, check_top_r
+from .base import (
+    NO_KERNELS,
+    AppendsTokens,
+    cached_tokens,
+    check_page_size,
+    check_positive_int,
+    check_top_r,
+)
 from .dense import dense_decode_attention
 from .sparse_ops import SelectsSlots, approx_scores, check_kernels, group_queries
 from .stage1 import compress_prompt
@@ -131,7 +138,7 @@ def hybrid_select(
     page_size: int,
     top_r: int,
     k_top: int,
-    kernels: str = "reference",
+    kernels: str = "auto",
     channel_major: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Stage-2 selection. q [B, H, D]; visible [B, K, C]; `channel_major`: the layout of the
@@ -173,7 +180,7 @@ class TwoStagePlan(SelectsSlots, AppendsTokens):
     top_r: int
     k_top: int
     stage2_dense: bool
-    kernels: str = "reference"
+    kernels: str = "auto"
     sliding_window: int | None = None  # the model's (Mistral): stage 1 scores within it
     fallback: str = ""
 
@@ -229,4 +236,5 @@ class TwoStagePlan(SelectsSlots, AppendsTokens):
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "dense": False,
-                "stage2_path": "dense" if self.stage2_dense else "sparse"}
+                "stage2_path": "dense" if self.stage2_dense else "sparse",
+                "kernels": NO_KERNELS if self.stage2_dense else self.kernels}

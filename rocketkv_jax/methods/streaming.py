@@ -16,7 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache, cache_from_prompt, visible_slots
-from .base import AppendsTokens, DensePlan, MethodConfigError, check_token_budget, round_capacity
+from .base import (
+    NO_KERNELS,
+    AppendsTokens,
+    DensePlan,
+    MethodConfigError,
+    check_token_budget,
+    round_capacity,
+)
 from .dense import dense_decode_attention, keep_all
 
 
@@ -73,7 +80,7 @@ class StreamingPlan(AppendsTokens):
         return min(context, self.token_budget)
 
     def describe(self) -> dict:
-        return {**dataclasses.asdict(self), "dense": False}
+        return {**dataclasses.asdict(self), "dense": False, "kernels": NO_KERNELS}
 
 
 @dataclasses.dataclass(frozen=True)

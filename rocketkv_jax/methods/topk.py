@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache, visible_slots
+from ..kernels.backend import resolve_backend
 from ..models.layers import NEG_INF
 from .base import (
     DensePlan,
@@ -62,7 +63,7 @@ def topk_select_per_head(
 
 
 def per_head_attention(
-    q: jax.Array, cache: KVCache, idx: jax.Array, kernels: str = "reference"
+    q: jax.Array, cache: KVCache, idx: jax.Array, kernels: str = "auto"
 ) -> jax.Array:
     """Exact attention of each query head on its own slots: q [B, H, D], idx [B, K, G, M]
     -> [B, H, D]. Each query head becomes a group of one over a copy of its KV head (the
@@ -84,7 +85,7 @@ class TopKPlan(SelectsSlots, KeepsEveryToken):
     prompt_len: int
     token_budget: int
     k_top: int
-    kernels: str = "reference"
+    kernels: str = "auto"
     per_head: bool = False
 
     def select(self, q, cache: KVCache, visible) -> jax.Array:
@@ -116,7 +117,7 @@ class TopK:
     per query head."""
 
     token_budget: int
-    kernels: str = "reference"
+    kernels: str = "auto"
     per_head: bool = False
     name: ClassVar[str] = "topk"
 
@@ -134,5 +135,6 @@ class TopK:
         if M >= L:
             return DensePlan(self.name, round_capacity(L), prompt_len, M)
         k_top = M if self.per_head else max(1, M // 2)
-        return TopKPlan(self.name, round_capacity(L), prompt_len, M, k_top, self.kernels,
+        return TopKPlan(self.name, round_capacity(L), prompt_len, M, k_top,
+                        resolve_backend(self.kernels),
                         self.per_head)

@@ -81,10 +81,6 @@ def _one_error(code, out, err):
 @pytest.mark.parametrize("argv, message", [
     (["--top-k", "100", "--temperature", "1"],
      "--top-k 100 is larger than the model's vocabulary of 61 tokens"),
-    (["--method", "full", "--kernels", "triton"],
-     "--kernels triton: method 'full' runs no Pallas kernels; drop --kernels"),
-    (["--method", "snapkv", "--kernels", "interpret"],
-     "--kernels interpret: method 'snapkv' runs no Pallas kernels"),
     (["--method", "magic"], "--method 'magic' is not a KV method"),
 ])
 def test_bad_flags_name_the_flag(ckpt, capsys, argv, message):
@@ -93,15 +89,20 @@ def test_bad_flags_name_the_flag(ckpt, capsys, argv, message):
     assert message in err
 
 
-def test_kernels_triton_without_a_gpu_says_so_for_any_prompt(ckpt, capsys):
+@pytest.mark.parametrize("method", ["rocketkv", "full", "snapkv"])
+def test_kernels_triton_without_a_gpu_says_so_for_any_prompt(ckpt, capsys, method):
+    """Every method runs the prefill kernel, so --kernels triton is refused for each."""
     import jax
 
     if jax.default_backend() == "gpu":
         pytest.skip("a GPU is present")
     for n in (2, 40):  # budget 16 >= the sequence, and budget < the sequence
         err = _one_error(*_cli(capsys, "--model", str(ckpt), "--prompt", words(n),
-                               "--token-budget", "16", "--kernels", "triton"))
-        assert "--kernels triton needs a CUDA GPU" in err and "--kernels reference" in err
+                               "--method", method, "--token-budget", "16",
+                               "--kernels", "triton"))
+        assert ("--kernels triton: the Triton kernels need a CUDA GPU, but JAX "
+                f"{jax.__version__} runs on cpu; available here: reference, interpret, auto "
+                "(= reference here)") in err
 
 
 def test_top_k_with_temperature_zero_warns_that_decoding_is_greedy(ckpt, capsys):
@@ -137,13 +138,34 @@ def test_stats_name_the_method_budget_and_the_dense_fallback():
     sparse = generate_ids(PARAMS, CFG, [prompt], make_method("snapkv", 16, window=8),
                           max_new_tokens=3)
     line = sparse.stats.summary()
-    assert "method: snapkv (budget 16) |" in line and "dense" not in line
+    assert "method: snapkv (budget 16) |" in line and "budget 16; dense" not in line
+    # snapkv attends densely over its evicted cache: no kernel runs in its decode step
+    assert "| kernels: reference (prefill; decode attention dense) |" in line
     dense = generate_ids(PARAMS, CFG, [prompt], make_method("rocketkv", 64), max_new_tokens=3)
     assert dense.stats.dense_fallback
     # bucket 48 + 3 new tokens
     assert "method: rocketkv (budget 64 >= sequence 51: dense attention" in dense.stats.summary()
     full = generate_ids(PARAMS, CFG, [prompt], Full(), max_new_tokens=3).stats.summary()
     assert "method: full |" in full
+
+
+@pytest.mark.parametrize("method_kernels, prefill_kernels, shown", [
+    ("auto", "auto", "reference"),  # what "auto" is on this CPU
+    ("interpret", "reference", "prefill reference, decode interpret"),
+    ("reference", "interpret", "prefill interpret, decode reference"),
+])
+def test_stats_name_the_kernels_that_ran(method_kernels, prefill_kernels, shown):
+    import jax
+
+    from rocketkv_jax.methods import make_method
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("auto is Triton on a GPU")
+    prompt = np.random.default_rng(2).integers(1, CFG.vocab_size, 40).tolist()
+    method = make_method("quest", 16, page_size=4, kernels=method_kernels, stage2="on")
+    out = generate_ids(PARAMS, CFG, [prompt], method, max_new_tokens=3, kernels=prefill_kernels)
+    assert f"| kernels: {shown} |" in out.stats.summary()
+    assert method.plan(CFG, 48, 3).describe()["kernels"] == shown.rsplit(" ", 1)[-1]
 
 
 def test_stats_decode_speed_is_na_for_one_token():

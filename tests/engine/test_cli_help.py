@@ -42,7 +42,7 @@ def generate_help():
 @pytest.mark.parametrize("flag, default", [
     ("--max-new-tokens", "128"), ("--batch-size", "8"), ("--seed", "0"),
     ("--temperature", "0.0"), ("--top-k", "0"), ("--top-p", "1.0"), ("--method", "rocketkv"),
-    ("--token-budget", "256"), ("--kernels", "reference"), ("--prefill-chunk", "4096"),
+    ("--token-budget", "256"), ("--kernels", "auto"), ("--prefill-chunk", "4096"),
     ("--model", "smollm2"),
 ])
 def test_generate_help_shows_every_default(generate_help, flag, default):

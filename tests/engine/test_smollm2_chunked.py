@@ -42,7 +42,7 @@ def test_chunked_prefill_keeps_the_same_tokens_as_dense(smol, prompt):
     tokens = np.asarray([prompt], np.int32)
     lengths = np.asarray([T], np.int32)
     dense = jax.jit(lambda p, t, n: forward_prefill(p, smol.config, t, n, plan,
-                                                    all_logits=False, attention="dense"))
+                                                    all_logits=False, kernels="dense"))
     logits_d, cache_d = dense(smol.params, tokens, lengths)
     logits_c, cache_c = make_prefill(smol.config, plan, 512)(smol.params, tokens, lengths)
     np.testing.assert_array_equal(np.asarray(cache_c.pos), np.asarray(cache_d.pos))

@@ -178,20 +178,20 @@ def test_jit_and_vmap(interpret):
 
 
 def test_every_backend_name_matches_reference():
-    """`approx_scores(backend=...)`: what each name runs here ("triton" needs a GPU)."""
+    """`approx_scores(kernels=...)`: what each name runs here ("triton" needs a GPU)."""
     case = CASES[1]
     args = make_inputs(case, jnp.float32)
     ref = approx_scores_reference(*args, page_size=case[4])
     on_gpu = jax.default_backend() == "gpu"
     for backend in ("reference", "auto", "interpret", *(("triton",) if on_gpu else ())):
-        out = approx_scores(*args, page_size=case[4], backend=backend)
+        out = approx_scores(*args, page_size=case[4], kernels=backend)
         assert_scores_close(out, ref, jnp.float32)
 
 
 def test_bad_arguments_raise():
     args = make_inputs(CASES[0], jnp.float32)
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        approx_scores(*args, page_size=8, backend="cuda")
+        approx_scores(*args, page_size=8, kernels="cuda")
     with pytest.raises(ValueError, match="block_p"):
         approx_scores_pallas(*args, page_size=8, block_p=48, interpret=True)
     with pytest.raises(ValueError, match="channels"):

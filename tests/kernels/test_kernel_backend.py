@@ -7,7 +7,14 @@ import functools
 import jax
 import pytest
 
-from rocketkv_jax.kernels import BACKENDS, choose, resolve_backend
+from rocketkv_jax.kernels import (
+    BACKENDS,
+    KernelsUnavailableError,
+    available_backends,
+    check_available,
+    choose,
+    resolve_backend,
+)
 from rocketkv_jax.kernels.backend import next_power_of_2
 
 
@@ -56,3 +63,18 @@ def test_unknown_backend_is_a_clear_error(name):
 @pytest.mark.parametrize("n,expected", [(0, 1), (1, 1), (2, 2), (3, 4), (16, 16), (17, 32)])
 def test_next_power_of_2(n, expected):
     assert next_power_of_2(n) == expected
+
+
+def test_available_backends_and_refusal_name_what_runs_here():
+    on_gpu = jax.default_backend() == "gpu"
+    assert available_backends() == (("reference", "interpret", "triton", "auto") if on_gpu
+                                    else ("reference", "interpret", "auto"))
+    for name in available_backends():
+        assert check_available(name) == resolve_backend(name)
+    if not on_gpu:
+        with pytest.raises(KernelsUnavailableError) as e:
+            check_available("triton")
+        assert str(e.value) == (
+            f"the Triton kernels need a CUDA GPU, but JAX {jax.__version__} runs on cpu; "
+            "available here: reference, interpret, auto (= reference here)")
+        assert isinstance(e.value, ValueError)  # the CLI's one-line errors

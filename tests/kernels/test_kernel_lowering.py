@@ -142,7 +142,7 @@ def test_triton_backend_uses_triton_not_mosaic():
     """Without explicit Triton params, JAX 0.10 would lower GPU Pallas with Mosaic GPU; the
     backend name "triton" reaches the kernel with interpret=False."""
     text = lower_for_cuda(
-        lambda *a: sparse_decode_attention(*a, backend="triton"),
+        lambda *a: sparse_decode_attention(*a, kernels="triton"),
         S((1, 2, 4, 64), jnp.bfloat16), S((1, 2, 1024, 64), jnp.bfloat16),
         S((1, 2, 1024, 64), jnp.bfloat16), S((1, 2, 128), jnp.int32),
     )

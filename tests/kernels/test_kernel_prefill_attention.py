@@ -160,17 +160,17 @@ def test_kernel_rejects_bad_blocks():
         with pytest.raises(ValueError, match="power of 2"):
             prefill_attention_pallas(q, k, v, lens, interpret=True, **bad)
         with pytest.raises(ValueError, match="power of 2"):  # passed on by the backend name
-            prefill_attention(q, k, v, lens, backend="interpret", **bad)
+            prefill_attention(q, k, v, lens, kernels="interpret", **bad)
 
 
 def test_every_backend_name_matches_reference():
-    """`prefill_attention(backend=...)`, as the model calls it: what each name runs here
+    """`prefill_attention(kernels=...)`, as the model calls it: what each name runs here
     ("triton" needs a GPU), with each implementation's default blocks."""
     q, k, v, lens = make_case(3, 2, 2, 3, 24, 40, 64, jnp.float32, [40, 29])
     want, seen = ref_prefill(q, k, v, [40, 29], 16, 8)
     on_gpu = jax.default_backend() == "gpu"
     for backend in ("reference", "auto", "interpret", *(("triton",) if on_gpu else ())):
         out = prefill_attention(q, k, v, lens, jnp.int32(16), sliding_window=8,
-                                backend=backend)
+                                kernels=backend)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert_matches(out, want, seen, [40, 29], 16, jnp.float32)

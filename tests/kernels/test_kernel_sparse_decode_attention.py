@@ -187,7 +187,7 @@ def test_mixed_dtypes_promote(interpret):
 def test_bad_arguments_raise():
     q, k, v, indices = make_inputs(CASES[0], jnp.float32)
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        sparse_decode_attention(q, k, v, indices, backend="mosaic")
+        sparse_decode_attention(q, k, v, indices, kernels="mosaic")
     with pytest.raises(ValueError, match="block_k"):
         sparse_decode_attention_pallas(q, k, v, indices, block_k=24, interpret=True)
     with pytest.raises(ValueError, match="num_splits"):
@@ -199,12 +199,12 @@ def test_bad_arguments_raise():
 
 
 def test_every_backend_name_matches_reference():
-    """`sparse_decode_attention(backend=...)`: what each name runs here ("triton" needs a
+    """`sparse_decode_attention(kernels=...)`: what each name runs here ("triton" needs a
     GPU)."""
     case = CASES[1]
     q, k, v, indices = make_inputs(case, jnp.float32)
     ref = sparse_decode_attention_reference(q, k, v, indices)
     on_gpu = jax.default_backend() == "gpu"
     for backend in ("reference", "auto", "interpret", *(("triton",) if on_gpu else ())):
-        out = sparse_decode_attention(q, k, v, indices, block_k=32, backend=backend)
+        out = sparse_decode_attention(q, k, v, indices, block_k=32, kernels=backend)
         assert_outputs_close(out, ref, jnp.float32)

@@ -60,14 +60,14 @@ def test_kernels_compile_for_sm90_without_spills(dtype, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     kv, g, d, c, m, r, page = 8, 4, 128, 32768, 2048, 32, 16
     attn = triton_module_text(
-        lambda *a: sparse_decode_attention(*a, backend="triton"),
+        lambda *a: sparse_decode_attention(*a, kernels="triton"),
         S((1, kv, g, d), dtype), S((1, kv, c, d), dtype), S((1, kv, c, d), dtype),
         S((1, kv, m), jnp.int32), monkeypatch=monkeypatch,
     )
     usage = compile_for_h100(attn, tmp_path, num_warps=8, num_stages=2)  # the defaults
     assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
     scores = triton_module_text(
-        lambda *a: approx_scores(*a, page_size=page, backend="triton"),
+        lambda *a: approx_scores(*a, page_size=page, kernels="triton"),
         S((1, kv, g, d), dtype), S((1, kv, c // page, d), dtype),
         S((1, kv, c // page, d), dtype), S((1, kv, r), jnp.int32), S((1,), jnp.int32),
         monkeypatch=monkeypatch,

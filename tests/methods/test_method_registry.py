@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import pytest
 
 from rocketkv_jax.methods import (
@@ -119,7 +120,12 @@ def test_kernels_backend_name():
     assert KERNEL_BACKENDS == ("reference", "interpret", "triton", "auto")
     with pytest.raises(ValueError, match="unknown kernels backend 'cuda'"):
         make_method("rocketkv", 256, kernels="cuda")
-    assert make_method("rocketkv", 256, kernels="auto").plan(CFG, 2048, 32).kernels == "auto"
+    # the plan holds the backend that runs: "auto" resolved for this process's device
+    resolved = "triton" if jax.default_backend() == "gpu" else "reference"
+    assert make_method("rocketkv", 256, kernels="auto").plan(CFG, 2048, 32).kernels == resolved
+    assert make_method("rocketkv", 256).plan(CFG, 2048, 32).kernels == resolved  # the default
+    assert make_method("rocketkv", 256, kernels="interpret").plan(CFG, 2048, 32).kernels == (
+        "interpret")
     # Methods without kernels accept (and drop) the setting, but still check the name.
     assert make_method("snapkv", 256, kernels="triton") == make_method("snapkv", 256)
     with pytest.raises(ValueError, match="unknown kernels backend"):

@@ -21,7 +21,7 @@ METHODS = {
 }
 
 prefill = jax.jit(forward_prefill,
-                  static_argnames=("config", "plan", "all_logits", "chunk", "attention"))
+                  static_argnames=("config", "plan", "all_logits", "chunk", "kernels"))
 
 
 def prompt(config, seed=0):
@@ -39,7 +39,7 @@ def test_chunked_prefill_equals_one_shot_dense(method, chunk, sliding_window):
     budget, kw = METHODS[method]
     plan = make_method(method, budget, **kw).plan(config, T, N)
     tokens, lengths = prompt(config)
-    ref_logits, ref_cache = prefill(params, config, tokens, lengths, plan, attention="dense")
+    ref_logits, ref_cache = prefill(params, config, tokens, lengths, plan, kernels="dense")
     logits, cache = prefill(params, config, tokens, lengths, plan, chunk=chunk)
     real = (np.arange(T)[None, :] < np.asarray(lengths)[:, None])[..., None]
     np.testing.assert_allclose(np.where(real, logits, 0), np.where(real, ref_logits, 0),
@@ -80,7 +80,7 @@ def test_prefill_memory_is_linear_in_T():
         rope_theta=10000.0, max_position_embeddings=1 << 17, tie_word_embeddings=True)
     full = make_method("full", None)
     t16 = 16384
-    dense = temp_bytes(config, t16, full.plan(config, t16, 8), attention="dense")
+    dense = temp_bytes(config, t16, full.plan(config, t16, 8), kernels="dense")
     ours = temp_bytes(config, t16, full.plan(config, t16, 8), chunk=2048)
     ours32 = temp_bytes(config, 2 * t16, full.plan(config, 2 * t16, 8), chunk=2048)
     assert dense > 4 * 2**30
