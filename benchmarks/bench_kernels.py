@@ -20,8 +20,6 @@ import argparse
 import functools
 import math
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +36,7 @@ from bench_bytes import (
     sparse_layer_bytes,
 )
 
+from rocketkv_jax.bench.calibrate import time_call
 from rocketkv_jax.bench.xla_stats import bytes_accessed
 from rocketkv_jax.kernels import approx_scores, sparse_decode_attention
 from rocketkv_jax.methods.budget import rocketkv_split
@@ -106,19 +105,6 @@ def xla_bytes_accessed(f, *shapes) -> float | None:
 
 
 # ------------------------------------------------------------------------------ timing
-def time_call(f, *args, iters: int, repeats: int = 3) -> float:
-    """Median seconds per call (async dispatch of `iters` calls, then one sync)."""
-    jax.block_until_ready(f(*args))  # compile + warm up
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / iters)
-    return statistics.median(samples)
-
-
 def copy_bandwidth(n_bytes: int, iters: int) -> float:
     """Device-to-device bytes/s of an elementwise read + write of an n_bytes f32 array."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)

@@ -103,6 +103,14 @@ def kernels_from_args(args) -> str:
     return args.kernels
 
 
+def check_cost_file() -> None:
+    """Refuse a damaged calibration file, or one from another device, before any model is
+    loaded (plans read it later; `methods/cost_file.py`)."""
+    from .methods.cost_file import calibrated_constants
+
+    calibrated_constants()
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method", default="rocketkv", metavar="NAME",
@@ -284,6 +292,7 @@ def make_method_from_args(args):
                         f"{', '.join(METHOD_NAMES)}")
     budget = None if args.method == "full" else args.token_budget
     kw = {"kernels": kernels_from_args(args)}  # every method takes it (full: unused)
+    check_cost_file()
     stage2 = getattr(args, "stage2", "auto")
     if stage2 != "auto":
         if "stage2" not in method_hparams(args.method):
@@ -425,6 +434,7 @@ def _check_vocab(ids: list[list[int]], vocab_size: int, path) -> None:
 
 def cmd_eval(args) -> int:
     kernels_from_args(args)  # before any model is loaded
+    check_cost_file()
     from .eval.cli import run_eval_command, validate_eval_args
     from .eval.engine import check_methods_fit, engine_functions, engine_identity
     from .eval.runner import EVAL_METHOD_NAMES

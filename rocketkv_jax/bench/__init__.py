@@ -43,6 +43,7 @@ stand-ins of the same shapes (--prefill auto)."""
 
 EPILOG = """examples:
   rocketkv bench --quick                      # CI smoke, well under a minute
+  rocketkv bench --calibrate                  # the cost model's constants for this device
   rocketkv bench                              # the full grid + peers (an hour or more on CPU)
   rocketkv bench --models smollm2 --contexts 4k --budgets 256,1024 --no-peers
   rocketkv bench --kvpress-python /tmp/kvpress-venv/bin/python --json bench.json
@@ -165,6 +166,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pe.add_argument("--kvpress-python", default=None, metavar="PYTHON",
                     help="interpreter of a venv with kvpress (it pins transformers<5.3); "
                     "default: $ROCKETKV_BENCH_KVPRESS_PYTHON, else this one if it has kvpress")
+    c = p.add_argument_group("cost-model calibration")
+    c.add_argument("--calibrate", action="store_true",
+                   help="measure nothing else: time the dense and sparse decode paths of every "
+                   "kernel backend that runs here and write the dense fallback's cost "
+                   "constants for this device (seconds to a minute), by default into the "
+                   "user cache, where plans on this device find them")
+    c.add_argument("--calibrate-file", type=Path, default=None, metavar="PATH",
+                   help="write the constants here instead; plans use such a file through "
+                   "$ROCKETKV_JAX_COST_FILE")
+    c.add_argument("--calibrate-shape", default="auto", choices=("auto", "gpu", "cpu", "tiny"),
+                   help="the timed shapes: auto = gpu on a GPU (Llama-3.1-8B heads, 64k slots, "
+                   "batch 4), else cpu (16k slots, batch 1); tiny = seconds, for tests")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="also write every measurement as JSON (updated after every group)")
@@ -248,9 +261,19 @@ def model_contexts(config, contexts: list[int], N: int) -> list[tuple[int, str]]
 
 
 
+def calibrate_command(args: argparse.Namespace) -> int:
+    """`--calibrate`: the cost model's constants for this device (bench/calibrate.py)."""
+    from . import calibrate
+
+    calibrate.run(args.calibrate_shape, args.calibrate_file)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`func` of the `bench` subcommand."""
     args.command_line = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    if args.calibrate:
+        return calibrate_command(args)
     grid = benchmark_module("bench_grid")
     if args.report is not None:
         grid.report(args.report, args.markdown)
@@ -285,6 +308,8 @@ def main(argv: list[str] | None = None, prog: str = "rocketkv bench") -> int:
     args = build_parser(prog).parse_args(argv)
     args.command_line = " ".join([prog, *argv])
     try:
+        if args.calibrate:
+            return calibrate_command(args)
         grid = benchmark_module("bench_grid")
         if args.report is not None:
             grid.report(args.report, args.markdown)
