@@ -93,16 +93,20 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table (no trailing newline)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).strip() for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def print_table(title: str, header: list[str], rows: list[list[str]],
                 markdown: bool = False) -> None:
     """Print a titled table, right-aligned text columns, or with `markdown` a GitHub table
     (for pasting into README/docs as is; `rocketkv bench --report PATH --markdown`)."""
     if markdown:
         print(f"\n{title}\n")
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for r in rows:
-            print("| " + " | ".join(c.strip() for c in r) + " |")
+        print(markdown_table(header, rows))
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(f"\n{title}")

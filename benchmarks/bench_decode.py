@@ -193,16 +193,17 @@ def capture_prefill(model: BenchModel, T: int, B: int, compiled=None, compile_s=
     return Capture(k, v, q, lengths, "model", compile_s, time.perf_counter() - t0)
 
 
-def synthetic_capture(config: ModelConfig, T: int, B: int, seed: int = 0) -> Capture:
+def synthetic_capture(config: ModelConfig, T: int, B: int, seed: int = 0,
+                      dtype=jnp.float32) -> Capture:
     """Standard normal k, v, q of the shapes a prefill produces (for contexts whose dense
     prefill does not fit in memory). A random-weight model's k, v, q are noise too; the
     decode step's cost does not depend on the values."""
     Ly, H, K, D = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
     kk, kv, kq = jax.random.split(jax.random.wrap_key_data(prng_key(seed)), 3)
-    k = jax.random.normal(kk, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
-    v = jax.random.normal(kv, (Ly, B, K, T, D), jnp.float32)  # [Ly, B, K, T, D]
+    k = jax.random.normal(kk, (Ly, B, K, T, D), dtype)  # [Ly, B, K, T, D]
+    v = jax.random.normal(kv, (Ly, B, K, T, D), dtype)  # [Ly, B, K, T, D]
     W = STORED_QUERY_WINDOW
-    q = jax.random.normal(kq, (Ly, B, H, W, D), jnp.float32)  # [Ly, B, H, W, D]
+    q = jax.random.normal(kq, (Ly, B, H, W, D), dtype)  # [Ly, B, H, W, D]
     return Capture(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32),
                    "synthetic")
 

@@ -52,6 +52,26 @@ def random_params(
     return unflatten(flat)
 
 
+def device_random_params(
+    config: ModelConfig, seed: int = 0, scale: float = 0.02, dtype=jnp.bfloat16
+) -> dict[str, Any]:
+    """`random_params`' distribution drawn by `jax.random` on the default device, directly
+    in `dtype`: Llama-3.1-8B's 16 GB of bf16 weights in one compiled program, where the
+    numpy draw takes minutes and twice that in host memory. (Not the same values as
+    `random_params` for a seed.)"""
+    infos = config.param_infos()
+
+    def init():
+        keys = jax.random.split(jax.random.key(seed), len(infos))
+        flat = {}
+        for key, (path, info) in zip(keys, infos.items(), strict=True):
+            x = jax.random.normal(key, info.shape, dtype)
+            flat[path] = 1.0 + 0.1 * x if info.init == "near_one" else scale * x
+        return {p: x.astype(dtype) for p, x in flat.items()}
+
+    return unflatten(jax.jit(init)())
+
+
 def param_bytes(params) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
 

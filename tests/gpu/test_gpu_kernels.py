@@ -29,11 +29,12 @@ from rocketkv_jax.methods.budget import stage2_reduction
 
 pytestmark = NEEDS_GPU
 
-# (model, cached slots C, token budget M): the decode shapes of hybrid / rocketkv
+# (model, cached slots C, token budget M): the decode shapes of hybrid / rocketkv. Each
+# case compiles two programs per dtype (a few seconds on a GPU), and these run inside the
+# GPU check's time budget: contexts 8k / 32k / 128k and budgets 256-4096 once each.
 DECODE = [
-    ("llama3.1-8b", 8192, 256), ("llama3.1-8b", 32768, 1024), ("llama3.1-8b", 131072, 4096),
-    ("qwen2.5-0.5b", 8192, 512), ("qwen2.5-0.5b", 32768, 2048),
-    ("qwen2.5-0.5b", 131072, 4096),
+    ("llama3.1-8b", 8192, 256), ("llama3.1-8b", 131072, 4096),
+    ("qwen2.5-0.5b", 32768, 2048), ("qwen2.5-0.5b", 131072, 1024),
 ]
 BATCH = 2  # row 0 full, row 1 ragged
 

@@ -1,0 +1,94 @@
+"""benchmarks/gpu_check.py: its CPU smoke runs every part (so the GPU check cannot rot
+between GPU leases), and a part that fails or overruns is recorded while the next runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gpu_check
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_runs_every_part_and_writes_results(tmp_path):
+    out = tmp_path / "check"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] and results["smoke"]
+    parts = results["parts"]
+    assert {k: p["status"] for k, p in parts.items()} == dict.fromkeys("abcde", "ok")
+    assert parts["a"]["counts"].get("SKIPPED", 0) > 0  # tests/gpu skips on a CPU
+    for key in "bcde":
+        assert parts[key]["rows"], key
+        assert not any("error" in row for row in parts[key]["rows"]), parts[key]["rows"]
+    kernels = {(row["kernel"], row["impl"]) for row in parts["b"]["rows"]}
+    assert {k for k, _ in kernels} == {"sparse_decode_attention", "approx_scores",
+                                       "prefill_attention"}
+    assert {i for _, i in kernels} == {"interpret", "reference"}
+    assert {row["method"] for row in parts["c"]["rows"]} == {"full", "rocketkv M=64"}
+    assert all(row["generated"] == 16 for row in parts["d"]["rows"])
+    assert {row["backend"] for row in parts["e"]["rows"]} == {"reference"}
+    from rocketkv_jax.methods.cost_file import read
+
+    _, constants = read(out / "cost-constants.json")  # the cost model accepts it
+    assert set(constants) == {"reference"}
+    summary = (out / "summary.md").read_text()
+    for key, name in gpu_check.PARTS.items():
+        assert f"## {key}. {name}" in summary
+    assert (out / "pytest.log").is_file()
+
+
+def make_check(tmp_path, parts="ab", total_s=60.0):
+    args = argparse.Namespace(out=tmp_path, smoke=True, parts=parts, total_s=total_s,
+                              budgets=dict.fromkeys(gpu_check.PARTS, 30.0))
+    check = gpu_check.Check(args)
+    check.state["installed"] = True
+    return check
+
+
+def test_a_failing_part_is_recorded_and_the_next_runs(tmp_path):
+    check = make_check(tmp_path)
+
+    def broken(check, rec):
+        check.add_row(rec, {"x": 1})
+        raise RuntimeError("planted failure")
+
+    def fine(check, rec):
+        check.add_row(rec, {"x": 2})
+
+    gpu_check.run_part(check, "a", broken)
+    gpu_check.run_part(check, "b", fine)
+    saved = json.loads((tmp_path / "results.json").read_text())["parts"]
+    assert saved["a"]["status"] == "error" and "planted failure" in saved["a"]["error"]
+    assert saved["a"]["rows"] == [{"x": 1}]  # what it measured before failing is kept
+    assert saved["b"]["status"] == "ok" and saved["b"]["rows"] == [{"x": 2}]
+    assert "planted failure" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_part_past_its_budget_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "ALARM_GRACE_S", 0.1)
+    check = make_check(tmp_path)
+    check.args.budgets["a"] = 0.3
+
+    def endless(check, rec):
+        while True:
+            time.sleep(0.01)
+
+    t0 = time.perf_counter()
+    gpu_check.run_part(check, "a", endless)
+    assert time.perf_counter() - t0 < 5
+    assert check.results["parts"]["a"]["status"] == "timeout"
+
+
+def test_no_time_left_skips_the_part(tmp_path):
+    check = make_check(tmp_path, total_s=1.0)
+    gpu_check.run_part(check, "a", lambda check, rec: pytest.fail("must not run"))
+    assert check.results["parts"]["a"]["status"] == "skipped"
