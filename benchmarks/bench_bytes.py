@@ -8,7 +8,6 @@ Everything here is pure arithmetic on shapes; nothing is measured.
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Sequence
 
 from rocketkv_jax.methods.budget import RocketKVSplit, rocketkv_split
@@ -155,14 +154,10 @@ def print_roofline(
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (the cost model's calibration files are keyed by it too)."""
+    from rocketkv_jax.methods.cost_file import host_cpu
+
+    return host_cpu()
 
 
 # ------------------------------------------------------------- method-layer accounting
