@@ -17,12 +17,17 @@ type of `compiler_params`. Without any, JAX 0.10 lowers GPU kernels with Mosaic 
 kernels are not written for (they use `plgpu.load` masks and pointer gathers). Pallas-Triton is
 deprecated upstream from JAX 0.11 (see docs/kernels.md for the migration path); keeping the choice
 here means a future Mosaic GPU or jax-triton port only touches this file and the kernel bodies.
+From JAX 0.11 every Triton lowering warns about that deprecation: the places that lower our
+programs enter `triton_lowering()`, which accepts exactly that warning and nothing else, and
+CUDA lowering without a GPU goes through `lower_for_cuda`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -120,3 +125,55 @@ def pallas_call(
 def next_power_of_2(n: int) -> int:
     """Smallest power of 2 that is >= n (and >= 1). Triton arrays need power-of-2 sizes."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ------------------------------------------------------------------ lowering
+# JAX >= 0.11 warns on every Pallas-Triton lowering (`jax-pallas-triton`); we keep Triton on
+# purpose (docs/versions.md), so the warning says nothing new to our users.
+TRITON_DEPRECATION_MESSAGE = r"The Pallas Triton backend is deprecated"
+# The device kind an H100 SXM reports; JAX maps "NVIDIA H100" to compute capability 9.0.
+H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+H100_NUM_SMS = 132
+
+
+@contextlib.contextmanager
+def triton_lowering() -> Iterator[None]:
+    """Lower (trace, compile) programs that may hold our Pallas-Triton kernels: inside, JAX's
+    Triton deprecation warning is ignored; every other warning passes as before.
+
+    The warning is raised when the enclosing program is lowered, not where `pallas_call` is
+    bound, so this wraps the lowering (`programs.compile_program`, `lower_for_cuda`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=TRITON_DEPRECATION_MESSAGE, category=DeprecationWarning
+        )
+        yield
+
+
+@contextlib.contextmanager
+def cuda_target(device_kind: str = H100_DEVICE_KIND, num_cores: int = H100_NUM_SMS):
+    """`triton_lowering()` for a CUDA GPU, present or not.
+
+    On a machine without a GPU, JAX >= 0.11 refuses to lower Pallas-Triton for CUDA ("No
+    supported GPU devices found") unless an abstract GPU device says which card to target;
+    inside this context that is `device_kind` (an H100 by default). JAX 0.10.2 accepts the
+    same abstract device. On a GPU machine the real device is used."""
+    with triton_lowering():
+        if jax.default_backend() == "gpu":
+            yield
+            return
+        device = jax.sharding.AbstractDevice(
+            device_kind=device_kind, num_cores=num_cores, platform="gpu"
+        )
+        with jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((), (), abstract_device=device)
+        ):
+            yield
+
+
+def lower_for_cuda(f: Callable[..., Any], *args: Any, **target: Any) -> jax.stages.Lowered:
+    """`jax.jit(f)` traced for `args` (arrays or `jax.ShapeDtypeStruct`s) and lowered for CUDA
+    on any machine, GPU or not: this runs the real Pallas->Triton lowering and raises Triton's
+    refusals (non-power-of-2 arrays, unsupported primitives). `target`: see `cuda_target`."""
+    with cuda_target(**target):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))

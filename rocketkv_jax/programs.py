@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import sharding as shd
+from .kernels.backend import triton_lowering
 from .models.config import ModelConfig
 from .models.llama import (
     PrefillState,
@@ -117,8 +118,9 @@ def compile_program(name: str, fn, args, *, out_shardings=None, donate_argnums=(
     of generation is compiled here (the sharding tests wrap it to read each one's HLO)."""
     fn.__name__ = name
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, out_shardings=out_shardings,
-                       donate_argnums=donate_argnums).lower(*args).compile()
+    with triton_lowering():
+        compiled = jax.jit(fn, out_shardings=out_shardings,
+                           donate_argnums=donate_argnums).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 

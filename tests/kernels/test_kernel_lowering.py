@@ -1,12 +1,15 @@
 """GPU lowering without a GPU: every kernel must lower to the Triton custom call.
 
-`lower(lowering_platforms=("cuda",))` runs the real Pallas->Triton lowering on CPU and raises
+`backend.lower_for_cuda` (an abstract H100 where no GPU is present, then
+`lower(lowering_platforms=("cuda",))`) runs the real Pallas->Triton lowering on CPU and raises
 Triton's refusals (non-power-of-2 arrays, unsupported primitives), so a block shape that would
 fail on an H100 fails here. Shapes are Llama-3.1-8B-like: K=8, G=4, D=128, 32k/128k context
 (and SmolLM2-like K=3, G=3, D=64 for prefill).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +30,7 @@ DTYPES = [jnp.bfloat16, jnp.float32]
 
 
 def lower_for_cuda(f, *shapes) -> str:
-    return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    return backend.lower_for_cuda(f, *shapes).as_text()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -148,3 +151,33 @@ def test_triton_backend_uses_triton_not_mosaic():
     )
     assert TRITON_CALL in text
     assert "mosaic_gpu" not in text.lower()
+
+
+def test_cuda_lowering_raises_no_warning():
+    """JAX >= 0.11 warns on each Pallas-Triton lowering; `lower_for_cuda` accepts that one
+    warning, so a lowering under `-W error` still passes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = lower_for_cuda(
+            lambda *a: sparse_decode_attention(*a, kernels="triton"),
+            S((1, 2, 4, 64), jnp.float32), S((1, 2, 256, 64), jnp.float32),
+            S((1, 2, 256, 64), jnp.float32), S((1, 2, 32), jnp.int32),
+        )
+    assert TRITON_CALL in text
+
+
+def test_triton_lowering_accepts_only_the_triton_deprecation():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with backend.triton_lowering():
+            emit_three_warnings()
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (DeprecationWarning, "some other deprecation"),
+        (UserWarning, "The Pallas Triton backend is deprecated")]
+
+
+def emit_three_warnings():
+    warnings.warn("The Pallas Triton backend is deprecated and will be removed",
+                  DeprecationWarning, stacklevel=1)
+    warnings.warn("some other deprecation", DeprecationWarning, stacklevel=1)
+    warnings.warn("The Pallas Triton backend is deprecated", UserWarning, stacklevel=1)

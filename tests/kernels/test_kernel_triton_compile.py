@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rocketkv_jax.kernels import approx_scores, sparse_decode_attention
+from rocketkv_jax.kernels import approx_scores, backend, sparse_decode_attention
 
 triton = pytest.importorskip("triton")
 S = jax.ShapeDtypeStruct
@@ -34,7 +34,7 @@ def triton_module_text(f, *shapes, monkeypatch) -> str:
         return result
 
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
-    jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
+    backend.lower_for_cuda(f, *shapes)
     assert len(captured) == 1
     return captured[0]
 
