@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random HF Llama/Mistral directories and the embedded SmolLM2 GGUF.
 
 torch and transformers are imported lazily inside the fixtures so test modules that do not
-need them stay fast to collect.
+need them stay fast to collect. They are optional (the [test] extra has them, [test-core]
+does not): every fixture or test that needs them goes through `require_hf_libs` (tests
+through the `hf_libs` fixture) and skips, with the reason, where they are not installed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ def _release_compiled_programs():
     drop_compiled_programs()
 
 
+HF_LIBS_REASON = ("the comparison with transformers needs torch and transformers: "
+                  "pip install -e '.[test]' (torch==2.13.0 CPU exists for Python 3.11 only; "
+                  "docs/versions.md)")
+
+
+def require_hf_libs() -> None:
+    """Skip the running test unless torch and transformers import."""
+    for name in ("torch", "transformers"):
+        pytest.importorskip(name, reason=f"{name} is not installed; {HF_LIBS_REASON}")
+
+
+@pytest.fixture(scope="session")
+def hf_libs() -> None:
+    """Request it in a test or fixture that imports torch or transformers itself."""
+    require_hf_libs()
+
+
 # Small enough to build in milliseconds, large enough for GQA and two layers.
 TINY_BASE: dict[str, Any] = dict(
     vocab_size=128,
@@ -86,6 +105,7 @@ def randomize_(model: Any, seed: int) -> None:
 
 def build_hf_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> Any:
     """A float32 `LlamaForCausalLM` / `MistralForCausalLM` with random weights, eval mode."""
+    require_hf_libs()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -113,6 +133,7 @@ def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
 
     def make(kind: str = "llama", seed: int = 0, max_shard_size: str | None = None,
              save_dtype: str | None = None, **overrides: Any) -> Path:
+        require_hf_libs()
         key = json.dumps([kind, seed, max_shard_size, save_dtype, overrides], sort_keys=True)
         if key not in cache:
             import torch
@@ -146,6 +167,7 @@ def tiny_mistral_dir(hf_model_dir: Callable[..., Path]) -> Path:
 
 def _load_hf_state_dict(path: Path) -> dict[str, Any]:
     """All tensors of an HF safetensors directory as float32 numpy (via torch)."""
+    require_hf_libs()
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))
@@ -203,6 +225,7 @@ def transformers_smollm2(smollm2_gguf_dir: Path, smollm2_gguf: Path) -> Any:
     `from_pretrained(gguf_file=...)` insists on `accelerate`, which is not a project
     dependency; without it we run the same loader (`load_gguf_checkpoint`) by hand.
     """
+    require_hf_libs()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

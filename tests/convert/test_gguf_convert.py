@@ -224,7 +224,7 @@ def test_smollm2_weights_match_transformers(smollm2_checkpoint, transformers_smo
 
 
 @pytest.fixture(scope="module")
-def gguf_tokenizers(smollm2_checkpoint, smollm2_gguf_dir, smollm2_gguf):
+def gguf_tokenizers(smollm2_checkpoint, smollm2_gguf_dir, smollm2_gguf, hf_libs):
     from transformers import AutoTokenizer
 
     ours = Tokenizer.from_file(str(smollm2_checkpoint / "tokenizer.json"))

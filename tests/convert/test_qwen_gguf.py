@@ -130,7 +130,7 @@ def qwen_ours(qwen_gguf, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen_hf(qwen_gguf):
+def qwen_hf(qwen_gguf, hf_libs):
     """transformers' own GGUF loader on the same file, float32: (model, tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -64,7 +64,7 @@ def _build(prefix: str, seed: int, **overrides):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, hf_libs):
     cache = {}
 
     def get(name):
@@ -144,7 +144,7 @@ def _hf_dict(prefix: str, **overrides) -> dict:
     return getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides}).to_dict()
 
 
-def test_qwen2_sliding_window_is_refused(tmp_path):
+def test_qwen2_sliding_window_is_refused(tmp_path, hf_libs):
     cfg = _hf_dict("Qwen2", use_sliding_window=True, sliding_window=64)
     with pytest.raises(ConfigError, match="use_sliding_window=true"):
         ModelConfig.from_hf_dict(cfg)
@@ -155,7 +155,7 @@ def test_qwen2_sliding_window_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "yarn"])
-def test_unimplemented_rope_scaling_is_refused(kind):
+def test_unimplemented_rope_scaling_is_refused(kind, hf_libs):
     cfg = _hf_dict("Llama", rope_scaling={"rope_type": kind, "factor": 2.0,
                                           "original_max_position_embeddings": 128})
     with pytest.raises(ConfigError, match=f"unsupported rope_scaling type '{kind}'"):
