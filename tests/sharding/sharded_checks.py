@@ -74,6 +74,44 @@ def collectives(hlos: list[str]) -> list[str]:
 
 
 JIT_PREFIX = re.compile(r"^jit\([^)]*\)/")  # the program's name in an op_name
+# name = shape (a tuple shape has spaces) opcode(operands)
+HLO_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?(%[\w.-]+) = (?:\([^()]*\)|\S+) ([\w-]+)\(([^)]*)\)")
+
+
+def _feeds_top_k(users: dict, name: str, depth: int = 0) -> bool:
+    """Whether `name`'s result reaches a top-k, directly or through ops of one operand
+    (copies, bitcasts, the fusions XLA makes of them)."""
+    for user, opcode, n_operands, line in users.get(name, []):
+        if opcode == "topk" or 'custom_call_target="TopK"' in line:
+            return True
+        if n_operands == 1 and depth < 6 and _feeds_top_k(users, user, depth + 1):
+            return True
+    return False
+
+
+def top_k_operand_gathers(hlos: list[str]) -> list[str]:
+    """Sorted 'kind op_name' of the collectives whose result reaches a top-k (XLA's `TopK`
+    custom call or `topk`) on its own (`_feeds_top_k`): the all-gathers of a top-k operand.
+
+    Found in the HLO rather than by op name: jaxlib 0.10 names such an all-gather after the
+    top_k, jaxlib 0.12 after the op that produced the operand (`select_n`, `div`)."""
+    found = []
+    for hlo in hlos:
+        lines = [(m, line) for line in hlo.splitlines() if (m := HLO_INSTRUCTION.match(line))]
+        users: dict[str, list[tuple[str, str, int, str]]] = {}
+        for m, line in lines:
+            operands = re.findall(r"%[\w.-]+", m.group(3))
+            for operand in operands:
+                users.setdefault(operand, []).append((m.group(1), m.group(2), len(operands),
+                                                      line))
+        for m, line in lines:
+            kind = shd.collectives(line)
+            if kind and _feeds_top_k(users, m.group(1)):
+                found.append(f"{kind[0][0]} {JIT_PREFIX.sub('', kind[0][1])}")
+    return sorted(found)
+
+
 PROGRAMS = ("init_program", "chunk_program", "start_program", "decode_program")
 
 
@@ -136,6 +174,7 @@ def run(ckpt, report, tag, names, reference=True):
             report[f"{tag}/{name}/{shape[0]}x{shape[1]}"] = {
                 "tokens": out.tokens,
                 "collectives": collectives(hlos),
+                "top_k_operand_gathers": top_k_operand_gathers(hlos),
                 "cache_local_in_hlo": local in hlo,
                 "cache_whole_in_hlo": whole in hlo,
             }

@@ -157,7 +157,10 @@ def test_rocketkv_selection_collectives(report, mesh):
     stock = list(report[f"stock/rocketkv/{mesh}"]["collectives"])
     for c in full:
         stock.remove(c)
-    assert all(c.startswith("all-gather") and c.endswith("top_k") for c in stock), stock
+    gathers = report[f"stock/rocketkv/{mesh}"]["top_k_operand_gathers"]
+    assert stock and sorted(stock) == gathers, (stock, gathers)
+    assert all(c.startswith("all-gather") for c in stock), stock
+    assert report[f"stock/full/{mesh}"]["top_k_operand_gathers"] == []
     patched = report[f"patched/rocketkv/{mesh}"]
     assert patched["collectives"] == full
     assert patched["tokens"] == report["stock/rocketkv/single"]
