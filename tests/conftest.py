@@ -52,15 +52,13 @@ def _release_compiled_programs():
     drop_compiled_programs()
 
 
-HF_LIBS_REASON = ("the comparison with transformers needs torch and transformers: "
-                  "pip install -e '.[test]' (torch==2.13.0 CPU exists for Python 3.11 only; "
-                  "docs/versions.md)")
+HF_LIBS_REASON = "is not installed (the [test] extra; see docs/versions.md)"
 
 
 def require_hf_libs() -> None:
     """Skip the running test unless torch and transformers import."""
     for name in ("torch", "transformers"):
-        pytest.importorskip(name, reason=f"{name} is not installed; {HF_LIBS_REASON}")
+        pytest.importorskip(name, reason=f"{name} {HF_LIBS_REASON}")
 
 
 @pytest.fixture(scope="session")
