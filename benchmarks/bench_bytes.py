@@ -207,7 +207,8 @@ def read_split(plan, context: int) -> tuple[int, int]:
 def llama31_8b_config(layers: int = LLAMA_8B["layers"], vocab: int = LLAMA_8B["vocab"]):
     """Llama-3.1-8B's ModelConfig (for planning methods in the H100 roofline), or its layer
     shapes (hidden 4096, 32 / 8 heads, head_dim 128, MLP 14336, llama3 RoPE scaling, 128k
-    positions) with `layers` layers and a `vocab`-token vocabulary (the llama8b-shape model)."""
+    positions) with `layers` layers and a `vocab`-token vocabulary (the llama8b-shape model).
+    Llama-3.1's bos/eos ids are kept only where the vocabulary holds them."""
     from rocketkv_jax.models.config import ModelConfig, RopeScaling
 
     c = LLAMA_8B
@@ -216,8 +217,9 @@ def llama31_8b_config(layers: int = LLAMA_8B["layers"], vocab: int = LLAMA_8B["v
         intermediate_size=c["intermediate"], num_layers=layers, num_heads=c["heads"],
         num_kv_heads=c["kv_heads"], head_dim=c["head_dim"], rms_norm_eps=1e-5,
         rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
-        eos_token_ids=(128001,),
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        bos_token_id=128000 if vocab > 128000 else None,
+        eos_token_ids=(128001,) if vocab > 128001 else (),
     )
 
 
