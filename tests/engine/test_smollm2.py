@@ -77,7 +77,8 @@ def test_cli_reads_stdin_and_batch_file(smollm2_checkpoint, tmp_path):
              "--max-new-tokens", "4", stdin="Once upon a time")
     assert r.returncode == 0, r.stderr and r.stdout.strip()
     batch = tmp_path / "prompts.txt"
-    batch.write_text('The sky is\n{"prompt": "Water boils at"}\n\n2 + 2 =\n')
+    batch.write_text('The sky is\n{"prompt": "Water boils at"}\n2 + 2 =\n')  # no blank line:
+    # every line is a prompt (tests/engine/test_text_input.py: a blank one is refused)
     r = _cli("generate", "--model", str(smollm2_checkpoint), "--method", "full",
              "--max-new-tokens", "4", "--batch-file", str(batch), "--batch-size", "2")
     assert r.returncode == 0, r.stderr
