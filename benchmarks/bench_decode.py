@@ -29,10 +29,10 @@ from rocketkv_jax.bench.xla_stats import bytes_accessed, loop_aware_bytes, memor
 from rocketkv_jax.generate import GREEDY, make_decode_step
 from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
 from rocketkv_jax.methods.capture import KeepRaw
-from rocketkv_jax.methods.skip_layers import compress_layers
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import forward_prefill
 from rocketkv_jax.models.params import random_params
+from rocketkv_jax.models.plan import compress_layers
 from rocketkv_jax.sampling import prng_key
 
 

@@ -53,8 +53,8 @@ from bench_grid import cache_bytes, machine_line, plan_methods
 
 from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list, parse_methods
 from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
-from rocketkv_jax.methods.skip_layers import compress_layers
 from rocketkv_jax.models.params import unstack_layers
+from rocketkv_jax.models.plan import compress_layers
 from rocketkv_jax.names import WEIGHT_LAYOUTS
 
 ELEM = 4  # float32 params and caches

@@ -24,7 +24,7 @@ from decode_batched import broadcast_rows
 
 from rocketkv_jax.bench.calibrate import time_call
 from rocketkv_jax.kernels import approx_scores, prefill_attention, sparse_decode_attention
-from rocketkv_jax.methods.skip_layers import compress_layers
+from rocketkv_jax.models.plan import compress_layers
 
 ELEM = 2  # bf16
 BUDGETS = (256, 1024)  # rocketkv's token budgets in parts c and d

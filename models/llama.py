@@ -25,42 +25,19 @@ Padding convention: prompts are right-padded; token t of a row sits at position 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ..kernels.prefill_attention import prefill_attention
-from ..methods.skip_layers import compress_layers, layer_groups
 from ..names import PREFILL_KERNELS
 from .config import ModelConfig
 from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
+from .plan import KVPlan, compress_layers, layer_groups
 from .rope import apply_rope, inverse_frequencies
 
 Params = dict[str, Any]
-
-
-class KVPlan(Protocol):
-    """What the model needs from a KV-cache method (a resolved, hashable plan)."""
-
-    capacity: int
-    query_window: int  # trailing queries per row that `compress` reads (0: none)
-
-    def compress(self, k, v, q_obs, lengths):
-        """k, v: [B, K, T, D]; q_obs: [B, H, query_window, D], the queries (RoPE applied)
-        of each row's last query_window tokens (`window_queries`); lengths: [B] -> cache."""
-
-    def append(self, cache, k, v, position, layer):
-        """k, v: [B, K, D], position: [B] -> the stacked cache (leading layer axis) with the
-        token written into layer `layer` (a traced index, or a static int where the layer
-        loop is unrolled over per-layer weights, `loop_layers`)."""
-
-    def attend(self, q, cache, query_pos, sliding_window):
-        """q: [B, H, D], query_pos: [B] -> attention output [B, H, D]."""
-
-    # Optional, for plans whose layers hold caches of different shapes (skip_layers):
-    # `layer_groups()` -> (plan, cache field, layer range) per stacked cache, and
-    # `compress_layers(k, v, q, lengths)` over all layers; see methods/skip_layers.py.
 
 
 def loop_layers(layers, start: int, stop: int, body, carry):

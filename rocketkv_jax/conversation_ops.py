@@ -23,7 +23,6 @@ from . import programs
 from .cache import KVCache, page_bounds
 from .methods.base import round_capacity
 from .methods.multiturn import TurnCache
-from .methods.skip_layers import compress_layers
 from .models.config import ModelConfig
 from .models.llama import (
     PrefillState,
@@ -31,6 +30,7 @@ from .models.llama import (
     prefill_chunk,
     unembed,  # the final norm and LM head (the model's own, so logits match prefill)
 )
+from .models.plan import compress_layers
 from .programs import LoopSettings, begin_decode, compile_program
 
 

@@ -33,9 +33,9 @@ from ..generate import (
 )
 from ..kernels.backend import resolve_backend
 from ..methods.capture import KeepRaw
-from ..methods.skip_layers import compress_layers
 from ..models.config import ModelConfig
 from ..models.llama import forward_prefill
+from ..models.plan import compress_layers
 from ..programs import LoopSettings
 from ..sampling import Sampling
 

@@ -6,27 +6,24 @@ The layers then hold caches of different capacities, so one stacked cache (leadi
 axis) no longer fits. `SkipLayersPlan` keeps two stacks in a `LayeredCache`: `dense` for
 layers [0, S) at full capacity and `sparse` for layers [S, L) at the method's capacity.
 
-The model sees this through two generic entry points, never a method's name:
-
-    compress_layers(plan, k, v, q, lengths)   every layer's cache after prefill
-    layer_groups(plan, num_layers)            (plan, cache field, layer range) per stack
-
-An ordinary plan is one group, [0, L) over the whole cache. The decode step runs one
-layer loop per group, each with its own stack as the loop carry and the group's plan's
-own `append` / `attend`, so each stack is updated in place as today (no `lax.cond` on the
-layer index in the hot loop, whose branches would both carry the whole cache).
+The model sees this through the two generic entry points of its plan contract
+(`models/plan.py`: `compress_layers`, `layer_groups`), never a method's name. The decode
+step runs one layer loop per group, each with its own stack as the loop carry and the
+group's plan's own `append` / `attend`, so each stack is updated in place (no `lax.cond`
+on the layer index in the hot loop, whose branches would both carry the whole cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 
 from .. import checks
 from ..cache import KVCache
+from ..models.plan import LayerGroup, compress_layers
 from .base import DensePlan, MethodConfigError, round_capacity
 
 
@@ -38,38 +35,6 @@ class LayeredCache:
 
     dense: KVCache
     sparse: Any  # the inner plan's stacked cache (a KVCache for every method here)
-
-
-class LayerGroup(NamedTuple):
-    """Layers [start, stop) run `plan` on one stacked cache: `field` of the model's cache,
-    or the whole cache when None (an ordinary plan)."""
-
-    plan: Any
-    field: str | None
-    start: int
-    stop: int
-
-    def stack(self, cache):
-        """This group's stacked cache (leading axis: its layers, from `start`)."""
-        return cache if self.field is None else getattr(cache, self.field)
-
-    def replace(self, cache, stack):
-        """`cache` with this group's stack replaced by `stack`."""
-        return stack if self.field is None else dataclasses.replace(cache, **{self.field: stack})
-
-
-def layer_groups(plan, num_layers: int) -> tuple[LayerGroup, ...]:
-    """The plan's layer groups in layer order; one group [0, num_layers) for most plans."""
-    own = getattr(plan, "layer_groups", None)
-    return own() if own is not None else (LayerGroup(plan, None, 0, num_layers),)
-
-
-def compress_layers(plan, k: jax.Array, v: jax.Array, q: jax.Array, lengths: jax.Array):
-    """Every layer's cache: k, v [L, B, K, T, D], q [L, B, H, W, D], lengths [B]."""
-    own = getattr(plan, "compress_layers", None)
-    if own is not None:
-        return own(k, v, q, lengths)
-    return jax.lax.map(lambda kvq: plan.compress(*kvq, lengths), (k, v, q))
 
 
 @dataclasses.dataclass(frozen=True)

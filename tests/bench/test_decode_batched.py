@@ -196,7 +196,7 @@ def test_one_row_compressed_then_broadcast_equals_compressing_every_row(name, kw
     import numpy as np
 
     from rocketkv_jax.methods.registry import make_method
-    from rocketkv_jax.methods.skip_layers import compress_layers
+    from rocketkv_jax.models.plan import compress_layers
 
     cfg = bd.load_bench_model("tiny").config
     T, B = 200, 3

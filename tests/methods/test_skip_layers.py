@@ -12,13 +12,9 @@ import pytest
 
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.methods.base import MethodConfigError
-from rocketkv_jax.methods.skip_layers import (
-    SkipLayersPlan,
-    compress_layers,
-    layer_groups,
-    skip_layers_plan,
-)
+from rocketkv_jax.methods.skip_layers import SkipLayersPlan, skip_layers_plan
 from rocketkv_jax.models.config import ModelConfig
+from rocketkv_jax.models.plan import compress_layers, layer_groups
 
 D, K, L, T, N = 16, 2, 4, 48, 8
 
