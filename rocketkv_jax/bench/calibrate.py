@@ -1,5 +1,5 @@
 """`rocketkv bench --calibrate`: measure the dense-fallback cost model's constants
-(`methods.cost.CostConstants`) on the device at hand, for every kernel backend that runs
+(`methods.cost_file.CostConstants`) on the device at hand, for every kernel backend that runs
 here (the jnp references everywhere, the Triton kernels on a GPU), and write them where the
 cost model finds them (`methods/cost_file.py`).
 
@@ -31,7 +31,8 @@ from .. import kernels as kernel_lib
 from ..cache import KVCache
 from ..kernels.backend import triton_runs_here
 from ..methods import cost_file
-from ..methods.cost import INDEX_BYTES, KV_ELEMENT_BYTES, CostConstants
+from ..methods.cost import INDEX_BYTES, KV_ELEMENT_BYTES
+from ..methods.cost_file import CostConstants
 from ..methods.dense import dense_decode_attention
 from ..methods.stage2 import hybrid_select
 

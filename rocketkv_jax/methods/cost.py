@@ -61,10 +61,10 @@ touch 60-90% of a row's sectors, about 4x the R * e bytes requested.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from .base import MethodConfigError
+from .cost_file import CostConstants, CostFileError, calibrated_constants
 
 STAGE2_MODES = ("auto", "on", "off")
 
@@ -73,37 +73,6 @@ STAGE2_MODES = ("auto", "on", "off")
 # errs towards dense.
 KV_ELEMENT_BYTES = 2
 INDEX_BYTES = 4  # int32 slot index, written by top-k and read by the gather
-
-
-@dataclasses.dataclass(frozen=True)
-class CostConstants:
-    """What a kernel backend's sparse path costs, in bytes at the dense path's rate.
-
-    score_bytes: per slot per query head, the f32 approximate-score pipeline.
-    rank_bytes: per slot, `lax.top_k` over the group-mean score and the shared passes.
-    gather_factor: a gathered K/V row costs this many streamed ones.
-    metadata_factor: a page-bound element (channel-major, R of D channels) costs this many
-      of its bytes.
-    key_channel_factor: the same for R channels read from row-major key rows (stage 2 at
-      page 1, SparQ).
-    """
-
-    score_bytes: float
-    rank_bytes: float
-    gather_factor: float
-    metadata_factor: float
-    key_channel_factor: float
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if (isinstance(value, bool) or not isinstance(value, int | float)
-                    or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"cost constant {f.name} must be a positive finite number, "
-                                 f"got {value!r}")
-
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 REFERENCE_CONSTANTS = CostConstants(score_bytes=4, rank_bytes=24, gather_factor=3.0,
@@ -120,17 +89,15 @@ def constants_for(kernels: str) -> CostConstants:
     """The constants of a resolved backend name ("reference", "interpret", "triton"): from
     this device's calibration file where there is one (`cost_file.py`; a damaged file or one
     from another device raises CostFileError), else the built-ins."""
-    from . import cost_file
-
     backend = COST_BACKEND[kernels]
-    measured = cost_file.calibrated_constants()
+    measured = calibrated_constants()
     if measured is None:
         return BUILTIN_CONSTANTS[backend]
     path, by_backend = measured
     if backend not in by_backend:
         if kernels == "interpret":  # never timed: a CPU file has no Triton constants
             return BUILTIN_CONSTANTS[backend]
-        raise cost_file.CostFileError(
+        raise CostFileError(
             f"{path} holds cost constants for {', '.join(sorted(by_backend))} but not for "
             f"the {backend} kernels that run here; run `rocketkv bench --calibrate` again")
     return by_backend[backend]

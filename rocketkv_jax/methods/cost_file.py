@@ -1,5 +1,6 @@
 """The cost model's measured constants: one JSON file per device, written by
-`rocketkv bench --calibrate` and read at plan time by `cost.constants_for`.
+`rocketkv bench --calibrate` and read at plan time by `cost.constants_for`, and the
+constants themselves (`CostConstants`).
 
 Where the file is:
   - $ROCKETKV_JAX_COST_FILE, when set: that file (it must exist), or "off" for the
@@ -20,8 +21,10 @@ The file:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import tempfile
@@ -33,6 +36,37 @@ COST_FILE_ENV = "ROCKETKV_JAX_COST_FILE"
 FORMAT = "rocketkv-jax cost constants"
 VERSION = 1
 OFF = ("off", "builtin", "none", "0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostConstants:
+    """What a kernel backend's sparse path costs, in bytes at the dense path's rate.
+
+    score_bytes: per slot per query head, the f32 approximate-score pipeline.
+    rank_bytes: per slot, `lax.top_k` over the group-mean score and the shared passes.
+    gather_factor: a gathered K/V row costs this many streamed ones.
+    metadata_factor: a page-bound element (channel-major, R of D channels) costs this many
+      of its bytes.
+    key_channel_factor: the same for R channels read from row-major key rows (stage 2 at
+      page 1, SparQ).
+    """
+
+    score_bytes: float
+    rank_bytes: float
+    gather_factor: float
+    metadata_factor: float
+    key_channel_factor: float
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"cost constant {f.name} must be a positive finite number, "
+                                 f"got {value!r}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 class CostFileError(ValueError):
@@ -124,7 +158,6 @@ def _read_checked(path: str, mtime_ns: int, size: int, ident_key: tuple) -> dict
 def read(path: Path):
     """(device identity, {backend: CostConstants}) of a calibration file; CostFileError
     naming the file and what is wrong with it."""
-    from .cost import CostConstants
 
     def bad(why: str) -> CostFileError:
         return CostFileError(f"{path} is not a usable cost-constants file: {why}; run "

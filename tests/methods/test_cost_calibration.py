@@ -14,11 +14,11 @@ from rocketkv_jax.methods.cost import (
     BUILTIN_CONSTANTS,
     PALLAS_CONSTANTS,
     REFERENCE_CONSTANTS,
-    CostConstants,
     constants_for,
 )
 from rocketkv_jax.methods.cost_file import (
     COST_FILE_ENV,
+    CostConstants,
     CostFileError,
     default_path,
     device_identity,
