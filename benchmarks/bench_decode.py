@@ -2,11 +2,9 @@
 caches, compiled decode steps with XLA's cost and memory analysis, and interleaved timing.
 
 Caches are built the way `make_prefill(config, plan)` builds them, but with one model
-forward per context instead of one per (context, method): the prefill forward does not
-depend on the method (prefill attention is dense for every method), only the per-layer
-`plan.compress(k, v, q, lengths)` at its end does. `capture_prefill` runs the forward once
-and keeps every layer's (k, v, q); `compress_cache` then applies a method's `compress` layer
-by layer, which is exactly what `forward_prefill` does inside its layer scan
+forward per context instead of one per (context, method): the engine's shared prefill
+(`rocketkv_jax.engine.shared_prefill`) runs the forward once and keeps every layer's raw
+(k, v, q), and `compress_cache` applies a method's `compress` to it layer by layer
 (tests/bench/test_bench_smoke.py checks the two caches are equal).
 """
 
@@ -23,16 +21,21 @@ import jax.numpy as jnp
 import numpy as np
 from bench_bytes import llama31_8b_config
 
-from rocketkv_jax import programs
 from rocketkv_jax.bench import MODEL_KEYS
 from rocketkv_jax.bench.xla_stats import bytes_accessed, loop_aware_bytes, memory_stats
-from rocketkv_jax.generate import GREEDY, make_decode_step
-from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
-from rocketkv_jax.methods.capture import KeepRaw
+from rocketkv_jax.engine import programs
+from rocketkv_jax.engine.compile import clear_caches, hashable_structs, params_struct
+from rocketkv_jax.engine.decode import LoopSettings
+from rocketkv_jax.engine.generate import GREEDY, make_decode_step
+from rocketkv_jax.engine.shared_prefill import (
+    STORED_QUERY_WINDOW,
+    RawPrefill,
+    compress_program,
+    raw_prefill_program,
+)
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import forward_prefill
 from rocketkv_jax.models.params import random_params
-from rocketkv_jax.models.plan import compress_layers
 from rocketkv_jax.sampling import prng_key
 
 
@@ -148,23 +151,6 @@ def available_memory() -> int | None:
 
 
 # --------------------------------------------------------------------------- prefill
-@dataclasses.dataclass
-class Capture:
-    """Every layer's prefill keys, values and window queries (RoPE applied).
-
-    k, v: [Ly, B, K, T, D]; q: [Ly, B, H, W, D], each row's last W queries; lengths: [B].
-    mode: "model" (the real forward) or "synthetic" (standard normal stand-ins).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    q: jax.Array
-    lengths: jax.Array
-    mode: str
-    compile_s: float = 0.0
-    prefill_s: float = 0.0
-
-
 def _prompt_arrays(model: BenchModel, T: int, B: int):
     ids = model.prompt_ids(T)
     tokens = jnp.asarray(np.broadcast_to(ids, (B, T)))
@@ -172,29 +158,26 @@ def _prompt_arrays(model: BenchModel, T: int, B: int):
 
 
 def compile_capture_prefill(model: BenchModel, T: int, B: int, kernels: str = "auto"):
-    """Compile (do not run) the capturing prefill, whose KeepRaw plan makes forward_prefill
-    return every layer's raw (k, v, q) stacked over layers: (compiled, compile seconds)."""
-    fn = jax.jit(lambda p, t, n: forward_prefill(p, model.config, t, n, KeepRaw(T),
-                                                 all_logits=False, kernels=kernels)[1])
-    t0 = time.perf_counter()
-    compiled = fn.lower(model.params, jax.ShapeDtypeStruct((B, T), jnp.int32),
-                        jax.ShapeDtypeStruct((B,), jnp.int32)).compile()
-    return compiled, time.perf_counter() - t0
+    """Compile (do not run) the model's prefill of a [B, T] prompt in one chunk, keeping
+    every layer's raw (k, v, q): (compiled, compile seconds)."""
+    return raw_prefill_program(model.config, B, T, params_struct(model.params), None,
+                               kernels)
 
 
-def capture_prefill(model: BenchModel, T: int, B: int, compiled=None, compile_s=0.0,
-                    kernels: str = "auto") -> Capture:
-    """Run the model's prefill forward once and keep every layer's (k, v, q)."""
+def capture_prefill(model: BenchModel, T: int, B: int, compiled=None,
+                    kernels: str = "auto") -> tuple[RawPrefill, float]:
+    """Run the model's prefill forward once and keep every layer's (k, v, q):
+    (RawPrefill, seconds)."""
     if compiled is None:
-        compiled, compile_s = compile_capture_prefill(model, T, B, kernels)
+        compiled, _ = compile_capture_prefill(model, T, B, kernels)
     tokens, lengths = _prompt_arrays(model, T, B)
     t0 = time.perf_counter()
-    k, v, q = jax.block_until_ready(compiled(model.params, tokens, lengths))
-    return Capture(k, v, q, lengths, "model", compile_s, time.perf_counter() - t0)
+    _, raw = jax.block_until_ready(compiled(model.params, tokens, lengths))
+    return raw, time.perf_counter() - t0
 
 
 def synthetic_capture(config: ModelConfig, T: int, B: int, seed: int = 0,
-                      dtype=jnp.float32) -> Capture:
+                      dtype=jnp.float32) -> RawPrefill:
     """Standard normal k, v, q of the shapes a prefill produces (for contexts whose dense
     prefill does not fit in memory). A random-weight model's k, v, q are noise too; the
     decode step's cost does not depend on the values."""
@@ -204,30 +187,21 @@ def synthetic_capture(config: ModelConfig, T: int, B: int, seed: int = 0,
     v = jax.random.normal(kv, (Ly, B, K, T, D), dtype)  # [Ly, B, K, T, D]
     W = STORED_QUERY_WINDOW
     q = jax.random.normal(kq, (Ly, B, H, W, D), dtype)  # [Ly, B, H, W, D]
-    return Capture(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32),
-                   "synthetic")
+    return RawPrefill(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32))
 
 
-_COMPRESS: dict[Any, Any] = {}
-
-
-def compress_cache(plan, cap: Capture):
-    """plan.compress on every layer of a capture: the cache `make_prefill(config, plan)`
-    returns (leading layer axis), and the seconds it took (compile excluded)."""
-    if plan not in _COMPRESS:
-        def run(k, v, q, lengths):
-            return compress_layers(plan, k, v, q, lengths)
-
-        _COMPRESS[plan] = jax.jit(run)
-    fn = _COMPRESS[plan]
-    jax.block_until_ready(fn.lower(cap.k, cap.v, cap.q, cap.lengths).compile())
+def compress_cache(plan, raw: RawPrefill):
+    """plan.compress on every layer of a raw prefill: the cache `make_prefill(config,
+    plan)` returns (leading layer axis), and the seconds it took (compile excluded)."""
+    fn, _ = compress_program(plan, hashable_structs(raw))
     t0 = time.perf_counter()
-    cache = jax.block_until_ready(fn(cap.k, cap.v, cap.q, cap.lengths))
+    cache = jax.block_until_ready(fn(raw))
     return cache, time.perf_counter() - t0
 
 
 def clear_compress_cache() -> None:
-    _COMPRESS.clear()
+    """Forget the compiled programs (compressions of each plan among them)."""
+    clear_caches()
 
 
 # ------------------------------------------------------------------------ decode step
@@ -298,9 +272,8 @@ def generate_program_memory(model: BenchModel, plan, T: int, N: int, B: int):
     prefill chunk) and N new tokens: (stats of the program with the largest peak, with its
     "program" name, total compile seconds). They run one after another, holding only the
     state they pass on, so the largest program's peak is the generation's."""
-    progs = programs.for_request(model.config, plan, B, T, T,
-                                 programs.LoopSettings(N, GREEDY, (), 0),
-                                 programs.params_struct(model.params))
+    progs = programs.for_request(model.config, plan, B, T, T, LoopSettings(N, GREEDY, (), 0),
+                                 params_struct(model.params))
     stats = []
     for name in ("init", "chunk", "start", "decode"):
         m = memory_stats(getattr(progs, name))

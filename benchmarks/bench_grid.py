@@ -30,6 +30,7 @@ from bench_peers import PeerError, print_peers, run_peers
 from bench_tables import print_model_tables
 
 from rocketkv_jax.bench import BenchError, model_contexts
+from rocketkv_jax.cache import tree_bytes
 from rocketkv_jax.methods import (
     METHOD_NAMES,
     METHOD_VARIANTS,
@@ -56,12 +57,6 @@ def plan_methods(config, methods, budget, T, N, stage2: str = "auto",
         except MethodConfigError as e:
             out[m] = str(e)
     return out
-
-
-def cache_bytes(cache) -> int:
-    import jax
-
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
 
 
 def run_model(bm, args, bar, rec: dict, save=None) -> dict:
@@ -92,7 +87,7 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
                 caches[m], compress_s[m] = bd.compress_cache(p, cap)
                 if p not in compiled:
                     compiled[p] = bd.compile_step(cfg, p, bm.params, caches[m], B)
-            kv_cache = {m: cache_bytes(c) for m, c in caches.items()}
+            kv_cache = {m: tree_bytes(c) for m, c in caches.items()}
             times = bd.time_interleaved({m: compiled[p].fn for m, p in ok.items()}, caches,
                                         bm.params, B=B, T=T, warmup=args.warmup,
                                         iters=args.iters)
@@ -153,12 +148,12 @@ def _prefill(bm, T, B, args):
                f"{args.prefill_memory_gb:g}") + ("" if free else
                f"; {fmt_bytes(avail)} available on the machine"))
     if use_model:
-        cap = bd.capture_prefill(bm, T, B, compiled, compile_s)
+        cap, prefill_s = bd.capture_prefill(bm, T, B, compiled)
     else:
-        cap = bd.synthetic_capture(bm.config, T, B, args.seed)
+        cap, prefill_s = bd.synthetic_capture(bm.config, T, B, args.seed), None
     del compiled
     bd.release_memory()
-    return cap, {"T": T, "mode": cap.mode, "prefill_s": cap.prefill_s if use_model else None,
+    return cap, {"T": T, "mode": "model" if use_model else "synthetic", "prefill_s": prefill_s,
                  "compile_s": compile_s, "memory": mem, "why": why,
                  "available_bytes": avail}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench_bytes import print_table
 
-from rocketkv_jax.generate import generate_ids
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
 
 PEER_SCRIPT = Path(__file__).with_name("bench_peer_hf.py")

@@ -49,10 +49,11 @@ from bench_bytes import (
     print_method_roofline,
     print_table,
 )
-from bench_grid import cache_bytes, machine_line, plan_methods
+from bench_grid import machine_line, plan_methods
 
 from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list, parse_methods
-from rocketkv_jax.methods.base import STORED_QUERY_WINDOW
+from rocketkv_jax.cache import tree_bytes
+from rocketkv_jax.engine.shared_prefill import STORED_QUERY_WINDOW, RawPrefill
 from rocketkv_jax.models.params import unstack_layers
 from rocketkv_jax.models.plan import compress_layers
 from rocketkv_jax.names import WEIGHT_LAYOUTS
@@ -137,14 +138,13 @@ def _load_model(key: str, args) -> bd.BenchModel:
                                seed=args.seed)
 
 
-def batch_capture(base: bd.Capture, T: int, B: int) -> bd.Capture:
+def batch_capture(base: RawPrefill, T: int, B: int) -> RawPrefill:
     """The first T tokens of a batch-1 capture, broadcast to B rows (materialized)."""
     Ly, _, K, _, D = base.k.shape
     k = jnp.broadcast_to(base.k[:, :, :, :T], (Ly, B, K, T, D))  # [Ly, B, K, T, D]
     v = jnp.broadcast_to(base.v[:, :, :, :T], (Ly, B, K, T, D))  # [Ly, B, K, T, D]
     q = jnp.broadcast_to(base.q, (base.q.shape[0], B, *base.q.shape[2:]))  # [Ly, B, H, W, D]
-    return bd.Capture(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32),
-                      "synthetic")
+    return RawPrefill(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32))
 
 
 def broadcast_rows(cache, struct):
@@ -163,12 +163,14 @@ def broadcast_rows(cache, struct):
 
 
 def capture_struct(cfg, T: int, B: int):
-    """Shapes of `batch_capture(., T, B)`: k, v, q, lengths."""
+    """Shapes of `batch_capture(., T, B)`: a RawPrefill of shape structs."""
     Ly, H, K, D, W = (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                       STORED_QUERY_WINDOW)
     f = jnp.float32
-    return (jax.ShapeDtypeStruct((Ly, B, K, T, D), f), jax.ShapeDtypeStruct((Ly, B, K, T, D), f),
-            jax.ShapeDtypeStruct((Ly, B, H, W, D), f), jax.ShapeDtypeStruct((B,), jnp.int32))
+    return RawPrefill(jax.ShapeDtypeStruct((Ly, B, K, T, D), f),
+                      jax.ShapeDtypeStruct((Ly, B, K, T, D), f),
+                      jax.ShapeDtypeStruct((Ly, B, H, W, D), f),
+                      jax.ShapeDtypeStruct((B,), jnp.int32))
 
 
 def group_methods(sizes: dict[str, int], room: int) -> tuple[list[list[str]], list[str]]:
@@ -201,7 +203,7 @@ class ModelRun:
     bm: bd.BenchModel
     rec: dict
     weights: int
-    base: bd.Capture
+    base: RawPrefill
     compiled: dict
 
 
@@ -249,14 +251,13 @@ def _run_cell(r: ModelRun, args, B: int, T: int, M: int) -> None:
             rec["skipped"].append({"B": B, "T": T, "M": M, "method": m, "why": p})
     ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
     cap_struct = capture_struct(cfg, T, B)
-    structs = {m: jax.eval_shape(lambda k, v, q, n, p=p: compress_layers(p, k, v, q, n),
-                                 *cap_struct) for m, p in ok.items()}
-    sizes = {m: cache_bytes(s) for m, s in structs.items()}
+    structs = {m: jax.eval_shape(lambda r, p=p: compress_layers(p, r.k, r.v, r.q, r.lengths),
+                                 cap_struct) for m, p in ok.items()}
+    sizes = {m: tree_bytes(s) for m, s in structs.items()}
     bd.release_memory()
     avail = bd.available_memory() or 2**62
     # the caches are compressed from one row and broadcast (`broadcast_rows`)
-    cap_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize
-                    for s in capture_struct(cfg, T, 1))
+    cap_bytes = tree_bytes(capture_struct(cfg, T, 1))
     room = int(avail * args.memory_fraction) - cap_bytes
     groups, too_big = group_methods(sizes, room)
     why = (f"does not fit beside full KV: capture {fmt_bytes(cap_bytes)} + caches > "

@@ -188,7 +188,7 @@ def _decode_cell(check, rec, cfg, params, T, B, N, budgets, kernels, weights, bw
     for m, p in plans.items():
         one, _ = bd.compress_cache(p, cap)
         want = jax.eval_shape(lambda k, v, q, n, p=p: compress_layers(p, k, v, q, n), *structs,
-                              jax.ShapeDtypeStruct((B,), jnp.int32))
+                              jax.ShapeDtypeStruct((B,), jnp.int32))  # the batch of B rows
         caches[m] = broadcast_rows(one, want)
         del one
     del cap
@@ -216,7 +216,7 @@ def _decode_cell(check, rec, cfg, params, T, B, N, budgets, kernels, weights, bw
 
 # --------------------------------------------------------------------- d. generate
 def part_generate(check, rec: dict) -> None:
-    from rocketkv_jax.generate import generate_ids
+    from rocketkv_jax.engine.generate import generate_ids
     from rocketkv_jax.methods import make_method
 
     cfg, params, _ = model_8b(check)

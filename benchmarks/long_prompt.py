@@ -31,8 +31,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from rocketkv_jax.generate import DEFAULT_PREFILL_CHUNK, generate_ids
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
+from rocketkv_jax.names import DEFAULT_PREFILL_CHUNK
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ from bench_peer_hf import load_smollm2
 
 from rocketkv_jax.bench import parse_list
 from rocketkv_jax.convert import embedded_smollm2_gguf
-from rocketkv_jax.generate import make_prefill
+from rocketkv_jax.engine.generate import make_prefill
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.model_store import load_model
 

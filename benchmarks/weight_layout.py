@@ -25,7 +25,7 @@ import bench_decode as bd  # noqa: E402
 from bench_grid import machine_line  # noqa: E402
 
 from rocketkv_jax.bench import parse_methods  # noqa: E402
-from rocketkv_jax.generate import generate_ids  # noqa: E402
+from rocketkv_jax.engine.generate import generate_ids  # noqa: E402
 from rocketkv_jax.methods import make_method  # noqa: E402
 from rocketkv_jax.models.params import unstack_layers  # noqa: E402
 from rocketkv_jax.names import WEIGHT_LAYOUTS  # noqa: E402

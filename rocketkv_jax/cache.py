@@ -175,3 +175,8 @@ def visible_slots(
     if sliding_window is not None:
         mask &= (q - cache.pos) < sliding_window
     return mask
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a pytree of arrays or shape structs (a cache, its stand-in, a state)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))

@@ -46,8 +46,7 @@ def add_chat_parser(sub) -> argparse.ArgumentParser:
     from . import checks
     from .checks import flag
     from .cli import PREFILL_CHUNK_FLAG, _add_method_args, add_sampling_args
-    from .defaults import DEFAULT_PREFILL_CHUNK
-    from .names import MULTI_TURN_METHOD_NAMES
+    from .names import DEFAULT_PREFILL_CHUNK, MULTI_TURN_METHOD_NAMES
 
     c = sub.add_parser("chat", help="multi-turn chat that keeps its KV cache",
                        description=CHAT_HELP, epilog=CHAT_EXAMPLES)
@@ -175,8 +174,9 @@ def chat_method(args):
 
 
 def cmd_chat(args) -> int:
-    from .cli import UserError, _check_vocab, _Streamer, enable_compilation_cache
-    from .conversation import Conversation, ConversationError
+    from .cli import UserError, _check_vocab, _Streamer
+    from .engine.compile import enable_compilation_cache
+    from .engine.conversation import Conversation, ConversationError
     from .model_store import load_model
     from .sampling import Sampling
     from .tokenizer import TokenizerError

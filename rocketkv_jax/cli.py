@@ -14,9 +14,9 @@ from pathlib import Path
 
 from . import checks  # JAX-free, like names: --help does not import JAX
 from .checks import flag
-from .defaults import DEFAULT_PREFILL_CHUNK
 from .names import (
     DEFAULT_KERNELS,
+    DEFAULT_PREFILL_CHUNK,
     KERNEL_BACKENDS,
     KERNELS_HELP,
     METHOD_NAMES,
@@ -339,7 +339,7 @@ def _mesh_from_flag(spec):
 
 
 def cmd_generate(args) -> int:
-    from .generate import GenerateError, check_request, generate_ids
+    from .engine.generate import GenerateError, check_request, generate_ids
     from .model_store import load_model
     from .sampling import Sampling
 
@@ -347,6 +347,8 @@ def cmd_generate(args) -> int:
     method = make_method_from_args(args)
     prompts, where, batch_mode = _read_prompts(args)
     chunk = args.prefill_chunk
+    from .engine.compile import enable_compilation_cache
+
     enable_compilation_cache(single_device=args.mesh is None)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     from . import sharding
@@ -452,6 +454,8 @@ def cmd_eval(args) -> int:
 
         identity = engine_identity(model, METHODS, kernels=config.kernels,
                                    skip_layers=config.skip_layers, prefill_chunk=PREFILL_CHUNK)
+        from .engine.compile import enable_compilation_cache
+
         enable_compilation_cache()
         return run_multiturn_command(config, model, engine_identity=identity, info=info)
     gen, forced, greedy = engine_functions(model, kernels=config.kernels,
@@ -485,37 +489,6 @@ def cmd_models(args) -> int:
         if not r["installed"]:
             print(f"install {r['name']}: {r['install']}")
     return 0
-
-
-def enable_compilation_cache(single_device: bool = True) -> str | None:
-    """Turn on JAX's persistent compilation cache in a user cache directory
-    ($ROCKETKV_JAX_COMPILE_CACHE, "off" disables it). Returns the directory or None.
-
-    single_device: the programs will not be partitioned over a mesh. Their cache keys then
-    leave out the Python pointer of the `custom_partitioning` ops (partitioned.py), which
-    differs in every process and would make each run miss the cache; those ops' partition
-    rules only run when a program is split over several devices."""
-    import os
-
-    import jax
-
-    where = os.environ.get("ROCKETKV_JAX_COMPILE_CACHE", "")
-    if where.lower() in ("off", "0", "none", "false"):
-        return None
-    if not where:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        where = os.path.join(base, "rocketkv-jax", "jax-compile")
-    try:
-        os.makedirs(where, exist_ok=True)
-    except OSError as e:
-        print(f"warning: compilation cache disabled ({where}: {e.strerror})", file=sys.stderr)
-        return None
-    jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if single_device:
-        jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
-    return where
 
 
 class _PrefillBar:
@@ -575,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0), or a usage error argparse has printed (2)
         return e.code if isinstance(e.code, int) else 2
-    from .generate import GenerateError
+    from .engine.requests import GenerateError
     from .model_store import ModelNotFoundError
     from .models.config import ConfigError
     from .tokenizer import TokenizerError

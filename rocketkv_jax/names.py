@@ -1,5 +1,5 @@
-"""The names users type: KV methods, their named variants, kernel backends and weight
-layouts.
+"""The choices users make by name, and the defaults the CLI shows: KV methods, their named
+variants, kernel backends, stage-2 modes, weight layouts, the prefill chunk.
 
 Written once here, in a module that imports nothing (so `rocketkv --help` and
 `import rocketkv_jax.eval` do not pay for JAX). The method registry
@@ -59,3 +59,8 @@ PREFILL_KERNELS: tuple[str, ...] = (*KERNEL_BACKENDS, "dense")
 # Weight layouts (`generate --weight-layout`, `models.params.unstack_layers`): one array per
 # weight over all layers (the checkpoint's), or one array per layer with the loop unrolled.
 WEIGHT_LAYOUTS: tuple[str, ...] = ("stacked", "per-layer")
+
+# Prompt tokens per prefill chunk (`generate --prefill-chunk`, `generate_ids(prefill_chunk=)`,
+# `Conversation(prefill_chunk=)`): activations stay O(chunk), and a prompt of n chunks
+# compiles once for any length in it. The smallest chunk is `checks.MIN_PREFILL_CHUNK`.
+DEFAULT_PREFILL_CHUNK = 4096

@@ -38,9 +38,9 @@ def drop_compiled_programs() -> None:
 
     import jax
 
-    from rocketkv_jax import programs
+    from rocketkv_jax.engine.compile import clear_caches
 
-    programs.clear_caches()
+    clear_caches()
     jax.clear_caches()
     gc.collect()
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from ..generate import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK, generate_ids
+from ..engine.generate import generate_ids
+from ..engine.shared_prefill import SharedPrefill, forced_decode_logprobs
 from ..methods import make_method, method_hparams
 from ..model_store import Model, model_identity
-from ..names import METHOD_VARIANTS
-from .shared_prefill import SharedPrefill, forced_decode_logprobs
+from ..names import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK, METHOD_VARIANTS
 
 # Method fields that come from the run's flags (recorded once, at the identity's top).
 RUN_SETTINGS = ("token_budget", "kernels", "skip_layers")

@@ -182,7 +182,7 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
     `multiturn_identity(engine_identity, ...)`; another identity there is refused
     (`force` starts over). Every pending sample is built before any file is created.
     Returns the results path. Raises ResultsFileError, TaskError."""
-    from rocketkv_jax.conversation import Conversation
+    from rocketkv_jax.engine.conversation import Conversation
     from rocketkv_jax.eval.engine import eval_method
 
     if samples < 1 or num_turns < 1 or max_new_tokens < 1:

@@ -18,9 +18,6 @@ from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
 from .dense import dense_decode_attention, keep_all
 
 CAPACITY_MULTIPLE = 16  # cache capacities are multiples of 16 (and of the page size)
-# Trailing queries kept per row by the plans that store a raw prefill to compress later
-# with several methods (SharedPrefill, the benchmarks): any stage-1 window up to this.
-STORED_QUERY_WINDOW = 128
 # describe()["kernels"] of a plan whose decode attention is dense (jnp under XLA): no kernel
 # backend runs in its decode step. Sparse plans name the resolved backend instead.
 NO_KERNELS = "none"

@@ -19,7 +19,7 @@ import pytest
 from bench_bytes import kv_read_bytes, read_split
 
 from rocketkv_jax import bench
-from rocketkv_jax.generate import make_prefill
+from rocketkv_jax.engine.generate import make_prefill
 from rocketkv_jax.methods import METHOD_NAMES, make_method
 
 
@@ -155,8 +155,8 @@ def test_capture_then_compress_equals_make_prefill(name):
     bm = bd.load_bench_model("tiny", seed=1)
     T, N, B = 192, 16, 1
     plan = make_method(name, None if name == "full" else 64).plan(bm.config, T, N)
-    cap = bd.capture_prefill(bm, T, B)
-    ours, _ = bd.compress_cache(plan, cap)
+    raw, _ = bd.capture_prefill(bm, T, B)
+    ours, _ = bd.compress_cache(plan, raw)
     tokens = jnp.asarray(bm.prompt_ids(T))[None]
     _, ref = make_prefill(bm.config, plan)(bm.params, tokens, jnp.full((B,), T, jnp.int32))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):

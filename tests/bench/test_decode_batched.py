@@ -205,7 +205,8 @@ def test_one_row_compressed_then_broadcast_equals_compressing_every_row(name, kw
     rows = db.batch_capture(base, T, B)
     want = compress_layers(plan, rows.k, rows.v, rows.q, rows.lengths)
     one = db.batch_capture(base, T, 1)
-    struct = jax.eval_shape(lambda *a: compress_layers(plan, *a), *db.capture_struct(cfg, T, B))
+    struct = jax.eval_shape(lambda r: compress_layers(plan, r.k, r.v, r.q, r.lengths),
+                            db.capture_struct(cfg, T, B))
     got = db.broadcast_rows(compress_layers(plan, one.k, one.v, one.q, one.lengths), struct)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -186,7 +186,7 @@ def test_qwen_greedy_generate_matches_transformers(qwen_ours, qwen_hf):
     `generate` tokens, 32 of them."""
     import torch
 
-    from rocketkv_jax.generate import generate_ids
+    from rocketkv_jax.engine.generate import generate_ids
     from rocketkv_jax.methods import Full
 
     params, config, tok = qwen_ours
@@ -206,7 +206,7 @@ def test_qwen_greedy_generate_matches_transformers(qwen_ours, qwen_hf):
 def test_qwen_16k_needle_full_and_rocketkv(qwen_ours):
     """A RULER niah_single prompt of 16k+ tokens (needle at 50% depth), prefilled once in
     chunks of 4096: full KV and rocketkv at budget 256 both answer the magic number."""
-    from rocketkv_jax.eval.shared_prefill import SharedPrefill
+    from rocketkv_jax.engine.shared_prefill import SharedPrefill
     from rocketkv_jax.eval.tasks import TaskError, make_sample
     from rocketkv_jax.methods import make_method
 

@@ -9,8 +9,8 @@ import pytest
 from tiny_checkpoint import tiny_checkpoint_config, tiny_params
 
 from rocketkv_jax import load_model, make_decode_step, make_method, make_prefill
-from rocketkv_jax.conversation import Conversation
-from rocketkv_jax.generate import generate_ids
+from rocketkv_jax.engine.conversation import Conversation
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import Full
 from rocketkv_jax.model_store import ModelNotFoundError
 from rocketkv_jax.sampling import Sampling

@@ -12,8 +12,8 @@ from tiny_checkpoint import (
 )
 
 from rocketkv_jax.cli import main as cli_main
-from rocketkv_jax.eval.shared_prefill import SharedPrefill
-from rocketkv_jax.generate import GenerateError, generate_ids
+from rocketkv_jax.engine.generate import GenerateError, generate_ids
+from rocketkv_jax.engine.shared_prefill import SharedPrefill
 from rocketkv_jax.methods import Full
 
 CFG = tiny_checkpoint_config()

@@ -11,7 +11,7 @@ import time
 import pytest
 from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config, tiny_params
 
-from rocketkv_jax.generate import generate_ids
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import Full
 from rocketkv_jax.tokenizer import Tokenizer
 

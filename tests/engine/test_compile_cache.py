@@ -13,8 +13,8 @@ SCRIPT = r"""
 import json, sys
 import jax
 from jax import monitoring
-from rocketkv_jax.cli import enable_compilation_cache
-from rocketkv_jax.generate import generate_ids
+from rocketkv_jax.engine.compile import enable_compilation_cache
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.params import random_params

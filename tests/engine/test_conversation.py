@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.conversation import Conversation, ConversationError, decode_cache
-from rocketkv_jax.generate import generate_ids, length_bucket
+from rocketkv_jax.engine.conversation import Conversation, ConversationError, decode_cache
+from rocketkv_jax.engine.generate import generate_ids
+from rocketkv_jax.engine.requests import length_bucket
 from rocketkv_jax.methods import Full, RocketKV, TopK
 from rocketkv_jax.methods.base import DensePlan
 from rocketkv_jax.methods.multiturn import MultiTurnPlan, RocketKVMT, SnapKVMT

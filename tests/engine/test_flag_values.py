@@ -16,8 +16,8 @@ from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config, tiny_p
 from rocketkv_jax import checks
 from rocketkv_jax.cli import build_parser
 from rocketkv_jax.cli import main as cli_main
-from rocketkv_jax.conversation import Conversation, ConversationError
-from rocketkv_jax.generate import GenerateError, generate_ids
+from rocketkv_jax.engine.conversation import Conversation, ConversationError
+from rocketkv_jax.engine.generate import GenerateError, generate_ids
 from rocketkv_jax.methods import Full
 from rocketkv_jax.sampling import Sampling, prng_key
 

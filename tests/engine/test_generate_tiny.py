@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.generate import (
+from rocketkv_jax.engine.generate import (
     GenerateError,
     batch_bucket,
     generate_ids,
@@ -137,7 +137,7 @@ def test_eos_from_config_is_the_default_stop():
 
 @pytest.mark.parametrize("method", ["full", "rocketkv", "snapkv", "quest", "streaming"])
 def test_shared_prefill_generates_what_generate_ids_does(method):
-    from rocketkv_jax.eval.shared_prefill import SharedPrefill
+    from rocketkv_jax.engine.shared_prefill import SharedPrefill
     from rocketkv_jax.methods import make_method
 
     prompts = _prompts([60, 41, 75], seed=7)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rocketkv_jax.generate import generate_ids
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import Full
 from rocketkv_jax.model_store import load_model
 

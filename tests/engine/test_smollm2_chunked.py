@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+from rocketkv_jax.engine.generate import generate_ids, make_prefill
 from rocketkv_jax.eval.tasks import make_sample
-from rocketkv_jax.generate import generate_ids, make_prefill
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.model_store import load_model
 from rocketkv_jax.models.llama import forward_prefill

@@ -4,9 +4,9 @@ when the budget covers the sequence, and RocketKV keeps a needle at a 256 budget
 import pytest
 
 from rocketkv_jax.cli import main as cli_main
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.eval.scoring import score_output
 from rocketkv_jax.eval.tasks import make_sample
-from rocketkv_jax.generate import generate_ids
 from rocketkv_jax.methods import METHOD_NAMES, make_method
 from rocketkv_jax.model_store import load_model
 
@@ -52,7 +52,7 @@ def test_budget_covering_the_sequence_generates_exactly_full(smol, essay_prompt,
 
 def test_rocketkv_cache_is_the_planned_compressed_size(smol, essay_prompt):
     """At a budget far below the prompt the cache holds `capacity` slots, not T + N."""
-    from rocketkv_jax.generate import length_bucket
+    from rocketkv_jax.engine.requests import length_bucket
 
     n = 8
     T = length_bucket(len(essay_prompt))

@@ -257,7 +257,7 @@ def test_multi_turn_methods_take_kernels_and_skip_layers(ckpts, tmp_path, monkey
             built.append(method)
             raise KeyboardInterrupt  # stop before running anything
 
-    monkeypatch.setattr("rocketkv_jax.conversation.Conversation", Recorder)
+    monkeypatch.setattr("rocketkv_jax.engine.conversation.Conversation", Recorder)
     code = _eval(ckpts, tmp_path / "out", *MULTI, "--methods", "rocketkv-mt", "--kernels",
                  "interpret", "--skip-layers", "1")
     assert code == 130

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from gpu_cases import NEEDS_GPU
 
-from rocketkv_jax.generate import generate_ids
+from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.params import random_params

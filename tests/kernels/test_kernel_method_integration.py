@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.generate import make_decode_step, make_prefill
+from rocketkv_jax.engine.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.params import random_params

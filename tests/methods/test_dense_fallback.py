@@ -179,7 +179,7 @@ def test_fallback_equals_dense_attention_over_the_same_cache(method, kw, G, dtyp
 
 
 def test_stats_line_says_which_path_runs():
-    from rocketkv_jax.generate import GenerateStats, method_stats
+    from rocketkv_jax.engine.generate import GenerateStats, method_stats
 
     def line(method, T, N):
         fields = method_stats(method, method.plan(SMOLLM2, T, N), T, N)

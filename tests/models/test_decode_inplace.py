@@ -16,7 +16,7 @@ import pytest
 
 from rocketkv_jax.bench.xla_stats import loop_aware_bytes
 from rocketkv_jax.cache import KVCache, append_token, page_bounds
-from rocketkv_jax.generate import make_decode_step, make_prefill
+from rocketkv_jax.engine.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods.registry import make_method
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.params import random_params, unstack_layers

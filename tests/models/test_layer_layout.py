@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from weight_slicing import copy_fusions
 
-from rocketkv_jax.generate import make_decode_step, make_prefill
+from rocketkv_jax.engine.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods.registry import make_method
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.params import random_params, stack_layers, unstack_layers

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from tiny_decoder import tiny_config, tiny_params
 
-from rocketkv_jax.eval.shared_prefill import SharedPrefill
-from rocketkv_jax.generate import generate_ids, make_decode_step, make_prefill
+from rocketkv_jax.engine.generate import generate_ids, make_decode_step, make_prefill
+from rocketkv_jax.engine.shared_prefill import SharedPrefill
 from rocketkv_jax.methods import MethodConfigError, make_method
 from rocketkv_jax.methods.skip_layers import LayeredCache
 from rocketkv_jax.models.layers import rms_norm

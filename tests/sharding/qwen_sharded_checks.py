@@ -21,8 +21,8 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rocketkv_jax import generate as gen  # noqa: E402
 from rocketkv_jax import sharding as shd  # noqa: E402
+from rocketkv_jax.engine import generate as gen  # noqa: E402
 from rocketkv_jax.methods import make_method, method_hparams  # noqa: E402
 from rocketkv_jax.models.config import ModelConfig  # noqa: E402
 from rocketkv_jax.models.params import flatten, random_params  # noqa: E402

@@ -27,10 +27,11 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rocketkv_jax import generate as gen  # noqa: E402
-from rocketkv_jax import partitioned, programs  # noqa: E402
+from rocketkv_jax import partitioned  # noqa: E402
 from rocketkv_jax import sharding as shd  # noqa: E402
 from rocketkv_jax.convert.checkpoint import load_checkpoint  # noqa: E402
+from rocketkv_jax.engine import decode, programs  # noqa: E402
+from rocketkv_jax.engine import generate as gen  # noqa: E402
 from rocketkv_jax.methods import (  # noqa: E402
     make_method,
     method_hparams,
@@ -39,6 +40,7 @@ from rocketkv_jax.methods import (  # noqa: E402
     stage2,
 )
 from rocketkv_jax.models.config import ModelConfig  # noqa: E402
+from rocketkv_jax.models.llama import forward_prefill  # noqa: E402
 from rocketkv_jax.models.params import flatten, random_params  # noqa: E402
 from rocketkv_jax.sampling import Sampling  # noqa: E402
 
@@ -112,18 +114,19 @@ def top_k_operand_gathers(hlos: list[str]) -> list[str]:
     return sorted(found)
 
 
-PROGRAMS = ("init_program", "chunk_program", "start_program", "decode_program")
+PROGRAMS = ((programs, "init_program"), (programs, "chunk_program"),
+            (programs, "start_program"), (decode, "decode_program"))
 
 
 class Recorder:
-    """Wraps the program builders of rocketkv_jax.programs to keep the compiled programs
-    a generate call ran (cache hits included), for their HLO."""
+    """Wraps the program builders of rocketkv_jax.engine to keep the compiled programs a
+    generate call ran (cache hits included), for their HLO."""
 
     def __init__(self):
-        self.inner = {name: getattr(programs, name) for name in PROGRAMS}
+        self.inner = {(module, name): getattr(module, name) for module, name in PROGRAMS}
         self.used: list = []
-        for name, fn in self.inner.items():
-            setattr(programs, name, self._wrap(fn))
+        for (module, name), fn in self.inner.items():
+            setattr(module, name, self._wrap(fn))
 
     def _wrap(self, fn):
         def record(*args):
@@ -211,7 +214,7 @@ def restored_shardings(ckpt, report):
     # the cache rules as the program applies them, on the real cache pytree
     plan = method("rocketkv").plan(CFG, 256, NEW)
     cache = jax.eval_shape(
-        lambda p: gen.forward_prefill(
+        lambda p: forward_prefill(
             p, CFG, jax.numpy.zeros((4, 256), "int32"), jax.numpy.full((4,), 200, "int32"),
             plan, all_logits=False,
         )[1],

@@ -48,11 +48,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, defaults, names, programs
-from . import conversation_ops as ops
-from .conversation_ops import decode_cache, grown_plan
-from .generate import (
-    GREEDY,
+from .. import checks
+from ..cache import tree_bytes
+from ..kernels.backend import resolve_backend
+from ..methods.base import DensePlan, round_capacity
+from ..methods.full import Full
+from ..methods.multiturn import MultiTurnPlan, is_multi_turn
+from ..methods.stage2 import TwoStagePlan
+from ..methods.topk import TopK
+from ..models.config import ModelConfig
+from ..names import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK
+from ..sampling import Sampling, prng_key
+from . import conversation_programs as programs
+from .compile import hashable, hashable_structs, params_struct, unflatten
+from .conversation_programs import decode_cache, grown_plan
+from .decode import LoopSettings, decode_program, run_decode
+from .generate import GREEDY, kernels_summary
+from .requests import (
     GenerateError,
     check_callbacks,
     check_config,
@@ -61,19 +73,9 @@ from .generate import (
     check_sampling,
     check_stop_ids,
     check_token_ids,
-    kernels_summary,
     length_bucket,
     stop_tuple,
 )
-from .kernels.backend import resolve_backend
-from .methods.base import DensePlan, round_capacity
-from .methods.full import Full
-from .methods.multiturn import MultiTurnPlan, is_multi_turn
-from .methods.stage2 import TwoStagePlan
-from .methods.topk import TopK
-from .models.config import ModelConfig
-from .programs import LoopSettings
-from .sampling import Sampling, prng_key
 
 __all__ = ["Conversation", "ConversationError", "Reply", "TurnStats", "conversation_mode",
            "decode_cache"]
@@ -148,9 +150,9 @@ class Conversation:
     """
 
     def __init__(self, params, config: ModelConfig, method, *, capacity: int, batch: int = 1,
-                 prefill_chunk: int | None = defaults.DEFAULT_PREFILL_CHUNK,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                  stop_ids: Sequence[int] | None = None, pad_id: int = 0,
-                 kernels: str = names.DEFAULT_KERNELS):
+                 kernels: str = DEFAULT_KERNELS):
         check_config(config)
         check_method(method)
         capacity = checks.capacity(capacity, error=ConversationError)
@@ -179,13 +181,13 @@ class Conversation:
         # so every chunk of a turn fits inside it (`_prefill_plan`)
         self.size = (round_capacity(capacity) if capacity <= chunk
                      else -(-capacity // chunk) * chunk)
-        self._params_s = programs.params_struct(params)
+        self._params_s = params_struct(params)
         self.reset()
 
     # ---- state
     def reset(self) -> None:
         """Forget every row's history (the buffers are zeroed, nothing recompiles)."""
-        init, _ = ops.init_program(self.config, self.batch, self.size, self.window,
+        init, _ = programs.init_program(self.config, self.batch, self.size, self.window,
                                 self._params_s)
         self._history, self._q_obs, self._x_last = init()
         self._tokens: list[list[int]] = [[] for _ in range(self.batch)]
@@ -209,8 +211,7 @@ class Conversation:
         return self._plan is not None
 
     def cache_bytes(self) -> int:
-        leaves = jax.tree.leaves((self._history, self._q_obs))
-        return int(sum(x.size * x.dtype.itemsize for x in leaves))
+        return tree_bytes((self._history, self._q_obs))
 
     # ---- turns
     def append(self, turns) -> TurnStats:
@@ -271,13 +272,12 @@ class Conversation:
                 dplan = MultiTurnPlan(plan)
         mode = "direct" if dplan is plan and not first and self.mode == "multi_turn" \
             else self.mode
-        start, t_start, state_s = ops.start_program(
+        start, t_start, state_s = programs.start_program(
             self.config, mode, plan, size, loop, first,
-            ops.hashable_structs(self._history), ops.hashable_structs(self._q_obs), self._params_s)
-        decode, t_decode = programs.decode_program(self.config, dplan, loop, state_s,
-                                                   self._params_s)
-        finish, t_finish = ops.finish_program(isinstance(plan, TwoStagePlan),
-                                           programs.hashable(jax.tree.unflatten(*state_s).cache))
+            hashable_structs(self._history), hashable_structs(self._q_obs), self._params_s)
+        decode, t_decode = decode_program(self.config, dplan, loop, state_s, self._params_s)
+        finish, t_finish = programs.finish_program(isinstance(plan, TwoStagePlan),
+                                                   hashable(unflatten(state_s).cache))
         stats.compile_s += t_start + t_decode + t_finish
         stats.plan = _plan_summary(plan)
         stats.kernels = kernels_summary(self.kernels, dplan)
@@ -286,31 +286,20 @@ class Conversation:
         state = start(self.params, self._history, self._q_obs, self._logits, lengths,
                       jnp.asarray(key))
         self._history = None  # donated (or compressed away)
-        N, step = max_new_tokens, 1
-        done = np.asarray(state.done)
-        t_first = time.perf_counter()
-        stats.start_s = t_first - t0
-        if on_step is not None:
-            on_step(0, np.asarray(state.out)[:, 0], done)
-        while step < N and not done.all():
-            until = step + 1 if on_step is not None else N
-            state = decode(self.params, state, lengths, jnp.int32(until))
-            step, done = int(state.step), np.asarray(state.done)
-            if on_step is not None:
-                on_step(step - 1, np.asarray(state.out)[:, step - 1], done)
-        out, n_gen = np.asarray(state.out), np.asarray(state.n_generated)
-        self._history = finish(state.cache, state.step, state.n_generated)
-        stats.decode_s = time.perf_counter() - t_first
+        run = run_decode(decode, self.params, state, lengths, self.batch, on_step)
+        self._history = finish(run.state.cache, run.state.step, run.state.n_generated)
+        stats.start_s = run.first_token_at - t0
+        stats.decode_s = run.decode_s
         stats.rows = self.batch
         if first:
             self._plan = plan
         self._replies += 1
-        replies = [out[b, :n_gen[b]].tolist() for b in range(self.batch)]
+        replies = run.tokens
         for b, r in enumerate(replies):
             self._tokens[b].extend(r)
             self._cached[b] += len(r) - 1
         self._logits = None
-        stats.generated = int(n_gen.sum())
+        stats.generated = sum(map(len, replies))
         return Reply(replies, self._finish_stats(stats))
 
     # ---- internals
@@ -379,9 +368,9 @@ class Conversation:
         tokens = np.full((self.batch, n_chunks * C), self.pad_id, np.int32)
         for b, t in enumerate(self._tokens):
             tokens[b, :e[b] - a[b]] = t[a[b]:e[b]]
-        chunk, t_chunk = ops.chunk_program(self.config, self.batch, C, self.size, self.window,
+        chunk, t_chunk = programs.chunk_program(self.config, self.batch, C, self.size, self.window,
                                            self._params_s, self.kernels)
-        logits, t_logits = ops.logits_program(self.config, self.batch, self._params_s)
+        logits, t_logits = programs.logits_program(self.config, self.batch, self._params_s)
         stats.compile_s += t_chunk + t_logits
         lengths = jnp.asarray(e, jnp.int32)
         for c in range(n_chunks):
@@ -400,8 +389,8 @@ class Conversation:
         tokens = np.full((self.batch, F), self.pad_id, np.int32)
         for b, t in enumerate(self._tokens):
             tokens[b, :counts[b]] = t[self._cached[b]:]
-        feed, t_feed = ops.feed_program(self.config, self._plan, F,
-                                     ops.hashable_structs(self._history), self._params_s)
+        feed, t_feed = programs.feed_program(self.config, self._plan, F,
+                                     hashable_structs(self._history), self._params_s)
         stats.compile_s += t_feed
         self._history, self._logits = feed(
             self.params, self._history, jnp.asarray(tokens),

@@ -1,4 +1,4 @@
-"""The pure functions and compiled programs under `conversation.Conversation`.
+"""The compiled programs under `conversation.Conversation`, and the pure functions they run.
 
 The full history of B rows is a stacked `KVCache` [Ly, B, K, S, D] whose slot is the
 token's position (no page metadata). A turn is prefilled into it chunk by chunk
@@ -7,31 +7,31 @@ history itself, or a `TurnCache` of it and a temporary compressed copy), and `tr
 forgets what decode wrote after a row stopped. The single-turn baseline compresses once
 (`first_compression`) and later feeds turns by decode steps (`feed_tokens`).
 
-Programs follow `programs.py`: compiled once per shape with `compile_program`, traced
-starts and lengths, states donated, no host callbacks (JAX's persistent cache keeps them).
+Programs are built as generate's are (`compile.py`): compiled once per shape and kept by
+`program_cache`, traced starts and lengths, states donated, no host callbacks (JAX's
+persistent cache keeps them). A reply decodes with the shared `decode.decode_program`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from . import programs
-from .cache import KVCache, page_bounds
-from .methods.base import round_capacity
-from .methods.multiturn import TurnCache
-from .models.config import ModelConfig
-from .models.llama import (
+from ..cache import KVCache, page_bounds
+from ..methods.base import round_capacity
+from ..methods.multiturn import TurnCache
+from ..models.config import ModelConfig
+from ..models.llama import (
     PrefillState,
     forward_decode,
     prefill_chunk,
     unembed,  # the final norm and LM head (the model's own, so logits match prefill)
 )
-from .models.plan import compress_layers
-from .programs import LoopSettings, begin_decode, compile_program
+from ..models.plan import compress_layers
+from .compile import compile_program, hashable, params_dtype, program_cache, unflatten
+from .decode import LoopSettings, begin_decode
 
 
 # --------------------------------------------------------------- pure functions
@@ -150,25 +150,13 @@ def grown_plan(plan, capacity: int):
 
 
 # --------------------------------------------------------------- programs
-def _struct(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
-def _params(params_s):
-    return jax.tree.unflatten(params_s[0], params_s[1])
-
-
-def _dtype(params_s):
-    return _params(params_s)["embed"].dtype
-
-
 def _i32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
-@functools.lru_cache(maxsize=16)
+@program_cache(maxsize=16)
 def init_program(config: ModelConfig, B: int, S: int, W: int, params_s):
-    dtype = _dtype(params_s)
+    dtype = params_dtype(params_s)
     H, D, E = config.num_heads, config.head_dim, config.hidden_size
     return compile_program("conversation_init", lambda: (
         empty_history(config, B, S, dtype), jnp.zeros((config.num_layers, B, H, W, D), dtype),
@@ -176,14 +164,14 @@ def init_program(config: ModelConfig, B: int, S: int, W: int, params_s):
 
 
 def _history_structs(config, B, S, W, params_s):
-    dtype = _dtype(params_s)
+    dtype = params_dtype(params_s)
     return jax.eval_shape(lambda: (
         empty_history(config, B, S, dtype),
         jnp.zeros((config.num_layers, B, config.num_heads, W, config.head_dim), dtype),
         jnp.zeros((B, config.hidden_size), dtype)))
 
 
-@functools.lru_cache(maxsize=32)
+@program_cache(maxsize=32)
 def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s,
                   kernels: str = "auto"):
     """(params, history, q_obs, x_last, tokens [B, C], start [B], lengths [B]) -> the three;
@@ -194,15 +182,15 @@ def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s,
                             kernels=kernels)
 
     hist, q, x = _history_structs(config, B, S, W, params_s)
-    args = (_params(params_s), hist, q, x, _i32(B, C), _i32(B), _i32(B))
+    args = (unflatten(params_s), hist, q, x, _i32(B, C), _i32(B), _i32(B))
     return compile_program("conversation_chunk", chunk, args, donate_argnums=(1, 2, 3))
 
 
-@functools.lru_cache(maxsize=8)
+@program_cache(maxsize=8)
 def logits_program(config: ModelConfig, B: int, params_s):
-    x = jax.ShapeDtypeStruct((B, config.hidden_size), _dtype(params_s))
+    x = jax.ShapeDtypeStruct((B, config.hidden_size), params_dtype(params_s))
     return compile_program("conversation_logits",
-                           lambda p, x: unembed(p, config, x), (_params(params_s), x))
+                           lambda p, x: unembed(p, config, x), (unflatten(params_s), x))
 
 
 def _start_fn(config, mode, plan, size, loop, first):
@@ -216,13 +204,13 @@ def _start_fn(config, mode, plan, size, loop, first):
     return start
 
 
-@functools.lru_cache(maxsize=64)
+@program_cache(maxsize=64)
 def start_program(config: ModelConfig, mode: str, plan, size: int, loop: LoopSettings,
                    first: bool, history_s, q_s, params_s):
     """(params, history, q_obs, logits [B, V], lengths [B], key) -> DecodeState at step 1."""
-    history, q = jax.tree.unflatten(*history_s), jax.tree.unflatten(*q_s)
+    history, q = unflatten(history_s), unflatten(q_s)
     B = q.shape[1]
-    args = (_params(params_s), history, q,
+    args = (unflatten(params_s), history, q,
             jax.ShapeDtypeStruct((B, config.vocab_size), jnp.float32), _i32(B),
             jax.ShapeDtypeStruct((2,), jnp.uint32))
     fn = _start_fn(config, mode, plan, size, loop, first)
@@ -231,10 +219,10 @@ def start_program(config: ModelConfig, mode: str, plan, size: int, loop: LoopSet
     out = jax.eval_shape(fn, *args)
     compiled, seconds = compile_program("conversation_start", fn, args,
                                         donate_argnums=donate)
-    return compiled, seconds, programs.hashable(out)
+    return compiled, seconds, hashable(out)
 
 
-@functools.lru_cache(maxsize=64)
+@program_cache(maxsize=64)
 def finish_program(channel_major: bool, cache_s):
     """(decode cache, step [], n_generated [B]) -> the cache that holds the history after
     the turn (the full history of a TurnCache), without the slots written after each row
@@ -247,25 +235,22 @@ def finish_program(channel_major: bool, cache_s):
         valid = cache.length - (step - 1) + (n_generated - 1)[None]  # [Ly, B]
         return trim_rows(cache, valid, channel_major)
 
-    cache = jax.tree.unflatten(*cache_s)
+    cache = unflatten(cache_s)
     B = jax.tree.leaves(cache)[0].shape[1]
     return compile_program("conversation_finish", finish, (cache, _i32(), _i32(B)),
                            donate_argnums=(0,))
 
 
-@functools.lru_cache(maxsize=32)
+@program_cache(maxsize=32)
 def feed_program(config: ModelConfig, plan, F: int, cache_s, params_s):
     """(params, cache, tokens [B, F], start [B], counts [B]) -> (cache, logits [B, V])."""
-    cache = jax.tree.unflatten(*cache_s)
+    cache = unflatten(cache_s)
     B = jax.tree.leaves(cache)[0].shape[1]
 
     def feed(params, cache, tokens, start, counts):
         return feed_tokens(params, config, plan, cache, tokens, start, counts)
 
     return compile_program("conversation_feed", feed,
-                           (_params(params_s), cache, _i32(B, F), _i32(B), _i32(B)),
+                           (unflatten(params_s), cache, _i32(B, F), _i32(B), _i32(B)),
                            donate_argnums=(1,))
 
-
-def hashable_structs(tree):
-    return programs.hashable(jax.tree.map(_struct, tree))
