@@ -6,12 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.engine.generate import (
-    GenerateError,
-    batch_bucket,
-    generate_ids,
-    length_bucket,
-)
+from rocketkv_jax.engine.generate import generate_ids
+from rocketkv_jax.engine.requests import GenerateError, batch_bucket, length_bucket
 from rocketkv_jax.methods import Full
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import forward_prefill
