@@ -25,18 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# byte accounting shared with `rocketkv bench` (benchmarks/bench_grid.py)
-from bench_bytes import (
+from rocketkv_jax.bench.calibrate import time_call
+from rocketkv_jax.bench.measure import make_operands
+
+# byte accounting shared with `rocketkv bench`
+from rocketkv_jax.bench.roofline import (
     LLAMA_8B,
     cpu_name,
     dense_layer_bytes,
-    fmt_bytes,
     print_roofline,
-    print_table,
     sparse_layer_bytes,
 )
-
-from rocketkv_jax.bench.calibrate import time_call
+from rocketkv_jax.bench.tables import fmt_bytes, print_table
 from rocketkv_jax.bench.xla_stats import bytes_accessed
 from rocketkv_jax.kernels import approx_scores, sparse_decode_attention
 from rocketkv_jax.methods.budget import rocketkv_split
@@ -77,26 +77,6 @@ def sparse_decode_step(q, k, v, page_max, page_min, lengths, *, page_size, top_r
     slots = slots.reshape(b, kv, -1)[..., :k_top]  # [B, K, M/2]
     slots = jnp.where(slots < lengths[:, None, None], slots, -1).astype(jnp.int32)
     return sparse_decode_attention(q, k, v, slots, kernels=kernels)
-
-
-def make_operands(b, kv, g, d, cache, page_size, dtype, seed=0):
-    """Random decode operands for one layer: q, k, v, page_max, page_min, lengths."""
-    keys = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(keys[0], (b, kv, g, d), dtype)
-    k = jax.random.normal(keys[1], (b, kv, cache, d), dtype)
-    v = jax.random.normal(keys[2], (b, kv, cache, d), dtype)
-    pages = -(-cache // page_size)
-    pad = pages * page_size - cache
-    kp = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=jnp.nan)
-    kp = kp.reshape(b, kv, pages, page_size, d)
-    page_max = jnp.nanmax(kp, axis=3)  # [B, K, P, D]
-    page_min = jnp.nanmin(kp, axis=3)
-    lengths = jnp.full((b,), cache, jnp.int32)
-    return q, k, v, page_max, page_min, lengths
-
-
-def shapes_of(*arrays):
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
 
 
 def xla_bytes_accessed(f, *shapes) -> float | None:

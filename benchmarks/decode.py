@@ -1,8 +1,8 @@
 """Decode benchmark: every KV method vs full KV (step time ratios, KV bytes, XLA bytes, peak
 memory) and vs peers (transformers, kvpress), measured in one run.
 
-A thin wrapper of `rocketkv bench` (its flags are in rocketkv_jax/bench/, the grid in
-benchmarks/bench_grid.py):
+The same as `rocketkv bench` (its flags: rocketkv_jax/cli/bench.py, the harness:
+rocketkv_jax/bench/):
 
     python benchmarks/decode.py --quick      # CI smoke, well under a minute
     python benchmarks/decode.py              # full grid + peers (results: docs/benchmarks.md)
@@ -11,7 +11,7 @@ benchmarks/bench_grid.py):
 
 import sys
 
-from rocketkv_jax.bench import main
+from rocketkv_jax.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="benchmarks/decode.py"))
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -36,27 +36,27 @@ import sys
 import time
 from pathlib import Path
 
-import bench_decode as bd
 import jax
 import jax.numpy as jnp
-import numpy as np
-from bench_bytes import (
+
+from rocketkv_jax.bench import measure as bd
+from rocketkv_jax.bench.config import BenchError, parse_methods, token_counts
+from rocketkv_jax.bench.grid import machine_line, plan_methods
+from rocketkv_jax.bench.measure import best_bandwidth, broadcast_rows, measure_bandwidth
+from rocketkv_jax.bench.roofline import (
     H100_HBM_BYTES_PER_S,
-    fmt_bytes,
     kv_read_bytes,
     llama_weight_bytes,
     model_dims,
     print_method_roofline,
-    print_table,
 )
-from bench_grid import machine_line, plan_methods
-
-from rocketkv_jax.bench import ALL_METHODS, BenchError, parse_list, parse_methods
+from rocketkv_jax.bench.tables import fmt_bytes, print_table
 from rocketkv_jax.cache import tree_bytes
 from rocketkv_jax.engine.shared_prefill import STORED_QUERY_WINDOW, RawPrefill
 from rocketkv_jax.models.params import unstack_layers
 from rocketkv_jax.models.plan import compress_layers
-from rocketkv_jax.names import WEIGHT_LAYOUTS
+from rocketkv_jax.names import METHOD_NAMES as ALL_METHODS
+from rocketkv_jax.names import STAGE2_MODES, WEIGHT_LAYOUTS
 
 ELEM = 4  # float32 params and caches
 SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
@@ -74,43 +74,6 @@ QUICK = dict(models="tiny", batches="1,2", contexts="256", budgets="64",
 MODEL_KEYS = ("llama8b-shape", "smollm2-shape", "tiny")
 
 
-# ------------------------------------------------------------------------- bandwidth
-def measure_bandwidth(nbytes: int, repeats: int) -> dict:
-    """This CPU's memory bandwidth over an `nbytes` float32 buffer, best of `repeats`:
-    copy = numpy copy into a preallocated buffer (read + write bytes counted), read = a jitted
-    sum (the decode step's traffic is reads). GB/s; best = the larger."""
-    n = nbytes // 4
-    src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the destination's pages in
-    copy = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        copy.append(2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
-    del dst
-    x = jnp.asarray(src)
-    del src
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    read = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        read.append(x.nbytes / (time.perf_counter() - t0) / 1e9)
-    del x
-    bd.release_memory()
-    return {"buffer_bytes": n * 4, "repeats": repeats, "copy_GBps": max(copy),
-            "read_GBps": max(read), "best_GBps": max(max(copy), max(read)),
-            "copy_all": copy, "read_all": read}
-
-
-def best_bandwidth(results: dict) -> float:
-    """Bytes per second the roofline divides by: the best of every bandwidth measurement."""
-    return max(b["best_GBps"] for b in results["bandwidth"]) * 1e9
-
-
-# ---------------------------------------------------------------------------- models
 def load_model(key: str, args, layout: str = "stacked") -> bd.BenchModel:
     """The benchmark models, with their weights stacked over layers or one array per layer
     (`unstack_layers`: the model unrolls its layer loop)."""
@@ -145,21 +108,6 @@ def batch_capture(base: RawPrefill, T: int, B: int) -> RawPrefill:
     v = jnp.broadcast_to(base.v[:, :, :, :T], (Ly, B, K, T, D))  # [Ly, B, K, T, D]
     q = jnp.broadcast_to(base.q, (base.q.shape[0], B, *base.q.shape[2:]))  # [Ly, B, H, W, D]
     return RawPrefill(*jax.block_until_ready((k, v, q)), jnp.full((B,), T, jnp.int32))
-
-
-def broadcast_rows(cache, struct):
-    """A cache compressed from one row, repeated to the batch of `struct` (its shapes at
-    batch B), materialized. Every method compresses each row on its own, so this is the
-    cache of B copies of that row, without holding a B-row capture in memory."""
-    def grow(x, s):
-        if x.shape == s.shape:
-            return x
-        axes = [i for i, (a, b) in enumerate(zip(x.shape, s.shape, strict=True)) if a != b]
-        if len(axes) != 1 or x.shape[axes[0]] != 1:
-            raise ValueError(f"cannot broadcast a {x.shape} cache leaf to {s.shape}")
-        return jnp.broadcast_to(x, s.shape).astype(s.dtype)
-
-    return jax.block_until_ready(jax.tree.map(grow, cache, struct))
 
 
 def capture_struct(cfg, T: int, B: int):
@@ -520,7 +468,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--memory-fraction", type=float,
                    help="share of the available memory the capture and one group's caches "
                    f"may take (default: {d['memory_fraction']})")
-    p.add_argument("--stage2", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--stage2", default="auto", choices=STAGE2_MODES)
     p.add_argument("--layout", default="stacked",
                    help="comma list of weight layouts, each a model of its own in the run: "
                    "stacked (one array per weight over all layers, one loop over layers) or "
@@ -543,9 +491,9 @@ def resolve_args(args) -> argparse.Namespace:
     bad = [m for m in args.models if m not in MODEL_KEYS]
     if bad:
         raise BenchError(f"unknown model(s) {bad}; --models takes {', '.join(MODEL_KEYS)}")
-    args.batches = parse_list(args.batches, "batches")
-    args.contexts = parse_list(args.contexts, "contexts")
-    args.budgets = parse_list(args.budgets, "budgets")
+    args.batches = list(token_counts(args.batches, "batches"))
+    args.contexts = list(token_counts(args.contexts, "contexts"))
+    args.budgets = list(token_counts(args.budgets, "budgets"))
     args.methods = parse_methods(args.methods)
     args.layout = [x.strip() for x in args.layout.split(",") if x.strip()]
     bad = [x for x in args.layout if x not in WEIGHT_LAYOUTS] or ([] if args.layout else ["(none)"])

@@ -9,9 +9,8 @@ temp memory per method in units of one [B, H, T, T] float32 score buffer. Second
 
 import argparse
 
-import jax
-from bench_decode import abstract_cache, generate_program_memory, load_bench_model
-
+from rocketkv_jax.bench.measure import abstract_cache, generate_program_memory, load_bench_model
+from rocketkv_jax.cache import tree_bytes
 from rocketkv_jax.methods import make_method
 
 
@@ -28,11 +27,11 @@ def main() -> None:
           f"one [B, H, T, T] f32 buffer = {scores / 1e6:.1f} MB")
     print(f"{'method':>10}  {'M':>5}  {'KV cache MB':>11}  {'temp MB':>8}  {'temp / scores':>13}")
     for name in ("full", "streaming", "snapkv", "quest", "rocketkv"):
-        method = make_method(name) if name == "full" else make_method(name, args.budget)
+        method = make_method(name, args.budget)
         plan = method.plan(cfg, T, N)
         temp = generate_program_memory(model, plan, T, N, 1)[0]["temp"]
         cache = abstract_cache(cfg, plan, model.params, T, 1)  # all layers
-        cache_mb = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+        cache_mb = tree_bytes(cache)
         M = "-" if name == "full" else str(args.budget)
         print(f"{name:>10}  {M:>5}  {cache_mb / 1e6:>11.2f}  {temp / 1e6:>8.1f}  "
               f"{temp / scores:>13.2f}")

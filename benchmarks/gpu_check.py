@@ -90,7 +90,7 @@ class Check:
     """The run's state: results (saved after every row), deadlines, the options."""
 
     def __init__(self, args):
-        from gpu_report import host_line, now
+        from rocketkv_jax.bench.gpu_report import host_line, now
 
         self.args, self.out, self.smoke = args, args.out, args.smoke
         self.fast = "interpret" if args.smoke else "triton"  # the Pallas kernels' backend
@@ -107,7 +107,7 @@ class Check:
         return min(self.part_deadline, self.deadline) - time.perf_counter()
 
     def save(self) -> None:
-        from gpu_report import save
+        from rocketkv_jax.bench.gpu_report import save
 
         self.results["elapsed_s"] = time.perf_counter() - self.t0
         save(self.results, self.out)
@@ -235,7 +235,12 @@ def main(argv=None) -> int:
     except WrongCheckout as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from gpu_parts import part_calibrate, part_decode, part_generate, part_kernels
+    from rocketkv_jax.bench.gpu_parts import (
+        part_calibrate,
+        part_decode,
+        part_generate,
+        part_kernels,
+    )
 
     check = Check(args)
     check.state["installed"] = installed
@@ -244,7 +249,7 @@ def main(argv=None) -> int:
              "e": part_calibrate}
     for key in args.parts:
         if key != "a" and check.results["device"] is None:
-            from gpu_report import jax_device
+            from rocketkv_jax.bench.gpu_report import jax_device
 
             check.results["device"] = jax_device()  # starts JAX's backend: after part a
         run_part(check, key, funcs[key])

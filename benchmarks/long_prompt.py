@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from rocketkv_jax import checks
 from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.names import DEFAULT_PREFILL_CHUNK
@@ -59,16 +60,11 @@ def median_row(rows: list[Row]) -> Row:
     return sorted(rows, key=lambda r: r.total_s)[(len(rows) - 1) // 2]
 
 
-def parse_tokens(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
 def build_prompt(args):
     """(params, config, prompt ids, answers or None, tokenizer or None, description)."""
-    T = parse_tokens(args.context)
+    T = checks.token_count(args.context, "--context")
     if args.model == "llama8b-shape":
-        from bench_decode import load_bench_model
+        from rocketkv_jax.bench.measure import load_bench_model
 
         m = load_bench_model("llama8b-shape", layers=args.layers, vocab=args.vocab)
         ids = np.random.default_rng(0).integers(3, m.config.vocab_size, T - args.new_tokens)
@@ -93,13 +89,8 @@ def build_prompt(args):
     return m.params, m.config, ids, sample.answers, m.tokenizer, note
 
 
-def method_of(name: str, budget: int):
-    """The method `name` at token budget `budget` (full takes none)."""
-    return make_method("full") if name == "full" else make_method(name, budget)
-
-
 def run_method(params, config, ids, name, args, tokenizer, answers) -> Row:
-    method = method_of(name, args.budget)
+    method = make_method(name, args.budget)
     bar = tqdm(desc=f"{name} prefill", unit="chunk", leave=False, file=sys.stderr)
 
     def on_chunk(done, total):
@@ -153,7 +144,7 @@ def main(argv=None) -> int:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
     for name in methods:  # an unknown name or a bad budget fails before loading
         try:
-            method_of(name, args.budget)
+            make_method(name, args.budget)
         except ValueError as e:
             ap.error(str(e))
 

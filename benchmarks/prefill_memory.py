@@ -19,9 +19,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-from bench_bytes import llama31_8b_config
 
-from rocketkv_jax.bench import parse_list, parse_size
+from rocketkv_jax import checks
+from rocketkv_jax.bench.config import token_counts
+from rocketkv_jax.bench.roofline import llama31_8b_config
 from rocketkv_jax.bench.xla_stats import memory_stats
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.models.config import ModelConfig
@@ -54,8 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-max", default="8k", help="largest context compiled densely")
     ap.add_argument("--quick", action="store_true", help="4k and 8k on 2 SmolLM2 layers (CI)")
     args = ap.parse_args(argv)
-    contexts = parse_list(args.contexts, "contexts")
-    dense_max = parse_size(args.dense_max)
+    contexts = token_counts(args.contexts, "contexts")
+    dense_max = checks.token_count(args.dense_max, "--dense-max")
     models = {"smollm2-135m": SMOLLM2, "llama3.1-8b-shape-2l": llama31_8b_config(layers=2)}
     if args.quick:
         contexts, dense_max = [4096, 8192], 4096
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         for method in ("full", "rocketkv"):
             prev = None
             for T in contexts:
-                m = make_method(method, None if method == "full" else 256)
+                m = make_method(method, 256)
                 plan = m.plan(cfg, T, 64)
                 t0 = time.perf_counter()
                 dense = temp_gib(cfg, plan, T, kernels="dense") if T <= dense_max else None

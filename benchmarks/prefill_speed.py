@@ -23,9 +23,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_peer_hf import load_smollm2
 
-from rocketkv_jax.bench import parse_list
+from rocketkv_jax.bench.config import token_counts
+from rocketkv_jax.bench.peer_hf import load_smollm2
 from rocketkv_jax.convert import embedded_smollm2_gguf
 from rocketkv_jax.engine.generate import make_prefill
 from rocketkv_jax.methods import make_method
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    contexts = parse_list(args.contexts, "contexts")
+    contexts = token_counts(args.contexts, "contexts")
     ours_model = load_model(None)
     hf = load_smollm2(embedded_smollm2_gguf())
     hf.set_attn_implementation("sdpa") if hasattr(hf, "set_attn_implementation") else None

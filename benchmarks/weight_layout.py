@@ -21,10 +21,9 @@ import sys
 
 os.environ.setdefault("ROCKETKV_JAX_COMPILE_CACHE", "off")
 
-import bench_decode as bd  # noqa: E402
-from bench_grid import machine_line  # noqa: E402
-
-from rocketkv_jax.bench import parse_methods  # noqa: E402
+from rocketkv_jax.bench import measure as bd  # noqa: E402
+from rocketkv_jax.bench.config import parse_methods  # noqa: E402
+from rocketkv_jax.bench.grid import machine_line  # noqa: E402
 from rocketkv_jax.engine.generate import generate_ids  # noqa: E402
 from rocketkv_jax.methods import make_method  # noqa: E402
 from rocketkv_jax.models.params import unstack_layers  # noqa: E402
@@ -33,7 +32,7 @@ from rocketkv_jax.names import WEIGHT_LAYOUTS  # noqa: E402
 
 def measure(bm: bd.BenchModel, method: str, budget: int, T: int, N: int, B: int) -> dict:
     prompts = [bm.prompt_ids(T).tolist()] * B
-    kv = make_method(method) if method == "full" else make_method(method, token_budget=budget)
+    kv = make_method(method, budget)
     out = {}
     for layout in WEIGHT_LAYOUTS:  # one layout's weights in memory at a time
         params = bm.params if layout == "stacked" else unstack_layers(bm.params)

@@ -34,8 +34,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_grid import machine_line
-from decode_batched import measure_bandwidth
+
+from rocketkv_jax.bench.grid import machine_line
+from rocketkv_jax.bench.measure import measure_bandwidth
 
 
 def _traced(w, x):

@@ -29,7 +29,7 @@ from ..models.params import unflatten
 
 Params = dict[str, Any]
 
-DTYPES: dict[str, np.dtype] = {
+DTYPES: dict[str, np.dtype] = {  # names.CHECKPOINT_DTYPES
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float32": np.dtype(np.float32),
 }

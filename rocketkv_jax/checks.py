@@ -1,6 +1,6 @@
 """The numbers a user gives, each checked in one place: the library's entry points call
-these checks, and the CLI's flags parse with `flag(check)`, so a flag and the API argument
-behind it refuse the same values with the same words.
+these checks, and the CLI's flags parse with them (`cli.common.flag`), so a flag and the API
+argument behind it refuse the same values with the same words.
 
 A check takes the value, the name to call it by (the API argument's name by default) and
 the exception class of the entry point that calls it, and returns the value as the type it
@@ -13,7 +13,6 @@ This module imports nothing heavy: `rocketkv --help` builds its parser from it.
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
 from collections.abc import Callable
@@ -114,7 +113,7 @@ def capacity(value, name: str | None = "capacity", error: type[Exception] = Valu
 def prefill_chunk(value, name: str | None = "prefill_chunk",
                   error: type[Exception] = ValueError, off: str = "None") -> int | None:
     """Tokens per prefill chunk: an int >= 16, or None for the whole prompt in one pass
-    (0 on the command line: `chunk_flag`, and `off` names it in the message)."""
+    (0 on the command line, and `off` names it in the message)."""
     if value is None:
         return None
     return integer(value, name, error, low=MIN_PREFILL_CHUNK,
@@ -122,33 +121,27 @@ def prefill_chunk(value, name: str | None = "prefill_chunk",
                    "pass)")
 
 
-def chunk_flag(text: str) -> int | None:
-    """--prefill-chunk's text as `prefill_chunk` takes it: 0 is off (None)."""
-    n = int(text)
-    return None if n == 0 else n
+def token_count(text: str, name: str | None, error: type[Exception] = ValueError) -> int:
+    """A count of tokens typed as text: '4096' or '4k' (k = 1024) -> 4096, at least 1."""
+    raw = str(text).strip().lower()
+    scale = 1024 if raw.endswith("k") else 1
+    try:
+        value = int(raw[:-1] if scale > 1 else raw) * scale
+    except ValueError:
+        raise error(f"{_subject(name)}{text!r} is not a whole number (like 512 or 4k)") from None
+    if value <= 0:
+        raise error(f"{_subject(name)}must be positive, got {text!r}")
+    return integer(value, name, error)
+
+
+def token_counts(text: str, name: str, error: type[Exception] = ValueError) -> tuple[int, ...]:
+    """A comma list of token counts ('2k,4k,8k'), each kept once, in the order given."""
+    values = tuple(dict.fromkeys(token_count(item, name, error)
+                                 for item in str(text).split(",") if item.strip()))
+    if not values:
+        raise error(f"no {name}s given, got {text!r}")
+    return values
 
 
 def positive_number(value, name: str | None, error: type[Exception] = ValueError) -> float:
     return real(value, name, error, ok=lambda x: x > 0, rule="a finite number > 0")
-
-
-# ------------------------------------------------------------------ the CLI's side
-def flag(check: Callable, parse: type = int, **kwargs) -> Callable[[str], object]:
-    """An argparse `type=` for a flag checked by `check`: the text is parsed as `parse`
-    (int or float), then checked; either complaint becomes argparse's error for the flag,
-    "argument --top-p: must be in (0, 1] (1 = off), got 1.5", exit code 2."""
-
-    def parse_flag(text: str):
-        try:
-            value = parse(text)
-        except ValueError:
-            kind = "a number" if parse is float else "an integer"
-            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
-        try:
-            return check(value, None, **kwargs)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse_flag.__name__ = getattr(check, "__name__", "value")
-    parse_flag.check = check  # the tests find every numeric flag by it
-    return parse_flag

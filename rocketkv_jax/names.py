@@ -52,9 +52,18 @@ KERNELS_HELP = (  # `--kernels` of generate, chat, eval and bench
     "any device), triton (Pallas lowered through Triton, CUDA GPU), interpret (Pallas in "
     "the interpreter: CPU tests, slow). The stats line says which ran")
 
+# Stage-2 modes of the methods with a sparse selection (hybrid, rocketkv, quest, sparq;
+# `--stage2`, `make_method(stage2=)`): "auto" runs the selection only where the cost model
+# (`methods/cost.py`) says it reads less than dense attention over the method's cache,
+# "on" / "off" force it.
+STAGE2_MODES: tuple[str, ...] = ("auto", "on", "off")
+
 # The model's prefill attention takes the same `kernels` names plus "dense", the
 # materialised [B, H, T, S] softmax kept as the baseline of benchmarks and tests.
 PREFILL_KERNELS: tuple[str, ...] = (*KERNEL_BACKENDS, "dense")
+
+# The dtypes a converted checkpoint stores (`rocketkv-convert --dtype`, `convert.hf.DTYPES`).
+CHECKPOINT_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 
 # Weight layouts (`generate --weight-layout`, `models.params.unstack_layers`): one array per
 # weight over all layers (the checkpoint's), or one array per layer with the loop unrolled.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, *CHAT_TEMPLATE_FILES)
 REPAIR = "convert the model again, which writes it next to the checkpoint"
+
+
+# The tokens chat models end a turn with (ChatML, Llama 3, Llama 2 / Mistral).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "</s>")
 
 
 class TokenizerError(ValueError):
@@ -180,6 +184,23 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.token_id(self.eos_token)
+
+    @property
+    def end_of_turn_token(self) -> str | None:
+        """The token that ends a chat turn in this vocabulary (END_OF_TURN), or None."""
+        return next((t for t in END_OF_TURN if self.token_id(t) is not None), None)
+
+    def stop_ids(self, model_eos_ids: Iterable[int], *, chat: bool = False
+                 ) -> tuple[int, ...]:
+        """The token ids a reply stops at: the model's EOS ids (`ModelConfig.eos_token_ids`),
+        this tokenizer's EOS, and for a chat every end-of-turn token it knows."""
+        stop = set(model_eos_ids)
+        if self.eos_token_id is not None:
+            stop.add(self.eos_token_id)
+        for t in END_OF_TURN if chat else ():
+            if (i := self.token_id(t)) is not None:
+                stop.add(i)
+        return tuple(sorted(stop))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, which must be valid Unicode (TokenizerError otherwise)."""

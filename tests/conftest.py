@@ -201,7 +201,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded SmolLM2 GGUF converted once per session by the CLI, float32."""
-    from rocketkv_jax.convert.cli import main
+    from rocketkv_jax.cli.convert import main
 
     out = tmp_path_factory.mktemp("smollm2") / "ckpt"
     assert main([str(smollm2_gguf), str(out), "--dtype", "float32", "--quiet"]) == 0

@@ -1,17 +1,12 @@
 """Accuracy evaluation: NIAH / RULER-style tasks (the quick suite) and NVIDIA's RULER
 (the ruler suite, its own generators and scoring), resumable runs, fidelity to full KV,
-markdown + PNG reports, and the `rocketkv eval` subcommand.
+markdown + PNG reports. The `rocketkv eval` command's flags live in rocketkv_jax/cli/eval.py.
 
 Importing this package does not import JAX or matplotlib (the plot imports it lazily).
 """
 
-from rocketkv_jax.eval.cli import (
-    EvalArgumentError,
-    EvalConfig,
-    add_eval_parser,
-    run_eval_command,
-    validate_eval_args,
-)
+from rocketkv_jax.eval.accuracy import AccuracyRun, run_accuracy
+from rocketkv_jax.eval.config import EvalConfig
 from rocketkv_jax.eval.fidelity import (
     FIDELITY_FILE,
     fidelity_metrics,
@@ -49,6 +44,7 @@ from rocketkv_jax.eval.tasks import (
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
+    "AccuracyRun",
     "FIDELITY_FILE",
     "FULL_METHOD",
     "METHOD_NAMES",
@@ -61,7 +57,6 @@ __all__ = [
     "TABLE_FILE",
     "TASK_NAMES",
     "EngineContractError",
-    "EvalArgumentError",
     "EvalConfig",
     "ResultsFileError",
     "ResultsStore",
@@ -69,7 +64,6 @@ __all__ = [
     "TaskError",
     "TaskSample",
     "TaskSuite",
-    "add_eval_parser",
     "corpus_score",
     "fidelity_metrics",
     "generate_samples",
@@ -80,14 +74,13 @@ __all__ = [
     "read_jsonl",
     "read_records",
     "render_markdown",
+    "run_accuracy",
     "run_eval",
-    "run_eval_command",
     "ruler_score",
     "run_fidelity",
     "score_output",
     "string_match_all",
     "string_match_part",
     "token_agreement",
-    "validate_eval_args",
     "write_report",
 ]

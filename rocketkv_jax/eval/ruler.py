@@ -251,11 +251,11 @@ def run_generator(
     if config.family == "freq_words_extraction":  # see the module docstring
         max_seq_length -= tokens_to_generate
     command = [
-        sys.executable, "-m", "rocketkv_jax.eval.ruler_worker", str(config.script),
-        "--save_dir", str(work_dir),
+        sys.executable, "-m", "rocketkv_jax.eval.ruler_worker", str(Path(config.script).resolve()),
+        "--save_dir", str(Path(work_dir).resolve()),
         "--save_name", save_name,
         "--subset", "validation",
-        "--tokenizer_path", str(tokenizer_file),
+        "--tokenizer_path", str(Path(tokenizer_file).resolve()),
         "--tokenizer_type", "rocketkv",
         "--max_seq_length", str(max_seq_length),
         "--tokens_to_generate", str(tokens_to_generate),
@@ -265,11 +265,10 @@ def run_generator(
         *(["--pre_samples", "0"] if config.family == "qa" else []),
         "--template", config.template,
     ]  # fmt: skip
-    env = dict(os.environ, NLTK_DATA=str(nltk_data_dir), PYTHONHASHSEED="0")
-    try:
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+    env = dict(os.environ, NLTK_DATA=str(Path(nltk_data_dir).resolve()), PYTHONHASHSEED="0")
+    try:  # in the script's folder: `-m` puts it first on sys.path, as `python SCRIPT` would
+        done = subprocess.run(command, env=env, cwd=Path(config.script).parent,
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         raise TaskError(
             f"RULER's {config.script.name} for {config.task} at {context_length} tokens ran "

@@ -10,7 +10,8 @@ they import `select_tokenizer` either as `tokenizer` or as
 tiktoken / Gemini tokenizers; we register a stand-in under both names whose
 `select_tokenizer(type, path)` returns a counter over a `tokenizers` tokenizer.json, with
 the same `encode` (special tokens included) that the engine uses on the prompt. Then the
-script runs as `__main__` with the `sys.path` it would have had as `python SCRIPT`.
+script runs as `__main__`. The caller starts this worker in the script's folder, which `-m`
+puts first on sys.path, as `python SCRIPT` would (the scripts import `constants`).
 
 This runs in its own process (see `ruler.py`) because the scripts reseed the global
 `random` / `numpy` generators and parse `sys.argv` at import.
@@ -63,7 +64,6 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m rocketkv_jax.eval.ruler_worker SCRIPT [ARGS...]")
     script, args = os.path.abspath(argv[0]), argv[1:]
     install_tokenizer_module()
-    sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` would (constants.py)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 

@@ -201,7 +201,7 @@ def results_identity(
     engine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the records of an accuracy run mean, apart from their grid cell: `engine` (what
-    produced the outputs: model, dtype, kernels, method settings; see eval/engine.py), the
+    produced the outputs: model, dtype, kernels, method settings; see eval/model_fns.py), the
     suite (its templates and package versions), the seed and the answer allowance of every
     task of the suite (not only those run, so that adding tasks keeps the identity)."""
     return {

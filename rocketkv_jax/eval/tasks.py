@@ -283,12 +283,14 @@ def fit_units(
     return lo
 
 
-def _cyclic(sentences: Sequence[str], start: int, n: int) -> list[str]:
+def cyclic_sentences(sentences: Sequence[str], start: int, n: int) -> list[str]:
+    """n sentences from `start` on, wrapping around the corpus."""
     total = len(sentences)
     return [sentences[(start + i) % total] for i in range(n)]
 
 
-def _distinct(make: Callable[[], str], n: int) -> list[str]:
+def distinct(make: Callable[[], str], n: int) -> list[str]:
+    """n different strings drawn with `make` (repeats are drawn again)."""
     seen, out = set(), []
     while len(out) < n:
         item = make()
@@ -298,11 +300,13 @@ def _distinct(make: Callable[[], str], n: int) -> list[str]:
     return out
 
 
-def _key(rng: random.Random) -> str:
+def needle_key(rng: random.Random) -> str:
+    """A needle's key: "adjective-noun"."""
     return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
 
 
-def _number(rng: random.Random, digits: int) -> str:
+def magic_number(rng: random.Random, digits: int) -> str:
+    """A needle's value: a number of exactly `digits` digits."""
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
@@ -337,7 +341,7 @@ def _haystack_draft(
     start = rng.randrange(len(sentences))
 
     def render(n: int) -> tuple[str, list[float]]:
-        context, actual = insert_at_depths(_cyclic(sentences, start, n), inserts)
+        context, actual = insert_at_depths(cyclic_sentences(sentences, start, n), inserts)
         return template(context), actual
 
     meta = dict(metadata, haystack_start_sentence=start)
@@ -349,7 +353,7 @@ def _niah_template(intro: str, question: str, prefix: str) -> Callable[[str], st
 
 
 def _draft_niah_single(rng, depth, sentences, vocabulary, count, limit) -> _Draft:
-    key, value = _key(rng), _number(rng, 7)
+    key, value = needle_key(rng), magic_number(rng, 7)
     needle = f"The special magic number for {key} is: {value}."
     template = _niah_template(
         "A special magic number is hidden within the following text. Make sure to memorize "
@@ -364,8 +368,8 @@ def _draft_niah_single(rng, depth, sentences, vocabulary, count, limit) -> _Draf
 def _draft_niah_multikey(
     rng, depth, sentences, vocabulary, count, limit, num_keys: int = 4
 ) -> _Draft:
-    keys = _distinct(lambda: _key(rng), num_keys)
-    values = _distinct(lambda: _number(rng, 7), num_keys)
+    keys = distinct(lambda: needle_key(rng), num_keys)
+    values = distinct(lambda: magic_number(rng, 7), num_keys)
     needles = [
         f"The special magic number for {k} is: {v}." for k, v in zip(keys, values, strict=True)
     ]
@@ -384,8 +388,8 @@ def _draft_niah_multikey(
 def _draft_niah_multivalue(
     rng, depth, sentences, vocabulary, count, limit, num_values: int = 4
 ) -> _Draft:
-    key = _key(rng)
-    values = _distinct(lambda: _number(rng, 7), num_values)
+    key = needle_key(rng)
+    values = distinct(lambda: magic_number(rng, 7), num_values)
     needles = [f"One of the special magic numbers for {key} is: {v}." for v in values]
     inserts = [(depth, needles[0])] + [(rng.uniform(0, 100), n) for n in needles[1:]]
     template = _niah_template(
@@ -402,8 +406,8 @@ def _draft_niah_multivalue(
 def _draft_variable_tracking(
     rng, depth, sentences, vocabulary, count, limit, num_hops: int = 4
 ) -> _Draft:
-    names = _distinct(lambda: _var_name(rng), num_hops + 1)
-    value = _number(rng, 5)
+    names = distinct(lambda: _var_name(rng), num_hops + 1)
+    value = magic_number(rng, 5)
     chain = [f"VAR {names[0]} = {value}."]
     chain += [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))]
     depths = sorted(rng.uniform(0, 100) for _ in chain)  # chain order is kept in the text
@@ -421,7 +425,7 @@ def _draft_variable_tracking(
 
 
 def _draft_qa(rng, depth, sentences, vocabulary, count, limit, num_facts: int = 4) -> _Draft:
-    people = _distinct(lambda: f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}", num_facts)
+    people = distinct(lambda: f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}", num_facts)
     cities = rng.sample(_CITIES, num_facts)
     years = [str(y) for y in rng.sample(range(1900, 2000), num_facts)]
     facts = [f"{p} was born in {c} in {y}." for p, c, y in zip(people, cities, years, strict=True)]

@@ -16,7 +16,13 @@ from .budget import RocketKVSplit, rocketkv_split
 from .full import Full
 from .hybrid import Hybrid
 from .quest import Quest, QuestPlan
-from .registry import METHOD_NAMES, METHOD_VARIANTS, make_method, method_hparams
+from .registry import (
+    METHOD_NAMES,
+    METHOD_VARIANTS,
+    make_method,
+    method_hparams,
+    sweep_settings,
+)
 from .rocketkv import RocketKV
 from .snapkv import PromptEvictionPlan, SnapKV, SnapKVPlusPlus
 from .sparq import SparQ, SparQPlan
@@ -49,4 +55,5 @@ __all__ = [
     "make_method",
     "method_hparams",
     "rocketkv_split",
+    "sweep_settings",
 ]

@@ -63,10 +63,9 @@ from __future__ import annotations
 
 import math
 
+from ..names import STAGE2_MODES
 from .base import MethodConfigError
 from .cost_file import CostConstants, CostFileError, calibrated_constants
-
-STAGE2_MODES = ("auto", "on", "off")
 
 # The cache dtype is not known at plan time; bf16 is the dtype of every real checkpoint
 # here. In f32 the dense side doubles and the f32 score overheads do not, so assuming bf16

@@ -4,29 +4,36 @@ cache the benchmark builds (one prefill forward, then each method's compress) ag
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import math
 import re
 
-import bench_decode as bd
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bench_bytes import kv_read_bytes, read_split
 
-from rocketkv_jax import bench
+from rocketkv_jax import checks
+from rocketkv_jax.bench import measure as bd
+from rocketkv_jax.bench.config import QUICK, model_contexts, resolve_config
+from rocketkv_jax.bench.roofline import kv_read_bytes, read_split
+from rocketkv_jax.cli import build_parser
+from rocketkv_jax.cli import main as cli_main
+from rocketkv_jax.cli.bench import cmd_bench
 from rocketkv_jax.engine.generate import make_prefill
 from rocketkv_jax.methods import METHOD_NAMES, make_method
+
+
+def bench_main(argv: list[str]) -> int:
+    return cli_main(["bench", *argv])
 
 
 def _main(argv: list[str]) -> tuple[int, str]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = bench.main(argv)
+        code = bench_main(argv)
     return code, buf.getvalue()
 
 
@@ -55,7 +62,7 @@ def test_quick_prints_a_ratio_for_every_method(quick_run):
     code, stdout, _, _ = quick_run
     assert code == 0
     header, *rows = _table(stdout, "Decode step speedup vs full KV")
-    methods = [m for m in bench.QUICK["methods"].split(",") if m != "full"]
+    methods = [m for m in QUICK["methods"].split(",") if m != "full"]
     assert header == ["T", "M", "full", "ms", *methods]  # "full ms" splits in two
     assert len(rows) == 1  # one context x one budget
     cells = rows[0][3:]
@@ -133,7 +140,7 @@ def test_report_as_markdown_has_the_same_cells(quick_run, capsys):
     assert [c for row in cells[2:2 + len(rows)] for c in row] == [c for r in rows for c in r]
     code, text = _main(["--report", str(path)])  # markdown does not stick to later reports
     assert code == 0 and _table(text, "Decode step speedup vs full KV") == [header, *rows]
-    assert bench.main(["--quick", "--markdown"]) == 2  # formats a report, measures nothing
+    assert bench_main(["--quick", "--markdown"]) == 2  # formats a report, measures nothing
     assert "--markdown only formats" in capsys.readouterr().err
 
 
@@ -154,7 +161,7 @@ def test_capture_then_compress_equals_make_prefill(name):
     """One prefill forward + the method's compress per layer == make_prefill(config, plan)."""
     bm = bd.load_bench_model("tiny", seed=1)
     T, N, B = 192, 16, 1
-    plan = make_method(name, None if name == "full" else 64).plan(bm.config, T, N)
+    plan = make_method(name, 64).plan(bm.config, T, N)
     raw, _ = bd.capture_prefill(bm, T, B)
     ours, _ = bd.compress_cache(plan, raw)
     tokens = jnp.asarray(bm.prompt_ids(T))[None]
@@ -185,32 +192,33 @@ def test_loop_aware_bytes_scale_with_layers():
 
 
 def test_cli_wiring_help_and_bad_input(capsys):
-    parser = argparse.ArgumentParser(prog="rocketkv")
-    sub = parser.add_subparsers(dest="command")
-    p = bench.add_bench_parser(sub)
+    parser = build_parser()
     args = parser.parse_args(["bench", "--quick", "--budgets", "64"])
-    assert args.func is bench.cmd_bench
-    help_text = p.format_help()
+    assert args.func is cmd_bench
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--help"])
+    help_text = capsys.readouterr().out
     for flag in ("--quick", "--contexts", "--budgets", "--methods", "--peers",
                  "--kvpress-python", "--json", "--prefill"):
         assert flag in help_text
-    assert bench.main(["--quick", "--warmup", "30", "--iters", "30"]) == 2
+    assert bench_main(["--quick", "--warmup", "30", "--iters", "30"]) == 2
     assert "must be <= --new-tokens" in capsys.readouterr().err
-    assert bench.main(["--quick", "--methods", "full,nope"]) == 2
+    assert bench_main(["--quick", "--methods", "full,nope"]) == 2
     assert re.search(r"unknown method", capsys.readouterr().err)
-    assert bench.parse_size("4k") == 4096 and bench.parse_size("1000") == 1000
-    full = bench.resolve_args(bench.build_parser().parse_args([]))
-    assert full.peers and full.models == ["smollm2", "llama8b-shape"]
-    assert full.contexts == [4096, 8192, 16384, 32768]
-    assert full.budgets == [256, 512, 1024, 2048, 4096] and len(full.methods) == 9
-    quick = bench.resolve_args(bench.build_parser().parse_args(["--quick"]))
-    assert not quick.peers and quick.models == ["tiny"] and quick.methods == ["full", "rocketkv"]
-    assert bench.resolve_args(bench.build_parser().parse_args(["--models", "none"])).models == []
+    assert checks.token_count("4k", "x") == 4096 and checks.token_count("1000", "x") == 1000
+    full = resolve_config()
+    assert full.peers and full.models == ("smollm2", "llama8b-shape")
+    assert full.contexts == (4096, 8192, 16384, 32768)
+    assert full.budgets == (256, 512, 1024, 2048, 4096) and len(full.methods) == 9
+    quick = resolve_config(quick=True)
+    assert not quick.peers and quick.models == ("tiny",)
+    assert quick.methods == ("full", "rocketkv")
+    assert resolve_config(models="none").models == ()
 
 
 def test_model_contexts_clamp_to_the_model():
     cfg = bd.TINY_CONFIG  # 4096 positions
-    assert bench.model_contexts(cfg, [1024, 4096, 8192], 256) == [(1024, "1k"), (3840, "4k*")]
+    assert model_contexts(cfg, [1024, 4096, 8192], 256) == [(1024, "1k"), (3840, "4k*")]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -225,14 +233,14 @@ def test_report_of_a_file_that_is_not_a_results_file(capsys, tmp_path, content, 
         p.mkdir()
     else:
         p.write_bytes(content)
-    assert bench.main(["--report", str(p)]) == 2
+    assert bench_main(["--report", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: " + message.format(p=p)) and err.count("\n") == 1, err
 
 
 def test_json_path_is_checked_before_the_grid_runs(capsys, tmp_path):
-    assert bench.main(["--quick", "--json", str(tmp_path)]) == 2
+    assert bench_main(["--quick", "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path} is a directory" in capsys.readouterr().err
     (tmp_path / "f").write_text("")
-    assert bench.main(["--quick", "--json", str(tmp_path / "f" / "r.json")]) == 2
+    assert bench_main(["--quick", "--json", str(tmp_path / "f" / "r.json")]) == 2
     assert f"{tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err

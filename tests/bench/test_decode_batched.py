@@ -7,16 +7,16 @@ import contextlib
 import io
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import jax
 import pytest
+from benchmark_scripts import load_script
 
+from rocketkv_jax.bench import measure as bd
+from rocketkv_jax.bench.measure import broadcast_rows
 from rocketkv_jax.models.params import random_params
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import decode_batched as db  # noqa: E402
+db = load_script("decode_batched")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_bandwidth_and_roofline_are_consistent(quick):
     bw = max(x for b in res["bandwidth"] for x in b["copy_all"] + b["read_all"]) * 1e9
     assert res["roofline_bandwidth_GBps"] == pytest.approx(bw / 1e9)
     (rec,) = res["models"]
-    c = db.bd.TINY_CONFIG
+    c = bd.TINY_CONFIG
     params = sum(x.size for x in jax.tree.leaves(random_params(c)))  # untied: embed + head
     assert rec["weights_bytes"] == (params - (c.vocab_size - 1) * c.hidden_size) * 4  # one row
     token = c.num_layers * c.num_kv_heads * 2 * c.head_dim * 4  # K + V, all layers, f32
@@ -192,7 +192,6 @@ def test_bad_layout_is_refused(layout, capsys):
                                      ("rocketkv", {"token_budget": 64, "stage2": "on"}),
                                      ("snapkv", {"token_budget": 64, "skip_layers": 1})])
 def test_one_row_compressed_then_broadcast_equals_compressing_every_row(name, kw):
-    import bench_decode as bd
     import numpy as np
 
     from rocketkv_jax.methods.registry import make_method
@@ -207,7 +206,7 @@ def test_one_row_compressed_then_broadcast_equals_compressing_every_row(name, kw
     one = db.batch_capture(base, T, 1)
     struct = jax.eval_shape(lambda r: compress_layers(plan, r.k, r.v, r.q, r.lengths),
                             db.capture_struct(cfg, T, B))
-    got = db.broadcast_rows(compress_layers(plan, one.k, one.v, one.q, one.lengths), struct)
+    got = broadcast_rows(compress_layers(plan, one.k, one.v, one.q, one.lengths), struct)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
@@ -217,4 +216,4 @@ def test_one_row_compressed_then_broadcast_equals_compressing_every_row(name, kw
 def test_broadcast_rows_refuses_a_leaf_that_is_not_one_row():
     x = {"a": jax.numpy.zeros((2, 2, 5))}
     with pytest.raises(ValueError, match="cannot broadcast"):
-        db.broadcast_rows(x, {"a": jax.ShapeDtypeStruct((2, 4, 5), jax.numpy.float32)})
+        broadcast_rows(x, {"a": jax.ShapeDtypeStruct((2, 4, 5), jax.numpy.float32)})

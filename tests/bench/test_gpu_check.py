@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import gpu_check
 import pytest
+from benchmark_scripts import load_script
+
+gpu_check = load_script("gpu_check")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
-"""The benchmark drivers are importable as top-level modules in tests (pytest's
-`pythonpath = ["benchmarks"]`), and tests/ is on sys.path too. A driver named like an
-installed package shadows it for everything in the process: transformers 5.25 imports the
-`kernels` package, and found `benchmarks/kernels.py` instead."""
+"""A script of benchmarks/ runs with benchmarks/ first on sys.path (`python
+benchmarks/<script>.py`), and tests/ is on sys.path in the test process. A module there
+named like an installed package shadows it for everything in the process: transformers
+5.25 imports the `kernels` package, and once found `benchmarks/kernels.py` instead."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ tokens (the script's own check, read back from its output), and bad flags are re
 from __future__ import annotations
 
 import pytest
-import weight_layout as wl
+from benchmark_scripts import load_script
+
+wl = load_script("weight_layout")
 
 
 def test_quick_runs_both_layouts_and_they_agree(capsys):

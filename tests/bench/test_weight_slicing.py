@@ -8,7 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import weight_slicing as ws
+import pytest
+from benchmark_scripts import load_script
+
+ws = load_script("weight_slicing")
 
 
 def test_the_three_ways_agree_with_numpy():
@@ -49,7 +52,6 @@ def test_batches_each_get_a_table_and_the_bandwidth_share(capsys):
 
 
 def test_bad_batch_is_refused(capsys):
-    import pytest
 
     with pytest.raises(SystemExit):
         ws.main(["--quick", "--batch", "8,x"])

@@ -14,7 +14,7 @@ from pathlib import Path
 def convert_error(capsys, src: Path, out: Path) -> str:
     """Run the CLI on `src`; assert exit 2, one `error:` line, no traceback, no OUT.
     Returns the line."""
-    from rocketkv_jax.convert.cli import main
+    from rocketkv_jax.cli.convert import main
 
     rc = main([str(src), str(out), "-q"])
     err = capsys.readouterr().err
@@ -35,7 +35,7 @@ SECONDS = 120  # a normal tiny conversion takes ~6 s on a busy 2-core machine
 # The child limits its own address space before importing anything (a preexec_fn would
 # fork a multithreaded JAX process).
 CHILD = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({n}, {n})); "
-         "from rocketkv_jax.convert.cli import main; sys.exit(main(sys.argv[1:]))")
+         "from rocketkv_jax.cli.convert import main; sys.exit(main(sys.argv[1:]))")
 
 
 def run_convert_bounded(src: Path, out: Path) -> str:

@@ -14,7 +14,7 @@ import pytest
 from convert_runs import convert_error, run_convert_bounded
 from crafted import write_gguf
 
-from rocketkv_jax.convert.cli import main
+from rocketkv_jax.cli.convert import main
 
 T = gguf.GGUFValueType
 

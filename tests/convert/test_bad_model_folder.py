@@ -19,8 +19,8 @@ from convert_runs import convert_error, run_convert_bounded
 from safetensors.numpy import load_file, save_file
 from tiny_checkpoint import make_hf_dir
 
+from rocketkv_jax.cli.convert import main
 from rocketkv_jax.convert import load_checkpoint
-from rocketkv_jax.convert.cli import main
 from rocketkv_jax.tokenizer import Tokenizer
 
 

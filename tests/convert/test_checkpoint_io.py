@@ -182,7 +182,7 @@ def test_broken_params_dir(tmp_path):
 
 
 def test_convert_package_does_not_import_torch_or_transformers():
-    code = ("import sys, rocketkv_jax.convert, rocketkv_jax.convert.cli; "
+    code = ("import sys, rocketkv_jax.convert, rocketkv_jax.cli.convert; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)

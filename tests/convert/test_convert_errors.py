@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from rocketkv_jax.cli.convert import main
 from rocketkv_jax.convert import checkpoint as checkpoint_mod
-from rocketkv_jax.convert.cli import main
 
 BAD_INPUT = 2
 

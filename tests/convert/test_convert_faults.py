@@ -19,7 +19,7 @@ from tiny_checkpoint import (
     tiny_params,
 )
 
-from rocketkv_jax.convert.cli import main as convert_main
+from rocketkv_jax.cli.convert import main as convert_main
 
 
 def run_convert(capsys, src: Path, out: Path, *extra: str) -> tuple[int, str]:

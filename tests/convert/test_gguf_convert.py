@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from rocketkv_jax.cli.convert import main
 from rocketkv_jax.convert import (
     ConversionError,
     embedded_smollm2_gguf,
     load_checkpoint,
     read_checkpoint_config,
 )
-from rocketkv_jax.convert.cli import main
 from rocketkv_jax.convert.gguf import unpermute_qk
 
 TEXTS = [

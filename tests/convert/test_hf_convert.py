@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from tiny_checkpoint import tokenizer_json
 
+from rocketkv_jax.cli.convert import main
 from rocketkv_jax.convert import load_checkpoint
-from rocketkv_jax.convert.cli import main
 from rocketkv_jax.models.config import ModelConfig
 
 # params key -> (HF name pattern, transposed); written out independently of convert/hf.py.
@@ -149,7 +149,7 @@ def test_force_replaces_existing_checkpoint(tiny_llama_dir, tiny_mistral_dir, tm
 def test_subprocess_module_entry_point(tiny_llama_dir, tmp_path, hf_state_dict):
     out = tmp_path / "ckpt"
     proc = subprocess.run(
-        [sys.executable, "-m", "rocketkv_jax.convert.cli", str(tiny_llama_dir), str(out),
+        [sys.executable, "-m", "rocketkv_jax.cli.convert", str(tiny_llama_dir), str(out),
          "--dtype", "float32"],
         capture_output=True, text=True, timeout=300,
     )

@@ -196,7 +196,7 @@ def _temp_name(name: str, kind: str, pid: int) -> str:
 def test_next_conversion_removes_temp_dirs_of_killed_runs_only(tmp_path, capsys):
     from tiny_checkpoint import make_hf_dir
 
-    from rocketkv_jax.convert.cli import main as convert_main
+    from rocketkv_jax.cli.convert import main as convert_main
 
     src = make_hf_dir(tmp_path / "src")
     dead = _dead_pid()
@@ -231,7 +231,7 @@ def test_first_run_removes_the_gguf_work_dir_of_a_killed_run(tiny_named, capsys)
 CONVERT_WITH_CTRL_C = textwrap.dedent("""
     import os, signal, sys, time
     from rocketkv_jax import interrupts
-    from rocketkv_jax.convert.cli import main
+    from rocketkv_jax.cli.convert import main
 
     where = sys.argv[1]
     if where == "start":  # Ctrl-C right after the start, before JAX is imported
@@ -272,14 +272,14 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, where):
 
 
 def test_convert_cli_dtype_names_are_the_converters():
-    from rocketkv_jax.convert.cli import DTYPE_NAMES
     from rocketkv_jax.convert.hf import DTYPES
+    from rocketkv_jax.names import CHECKPOINT_DTYPES
 
-    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
+    assert sorted(CHECKPOINT_DTYPES) == sorted(DTYPES)
 
 
 def test_importing_the_convert_cli_imports_no_jax():
-    r = subprocess.run([sys.executable, "-c", "import sys, rocketkv_jax.convert.cli; "
+    r = subprocess.run([sys.executable, "-c", "import sys, rocketkv_jax.cli.convert; "
                         "print('jax' in sys.modules, 'orbax' in sys.modules)"],
                        capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False False", r.stderr

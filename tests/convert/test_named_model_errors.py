@@ -17,7 +17,7 @@ import pytest
 
 from rocketkv_jax import model_store
 from rocketkv_jax.cli import main as rocketkv
-from rocketkv_jax.convert.cli import main as rocketkv_convert
+from rocketkv_jax.cli.convert import main as rocketkv_convert
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gguf_convert import TINY_GGUF_CFG, write_tiny_gguf  # noqa: E402

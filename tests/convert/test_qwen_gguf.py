@@ -117,8 +117,8 @@ def qwen_gguf(tmp_path_factory):
 def qwen_ours(qwen_gguf, tmp_path_factory):
     """The GGUF converted by `rocketkv-convert` (float32) and loaded: (params, config,
     tokenizer)."""
+    from rocketkv_jax.cli.convert import main
     from rocketkv_jax.convert import load_checkpoint
-    from rocketkv_jax.convert.cli import main
     from rocketkv_jax.tokenizer import Tokenizer
 
     out = tmp_path_factory.mktemp("qwen-ckpt") / "ckpt"

@@ -51,17 +51,18 @@ NUMERIC_FLAGS = _numeric_flags()
 
 
 def test_every_numeric_flag_is_checked():
-    """No flag of generate, chat, bench or models parses a bare int or float (which would
-    take NaN, infinities and any range): each goes through `checks.flag`. Eval's own count
-    flags are checked by eval's validation (rocketkv_jax/eval/cli.py)."""
-    bare = [(c, a.option_strings[0]) for c, p in _subparsers().items() if c != "eval"
+    """No flag of any command parses a bare int or float (which would take NaN,
+    infinities and any range): each goes through `checks.flag`."""
+    bare = [(c, a.option_strings[0]) for c, p in _subparsers().items()
             for a in p._actions if a.type in (int, float)]
     assert bare == []
     flags = {f"{c} {f}" for c, f in NUMERIC_FLAGS}
     for expected in ("generate --temperature", "generate --top-p", "generate --seed",
                      "generate --prefill-chunk", "chat --capacity", "chat --seed",
                      "bench --prefill-memory-gb", "bench --seed", "eval --seed",
-                     "eval --skip-layers"):
+                     "eval --skip-layers", "eval --samples", "eval --fidelity-tokens",
+                     "eval --fidelity-samples", "eval --batch-size", "eval --max-new-tokens",
+                     "eval --multi-turn"):
         assert expected in flags
 
 
@@ -121,11 +122,11 @@ def test_zero_prefill_chunk_means_one_pass():
 
 
 def test_bench_token_counts_are_positive():
-    from rocketkv_jax.bench import BenchError, parse_size
+    from rocketkv_jax.bench.config import BenchError, token_counts
 
     for bad in ("0", "-4k", "0k"):
-        with pytest.raises(BenchError, match="must be >= 1"):
-            parse_size(bad)
+        with pytest.raises(BenchError, match="must be positive"):
+            token_counts(bad, "contexts")
 
 
 # ------------------------------------------------------------------------ the API

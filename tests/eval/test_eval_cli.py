@@ -6,14 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from rocketkv_jax.eval.cli import (
-    SMOKE_DEFAULTS,
-    EvalArgumentError,
-    add_eval_parser,
-    parse_token_count,
-    run_eval_command,
-    validate_eval_args,
-)
+from rocketkv_jax.checks import token_count
+from rocketkv_jax.cli.eval import SMOKE_DEFAULTS, eval_config, run_eval_command
+from rocketkv_jax.cli.eval import add_parser as add_eval_parser
 
 
 class WhitespaceTokenizer:
@@ -74,8 +69,6 @@ def test_help_lists_flags(capsys):
         (["--budgets", "lots"], "budget 'lots' is not a whole number"),
         (["--contexts", "2k,16k"], "16384 exceed the model's limit of 8192"),
         (["--contexts", "3x"], "context length '3x' is not a whole number"),
-        (["--samples", "0"], "--samples must be positive"),
-        (["--fidelity-tokens", "-1"], "--fidelity-tokens must be >= 0"),
         (["--methods", ","], "--methods is empty"),
     ],
 )
@@ -95,22 +88,35 @@ def test_context_too_small_for_prompt_is_a_clean_error(capsys, tmp_path):
     assert code == 2 and "template alone" in err and "Traceback" not in err
 
 
-def test_parse_token_count():
-    assert parse_token_count("2k", "x") == 2048
-    assert parse_token_count(" 4K ", "x") == 4096
-    assert parse_token_count("300", "x") == 300
-    with pytest.raises(EvalArgumentError):
-        parse_token_count("1.5k", "x")
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["--fidelity-tokens", "-1"], "argument --fidelity-tokens: must be >= 0, got -1"),
+    (["--fidelity-samples", "0"], "argument --fidelity-samples: must be >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--max-new-tokens", "nan"], "argument --max-new-tokens: must be an integer"),
+])
+def test_count_flags_are_checked_as_they_are_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_token_count():
+    assert token_count("2k", "x") == 2048
+    assert token_count(" 4K ", "x") == 4096
+    assert token_count("300", "x") == 300
+    with pytest.raises(ValueError, match="x '1.5k' is not a whole number"):
+        token_count("1.5k", "x")
 
 
 def test_smoke_defaults_and_explicit_flags_win():
-    config = validate_eval_args(_parse(["--smoke"]))
+    config = eval_config(_parse(["--smoke"]))
     assert config.methods == SMOKE_DEFAULTS["methods"]
     assert config.contexts == (1024,) and config.samples == 2
-    config = validate_eval_args(_parse(["--smoke", "--samples", "3", "--methods", "snapkv"]))
+    config = eval_config(_parse(["--smoke", "--samples", "3", "--methods", "snapkv"]))
     assert config.samples == 3
     assert config.methods == ("full", "snapkv")  # full KV is always the reference
-    config = validate_eval_args(_parse(["--budgets", "1k,256,1k", "--contexts", "2k,4096"]))
+    config = eval_config(_parse(["--budgets", "1k,256,1k", "--contexts", "2k,4096"]))
     assert config.budgets == (1024, 256) and config.contexts == (2048, 4096)
 
 

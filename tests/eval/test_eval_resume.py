@@ -99,7 +99,7 @@ def test_identical_resume_runs_nothing(ckpts, single_run, tmp_path, monkeypatch)
     def no_prefill(*args, **kwargs):
         raise AssertionError("a finished run was computed again")
 
-    monkeypatch.setattr("rocketkv_jax.eval.engine.SharedPrefill", no_prefill)
+    monkeypatch.setattr("rocketkv_jax.eval.model_fns.SharedPrefill", no_prefill)
     # auto resolves to the same kernels on CPU: the same configuration
     assert _eval(ckpts, out, *SINGLE, "--kernels", "auto") == 0
     assert (out / "results.jsonl").read_bytes() == before
@@ -168,19 +168,12 @@ def test_context_beyond_the_window_keeps_results(ckpts, single_run, tmp_path, ca
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (("--samples", "-1"), "--samples must be positive"),
-    (("--samples", "0"), "--samples must be positive"),
-    (("--max-new-tokens", "0"), "--max-new-tokens must be positive"),
     (("--contexts", "1k"), "exceed the model's limit"),
     (("--ruler-template", "base"), "--ruler-template applies to --suite ruler only"),
     (("--fidelity-samples", "1"), "--fidelity-samples has no effect without fidelity"),
     (("--suite", "ruler", "--tasks", "niah_single_1,nope"), "unknown task 'nope'"),
     (("--skip-layers", "2"), "skip_layers must be in 0..1 for a 2-layer model"),
     (("--multi-turn", "2", "--contexts", "320", "--skip-layers", "2"), "skip_layers must be"),
-    (("--multi-turn", "2", "--samples", "-1"), "--samples must be positive"),
-    (("--multi-turn", "2", "--samples", "0"), "--samples must be positive"),
-    (("--multi-turn", "2", "--max-new-tokens", "0"), "--max-new-tokens must be positive"),
-    (("--multi-turn", "0"), "--multi-turn must be >= 1"),
     (("--multi-turn", "2", "--contexts", "1k"), "exceed the model's limit"),
 ])
 def test_bad_input_is_refused_before_anything_is_created(ckpts, tmp_path, capsys, flags,
@@ -188,6 +181,20 @@ def test_bad_input_is_refused_before_anything_is_created(ckpts, tmp_path, capsys
     base = ["--no-progress"] if "--multi-turn" in flags else SINGLE
     code = _eval(ckpts, tmp_path / "out", *base, *flags)
     _refused(capsys, code, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--samples", "-1"), "argument --samples: must be >= 1, got -1"),
+    (("--samples", "0"), "argument --samples: must be >= 1, got 0"),
+    (("--max-new-tokens", "0"), "argument --max-new-tokens: must be >= 1, got 0"),
+    (("--multi-turn", "2", "--samples", "0"), "argument --samples: must be >= 1, got 0"),
+    (("--multi-turn", "0"), "argument --multi-turn: must be >= 1, got 0"),
+])
+def test_bad_counts_are_refused_as_they_are_parsed(ckpts, tmp_path, capsys, flags, message):
+    code = _eval(ckpts, tmp_path / "out", *flags)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 

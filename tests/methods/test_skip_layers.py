@@ -144,7 +144,9 @@ def test_skip_layers_plan_checks_and_passthrough():
 def test_skip_layers_flag():
     """`--skip-layers N` on generate builds the method with it, refuses methods without
     it, and eval takes the flag too."""
-    from rocketkv_jax.cli import UserError, build_parser, make_method_from_args
+    from rocketkv_jax.cli import build_parser
+    from rocketkv_jax.cli.common import UserError
+    from rocketkv_jax.cli.common import method_from_flags as make_method_from_args
 
     parser = build_parser()
     args = parser.parse_args(["generate", "--prompt", "x", "--method", "quest",

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rocketkv_jax.cli.convert import main
 from rocketkv_jax.convert import load_checkpoint
-from rocketkv_jax.convert.cli import main
 
 if importlib.util.find_spec("rocketkv_jax.models.llama") is None:
     pytest.skip("rocketkv_jax.models.llama is not written yet", allow_module_level=True)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rocketkv_jax.cli.convert import main
 from rocketkv_jax.convert import load_checkpoint
-from rocketkv_jax.convert.cli import main
 from rocketkv_jax.methods import Full
 from rocketkv_jax.models.config import ConfigError, ModelConfig
 from rocketkv_jax.models.llama import forward_decode, forward_prefill

@@ -4,7 +4,7 @@ A standalone script (it imports only torch, transformers and, for --runs with sn
 kvpress; never rocketkv_jax), so `rocketkv bench` can start it with another interpreter,
 e.g. a throwaway venv where kvpress brings the transformers version it pins:
 
-    python benchmarks/bench_peer_hf.py --gguf SmolLM2.gguf --ids ids.json --new-tokens 64 \
+    python rocketkv_jax/bench/peer_hf.py --gguf SmolLM2.gguf --ids ids.json --new-tokens 64 \
         --runs full,snapkv:256
 
 Loads SmolLM2 from the GGUF in float32 (transformers' own dequantization, without

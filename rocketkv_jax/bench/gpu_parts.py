@@ -2,10 +2,10 @@
 generate end to end and the cost-model calibration. Each takes the check (options, time
 left, `add_row` that saves results after every measurement) and its part's record.
 
-Everything here is built from the library and the other benchmark drivers: the kernels'
-public functions, `bench_kernels.make_operands`, `bench_decode` (compiled decode steps,
-interleaved timing, compress), `decode_batched.broadcast_rows`, `bench_bytes` (byte
-accounting), `generate_ids` and `bench/calibrate.py`.
+Everything here is built from the library: the kernels' public functions, `measure.py`
+(compiled decode steps, interleaved timing, compress, kernel operands, one row broadcast to
+a batch), `roofline.py` (byte accounting), `grid.plan_methods`, `generate_ids` and
+`calibrate.py`.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from __future__ import annotations
 import functools
 import time
 
-import bench_decode as bd
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_bytes import kv_read_bytes, llama31_8b_config, llama_weight_bytes, model_dims
-from bench_grid import plan_methods
-from bench_kernels import make_operands
-from decode_batched import broadcast_rows
 
-from rocketkv_jax.bench.calibrate import time_call
-from rocketkv_jax.kernels import approx_scores, prefill_attention, sparse_decode_attention
-from rocketkv_jax.models.plan import compress_layers
+from ..kernels import approx_scores, prefill_attention, sparse_decode_attention
+from ..models.plan import compress_layers
+from . import measure
+from .calibrate import time_call
+from .grid import plan_methods
+from .measure import broadcast_rows, make_operands
+from .roofline import kv_read_bytes, llama31_8b_config, llama_weight_bytes, model_dims
 
 ELEM = 2  # bf16
 BUDGETS = (256, 1024)  # rocketkv's token budgets in parts c and d
@@ -127,9 +126,9 @@ def model_8b(check):
     """Llama-3.1-8B's shape with random bf16 weights, 32 layers and the real vocabulary (a
     2-layer toy model in the smoke), kept for part d."""
     if "model" not in check.state:
-        from rocketkv_jax.models.params import device_random_params
+        from ..models.params import device_random_params
 
-        cfg = bd.TINY_CONFIG if check.smoke else llama31_8b_config()
+        cfg = measure.TINY_CONFIG if check.smoke else llama31_8b_config()
         t0 = time.perf_counter()
         params = jax.block_until_ready(device_random_params(cfg, dtype=jnp.bfloat16))
         check.state["model"] = (cfg, params, time.perf_counter() - t0)
@@ -170,7 +169,7 @@ def part_decode(check, rec: dict) -> None:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: record, next cell
             check.add_row(rec, {"T": T, "B": B, "method": "-",
                                 "path": f"{type(e).__name__}: {str(e)[:300]}"})
-        bd.clear_compress_cache()
+        measure.clear_compress_cache()
         jax.clear_caches()
 
 
@@ -182,25 +181,25 @@ def _decode_cell(check, rec, cfg, params, T, B, N, budgets, kernels, weights, bw
     bad = {m: p for m, p in plans.items() if isinstance(p, str)}
     if bad:
         raise ValueError(f"plans failed: {bad}")
-    cap = bd.synthetic_capture(cfg, T, 1, dtype=jnp.bfloat16)
+    cap = measure.synthetic_capture(cfg, T, 1, dtype=jnp.bfloat16)
     structs = [_batch_struct(x, B) for x in (cap.k, cap.v, cap.q)]
     caches = {}
     for m, p in plans.items():
-        one, _ = bd.compress_cache(p, cap)
+        one, _ = measure.compress_cache(p, cap)
         want = jax.eval_shape(lambda k, v, q, n, p=p: compress_layers(p, k, v, q, n), *structs,
                               jax.ShapeDtypeStruct((B,), jnp.int32))  # the batch of B rows
         caches[m] = broadcast_rows(one, want)
         del one
     del cap
-    steps = {m: bd.compile_step(cfg, p, params, caches[m], B).fn for m, p in plans.items()}
-    times = bd.time_interleaved(steps, caches, params, B=B, T=T, warmup=2,
+    steps = {m: measure.compile_step(cfg, p, params, caches[m], B).fn for m, p in plans.items()}
+    times = measure.time_interleaved(steps, caches, params, B=B, T=T, warmup=2,
                                 iters=3 if check.smoke else 8)
     del caches
-    full_t = bd.median(times["full"])
+    full_t = measure.median(times["full"])
     S = T + 1
     full_kv = kv_read_bytes(plans["full"], S, cfg, ELEM, B)
     for m, p in plans.items():
-        t = bd.median(times[m])
+        t = measure.median(times[m])
         kv = kv_read_bytes(p, S, cfg, ELEM, B)
         bound = (weights + full_kv) / (weights + kv)
         d = p.describe()
@@ -216,8 +215,8 @@ def _decode_cell(check, rec, cfg, params, T, B, N, budgets, kernels, weights, bw
 
 # --------------------------------------------------------------------- d. generate
 def part_generate(check, rec: dict) -> None:
-    from rocketkv_jax.engine.generate import generate_ids
-    from rocketkv_jax.methods import make_method
+    from ..engine.generate import generate_ids
+    from ..methods import make_method
 
     cfg, params, _ = model_8b(check)
     T, N = (256, 16) if check.smoke else (32768, 256)
@@ -256,9 +255,9 @@ def part_generate(check, rec: dict) -> None:
 def part_calibrate(check, rec: dict) -> None:
     import io
 
-    from rocketkv_jax.bench import calibrate
-    from rocketkv_jax.methods import cost_file
-    from rocketkv_jax.methods.cost import BUILTIN_CONSTANTS
+    from ..methods import cost_file
+    from ..methods.cost import BUILTIN_CONSTANTS
+    from . import calibrate
 
     shape = "tiny" if check.smoke else "gpu"
     rec["what"] = (f"`rocketkv bench --calibrate --calibrate-shape {shape}`: the dense "

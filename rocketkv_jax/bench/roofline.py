@@ -1,7 +1,7 @@
 """Bytes a decode step moves, counted from shapes: the shared accounting of the benchmarks.
 
-Used by `benchmarks/bench_kernels.py` (per-layer kernel bytes, the Llama-3.1-8B H100 roofline) and
-`rocketkv bench` (benchmarks/bench_grid.py: whole-model decode steps of every KV method).
+Used by `rocketkv bench` (`grid.py`: whole-model decode steps of every KV method) and
+`benchmarks/bench_kernels.py` (per-layer kernel bytes, the Llama-3.1-8B H100 roofline).
 Everything here is pure arithmetic on shapes; nothing is measured.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from rocketkv_jax.methods.budget import RocketKVSplit, rocketkv_split
+from ..methods.budget import RocketKVSplit, rocketkv_split
+from .tables import fmt_bytes, print_table
 
 H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM5 HBM3 peak
 SECTOR_BYTES = 32  # DRAM -> L2 transfer granularity on NVIDIA GPUs
@@ -82,38 +83,6 @@ def llama_weight_bytes(cfg: dict, elem_bytes: int) -> int:
 
 
 
-# ------------------------------------------------------------------------------ tables
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table (no trailing newline)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).strip() for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]],
-                markdown: bool = False) -> None:
-    """Print a titled table, right-aligned text columns, or with `markdown` a GitHub table
-    (for pasting into README/docs as is; `rocketkv bench --report PATH --markdown`)."""
-    if markdown:
-        print(f"\n{title}\n")
-        print(markdown_table(header, rows))
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-
-
 def print_roofline(
     context: int, new_tokens: int, batches: Sequence[int], budgets: Sequence[int],
     markdown: bool = False,
@@ -155,7 +124,7 @@ def print_roofline(
 
 def cpu_name() -> str:
     """The CPU's model name (the cost model's calibration files are keyed by it too)."""
-    from rocketkv_jax.methods.cost_file import host_cpu
+    from ..methods.cost_file import host_cpu
 
     return host_cpu()
 
@@ -187,8 +156,8 @@ def read_split(plan, context: int) -> tuple[int, int]:
     """`plan.read_tokens(context)` split into (tokens attended exactly, tokens' worth read
     to choose them: page max/min for quest, R-channel bounds for hybrid / rocketkv, R key
     channels for sparq, every key for topk; 0 for dense methods)."""
-    from rocketkv_jax.methods import QuestPlan, SparQPlan, TopKPlan, TwoStagePlan
-    from rocketkv_jax.methods.base import cached_tokens
+    from ..methods import QuestPlan, SparQPlan, TopKPlan, TwoStagePlan
+    from ..methods.base import cached_tokens
 
     total = plan.read_tokens(context)
     if isinstance(plan, TwoStagePlan) and not plan.stage2_dense:
@@ -209,7 +178,7 @@ def llama31_8b_config(layers: int = LLAMA_8B["layers"], vocab: int = LLAMA_8B["v
     shapes (hidden 4096, 32 / 8 heads, head_dim 128, MLP 14336, llama3 RoPE scaling, 128k
     positions) with `layers` layers and a `vocab`-token vocabulary (the llama8b-shape model).
     Llama-3.1's bos/eos ids are kept only where the vocabulary holds them."""
-    from rocketkv_jax.models.config import ModelConfig, RopeScaling
+    from ..models.config import ModelConfig, RopeScaling
 
     c = LLAMA_8B
     return ModelConfig(
@@ -230,8 +199,8 @@ def print_method_roofline(
     """The H100 bound for every method (not only rocketkv): Llama-3.1-8B, bf16, per-step bytes
     = weights + batch x `kv_read_bytes` at the last decode step (S = context + new_tokens),
     bound = full bytes / method bytes. Returns {method: {batch: {budget: bound}}}."""
-    from rocketkv_jax.methods import make_method
-    from rocketkv_jax.methods.base import MethodConfigError
+    from ..methods import make_method
+    from ..methods.base import MethodConfigError
 
     cfg, e = llama31_8b_config(), 2
     weights = llama_weight_bytes(LLAMA_8B, e)

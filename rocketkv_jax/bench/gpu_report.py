@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench_bytes import fmt_bytes, markdown_table
+from .tables import fmt_bytes, markdown_table
 
 # device_kind substring -> (HBM bytes/s, dense bf16 FLOP/s), from NVIDIA's data sheets.
 # The first match wins, so the more specific names come first.

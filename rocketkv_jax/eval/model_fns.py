@@ -1,5 +1,6 @@
-"""Binds the evaluation harness to the JAX engine: the three callables it needs, the
-methods it runs, and the identity of what produces its outputs."""
+"""The model functions the evaluation calls, bound to a loaded model: generate, greedy
+tokens and forced-token log-probabilities (`engine_functions`), the methods eval builds
+(`eval_method`), and the identity of what produces their outputs (`engine_identity`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 
 from ..engine.generate import generate_ids
 from ..engine.shared_prefill import SharedPrefill, forced_decode_logprobs
-from ..methods import make_method, method_hparams
+from ..methods import make_method, sweep_settings
 from ..model_store import Model, model_identity
-from ..names import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK, METHOD_VARIANTS
+from ..names import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK
 
 # Method fields that come from the run's flags (recorded once, at the identity's top).
 RUN_SETTINGS = ("token_budget", "kernels", "skip_layers")
@@ -21,15 +22,10 @@ RUN_SETTINGS = ("token_budget", "kernels", "skip_layers")
 
 def eval_method(name: str, budget: int | None, *, kernels: str = DEFAULT_KERNELS,
                 skip_layers: int = 0):
-    """The method eval runs for `name` at `budget`: `kernels` goes to every method (those
-    without kernels drop it), `skip_layers` to those that take it; full has no budget."""
-    if name == "full":
-        return make_method("full")
-    kw = {"kernels": kernels}
-    base = METHOD_VARIANTS[name][0] if name in METHOD_VARIANTS else name
-    if skip_layers and "skip_layers" in method_hparams(base):
-        kw["skip_layers"] = skip_layers
-    return make_method(name, budget, **kw)
+    """The method eval runs for `name` at `budget` (`full` ignores it): `kernels` goes to
+    every method, `skip_layers` to those that have it (`sweep_settings`)."""
+    return make_method(name, budget, **sweep_settings(name, kernels=kernels,
+                                                      skip_layers=skip_layers or None))
 
 
 def check_methods_fit(config, methods: Iterable[str], budgets: Iterable[int],
@@ -91,9 +87,7 @@ def engine_functions(
     the same batch for every (method, budget) in turn: one prefill serves the whole grid.
     """
     tok, config = model.tokenizer, model.config
-    stop = set(config.eos_token_ids)
-    if tok.eos_token_id is not None:
-        stop.add(tok.eos_token_id)
+    stop = tok.stop_ids(config.eos_token_ids)
 
     def method_for(name: str, budget: int | None):
         return eval_method(name, budget, kernels=kernels, skip_layers=skip_layers)
@@ -114,13 +108,13 @@ def engine_functions(
         texts: list[str] = []
         for start in range(0, len(ids), batch_size):
             out = prefilled(ids[start : start + batch_size], max_new).generate(
-                m, stop_ids=sorted(stop))
+                m, stop_ids=stop)
             texts += [tok.decode([t for t in row if t not in stop]) for row in out.tokens]
         return texts
 
     def greedy_tokens_fn(prompt: str, method: str, budget: int, n: int) -> list[int]:
         out = generate_ids(model.params, config, [tok.encode(prompt)], method_for(method, budget),
-                           max_new_tokens=n, stop_ids=sorted(stop), kernels=kernels)
+                           max_new_tokens=n, stop_ids=stop, kernels=kernels)
         return out.tokens[0]
 
     def forced_logprobs_fn(prompt: str, forced: list[int], method: str, budget: int) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""Measuring machinery of `rocketkv bench`: benchmark models, the prefill that builds decode
-caches, compiled decode steps with XLA's cost and memory analysis, and interleaved timing.
+"""Measuring machinery of the benchmarks: benchmark models, the prefill that builds decode
+caches, compiled decode steps with XLA's cost and memory analysis, interleaved timing, this
+machine's memory bandwidth, and random kernel operands.
 
 Caches are built the way `make_prefill(config, plan)` builds them, but with one model
 forward per context instead of one per (context, method): the engine's shared prefill
@@ -19,24 +20,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_bytes import llama31_8b_config
 
-from rocketkv_jax.bench import MODEL_KEYS
-from rocketkv_jax.bench.xla_stats import bytes_accessed, loop_aware_bytes, memory_stats
-from rocketkv_jax.engine import programs
-from rocketkv_jax.engine.compile import clear_caches, hashable_structs, params_struct
-from rocketkv_jax.engine.decode import LoopSettings
-from rocketkv_jax.engine.generate import GREEDY, make_decode_step
-from rocketkv_jax.engine.shared_prefill import (
+from ..engine import programs
+from ..engine.compile import clear_caches, hashable_structs, params_struct
+from ..engine.decode import LoopSettings
+from ..engine.generate import GREEDY, make_decode_step
+from ..engine.shared_prefill import (
     STORED_QUERY_WINDOW,
     RawPrefill,
     compress_program,
     raw_prefill_program,
 )
-from rocketkv_jax.models.config import ModelConfig
-from rocketkv_jax.models.llama import forward_prefill
-from rocketkv_jax.models.params import random_params
-from rocketkv_jax.sampling import prng_key
+from ..models.config import ModelConfig
+from ..models.llama import forward_prefill
+from ..models.params import random_params
+from ..sampling import prng_key
+from .config import MODEL_KEYS
+from .roofline import llama31_8b_config
+from .xla_stats import bytes_accessed, loop_aware_bytes, memory_stats
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ def _random_prompt(vocab: int, seed: int) -> Callable[[int], np.ndarray]:
 def _essay_prompt(tokenizer, fallback: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
     """Paul Graham essay text (the eval haystack) tokenized, cut (or repeated) to T tokens."""
     try:
-        from rocketkv_jax.eval.tasks import load_sentences
+        from ..eval.tasks import load_sentences
 
         text = " ".join(load_sentences())
     except Exception:  # noqa: BLE001 - the essays are optional; random ids time the same
@@ -89,8 +90,8 @@ def load_bench_model(key: str, *, model_path=None, layers: int = 2, vocab: int =
                      seed: int = 0) -> BenchModel:
     """Build a benchmark model by key (see MODEL_KEYS)."""
     if key == "smollm2":
-        from rocketkv_jax.convert import embedded_smollm2_gguf
-        from rocketkv_jax.model_store import load_model
+        from ..convert import embedded_smollm2_gguf
+        from ..model_store import load_model
 
         m = load_model(model_path, progress=False)
         gguf = None
@@ -280,3 +281,71 @@ def generate_program_memory(model: BenchModel, plan, T: int, N: int, B: int):
         if m is not None:
             stats.append({**m, "program": name})
     return (max(stats, key=lambda m: m["peak"]) if stats else None), progs.compile_s
+
+
+# ------------------------------------------------------------------- this machine
+def measure_bandwidth(nbytes: int, repeats: int) -> dict:
+    """This CPU's memory bandwidth over an `nbytes` float32 buffer, best of `repeats`:
+    copy = numpy copy into a preallocated buffer (read + write bytes counted), read = a jitted
+    sum (the decode step's traffic is reads). GB/s; best = the larger."""
+    n = nbytes // 4
+    src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the destination's pages in
+    copy = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        copy.append(2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
+    del dst
+    x = jnp.asarray(src)
+    del src
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    read = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        read.append(x.nbytes / (time.perf_counter() - t0) / 1e9)
+    del x
+    release_memory()
+    return {"buffer_bytes": n * 4, "repeats": repeats, "copy_GBps": max(copy),
+            "read_GBps": max(read), "best_GBps": max(max(copy), max(read)),
+            "copy_all": copy, "read_all": read}
+
+
+def best_bandwidth(results: dict) -> float:
+    """Bytes per second the roofline divides by: the best of every bandwidth measurement."""
+    return max(b["best_GBps"] for b in results["bandwidth"]) * 1e9
+
+
+# ------------------------------------------------------------------- inputs
+def broadcast_rows(cache, struct):
+    """A cache compressed from one row, repeated to the batch of `struct` (its shapes at
+    batch B), materialized. Every method compresses each row on its own, so this is the
+    cache of B copies of that row, without holding a B-row capture in memory."""
+    def grow(x, s):
+        if x.shape == s.shape:
+            return x
+        axes = [i for i, (a, b) in enumerate(zip(x.shape, s.shape, strict=True)) if a != b]
+        if len(axes) != 1 or x.shape[axes[0]] != 1:
+            raise ValueError(f"cannot broadcast a {x.shape} cache leaf to {s.shape}")
+        return jnp.broadcast_to(x, s.shape).astype(s.dtype)
+
+    return jax.block_until_ready(jax.tree.map(grow, cache, struct))
+
+
+def make_operands(b, kv, g, d, cache, page_size, dtype, seed=0):
+    """Random decode operands for one layer: q, k, v, page_max, page_min, lengths."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (b, kv, g, d), dtype)
+    k = jax.random.normal(keys[1], (b, kv, cache, d), dtype)
+    v = jax.random.normal(keys[2], (b, kv, cache, d), dtype)
+    pages = -(-cache // page_size)
+    pad = pages * page_size - cache
+    kp = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=jnp.nan)
+    kp = kp.reshape(b, kv, pages, page_size, d)
+    page_max = jnp.nanmax(kp, axis=3)  # [B, K, P, D]
+    page_min = jnp.nanmin(kp, axis=3)
+    lengths = jnp.full((b,), cache, jnp.int32)
+    return q, k, v, page_max, page_min, lengths

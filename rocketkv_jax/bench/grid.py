@@ -1,12 +1,10 @@
-"""The decode grid of `rocketkv bench` (rocketkv_jax/bench/ holds its flags): every KV
-method's decode step timed against full KV per model, context and budget, its bytes and
-memory (tables: bench_tables.py), and `--report`'s re-print of a --json file. `run(args)`
-takes the arguments `rocketkv_jax.bench.resolve_args` resolved.
+"""The decode grid of `rocketkv bench`: every KV method's decode step timed against full KV
+per model, context and budget, its bytes and memory (tables: `tables.py`), the peers, and
+`--report`'s re-print of a --json file. `run(config)` takes a resolved `BenchConfig`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -15,10 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import bench_decode as bd
-from bench_bytes import (
+from ..cache import tree_bytes
+from ..methods import Full, MethodConfigError, make_method, sweep_settings
+from ..user_text import read_text_file
+from . import measure
+from .config import BenchConfig, BenchError, model_contexts
+from .peers import PeerError, print_peers, run_peers
+from .roofline import (
     cpu_name,
-    fmt_bytes,
     kv_read_bytes,
     llama_weight_bytes,
     model_dims,
@@ -26,73 +28,58 @@ from bench_bytes import (
     print_roofline,
     read_split,
 )
-from bench_peers import PeerError, print_peers, run_peers
-from bench_tables import print_model_tables
-
-from rocketkv_jax.bench import BenchError, model_contexts
-from rocketkv_jax.cache import tree_bytes
-from rocketkv_jax.methods import (
-    METHOD_NAMES,
-    METHOD_VARIANTS,
-    Full,
-    MethodConfigError,
-    make_method,
-    method_hparams,
-)
-from rocketkv_jax.user_text import read_text_file
+from .tables import fmt_bytes, print_model_tables
 
 
 # ------------------------------------------------------------------------------ grid
-def plan_methods(config, methods, budget, T, N, stage2: str = "auto",
+def plan_methods(model_config, methods, budget, T, N, stage2: str = "auto",
                  kernels: str = "auto") -> dict:
     """{method: plan or the MethodConfigError message}; `stage2` for the methods that
     take it (hybrid, rocketkv, quest, sparq), `kernels` the sparse attention's backend."""
     out = {}
     for m in methods:
-        base = METHOD_VARIANTS.get(m, (m, {}))[0]
-        takes = base in METHOD_NAMES and "stage2" in method_hparams(base)
-        kw = {"stage2": stage2, "kernels": kernels} if takes else {"kernels": kernels}
         try:
-            out[m] = make_method(m, budget, **kw).plan(config, T, N)
+            method = make_method(m, budget, **sweep_settings(m, stage2=stage2, kernels=kernels))
+            out[m] = method.plan(model_config, T, N)
         except MethodConfigError as e:
             out[m] = str(e)
     return out
 
 
-def run_model(bm, args, bar, rec: dict, save=None) -> dict:
+def run_model(bm, config, bar, rec: dict, save=None) -> dict:
     """The decode grid of one model, filling `rec` (see --json); `save()` after each group."""
     import jax
 
-    cfg, B, N = bm.config, args.batch, args.new_tokens
+    cfg, B, N = bm.config, config.batch, config.new_tokens
     elem = 4  # float32 params and caches
     weights = llama_weight_bytes(model_dims(cfg), elem)
     base_plan = Full().plan(cfg, 16, 0)
-    base = bd.compile_step(cfg, base_plan, bm.params,
-                           bd.abstract_cache(cfg, base_plan, bm.params, 16, B), B)
+    base = measure.compile_step(cfg, base_plan, bm.params,
+                                measure.abstract_cache(cfg, base_plan, bm.params, 16, B), B)
     rec.update({"model": bm.key, "label": bm.label, "note": bm.note, "weights_bytes": weights,
                 "layers": cfg.num_layers, "xla_base_bytes": base.loop_bytes, "prefill": [],
                 "steps": [], "memory": [], "contexts": []})
-    for T, label in model_contexts(cfg, args.contexts, N):
+    for T, label in model_contexts(cfg, config.contexts, N):
         rec["contexts"].append([T, label])
         bar.set_postfix_str(f"{bm.key} T={T}: prefill")
-        cap, pre = _prefill(bm, T, B, args)
+        cap, pre = _prefill(bm, T, B, config)
         rec["prefill"].append(pre)
         compiled: dict = {}
-        for M in args.budgets:
+        for M in config.budgets:
             bar.set_postfix_str(f"{bm.key} T={T} M={M}")
-            plans = plan_methods(cfg, args.methods, M, T, N, args.stage2, args.kernels)
+            plans = plan_methods(cfg, config.methods, M, T, N, config.stage2, config.kernels)
             ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
             caches, compress_s = {}, {}
             for m, p in ok.items():
-                caches[m], compress_s[m] = bd.compress_cache(p, cap)
+                caches[m], compress_s[m] = measure.compress_cache(p, cap)
                 if p not in compiled:
-                    compiled[p] = bd.compile_step(cfg, p, bm.params, caches[m], B)
+                    compiled[p] = measure.compile_step(cfg, p, bm.params, caches[m], B)
             kv_cache = {m: tree_bytes(c) for m, c in caches.items()}
-            times = bd.time_interleaved({m: compiled[p].fn for m, p in ok.items()}, caches,
-                                        bm.params, B=B, T=T, warmup=args.warmup,
-                                        iters=args.iters)
+            times = measure.time_interleaved({m: compiled[p].fn for m, p in ok.items()}, caches,
+                                        bm.params, B=B, T=T, warmup=config.warmup,
+                                        iters=config.iters)
             del caches
-            full_t = bd.median(times["full"])
+            full_t = measure.median(times["full"])
             for m, p in plans.items():
                 if isinstance(p, str):
                     rec["steps"].append({"T": T, "M": M, "method": m, "error": p})
@@ -100,7 +87,7 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
                 cs, S = compiled[p], T + 1
                 attended, selection = read_split(p, S)
                 kv = kv_read_bytes(p, S, cfg, elem, B)
-                med = bd.median(times[m])
+                med = measure.median(times[m])
                 rec["steps"].append({
                     "T": T, "M": M, "method": m, "plan": _jsonable(p.describe()
                                                                    if hasattr(p, "describe")
@@ -112,47 +99,47 @@ def run_model(bm, args, bar, rec: dict, save=None) -> dict:
                     "xla_loop_bytes": cs.loop_bytes,
                     "kv_cache_bytes": kv_cache[m], "step_memory": cs.memory,
                 })
-            if args.memory:
+            if config.memory:
                 for m in ("full", "rocketkv"):
                     p = plans.get(m)
-                    if p is None or isinstance(p, str) or (m == "full" and M != args.budgets[0]):
+                    if p is None or isinstance(p, str) or (m == "full" and M != config.budgets[0]):
                         continue
-                    mem, cs = bd.generate_program_memory(bm, p, T, N, B)
+                    mem, cs = measure.generate_program_memory(bm, p, T, N, B)
                     rec["memory"].append({"T": T, "M": None if m == "full" else M, "method": m,
                                           "generate_memory": mem, "generate_compile_s": cs})
             bar.update(1)
-            bd.release_memory()
+            measure.release_memory()
             if save is not None:
                 save()
         del cap, compiled
-        bd.clear_compress_cache()
+        measure.clear_compress_cache()
         jax.clear_caches()
-        bd.release_memory()
+        measure.release_memory()
     return rec
 
 
-def _prefill(bm, T, B, args):
+def _prefill(bm, T, B, config):
     """Decode-cache source for context T (see --prefill) and its record."""
-    bd.release_memory()
-    compiled, compile_s = bd.compile_capture_prefill(bm, T, B, args.kernels)
-    mem = bd.memory_stats(compiled)
+    measure.release_memory()
+    compiled, compile_s = measure.compile_capture_prefill(bm, T, B, config.kernels)
+    mem = measure.memory_stats(compiled)
     peak = mem["peak"] if mem else 0
-    avail = bd.available_memory()
-    why = "--prefill " + args.prefill
-    use_model = args.prefill == "model"
-    if args.prefill == "auto":
-        fits = peak <= args.prefill_memory_gb * 1e9
+    avail = measure.available_memory()
+    why = "--prefill " + config.prefill
+    use_model = config.prefill == "model"
+    if config.prefill == "auto":
+        fits = peak <= config.prefill_memory_gb * 1e9
         free = avail is None or peak + 1e9 <= avail  # 1 GB for the process around it
         use_model = fits and free
         why = (f"XLA peak {fmt_bytes(peak)}" + ("" if fits else f" > --prefill-memory-gb "
-               f"{args.prefill_memory_gb:g}") + ("" if free else
+               f"{config.prefill_memory_gb:g}") + ("" if free else
                f"; {fmt_bytes(avail)} available on the machine"))
     if use_model:
-        cap, prefill_s = bd.capture_prefill(bm, T, B, compiled)
+        cap, prefill_s = measure.capture_prefill(bm, T, B, compiled)
     else:
-        cap, prefill_s = bd.synthetic_capture(bm.config, T, B, args.seed), None
+        cap, prefill_s = measure.synthetic_capture(bm.config, T, B, config.seed), None
     del compiled
-    bd.release_memory()
+    measure.release_memory()
     return cap, {"T": T, "mode": "model" if use_model else "synthetic", "prefill_s": prefill_s,
                  "compile_s": compile_s, "memory": mem, "why": why,
                  "available_bytes": avail}
@@ -179,59 +166,59 @@ def machine_line() -> str:
 
 
 # ------------------------------------------------------------------------------- main
-def run(args: argparse.Namespace) -> dict:
-    """Run the benchmark for resolved args; prints the tables, returns every record."""
+def run(config: BenchConfig) -> dict:
+    """Run the benchmark; prints the tables, returns every record."""
     from tqdm import tqdm
 
     t_start = time.perf_counter()
     print(machine_line(), flush=True)
-    print(f"command: {args.command_line}", flush=True)
-    results: dict = {"machine": machine_line(), "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                         for k, v in vars(args).items()
-                                                         if k not in ("func", "report")},
-                     "models": []}
-    models = [bd.load_bench_model(key, model_path=args.model, layers=args.llama_layers,
-                                vocab=args.llama_vocab, seed=args.seed) for key in args.models]
-    total = sum(len(model_contexts(bm.config, args.contexts, args.new_tokens)) for bm in models)
-    with tqdm(total=total * len(args.budgets), desc="decode grid", unit="group",
-              file=sys.stderr, disable=not args.progress or not total) as bar:
+    print(f"command: {config.command_line}", flush=True)
+    results: dict = {"machine": machine_line(), "args": config.as_json(), "models": []}
+    models = [measure.load_bench_model(key, model_path=config.model,
+                                       layers=config.llama_layers, vocab=config.llama_vocab,
+                                       seed=config.seed) for key in config.models]
+    total = sum(len(model_contexts(bm.config, config.contexts, config.new_tokens))
+                for bm in models)
+    with tqdm(total=total * len(config.budgets), desc="decode grid", unit="group",
+              file=sys.stderr, disable=not config.progress or not total) as bar:
         while models:
             bm = models.pop(0)
             rec: dict = {}
             results["models"].append(rec)
-            run_model(bm, args, bar, rec, save=lambda: _save(results, args))
-            print_model_tables(rec, args)
+            run_model(bm, config, bar, rec, save=lambda: _save(results, config))
+            print_model_tables(rec, config)
             sys.stdout.flush()
-            if bm.key == "smollm2" and args.peers:
-                results["peers"] = _run_peers(bm, args)
+            if bm.key == "smollm2" and config.peers:
+                results["peers"] = _run_peers(bm, config)
             del bm
-    if args.peers and "smollm2" not in args.models:
+    if config.peers and "smollm2" not in config.models:
         results["peers"] = _run_peers(
-            bd.load_bench_model("smollm2", model_path=args.model, seed=args.seed), args)
-    print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets)
-    results["h100_bound"] = print_method_roofline(args.methods, args.roofline_context,
-                                                  args.new_tokens, [1, 8], args.budgets)
+            measure.load_bench_model("smollm2", model_path=config.model, seed=config.seed),
+            config)
+    print_roofline(config.roofline_context, config.new_tokens, [1, 8], config.budgets)
+    results["h100_bound"] = print_method_roofline(config.methods, config.roofline_context,
+                                                  config.new_tokens, [1, 8], config.budgets)
     results["wall_s"] = time.perf_counter() - t_start
     print(f"\nwall time {results['wall_s']:.0f} s; {machine_line().split('; ')[-1]}")
-    if args.json:
-        _save(results, args)
-        print(f"wrote {args.json}")
+    if config.json:
+        _save(results, config)
+        print(f"wrote {config.json}")
     return results
 
 
-def _save(results: dict, args) -> None:
+def _save(results: dict, config) -> None:
     """Write the results so far to --json (after every group, so a killed run keeps them)."""
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if config.json:
+        config.json.parent.mkdir(parents=True, exist_ok=True)
+        config.json.write_text(json.dumps(results, indent=1, default=str))
 
 
-def _run_peers(bm, args) -> dict:
+def _run_peers(bm, config) -> dict:
     try:
-        return run_peers(bm, T=args.peer_context, N=args.peer_new_tokens,
-                         budget=args.peer_budget, rounds=args.peer_rounds,
-                         kvpress_python=args.kvpress_python, threads=args.peer_threads,
-                         progress=args.progress)
+        return run_peers(bm, T=config.peer_context, N=config.peer_new_tokens,
+                         budget=config.peer_budget, rounds=config.peer_rounds,
+                         kvpress_python=config.kvpress_python, threads=config.peer_threads,
+                         progress=config.progress)
     except PeerError as e:
         print(f"\npeers: not run: {e}")
         return {"error": str(e)}
@@ -248,18 +235,19 @@ def report(path: Path, markdown: bool = False) -> None:
             and isinstance(res.get("models"), list) and "machine" in res):
         raise BenchError(f"{path} is not a results file of `rocketkv bench --json PATH` (it "
                          f"has no args, machine and models)")
-    args = argparse.Namespace(**{**res["args"], "markdown": markdown})
+    config = BenchConfig.from_json(res["args"], markdown=markdown)
     print(res["machine"])
-    print(f"command: {args.command_line}")
+    print(f"command: {config.command_line}")
     for rec in res["models"]:
         if rec.get("steps"):
-            print_model_tables(rec, args)
+            print_model_tables(rec, config)
     if res.get("peers", {}).get("summary"):
         print_peers(res["peers"], markdown)
     if "h100_bound" in res:
-        print_roofline(args.roofline_context, args.new_tokens, [1, 8], args.budgets, markdown)
-        print_method_roofline(args.methods, args.roofline_context, args.new_tokens,
-                              [1, 8], args.budgets, markdown)
+        print_roofline(config.roofline_context, config.new_tokens, [1, 8], config.budgets,
+                       markdown)
+        print_method_roofline(config.methods, config.roofline_context, config.new_tokens,
+                              [1, 8], config.budgets, markdown)
     if "wall_s" in res:
         print(f"\nwall time {res['wall_s']:.0f} s")
 

@@ -9,11 +9,11 @@ import sys
 import time
 import traceback
 
-from rocketkv_jax import interrupts
+from .. import interrupts
+from ..names import CHECKPOINT_DTYPES
 
 # JAX, orbax and the converters are imported inside main(), after the Ctrl-C handler is
 # installed: an interrupt in the first seconds is then honoured, not lost in a gc callback.
-DTYPE_NAMES = ("bfloat16", "float32")  # convert.hf.DTYPES (a test checks they agree)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", metavar="SRC", help="HF model directory or .gguf file")
     parser.add_argument("out", metavar="OUT", help="checkpoint directory to create")
     parser.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="bfloat16",
+        "--dtype", choices=CHECKPOINT_DTYPES, default="bfloat16",
         help="dtype of the stored params (default: %(default)s)",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -74,11 +74,10 @@ def _main(argv: list[str] | None) -> int:
     start = time.perf_counter()
     out_existed = os.path.exists(args.out)
     try:
-        from rocketkv_jax.models.config import ConfigError
-        from rocketkv_jax.paths import PathError, describe_os_error
-
-        from .checkpoint import convert_any
-        from .hf import ConversionError
+        from ..convert.checkpoint import convert_any
+        from ..convert.hf import ConversionError
+        from ..models.config import ConfigError
+        from ..paths import PathError, describe_os_error
     except KeyboardInterrupt:  # a second Ctrl-C while importing
         print("rocketkv-convert: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -2,7 +2,7 @@
 `generate` (torch CPU, float32, full dynamic cache, greedy) and kvpress' SnapKV, on the same
 machine, model (SmolLM2 from the same GGUF), prompt ids and new-token count.
 
-The torch runs happen in subprocesses of `bench_peer_hf.py` (one per round and interpreter),
+The torch runs happen in subprocesses of `peer_hf.py` (one per round and interpreter),
 so torch and JAX never share a process, and kvpress can run from its own venv: kvpress 0.5.5
 pins transformers<5.3 while this project uses transformers 5.x >= 5.3. Rounds interleave
 ours and theirs; medians over rounds are reported.
@@ -19,12 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_bytes import print_table
+from ..engine.generate import generate_ids
+from ..methods import make_method
+from .tables import print_table
 
-from rocketkv_jax.engine.generate import generate_ids
-from rocketkv_jax.methods import make_method
-
-PEER_SCRIPT = Path(__file__).with_name("bench_peer_hf.py")
+PEER_SCRIPT = Path(__file__).with_name("peer_hf.py")  # run by path: imports no rocketkv_jax
 KVPRESS_ENV = "ROCKETKV_BENCH_KVPRESS_PYTHON"
 
 
@@ -52,7 +51,7 @@ def find_kvpress_python(explicit: str | None) -> tuple[str | None, str]:
 
 def run_peer_script(python: str, gguf: str, ids_file: Path, new_tokens: int, runs: list[str],
                     threads: int = 0) -> dict:
-    """Run bench_peer_hf.py with `python`; returns its JSON."""
+    """Run peer_hf.py with `python`; returns its JSON."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [python, str(PEER_SCRIPT), "--gguf", gguf, "--ids", str(ids_file),
