@@ -37,6 +37,7 @@ import numpy as np
 
 from rocketkv_jax.bench.grid import machine_line
 from rocketkv_jax.bench.measure import measure_bandwidth
+from rocketkv_jax.bench.xla_stats import copy_fusions
 
 
 def _traced(w, x):
@@ -58,13 +59,6 @@ def _separate(ws, x):
     for w in ws:
         h = h + (x @ w)[:, : h.shape[1]]
     return h
-
-
-def copy_fusions(hlo: str, shape: tuple[int, int]) -> int:
-    """Loop fusions in optimized HLO text that produce a whole weight matrix of `shape`."""
-    want = f"f32[{shape[0]},{shape[1]}]"
-    return sum(1 for line in hlo.splitlines()
-               if "kind=kLoop" in line and f"= {want}" in line)
 
 
 def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[dict]:

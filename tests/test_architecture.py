@@ -79,7 +79,7 @@ def layout_violations(root: Path, dirs: dict[str, str]) -> list[str]:
                         out.append(f"{where(imp)}: {package} imports {target}")
     for cycle in cycles(edges):
         out.append(f"import cycle: {' -> '.join(cycle)}")
-    for module, path in modules.items():
+    for path in modules.values():
         out += [f"{path.relative_to(root)}:{line}: changes sys.path"
                 for line in sys_path_edits(path)]
     return out

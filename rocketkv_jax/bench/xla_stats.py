@@ -72,3 +72,10 @@ def loop_aware_bytes(compiled) -> float | None:
     except Exception:  # noqa: BLE001 - private XLA APIs; the plain number is still reported
         return None
     return total
+
+
+def copy_fusions(hlo: str, shape: tuple[int, int]) -> int:
+    """Loop fusions in optimized HLO text that produce a whole weight matrix of `shape`."""
+    want = f"f32[{shape[0]},{shape[1]}]"
+    return sum(1 for line in hlo.splitlines()
+               if "kind=kLoop" in line and f"= {want}" in line)

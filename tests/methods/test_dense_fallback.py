@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bench_bytes import llama31_8b_config
 
+from rocketkv_jax.bench.roofline import llama31_8b_config
 from rocketkv_jax.methods import DensePlan, MethodConfigError, TwoStagePlan, make_method
 from rocketkv_jax.methods.cost import dense_bytes, fallback_note, mean_slots, stage2_bytes
 from rocketkv_jax.models.config import ModelConfig

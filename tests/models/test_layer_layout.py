@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from weight_slicing import copy_fusions
 
+from rocketkv_jax.bench.xla_stats import copy_fusions
 from rocketkv_jax.engine.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods.registry import make_method
 from rocketkv_jax.models.config import ModelConfig
