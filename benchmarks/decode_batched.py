@@ -4,16 +4,16 @@ and 8k-32k context, next to the analytic H100 bound and this CPU's own byte roof
 One run measures everything: this machine's memory bandwidth (a copy and a read benchmark,
 best of several, before and after the grid), then for each model, batch B, context T and
 budget M every method's jitted decode step (`make_decode_step`, cache donated) on the cache
-its `compress` builds from random k/v (no prefill is run: `synthetic_capture` at batch 1,
-broadcast to B), interleaved step by step with full KV (`time_interleaved`).
+its `compress` builds from random k/v (no prefill is run: `measure.synthetic_capture` at
+batch 1, broadcast to B), interleaved step by step with full KV (`time_interleaved`).
 
 Per step it reports:
   - speedup = full median time / method median time (>1: faster), from one interleaved run;
   - the byte bound on this model = (weights + full KV bytes) / (weights + method bytes), the
     speedup of a perfectly memory-bound step (bytes from the plans' `read_tokens`, page
-    metadata and selection reads included: `bench_bytes.kv_read_bytes`);
+    metadata and selection reads included: `bench.roofline.kv_read_bytes`);
   - the H100 bound for Llama-3.1-8B (32 layers, bf16) at the same B, T, M
-    (`bench_bytes.print_method_roofline`);
+    (`bench.roofline.print_method_roofline`);
   - roofline = (weights + KV + metadata bytes) / measured bandwidth, and measured / roofline.
 
 Methods whose caches do not fit in memory together are measured in several interleaved

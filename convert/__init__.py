@@ -1,4 +1,9 @@
-"""Weight conversion: HF safetensors directories and Llama GGUF files -> orbax checkpoints.
+"""`rocketkv_jax.convert`: this folder, installed under that name (pyproject's package-dir;
+a top-level `convert` package would collide with other projects). `from
+rocketkv_jax.convert.hf import load_hf` reads convert/hf.py; the `rocketkv-convert` command
+is rocketkv_jax/cli/convert.py.
+
+Weight conversion: HF safetensors directories and Llama GGUF files -> orbax checkpoints.
 
     from rocketkv_jax.convert import convert_any, load_checkpoint
     convert_any("./SmolLM2.gguf", "./ckpt", "bfloat16")

@@ -1,4 +1,8 @@
-"""Pallas GPU kernels (Triton lowering), each with a pure-jnp reference beside it.
+"""`rocketkv_jax.kernels`: this folder, installed under that name (pyproject's package-dir;
+a top-level `kernels` package would collide with the HF `kernels` package transformers
+imports). `from rocketkv_jax.kernels.backend import choose` reads kernels/backend.py.
+
+Pallas GPU kernels (Triton lowering), each with a pure-jnp reference beside it.
 
 Decode (RocketKV's stage 2): `approx_scores` scores pages with an upper bound read from R
 selected channels of the page key max/min; XLA's top_k then picks tokens;

@@ -41,17 +41,25 @@ class KernelsUnavailableError(ValueError):
     """A kernel backend this process cannot run (Triton without a CUDA GPU)."""
 
 
+def check_backend_name(kernels: object, what: str = "") -> str:
+    """`kernels` if it names a backend (`BACKENDS`), else ValueError listing them: the one
+    check of a backend name, for the methods' settings and the model's prefill too."""
+    if kernels not in BACKENDS:
+        raise ValueError(
+            f"{what + ': ' if what else ''}unknown kernel backend {kernels!r}; expected one "
+            f"of {', '.join(BACKENDS)}. Use 'auto' to get the Triton kernel on GPU and the "
+            "jnp reference elsewhere."
+        )
+    return kernels
+
+
 def resolve_backend(kernels: str) -> str:
     """Maps a requested backend name to the one that runs ("auto" is resolved here).
 
     Called at plan and trace time (the backend is a static argument), so "auto" follows the
     default device of the process.
     """
-    if kernels not in BACKENDS:
-        raise ValueError(
-            f"unknown kernel backend {kernels!r}; expected one of {', '.join(BACKENDS)}. "
-            "Use 'auto' to get the Triton kernel on GPU and the jnp reference elsewhere."
-        )
+    check_backend_name(kernels)
     if kernels == "auto":
         return "triton" if triton_runs_here() else "reference"
     return kernels

@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ..kernels.backend import check_backend_name
 from ..kernels.prefill_attention import prefill_attention
-from ..names import PREFILL_KERNELS
 from .config import ModelConfig
 from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
 from .plan import KVPlan, compress_layers, layer_groups
@@ -46,17 +46,16 @@ def loop_layers(layers, start: int, stop: int, body, carry):
     layers: params["layers"], either stacked (a dict of [L, ...] arrays: one
     `lax.fori_loop`, i traced, p sliced out of the stack) or per layer (a tuple of dicts:
     a Python loop, i a static int, p that layer's own arrays). XLA:CPU copies a weight
-    slice taken at a loop index into a fresh buffer before its matmul, about 4x the time
-    of reading one array per layer (benchmarks/weight_slicing.py); unrolling over separate
-    arrays avoids the copy at the cost of compile time that grows with depth.
+    slice taken at a loop index into a fresh buffer before its matmul (benchmarks/
+    weight_slicing.py measures it); unrolling over separate arrays avoids the copy at the
+    cost of compile time that grows with depth.
     """
     if isinstance(layers, (tuple, list)):
         for i in range(start, stop):
             # Tie the carry together before each layer, as a loop iteration would: a cache
             # write that does not depend on the layer's activations (the positions) could
-            # otherwise run before the previous layer's reads, and XLA copies the whole
-            # stacked buffer to keep those reads correct (measured: 29 copies of the
-            # positions per step on SmolLM2).
+            # otherwise run before the previous layer's reads, and XLA would copy the whole
+            # stacked buffer to keep those reads correct.
             carry = body(i, layers[i], jax.lax.optimization_barrier(carry))
         return carry
 
@@ -178,9 +177,8 @@ def prefill_chunk(
     key written so far (positions < lengths), blockwise: memory is O(C * S), never
     [S, S]. Returns (state, x [B, C, E] the chunk's final hidden states).
     """
-    if kernels not in PREFILL_KERNELS:
-        raise ValueError(f"unknown prefill kernels {kernels!r}; expected one of "
-                         f"{', '.join(PREFILL_KERNELS)}")
+    if kernels != "dense":  # the materialised [B, H, C, S] baseline, else a kernel backend
+        check_backend_name(kernels, "prefill attention")
     B, C = tokens.shape
     S = state.k.shape[3]
     H, D = config.num_heads, config.head_dim
@@ -320,7 +318,8 @@ def forward_decode(
             return _mlp_block(p, config, x), stack
 
         # the cache as loop carry (not scan xs/ys): XLA updates it in place, where scanning
-        # over it measured ~16x the cache bytes per step (a copy of every layer in and out)
+        # over it copies every layer in and out of the loop at every step
+        # (tests/models/test_decode_inplace.py checks XLA's bytes)
         return loop_layers(params["layers"], start, group.stop, layer, (x, stack))
 
     for group in layer_groups(plan, config.num_layers):

@@ -72,10 +72,6 @@ def device_random_params(
     return unflatten(jax.jit(init)())
 
 
-def param_bytes(params) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
-
-
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
     """params with "layers" as a tuple of per-layer dicts (each its own arrays) instead of
     one dict of stacked [L, ...] arrays; the model unrolls its layer loop over them

@@ -40,10 +40,6 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
-def requested() -> bool:
-    return _requested.is_set()
-
-
 def reset() -> None:
     """Forget a Ctrl-C no safe point saw (the handler is being removed)."""
     _requested.clear()

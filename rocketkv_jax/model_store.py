@@ -276,11 +276,6 @@ def list_models() -> list[dict[str, object]]:
     return rows
 
 
-def default_checkpoint(progress: bool = True) -> Path:
-    """Path of the converted embedded SmolLM2, converting it on first use."""
-    return named_checkpoint(DEFAULT_MODEL, progress)
-
-
 def load_model(path: str | Path | None = None, *, shardings=None, progress: bool = True,
                check_weights: bool = False, reconvert: bool = False) -> Model:
     """Load a converted checkpoint, a named model (`NAMED_MODELS`, e.g.

@@ -58,9 +58,8 @@ KERNELS_HELP = (  # `--kernels` of generate, chat, eval and bench
 # "on" / "off" force it.
 STAGE2_MODES: tuple[str, ...] = ("auto", "on", "off")
 
-# The model's prefill attention takes the same `kernels` names plus "dense", the
+# The model's prefill attention also takes "dense" (`models.llama.prefill_chunk`): the
 # materialised [B, H, T, S] softmax kept as the baseline of benchmarks and tests.
-PREFILL_KERNELS: tuple[str, ...] = (*KERNEL_BACKENDS, "dense")
 
 # The dtypes a converted checkpoint stores (`rocketkv-convert --dtype`, `convert.hf.DTYPES`).
 CHECKPOINT_DTYPES: tuple[str, ...] = ("bfloat16", "float32")

@@ -29,34 +29,11 @@ kernels move the same data at very different costs. Where `rocketkv bench --cali
 measured this device (a file in the user cache, or $ROCKETKV_JAX_COST_FILE; see
 `cost_file.py`), its constants are used; otherwise the built-ins below.
 
-Built-in constants of the jnp references (`REFERENCE_CONSTANTS`), calibrated by a
-micro-benchmark of `TwoStagePlan.attend` against `DensePlan.attend` (jnp reference kernels,
-jitted, median of 30 calls; B = 1, K = 3, D = 64, G in {1, 3, 8}, S in {2048, 8192}, page 16
-or 1, R = 4, k_top 16 or 1024, bf16 and f32) on this project's CPU box (2 shared x86-64
-cores, XLA:CPU, jax 0.10.2, load ~5), each sparse time converted into bytes at the dense
-path's own measured rate (bf16: 1.5-3 GB/s, f32: 2.3-6.6 GB/s) with a token counted as
-2D * 2 bytes:
-  - scoring and ranking cost 23-43 B (bf16) / 32-40 B (f32) per slot at G = 1..8, S = 8k
-    (the f32 scores pass through repeat, temperature, mask, softmax and the group mean
-    before `lax.top_k`): G * score_bytes + rank_bytes = 28 / 36 / 56;
-  - a gathered token costs 2.6-3.5x a streamed one (bf16; 2.1-3.7x in f32): gather_factor;
-  - a bound element read through `take_along_axis` costs 3.6-6.2x its bytes (bf16; 2.5-6x
-    in f32): both bounds are gathered, then widened to f32: metadata_factor, and the same
-    for key channels.
-Not modelled: a fixed ~0.15 ms per sparse attend call (B = 1, K = 3), which makes the model
-optimistic for the sparse path below ~2k cached slots. Checked against the SmolLM2 decode
-grid of docs/benchmarks.md (f32): the fallback is taken where hybrid, sparq and rocketkv
-were measured slower than full KV (tests/methods/test_dense_fallback.py pins it).
-
-Built-in constants of the Pallas kernels (`PALLAS_CONSTANTS`, Triton on a GPU; the
-interpreter plans as Triton does), from their byte counts until a calibration replaces
-them: `approx_scores` reads R contiguous runs of channel-major page bounds (factor 1),
-`sparse_decode_attention` reads each chosen K/V row whole (256 B rows at D = 128 bf16: a
-gather close to a stream, factor 1); the f32 scores are written once and read once by the
-group mean (8 B per slot per query head), and the group-mean score is written and read by
-`lax.top_k` with the visible mask (12 B per slot). Key channels at page 1 come from
-row-major key rows, where a 32-byte sector holds 16 bf16 channels: R = 16-32 of 128 channels
-touch 60-90% of a row's sectors, about 4x the R * e bytes requested.
+The built-in constants (`REFERENCE_CONSTANTS` for the jnp references, `PALLAS_CONSTANTS`
+for the Pallas kernels, which the interpreter plans with too) come from a micro-benchmark of
+the sparse against the dense attend on a CPU and from the kernels' byte counts;
+docs/benchmarks/cost-model.md has the measurements behind each and what the model leaves
+out. tests/methods/test_dense_fallback.py pins the fallback to the decode grid.
 """
 
 from __future__ import annotations
@@ -103,11 +80,8 @@ def constants_for(kernels: str) -> CostConstants:
 
 
 # "auto" runs the sparse path only where it is estimated at least this much cheaper than
-# dense: the model's error. In the batched decode grid (docs/benchmarks/decode-batched.md,
-# 2026-12-03, idle) the one sparse cell more than 5% slower than full KV was SparQ on the
-# SmolLM2 shape at 16k, M = 2048, batch 4 (0.81x), estimated at 0.945 of dense; the
-# cheapest estimate that was slower than dense in the SmolLM2 grid of docs/benchmarks.md
-# was hybrid at 4k, M = 1024 (0.97x).
+# dense: a margin for the model's error (docs/benchmarks/cost-model.md: the estimates of
+# the cells that ran slower than full KV).
 SPARSE_MARGIN = 0.93
 
 

@@ -24,16 +24,13 @@ import jax
 
 from .. import kernels as kernel_lib
 from ..cache import KVCache, visible_slots
-from ..names import KERNEL_BACKENDS
+from ..kernels.backend import check_backend_name
 
 
 def check_kernels(name: str, kernels: str) -> None:
-    """Raise if `kernels` is not a known backend name (called in method constructors)."""
-    if kernels not in KERNEL_BACKENDS:
-        raise ValueError(
-            f"{name}: unknown kernels backend {kernels!r}; expected one of "
-            f"{', '.join(KERNEL_BACKENDS)}"
-        )
+    """Raise ValueError unless `kernels` names a backend (`kernels.backend.check_backend_name`),
+    where a method is built, before anything is traced."""
+    check_backend_name(kernels, name)
 
 
 def approx_scores(

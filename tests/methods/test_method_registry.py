@@ -118,7 +118,7 @@ def test_streaming_sinks():
 
 def test_kernels_backend_name():
     assert KERNEL_BACKENDS == ("reference", "interpret", "triton", "auto")
-    with pytest.raises(ValueError, match="unknown kernels backend 'cuda'"):
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         make_method("rocketkv", 256, kernels="cuda")
     # the plan holds the backend that runs: "auto" resolved for this process's device
     resolved = "triton" if jax.default_backend() == "gpu" else "reference"
@@ -128,7 +128,7 @@ def test_kernels_backend_name():
         "interpret")
     # Methods without kernels accept (and drop) the setting, but still check the name.
     assert make_method("snapkv", 256, kernels="triton") == make_method("snapkv", 256)
-    with pytest.raises(ValueError, match="unknown kernels backend"):
+    with pytest.raises(ValueError, match="unknown kernel backend"):
         make_method("streaming", 256, kernels="gpu")
 
 
@@ -168,9 +168,9 @@ def test_unknown_kernel_backend_is_rejected():
     from rocketkv_jax.methods.sparse_ops import sparse_decode_attention
 
     q = jnp.ones((1, 1, 2, 4))
-    with pytest.raises(ValueError, match="unknown kernels backend 'cuda'"):
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         sparse_decode_attention(q, q, q, jnp.zeros((1, 1, 2), jnp.int32), kernels="cuda")
-    with pytest.raises(ValueError, match="unknown kernels backend"):
+    with pytest.raises(ValueError, match="unknown kernel backend"):
         make_method("rocketkv", 256, kernels="cuda")
 
 
