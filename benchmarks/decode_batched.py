@@ -11,7 +11,7 @@ Per step it reports:
   - speedup = full median time / method median time (>1: faster), from one interleaved run;
   - the byte bound on this model = (weights + full KV bytes) / (weights + method bytes), the
     speedup of a perfectly memory-bound step (bytes from the plans' `read_tokens`, page
-    metadata and selection reads included: `bench.roofline.kv_read_bytes`);
+    metadata and selection reads included: `methods.read_bytes.kv_read_bytes`);
   - the H100 bound for Llama-3.1-8B (32 layers, bf16) at the same B, T, M
     (`bench.roofline.print_method_roofline`);
   - roofline = (weights + KV + metadata bytes) / measured bandwidth, and measured / roofline.
@@ -45,7 +45,6 @@ from rocketkv_jax.bench.grid import machine_line, plan_methods
 from rocketkv_jax.bench.measure import best_bandwidth, broadcast_rows, measure_bandwidth
 from rocketkv_jax.bench.roofline import (
     H100_HBM_BYTES_PER_S,
-    kv_read_bytes,
     llama_weight_bytes,
     model_dims,
     print_method_roofline,
@@ -53,6 +52,7 @@ from rocketkv_jax.bench.roofline import (
 from rocketkv_jax.bench.tables import fmt_bytes, print_table
 from rocketkv_jax.cache import tree_bytes
 from rocketkv_jax.engine.shared_prefill import STORED_QUERY_WINDOW, RawPrefill
+from rocketkv_jax.methods.read_bytes import kv_read_bytes
 from rocketkv_jax.models.params import unstack_layers
 from rocketkv_jax.models.plan import compress_layers
 from rocketkv_jax.names import METHOD_NAMES as ALL_METHODS

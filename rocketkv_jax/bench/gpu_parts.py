@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..kernels import approx_scores, prefill_attention, sparse_decode_attention
+from ..methods.read_bytes import kv_read_bytes
 from ..models.plan import compress_layers
 from . import measure
 from .calibrate import time_call
 from .grid import plan_methods
 from .measure import broadcast_rows, make_operands
-from .roofline import kv_read_bytes, llama31_8b_config, llama_weight_bytes, model_dims
+from .roofline import llama31_8b_config, llama_weight_bytes, model_dims
 
 ELEM = 2  # bf16
 BUDGETS = (256, 1024)  # rocketkv's token budgets in parts c and d

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from ..cache import tree_bytes
 from ..methods import Full, MethodConfigError, make_method, sweep_settings
+from ..methods.read_bytes import kv_read_bytes
 from ..user_text import read_text_file
 from . import measure
 from .config import BenchConfig, BenchError, model_contexts
 from .peers import PeerError, print_peers, run_peers
 from .roofline import (
     cpu_name,
-    kv_read_bytes,
     llama_weight_bytes,
     model_dims,
     print_method_roofline,

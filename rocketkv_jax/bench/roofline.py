@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from ..methods.budget import RocketKVSplit, rocketkv_split
+from ..methods.read_bytes import kv_read_bytes, kv_token_bytes
 from .tables import fmt_bytes, print_table
 
 H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM5 HBM3 peak
@@ -138,18 +139,6 @@ def model_dims(config) -> dict:
         kv_heads=config.num_kv_heads, head_dim=config.head_dim, vocab=config.vocab_size,
         tied_embeddings=config.tie_word_embeddings,
     )
-
-
-def kv_token_bytes(config, elem_bytes: int) -> int:
-    """K + V bytes of one cached token over all layers and KV heads (batch 1)."""
-    return config.num_layers * config.num_kv_heads * 2 * config.head_dim * elem_bytes
-
-
-def kv_read_bytes(plan, context: int, config, elem_bytes: int, batch: int = 1) -> int:
-    """KV bytes one decode step reads, from the plan's own accounting: `read_tokens(context)`
-    (tokens' worth of K+V per KV head, selection metadata included) x layers x KV heads x
-    2 x D x elem_bytes x batch. context = uncompressed tokens cached before the step."""
-    return plan.read_tokens(context) * kv_token_bytes(config, elem_bytes) * batch
 
 
 def read_split(plan, context: int) -> tuple[int, int]:

@@ -18,12 +18,13 @@ import pytest
 from rocketkv_jax import checks
 from rocketkv_jax.bench import measure as bd
 from rocketkv_jax.bench.config import QUICK, model_contexts, resolve_config
-from rocketkv_jax.bench.roofline import kv_read_bytes, read_split
+from rocketkv_jax.bench.roofline import read_split
 from rocketkv_jax.cli import build_parser
 from rocketkv_jax.cli import main as cli_main
 from rocketkv_jax.cli.bench import cmd_bench
 from rocketkv_jax.engine.generate import make_prefill
 from rocketkv_jax.methods import METHOD_NAMES, make_method
+from rocketkv_jax.methods.read_bytes import kv_read_bytes
 
 
 def bench_main(argv: list[str]) -> int:
