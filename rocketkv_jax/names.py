@@ -72,3 +72,8 @@ WEIGHT_LAYOUTS: tuple[str, ...] = ("stacked", "per-layer")
 # `Conversation(prefill_chunk=)`): activations stay O(chunk), and a prompt of n chunks
 # compiles once for any length in it. The smallest chunk is `checks.MIN_PREFILL_CHUNK`.
 DEFAULT_PREFILL_CHUNK = 4096
+
+# `rocketkv demo` (`eval/demo.py`): prompt plus answer tokens of its needle prompt, and
+# RocketKV's token budget there.
+DEMO_CONTEXT = 4096
+DEMO_TOKEN_BUDGET = 256

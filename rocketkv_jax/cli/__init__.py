@@ -1,10 +1,11 @@
-"""The command line: `rocketkv` (generate, chat, eval, bench, models) and `rocketkv-convert`.
+"""The command line: `rocketkv` (demo, generate, chat, eval, bench, models) and
+`rocketkv-convert`.
 
-One module per command (`generate.py`, `chat.py`, `eval.py`, `bench.py`, `models.py`,
-`convert.py`), each with its parser (`add_parser`) and its `cmd_*`; `common.py` holds the
-flags they share and `streaming.py` what they print while working. argparse lives here
-only: the commands turn flags into plain arguments of the library, which never imports
-this package.
+One module per command (`demo.py`, `generate.py`, `chat.py`, `eval.py`, `bench.py`,
+`models.py`, `convert.py`), each with its parser (`add_parser`) and its `cmd_*`;
+`common.py` holds the flags they share and `streaming.py` what they print while working.
+argparse lives here only: the commands turn flags into plain arguments of the library,
+which never imports this package.
 
 Errors in what the user asked for (a missing checkpoint, an over-long prompt, an unknown
 method) end with one `error:` line and exit code 2, never a traceback from inside JAX.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import sys
 
 EXAMPLES = """examples:
+  rocketkv demo
   rocketkv generate --chat --prompt "What is the capital of France?"
   rocketkv generate --method rocketkv --token-budget 256 --prompt-file essay.txt
   rocketkv chat --document paper.txt --method rocketkv-mt
@@ -28,7 +30,7 @@ def build_parser():
     """The `rocketkv` command tree: each command module adds its own subcommand."""
     import argparse
 
-    from . import bench, chat, generate, models
+    from . import bench, chat, demo, generate, models
     from . import eval as eval_command
     from .common import HelpFormatter
 
@@ -37,7 +39,7 @@ def build_parser():
         epilog=EXAMPLES, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (generate, eval_command, bench, models, chat):
+    for command in (demo, generate, eval_command, bench, models, chat):
         command.add_parser(sub)
     return parser
 
