@@ -86,7 +86,7 @@ def add_parser(sub):
         "(fast to compile); per-layer: one array per layer and the loop unrolled, so on CPU "
         "each matmul reads its layer's weights in place instead of a copied slice (faster "
         "decode where weights dominate a step, compile time grows with depth; one device "
-        "only; numbers in the README) (default: stacked)",
+        "only; numbers in docs/benchmarks.md) (default: stacked)",
     )
     g.set_defaults(func=cmd_generate)
     return g

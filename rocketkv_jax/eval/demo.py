@@ -16,6 +16,7 @@ like for like; the answer is the text up to the first stop token (the tokenizer'
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 
 from ..engine.shared_prefill import SharedPrefill
 from ..methods import make_method
@@ -159,17 +160,16 @@ def format_demo(r: DemoResult) -> str:
         f"{r.depth:.0f}% depth:",
         f"  {r.needle!r}",
         f"question: {r.question}",
-        f"prefill: {r.prefill_s:.1f} s, once, shared by every method; then "
+        f"prefill: {r.prefill_s:.1f} s (compile not counted), once for every method; then "
         f"{r.new_tokens} decode steps each",
         "",
     ]
     table = [("method", "answer (first line)", "prompt kept", "KV read / step", "KV cache",
               "decode")]
     for row in r.rows:
-        first, *rest = row.answer.splitlines() or [""]
-        shown = first + (" ..." if rest else "")  # the rest: DemoRow.answer
+        first = (row.answer.splitlines() or [""])[0]  # the whole text: DemoRow.answer
         mark = "" if row.correct else " (wrong)"
-        table.append((row.label, f"{shown}{mark}",
+        table.append((row.label, f"{first}{mark}",
                       f"{row.prompt_kept} of {r.prompt_tokens}", _mb(row.kv_read_bytes),
                       _mb(row.kv_cache_bytes), f"{row.decode_tokens_per_s:.1f} tok/s"))
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
@@ -183,5 +183,6 @@ def format_demo(r: DemoResult) -> str:
                  if full.decode_tokens_per_s else float("nan"))
         extra = "" if row is full else (f"; {ratio:.1f}x fewer KV bytes per step, "
                                         f"{speed:.2f}x full KV's decode speed")
-        lines.append(f"{row.label}: {row.attention}{extra}")
+        lines.append(textwrap.fill(f"{row.label}: {row.attention}{extra}", 100,
+                                   subsequent_indent="  "))
     return "\n".join(lines)

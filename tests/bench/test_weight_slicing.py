@@ -1,7 +1,7 @@
 """benchmarks/weight_slicing.py: the three ways of reading per-layer weights compute the
 same product (numpy), and XLA:CPU's compiled programs copy a traced-index slice of the
-stacked weights before the matmul and nothing when each layer has its own array (what the
-README's explanation of the decode roofline gap rests on)."""
+stacked weights before the matmul and nothing when each layer has its own array (what
+docs/benchmarks.md's explanation of the decode roofline gap rests on)."""
 
 from __future__ import annotations
 
