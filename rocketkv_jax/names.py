@@ -1,5 +1,6 @@
 """The choices users make by name, and the defaults the CLI shows: KV methods, their named
-variants, kernel backends, stage-2 modes, weight layouts, the prefill chunk.
+variants, kernel backends, stage-2 modes, weight layouts, the prefill chunk, the demo's
+context and budget.
 
 Written once here, in a module that imports nothing (so `rocketkv --help` and
 `import rocketkv_jax.eval` do not pay for JAX). The method registry
