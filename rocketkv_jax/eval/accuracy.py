@@ -32,6 +32,7 @@ from .report import (
 from .runner import GenerateFn, prepare_samples, resolve_max_new_tokens, results_identity, run_eval
 from .store import ResultsStore
 from .suites import make_suite
+from .tasks import TaskError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,10 @@ def run_accuracy(
     info: Mapping[str, Any] | None = None,
 ) -> AccuracyRun:
     """Run accuracy + fidelity (resumable) for a single-turn EvalConfig and write the
-    report. Prompts that cannot be built (TaskError), damaged results files and results of
-    another configuration (ResultsFileError) raise before any file is created or changed;
-    engine contract violations (EngineContractError) are bugs.
+    report. Prompts that cannot be built (TaskError; RULER's without `tokenizer_dir`),
+    damaged results files and results of another configuration (ResultsFileError) raise
+    before any file is created or changed; engine contract violations (EngineContractError)
+    are bugs.
 
     `engine_identity`: what decides generate_fn's outputs (`model_fns.engine_identity`),
     recorded in each results file's header with the suite, seed and answer allowances, and
@@ -71,7 +73,7 @@ def run_accuracy(
     if config.multi_turn is not None:
         raise ValueError("a --multi-turn config runs through multiturn.run_multiturn")
     if config.suite == "ruler" and tokenizer_dir is None:
-        raise ValueError("--suite ruler needs the model's tokenizer directory (tokenizer.json)")
+        raise TaskError("--suite ruler needs the model's tokenizer directory (tokenizer.json)")
     suite = make_suite(config.suite, tokenizer_dir=tokenizer_dir,
                        cache_dir=config.out / "ruler-data", ruler_template=config.ruler_template)
     # one allowance for every task of the suite, so that adding tasks keeps the identity

@@ -261,7 +261,7 @@ def test_grid_script_commands_are_valid_eval_command_lines():
     assert len(lines) == 4  # 4k, 8k, 16k, 32k
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    add_eval_parser(sub).add_argument("--kernels")
+    add_eval_parser(sub)
     configs = [eval_config(parser.parse_args(argv)) for argv in lines]
     for config in configs:
         assert config.suite == "ruler" and config.model == "qwen2.5-coder-0.5b"
