@@ -185,3 +185,16 @@ def lower_for_cuda(f: Callable[..., Any], *args: Any, **target: Any) -> jax.stag
     refusals (non-power-of-2 arrays, unsupported primitives). `target`: see `cuda_target`."""
     with cuda_target(**target):
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def mosaic_interpret_params(interpret: Any) -> Any:
+    """The `interpret=` of a Mosaic GPU kernel: False/None compiles for the GPU (or defers
+    to `plgpu.force_gpu_interpret_mode`), True runs the Mosaic GPU interpreter with race
+    detection (a race raises), an `InterpretGPUParams` is passed as it is."""
+    if interpret is None or interpret is False:
+        return None
+    if interpret is True:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        return plgpu.InterpretGPUParams(detect_races=True)
+    return interpret
