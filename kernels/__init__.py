@@ -15,16 +15,20 @@ Mistral's sliding window; its reference `prefill_attention_reference` is also th
 Each kernel file holds the Pallas kernel (`<op>_pallas`, `interpret=` for the Pallas
 interpreter), its pure-jnp reference (`<op>_reference`) and `<op>(..., kernels=...)`, which
 runs the one `backend.choose` picks for a backend name ("reference", "interpret",
-"triton", "auto"; `rocketkv_jax.names.KERNEL_BACKENDS`).
+"triton", "mosaic", "auto"; `rocketkv_jax.names.KERNEL_BACKENDS`). The decode kernels also
+have Mosaic GPU versions for Hopper (`<op>_mosaic` in `<op>_mgpu.py`, JAX >= 0.12;
+`interpret=` runs the Mosaic GPU interpreter).
 """
 
 from .approx_scores import approx_scores, approx_scores_pallas, approx_scores_reference
+from .approx_scores_mgpu import approx_scores_mosaic
 from .backend import (
     BACKENDS,
     KernelsUnavailableError,
     available_backends,
     check_available,
     choose,
+    prefill_backend,
     resolve_backend,
 )
 from .prefill_attention import (
@@ -37,21 +41,25 @@ from .sparse_decode_attention import (
     sparse_decode_attention_pallas,
     sparse_decode_attention_reference,
 )
+from .sparse_decode_attention_mgpu import sparse_decode_attention_mosaic
 
 __all__ = [
     "BACKENDS",
     "KernelsUnavailableError",
     "approx_scores",
+    "approx_scores_mosaic",
     "approx_scores_pallas",
     "approx_scores_reference",
     "available_backends",
     "check_available",
     "choose",
+    "prefill_backend",
     "prefill_attention",
     "prefill_attention_pallas",
     "prefill_attention_reference",
     "resolve_backend",
     "sparse_decode_attention",
+    "sparse_decode_attention_mosaic",
     "sparse_decode_attention_pallas",
     "sparse_decode_attention_reference",
 ]

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from . import backend as backend_lib
+from .backend import pallas_triton as plgpu  # None where this JAX has no Pallas Triton
 
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
 
@@ -323,11 +323,15 @@ def approx_scores(
     kernels: str = "auto",
     channel_major: bool = False,
 ) -> jax.Array:
-    """`approx_scores_pallas` or `approx_scores_reference`, whichever `kernels` names
-    (`backend.choose`); block_p and the launch parameters go to the kernel only."""
+    """`approx_scores_pallas`, `approx_scores_mosaic` or `approx_scores_reference`, whichever
+    `kernels` names (`backend.choose`); block_p and the launch parameters go to the Triton
+    kernel only."""
+    from .approx_scores_mgpu import approx_scores_mosaic
+
     kernel = functools.partial(
         approx_scores_pallas, block_p=block_p, num_warps=num_warps, num_stages=num_stages
     )
-    run = backend_lib.choose(kernels, pallas=kernel, reference=approx_scores_reference)
+    run = backend_lib.choose(kernels, pallas=kernel, reference=approx_scores_reference,
+                             mosaic=approx_scores_mosaic)
     return run(q, page_max, page_min, channels, lengths, page_size=page_size,
                channel_major=channel_major)

@@ -1,25 +1,30 @@
 """The one place where a kernel backend is chosen.
 
-Each kernel file holds the Pallas kernel (`<op>_pallas(..., interpret=False)`) and its
-pure-jnp reference (`<op>_reference`); `<op>(..., kernels=...)` runs the one that `choose`
-picks for a backend name (the names are `rocketkv_jax.names.KERNEL_BACKENDS`; the option is
+Each kernel file holds the Pallas-Triton kernel (`<op>_pallas(..., interpret=False)`) and its
+pure-jnp reference (`<op>_reference`); the decode kernels also have a Mosaic GPU version
+(`<op>_mosaic`, `<op>_mgpu.py`). `<op>(..., kernels=...)` runs the one that `choose` picks
+for a backend name (the names are `rocketkv_jax.names.KERNEL_BACKENDS`; the option is
 called `kernels` everywhere, from `--kernels` down to here):
-  - "auto" (the default everywhere): the Triton-lowered Pallas kernel when JAX's default
-    backend is a GPU, otherwise the pure-jnp reference.
+  - "auto" (the default everywhere): the Triton kernels on a GPU while this JAX has Pallas
+    Triton, the Mosaic GPU kernels on a Hopper-or-newer GPU where it does not, otherwise
+    the pure-jnp references.
   - "reference": the pure-jnp reference beside each kernel (XLA on any device).
-  - "interpret": the Pallas kernel run by the Pallas interpreter (`interpret=True`). Slow; for
-    CPU tests of the kernel body.
+  - "interpret": the Pallas-Triton kernel run by the Pallas interpreter (`interpret=True`).
+    Slow; for CPU tests of the kernel body.
   - "triton": the Pallas kernel lowered through Triton. Needs a CUDA GPU to run; on a CPU-only
-    machine it can still be lowered with `lower(lowering_platforms=("cuda",))`.
+    machine it can still be lowered with `lower_for_cuda`.
+  - "mosaic": the Mosaic GPU kernels (JAX >= 0.12, a GPU of compute capability >= 9.0).
+    The prefill attention has no Mosaic kernel yet and runs its reference
+    (`prefill_backend`). Tests run them in the Mosaic GPU interpreter through the
+    kernels' own `interpret=` or `plgpu.force_gpu_interpret_mode`, not through a name.
 
 Why Triton params are always passed explicitly: `pallas_call` picks its GPU lowering from the
-type of `compiler_params`. Without any, JAX 0.10 lowers GPU kernels with Mosaic GPU, which these
-kernels are not written for (they use `plgpu.load` masks and pointer gathers). Pallas-Triton is
-deprecated upstream from JAX 0.11 (see docs/kernels.md for the migration path); keeping the choice
-here means a future Mosaic GPU or jax-triton port only touches this file and the kernel bodies.
-From JAX 0.11 every Triton lowering warns about that deprecation: the places that lower our
-programs enter `triton_lowering()`, which accepts exactly that warning and nothing else, and
-CUDA lowering without a GPU goes through `lower_for_cuda`.
+type of `compiler_params`. Without any, JAX 0.10 lowers GPU kernels with Mosaic GPU, which the
+Triton kernels are not written for (they use `plgpu.load` masks and pointer gathers).
+Pallas-Triton is deprecated upstream from JAX 0.11 (docs/kernels.md): from then on every
+Triton lowering warns about that deprecation; the places that lower our programs enter
+`triton_lowering()`, which accepts exactly that warning and nothing else, and CUDA lowering
+without a GPU goes through `lower_for_cuda`.
 """
 
 from __future__ import annotations
@@ -32,13 +37,23 @@ from typing import Any
 
 import jax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ..names import KERNEL_BACKENDS as BACKENDS
 
+try:  # deprecated upstream from JAX 0.11, to be removed: the Triton kernels need it
+    from jax.experimental.pallas import triton as pallas_triton
+except ImportError:  # pragma: no cover - a JAX without Pallas Triton
+    pallas_triton = None
+
+# The Mosaic GPU kernels are written for (and tested in the interpreter of) JAX 0.12's
+# `plgpu.kernel`; their TMA copies with barriers need Hopper (compute capability 9.0).
+MOSAIC_MIN_JAX = (0, 12)
+MOSAIC_MIN_CAPABILITY = (9, 0)
+
 
 class KernelsUnavailableError(ValueError):
-    """A kernel backend this process cannot run (Triton without a CUDA GPU)."""
+    """A kernel backend this process cannot run (Triton without a CUDA GPU, Mosaic GPU
+    without JAX >= 0.12 and a Hopper GPU)."""
 
 
 def check_backend_name(kernels: object, what: str = "") -> str:
@@ -47,8 +62,8 @@ def check_backend_name(kernels: object, what: str = "") -> str:
     if kernels not in BACKENDS:
         raise ValueError(
             f"{what + ': ' if what else ''}unknown kernel backend {kernels!r}; expected one "
-            f"of {', '.join(BACKENDS)}. Use 'auto' to get the Triton kernel on GPU and the "
-            "jnp reference elsewhere."
+            f"of {', '.join(BACKENDS)}. Use 'auto' to get the GPU kernels on a GPU and the "
+            "jnp references elsewhere."
         )
     return kernels
 
@@ -61,19 +76,54 @@ def resolve_backend(kernels: str) -> str:
     """
     check_backend_name(kernels)
     if kernels == "auto":
-        return "triton" if triton_runs_here() else "reference"
+        if triton_runs_here():
+            return "triton"
+        return "mosaic" if mosaic_runs_here() else "reference"
     return kernels
 
 
 def triton_runs_here() -> bool:
-    """Whether the Triton-lowered kernels can run in this process: JAX's default backend is
-    a GPU (the kernels import Pallas' Triton module, so this JAX has it)."""
-    return jax.default_backend() == "gpu"
+    """Whether the Triton-lowered kernels can run in this process: this JAX has Pallas
+    Triton and its default backend is a GPU."""
+    return pallas_triton is not None and jax.default_backend() == "gpu"
+
+
+def mosaic_missing() -> str:
+    """What keeps the Mosaic GPU kernels from running in this process ("" if nothing):
+    JAX >= 0.12 and a default GPU of compute capability >= 9.0 (Hopper or newer)."""
+    want = (f"the Mosaic GPU kernels need JAX >= {'.'.join(map(str, MOSAIC_MIN_JAX))} and a "
+            f"CUDA GPU of compute capability >= {'.'.join(map(str, MOSAIC_MIN_CAPABILITY))} "
+            "(Hopper or newer)")
+    if tuple(jax.__version_info__[:2]) < MOSAIC_MIN_JAX:
+        return f"{want}, but this is JAX {jax.__version__}"
+    if jax.default_backend() != "gpu":
+        return f"{want}, but JAX {jax.__version__} runs on {jax.default_backend()}"
+    capability = cuda_capability()
+    if capability < MOSAIC_MIN_CAPABILITY:
+        return f"{want}, but {jax.devices()[0].device_kind} is {'.'.join(map(str, capability))}"
+    return ""
+
+
+def cuda_capability() -> tuple[int, int]:
+    """Compute capability of the default GPU ((0, 0) where it does not say)."""
+    text = getattr(jax.devices()[0], "compute_capability", "") or ""
+    try:
+        major, minor = (int(x) for x in str(text).split(".")[:2])
+    except ValueError:
+        return (0, 0)
+    return (major, minor)
+
+
+def mosaic_runs_here() -> bool:
+    """Whether the Mosaic GPU kernels can run in this process (see `mosaic_missing`)."""
+    return not mosaic_missing()
 
 
 def available_backends() -> tuple[str, ...]:
     """The backend names this process can run, in `BACKENDS` order."""
-    return tuple(b for b in BACKENDS if b != "triton" or triton_runs_here())
+    runs = {"triton": triton_runs_here(), "mosaic": mosaic_runs_here(),
+            "interpret": pallas_triton is not None}
+    return tuple(b for b in BACKENDS if runs.get(b, True))
 
 
 def check_available(kernels: str) -> str:
@@ -81,25 +131,53 @@ def check_available(kernels: str) -> str:
     message that names the ones it can (KernelsUnavailableError, a ValueError)."""
     resolved = resolve_backend(kernels)
     if resolved == "triton" and not triton_runs_here():
-        here = ", ".join(f"{b} (= {resolve_backend(b)} here)" if b == "auto" else b
-                         for b in available_backends())
-        raise KernelsUnavailableError(
-            f"the Triton kernels need a CUDA GPU, but JAX {jax.__version__} runs on "
-            f"{jax.default_backend()}; available here: {here}")
-    return resolved
+        missing = (f"the Triton kernels need a CUDA GPU, but JAX {jax.__version__} runs on "
+                   f"{jax.default_backend()}" if pallas_triton is not None else
+                   f"the Triton kernels need Pallas Triton, which JAX {jax.__version__} "
+                   "no longer has")
+    elif resolved == "mosaic":
+        missing = mosaic_missing()
+    elif resolved == "interpret" and pallas_triton is None:
+        missing = ("the Pallas-Triton interpreter needs Pallas Triton, which JAX "
+                   f"{jax.__version__} no longer has")
+    else:
+        return resolved
+    if not missing:
+        return resolved
+    here = ", ".join(f"{b} (= {resolve_backend(b)} here)" if b == "auto" else b
+                     for b in available_backends())
+    raise KernelsUnavailableError(f"{missing}; available here: {here}")
 
 
-def choose(kernels: str, *, pallas: Callable[..., Any], reference: Callable[..., Any]):
-    """The implementation `kernels` names: `reference`, or the Pallas kernel `pallas` with
-    `interpret=` set (True: the Pallas interpreter; False: lowered through Triton).
+def choose(
+    kernels: str,
+    *,
+    pallas: Callable[..., Any],
+    reference: Callable[..., Any],
+    mosaic: Callable[..., Any] | None = None,
+):
+    """The implementation `kernels` names: `reference`; the Pallas-Triton kernel `pallas`
+    with `interpret=` set (True: the Pallas interpreter, False: lowered through Triton); or
+    the Mosaic GPU kernel `mosaic` (interpret=False: compiled, unless traced inside
+    `plgpu.force_gpu_interpret_mode`). An op without a Mosaic kernel (mosaic=None) runs its
+    reference under "mosaic".
 
     The only place a backend name picks code; each kernel's `<op>(..., kernels=...)` calls
-    it at trace time with its own `<op>_pallas` and `<op>_reference`.
+    it at trace time with its own `<op>_pallas`, `<op>_reference` and `<op>_mosaic`.
     """
     resolved = resolve_backend(kernels)
-    if resolved == "reference":
+    if resolved == "reference" or (resolved == "mosaic" and mosaic is None):
         return reference
+    if resolved == "mosaic":
+        return functools.partial(mosaic, interpret=False)
     return functools.partial(pallas, interpret=resolved == "interpret")
+
+
+def prefill_backend(kernels: str) -> str:
+    """The resolved backend the prefill attention runs under `kernels`: Mosaic GPU has no
+    prefill kernel yet, so "mosaic" prefills with the jnp reference (what the stats say)."""
+    resolved = resolve_backend(kernels)
+    return "reference" if resolved == "mosaic" else resolved
 
 
 def pallas_call(
@@ -116,7 +194,7 @@ def pallas_call(
     input_output_aliases: dict[int, int] | None = None,
 ) -> Callable[..., Any]:
     """`pl.pallas_call` for the Pallas interpreter (`interpret`) or the Triton lowering, which
-    always gets explicit `plgpu.CompilerParams` so that Triton (not Mosaic GPU) is used."""
+    always gets explicit Triton `CompilerParams` so that Triton (not Mosaic GPU) is used."""
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -124,7 +202,8 @@ def pallas_call(
         in_specs=in_specs,
         out_specs=out_specs,
         input_output_aliases=input_output_aliases or {},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pallas_triton.CompilerParams(num_warps=num_warps,
+                                                     num_stages=num_stages),
         interpret=interpret,
         name=name,
     )

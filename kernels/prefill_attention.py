@@ -50,9 +50,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from . import backend as backend_lib
+from .backend import pallas_triton as plgpu  # None where this JAX has no Pallas Triton
 
 DEFAULT_BLOCK_Q = 256  # from a sweep at T=4096, 9/3 heads, D 64 on the 2-core dev CPU
 DEFAULT_BLOCK_K = 512

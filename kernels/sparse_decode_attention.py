@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from . import backend as backend_lib
+from .backend import pallas_triton as plgpu  # None where this JAX has no Pallas Triton
 
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
 # Running-max start value: finite so that a block with only masked (-inf) logits gives
@@ -351,12 +351,16 @@ def sparse_decode_attention(
     num_stages: int = 2,
     kernels: str = "auto",
 ) -> jax.Array:
-    """`sparse_decode_attention_pallas` or `sparse_decode_attention_reference`, whichever
-    `kernels` names (`backend.choose`); the tiling and launch parameters go to the kernel
-    only."""
+    """`sparse_decode_attention_pallas`, `sparse_decode_attention_mosaic` or
+    `sparse_decode_attention_reference`, whichever `kernels` names (`backend.choose`); the
+    tiling and launch parameters go to the Triton kernel only (num_splits to both)."""
+    from .sparse_decode_attention_mgpu import sparse_decode_attention_mosaic
+
     kernel = functools.partial(
         sparse_decode_attention_pallas, block_k=block_k, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages,
     )
-    run = backend_lib.choose(kernels, pallas=kernel, reference=sparse_decode_attention_reference)
+    mosaic = functools.partial(sparse_decode_attention_mosaic, num_splits=num_splits)
+    run = backend_lib.choose(kernels, pallas=kernel, reference=sparse_decode_attention_reference,
+                             mosaic=mosaic)
     return run(q, k, v, indices, sm_scale=sm_scale)

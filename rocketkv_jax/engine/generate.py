@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import checks
 from .. import sharding as shd
-from ..kernels.backend import resolve_backend
+from ..kernels.backend import prefill_backend
 from ..methods.base import NO_KERNELS, DensePlan
 from ..methods.cost import fallback_note
 from ..models.config import ModelConfig
@@ -174,7 +174,7 @@ def generate_ids(
     method's own `kernels`; the stats line names both as they ran.
     """
     check_request(config, prompts, max_new_tokens)
-    kernels = resolve_backend(kernels)
+    kernels = prefill_backend(kernels)
     check_prefill_chunk(prefill_chunk)
     check_method(method)
     check_sampling(sampling)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..cache import tree_bytes
-from ..kernels.backend import resolve_backend
+from ..kernels.backend import prefill_backend
 from ..models.config import ModelConfig
 from ..models.llama import forward_prefill
 from ..models.plan import compress_layers
@@ -150,7 +150,7 @@ class SharedPrefill:
                  kernels: str = DEFAULT_KERNELS):
         check_request(config, prompts, max_new_tokens)
         check_prefill_chunk(prefill_chunk)
-        self.kernels = resolve_backend(kernels)
+        self.kernels = prefill_backend(kernels)
         self.params, self.config, self.n = params, config, len(prompts)
         self.max_new_tokens, self.pad_id = max_new_tokens, pad_id
         self.tokens, self.lengths = pack_prompts(config, prompts, max_new_tokens, pad_id,
@@ -197,7 +197,7 @@ def forced_decode_logprobs(
     plan = method.plan(config, T, len(forced))
     tokens = np.zeros((1, T), np.int32)
     tokens[0, : len(prompt)] = prompt
-    prefill, step = _stepwise(config, plan, resolve_backend(kernels))
+    prefill, step = _stepwise(config, plan, prefill_backend(kernels))
     logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray([len(prompt)], jnp.int32))
     rows = [jax.nn.log_softmax(logits[0])]
     for i, tok in enumerate(forced[:-1]):

@@ -56,8 +56,11 @@ REFERENCE_CONSTANTS = CostConstants(score_bytes=4, rank_bytes=24, gather_factor=
 PALLAS_CONSTANTS = CostConstants(score_bytes=8, rank_bytes=12, gather_factor=1.0,
                                  metadata_factor=1.0, key_channel_factor=4.0)
 # The backend whose measured constants a plan for each (resolved) backend name uses: the
-# interpreter runs the Pallas kernels, so it plans as Triton does.
-COST_BACKEND = {"reference": "reference", "triton": "triton", "interpret": "triton"}
+# interpreter runs the Pallas kernels, so it plans as Triton does; the Mosaic GPU kernels
+# also read each selected row or channel once (row-major page bounds whole: more than
+# Triton), and plan as Triton until they are measured on a GPU.
+COST_BACKEND = {"reference": "reference", "triton": "triton", "interpret": "triton",
+                "mosaic": "triton"}
 BUILTIN_CONSTANTS = {"reference": REFERENCE_CONSTANTS, "triton": PALLAS_CONSTANTS}
 
 

@@ -105,6 +105,21 @@ def test_kernels_triton_without_a_gpu_says_so_for_any_prompt(ckpt, capsys, metho
                 "(= reference here)") in err
 
 
+
+def test_kernels_mosaic_without_jax_012_and_a_hopper_gpu_says_so(ckpt, capsys):
+    """--kernels mosaic: one error line naming the requirement (exit 2) where it cannot run."""
+    import jax
+
+    from rocketkv_jax.kernels.backend import mosaic_runs_here
+
+    if mosaic_runs_here():
+        pytest.skip("the Mosaic GPU kernels run here")
+    err = _one_error(*_cli(capsys, "--model", str(ckpt), "--prompt", words(2),
+                           "--method", "rocketkv", "--kernels", "mosaic"))
+    assert ("--kernels mosaic: the Mosaic GPU kernels need JAX >= 0.12 and a CUDA GPU of "
+            "compute capability >= 9.0 (Hopper or newer), but ") in err
+    assert jax.__version__ in err and "available here: reference" in err
+
 def test_top_k_with_temperature_zero_warns_that_decoding_is_greedy(ckpt, capsys):
     code, _, err = _cli(capsys, "--model", str(ckpt), "--method", "full", "--prompt", "w1 w2",
                         "--max-new-tokens", "2", "--top-k", "5", "--top-p", "0.5")

@@ -187,7 +187,7 @@ def test_mixed_dtypes_promote(interpret):
 def test_bad_arguments_raise():
     q, k, v, indices = make_inputs(CASES[0], jnp.float32)
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        sparse_decode_attention(q, k, v, indices, kernels="mosaic")
+        sparse_decode_attention(q, k, v, indices, kernels="Mosaic")
     with pytest.raises(ValueError, match="block_k"):
         sparse_decode_attention_pallas(q, k, v, indices, block_k=24, interpret=True)
     with pytest.raises(ValueError, match="num_splits"):

@@ -117,7 +117,7 @@ def test_streaming_sinks():
 
 
 def test_kernels_backend_name():
-    assert KERNEL_BACKENDS == ("reference", "interpret", "triton", "auto")
+    assert KERNEL_BACKENDS == ("reference", "interpret", "triton", "mosaic", "auto")
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         make_method("rocketkv", 256, kernels="cuda")
     # the plan holds the backend that runs: "auto" resolved for this process's device
