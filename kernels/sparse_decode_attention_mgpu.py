@@ -160,14 +160,16 @@ def _kernel(q_ref, idx_ref, k_ref, v_ref, o_ref, ml_ref,
             slots = plgpu.load(idx_smem.at[pl.ds(block * bk, bk)], layout=col)  # [bk]
             keys = plgpu.load(k_stage.at[slot], layout=plgpu.Layout.WGMMA)  # [bk, D]
             values = plgpu.load(v_stage.at[slot], layout=plgpu.Layout.WGMMA)
-            plgpu.barrier_arrive(consumed.at[slot])  # the staged rows are in registers
             if plan.parts == 1:
                 k_tile[0] = keys
                 v_tile[0] = values
             else:
                 k_tile[0], k_tile[1] = _split_bf16(keys.astype(jnp.float32))
                 v_tile[0], v_tile[1] = _split_bf16(values.astype(jnp.float32))
+            # The fence orders this warpgroup's SMEM accesses before the async proxy's: the
+            # tiles for wgmma, and the staged rows' reads before the TMA refills the slot.
             plgpu.commit_smem()
+            plgpu.barrier_arrive(consumed.at[slot])
 
             def qk(acc_ref):  # [64, bk] = q [64, D] @ keys^T
                 for qp, kp in _products(plan.parts):
