@@ -4,12 +4,14 @@
     python benchmarks/gpu_check.py --smoke --out DIR   # CPU: tiny shapes, interpret kernels
 
 Parts, in this order, each under its own time budget (--budgets), the whole under --total-s:
-  a. tests: `pytest -m gpu` (tests/gpu/: the compiled Triton kernels against their
-     references at real shapes, and a tiny-model generate with kernels=triton), in a
-     subprocess, so a crash there cannot stop the rest;
+  a. tests: `pytest -m gpu` (tests/gpu/: the compiled Triton and Mosaic GPU kernels
+     against their references at real shapes, and a tiny-model generate with
+     kernels=triton and kernels=mosaic), in a subprocess, so a crash there cannot stop the
+     rest;
   b. kernels: approx_scores, sparse_decode_attention and prefill_attention at
-     Llama-3.1-8B shapes, Triton against the jnp reference under XLA: time, GB/s (TFLOP/s
-     for prefill) and the fraction of the card's peak;
+     Llama-3.1-8B shapes, Triton (and, for the decode kernels, Mosaic GPU where JAX >=
+     0.11.2 runs on a Hopper GPU) against the jnp reference under XLA: time, GB/s (TFLOP/s
+     for prefill), the fraction of the card's peak and Mosaic's speed against Triton's;
   c. decode: the decode step of full KV against rocketkv at M = 256 and 1024, Llama-3.1-8B
      shape (32 layers, bf16, random weights), at 32k batch 1 and 8 and 128k batch 1, each
      speedup beside its byte bound;
@@ -165,9 +167,11 @@ def _release() -> None:
 
 # ------------------------------------------------------------------------ a. tests
 def part_tests(check: Check, rec: dict) -> None:
-    rec["what"] = ("`pytest -m gpu tests/gpu` in a subprocess: the compiled Triton kernels "
-                   "against their references at real shapes, and generate with "
-                   "kernels=triton against the references (skipped without a GPU).")
+    rec["what"] = ("`pytest -m gpu tests/gpu` in a subprocess: the compiled Triton and "
+                   "Mosaic GPU kernels against their references at real shapes, and "
+                   "generate with kernels=triton and kernels=mosaic against the references "
+                   "(skipped without a GPU; Mosaic also without JAX >= 0.11.2 and a Hopper "
+                   "GPU).")
     log = check.out / "pytest.log"
     cmd = [sys.executable, "-u", "-c",
            ("" if check.state["installed"] else BOOTSTRAP + "; ")

@@ -16,7 +16,7 @@ Each kernel file holds the Pallas kernel (`<op>_pallas`, `interpret=` for the Pa
 interpreter), its pure-jnp reference (`<op>_reference`) and `<op>(..., kernels=...)`, which
 runs the one `backend.choose` picks for a backend name ("reference", "interpret",
 "triton", "mosaic", "auto"; `rocketkv_jax.names.KERNEL_BACKENDS`). The decode kernels also
-have Mosaic GPU versions for Hopper (`<op>_mosaic` in `<op>_mgpu.py`, JAX >= 0.12;
+have Mosaic GPU versions for Hopper (`<op>_mosaic` in `<op>_mgpu.py`, JAX >= 0.11.2;
 `interpret=` runs the Mosaic GPU interpreter).
 """
 

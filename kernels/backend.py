@@ -13,7 +13,7 @@ called `kernels` everywhere, from `--kernels` down to here):
     Slow; for CPU tests of the kernel body.
   - "triton": the Pallas kernel lowered through Triton. Needs a CUDA GPU to run; on a CPU-only
     machine it can still be lowered with `lower_for_cuda`.
-  - "mosaic": the Mosaic GPU kernels (JAX >= 0.12, a GPU of compute capability >= 9.0).
+  - "mosaic": the Mosaic GPU kernels (JAX >= 0.11.2, a GPU of compute capability >= 9.0).
     The prefill attention has no Mosaic kernel yet and runs its reference
     (`prefill_backend`). Tests run them in the Mosaic GPU interpreter through the
     kernels' own `interpret=` or `plgpu.force_gpu_interpret_mode`, not through a name.
@@ -45,15 +45,21 @@ try:  # deprecated upstream from JAX 0.11, to be removed: the Triton kernels nee
 except ImportError:  # pragma: no cover - a JAX without Pallas Triton
     pallas_triton = None
 
-# The Mosaic GPU kernels are written for (and tested in the interpreter of) JAX 0.12's
-# `plgpu.kernel`; their TMA copies with barriers need Hopper (compute capability 9.0).
-MOSAIC_MIN_JAX = (0, 12)
+# The Mosaic GPU kernels use `plgpu.kernel` as JAX 0.11.2 and 0.12 have it: both lower them
+# for an H100 and run them in the Mosaic GPU interpreter (0.10's API differs). 0.11.2 is
+# what the lent GPU machines run. Their TMA copies with barriers need Hopper (sm_90).
+MOSAIC_MIN_JAX = (0, 11, 2)
 MOSAIC_MIN_CAPABILITY = (9, 0)
+
+
+def mosaic_jax_ok() -> bool:
+    """Whether this JAX has the Mosaic GPU API the kernels are written for."""
+    return tuple(jax.__version_info__[:3]) >= MOSAIC_MIN_JAX
 
 
 class KernelsUnavailableError(ValueError):
     """A kernel backend this process cannot run (Triton without a CUDA GPU, Mosaic GPU
-    without JAX >= 0.12 and a Hopper GPU)."""
+    without JAX >= 0.11.2 and a Hopper GPU)."""
 
 
 def check_backend_name(kernels: object, what: str = "") -> str:
@@ -90,11 +96,11 @@ def triton_runs_here() -> bool:
 
 def mosaic_missing() -> str:
     """What keeps the Mosaic GPU kernels from running in this process ("" if nothing):
-    JAX >= 0.12 and a default GPU of compute capability >= 9.0 (Hopper or newer)."""
+    JAX >= 0.11.2 and a default GPU of compute capability >= 9.0 (Hopper or newer)."""
     want = (f"the Mosaic GPU kernels need JAX >= {'.'.join(map(str, MOSAIC_MIN_JAX))} and a "
             f"CUDA GPU of compute capability >= {'.'.join(map(str, MOSAIC_MIN_CAPABILITY))} "
             "(Hopper or newer)")
-    if tuple(jax.__version_info__[:2]) < MOSAIC_MIN_JAX:
+    if not mosaic_jax_ok():
         return f"{want}, but this is JAX {jax.__version__}"
     if jax.default_backend() != "gpu":
         return f"{want}, but JAX {jax.__version__} runs on {jax.default_backend()}"

@@ -169,7 +169,10 @@ def _kernel(q_ref, idx_ref, k_ref, v_ref, o_ref, ml_ref,
             # The fence orders this warpgroup's SMEM accesses before the async proxy's: the
             # tiles for wgmma, and the staged rows' reads before the TMA refills the slot.
             plgpu.commit_smem()
-            plgpu.barrier_arrive(consumed.at[slot])
+
+            @pl.when(block + stages < plan.blocks)  # the producer refills this slot
+            def _free():
+                plgpu.barrier_arrive(consumed.at[slot])
 
             def qk(acc_ref):  # [64, bk] = q [64, D] @ keys^T
                 for qp, kp in _products(plan.parts):

@@ -43,7 +43,7 @@ MULTI_TURN_METHOD_NAMES: tuple[str, ...] = ("rocketkv-mt", "snapkv-mt")
 # `generate_ids(kernels=)`, ...; the choice itself is made in `kernels/backend.py`):
 # "reference" the pure-jnp reference beside each kernel (XLA, any device), "interpret" the
 # Pallas kernel in the Pallas interpreter (CPU tests, slow), "triton" the Pallas kernel
-# lowered through Triton (CUDA GPU), "mosaic" the Mosaic GPU decode kernels (JAX >= 0.12,
+# lowered through Triton (CUDA GPU), "mosaic" the Mosaic GPU decode kernels (JAX >= 0.11.2,
 # Hopper GPU), "auto" (the default everywhere) Triton on a GPU while JAX has it, else
 # Mosaic on a Hopper GPU, else the reference.
 KERNEL_BACKENDS: tuple[str, ...] = ("reference", "interpret", "triton", "mosaic", "auto")
@@ -52,7 +52,7 @@ KERNELS_HELP = (  # `--kernels` of generate, chat, eval and bench
     "kernel backend of the prefill attention and of the methods' sparse decode attention: "
     "auto (the Pallas kernels on a CUDA GPU, the jnp references elsewhere), reference (jnp, "
     "any device), triton (Pallas lowered through Triton, CUDA GPU), mosaic (the Mosaic GPU "
-    "decode kernels: JAX >= 0.12 and a Hopper GPU; prefill runs the reference), interpret "
+    "decode kernels: JAX >= 0.11.2 and a Hopper GPU; prefill runs the reference), interpret "
     "(Pallas in the interpreter: CPU tests, slow). The stats line says which ran")
 
 # Stage-2 modes of the methods with a sparse selection (hybrid, rocketkv, quest, sparq;

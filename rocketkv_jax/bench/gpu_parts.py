@@ -47,15 +47,24 @@ def _time(check, f, *args, iters: int) -> float:
 
 # ---------------------------------------------------------------------- b. kernels
 def part_kernels(check, rec: dict) -> None:
+    from rocketkv_jax.kernels.backend import mosaic_missing
+
+    missing = "" if check.smoke else mosaic_missing()
+    decode_impls = (check.fast, *(() if check.smoke or missing else ("mosaic",)), "reference")
     rec["what"] = (f"Each kernel against its jnp reference under XLA on this device, bf16, "
                    f"Llama-3.1-8B heads (8 KV, G = 4, D = 128); the Pallas backend is "
-                   f"`{check.fast}`. Bytes and FLOPs are counted from shapes (what the "
-                   "kernel must read: the selected K/V rows, R channels of one bound per "
-                   "page; causal prefill FLOPs), the same count for both implementations.")
+                   f"`{check.fast}`, and the decode kernels also run as Mosaic GPU kernels "
+                   "(`mosaic`; 'vs triton' = Triton's time / Mosaic's, the target is >= 0.9, "
+                   "and >= 60% of peak bandwidth at 32k-128k). Bytes and FLOPs are counted "
+                   "from shapes (what the kernel must read: the selected K/V rows, R "
+                   "channels of one bound per page; causal prefill FLOPs), the same count "
+                   "for every implementation.")
     rec["columns"] = [("kernel", "kernel"), ("shape", "shape"), ("impl", "impl"),
                       ("ms", "ms"), ("bytes", "bytes"), ("GB/s", "GBps"),
                       ("TFLOP/s", "TFLOPs"), ("of peak", "of_peak"),
-                      ("kernel speedup", "speedup")]
+                      ("kernel speedup", "speedup"), ("vs triton", "vs_triton")]
+    if missing:
+        rec.setdefault("notes", []).append(f"Mosaic GPU kernels not timed: {missing}")
     bw_peak, flop_peak = _peaks(check)
     kv, g, d = (2, 2, 64) if check.smoke else (8, 4, 128)
     C = 1024 if check.smoke else 131072
@@ -70,7 +79,7 @@ def part_kernels(check, rec: dict) -> None:
         nbytes = B * kv * m * (2 * d * ELEM + 4)
         _compare(check, rec, "sparse_decode_attention", f"B{B} C{C // 1024}k m{m}",
                  lambda kern: functools.partial(sparse_decode_attention, kernels=kern),
-                 (q, k, v, slots), nbytes=nbytes, peak=bw_peak)
+                 (q, k, v, slots), nbytes=nbytes, peak=bw_peak, impls=decode_impls)
         del q, k, v
     page, r = 16, (8 if check.smoke else 32)
     for B in ((2,) if check.smoke else (1, 8)):
@@ -84,7 +93,8 @@ def part_kernels(check, rec: dict) -> None:
         _compare(check, rec, "approx_scores", f"B{B} P{P} page{page} R{r}",
                  lambda kern: functools.partial(approx_scores, page_size=page, kernels=kern,
                                                 channel_major=True),
-                 (q, pmax, pmin, channels, lengths), nbytes=nbytes, peak=bw_peak)
+                 (q, pmax, pmin, channels, lengths), nbytes=nbytes, peak=bw_peak,
+                 impls=decode_impls)
     for T in ((256,) if check.smoke else (8192, 32768)):
         if check.left() < 15:
             return
@@ -100,11 +110,12 @@ def part_kernels(check, rec: dict) -> None:
 
 
 def _compare(check, rec, name, shape, make, args, *, nbytes=None, flops=None, peak=None,
-             iters=20):
-    """Time the Pallas kernel and the reference on the same arguments: a row each, the
-    kernel's with its speedup over the reference."""
+             iters=20, impls=None):
+    """Time the kernels (`impls`: backend names, the Pallas backend and the reference by
+    default) on the same arguments: a row each, each kernel's with its speedup over the
+    reference, and Mosaic's with Triton's time over its own."""
     done = {}
-    for impl in (check.fast, "reference"):
+    for impl in impls or (check.fast, "reference"):
         row = {"kernel": name, "shape": shape, "impl": impl, "bytes": nbytes}
         try:
             t = _time(check, make(impl), *args, iters=iters)
@@ -117,9 +128,13 @@ def _compare(check, rec, name, shape, make, args, *, nbytes=None, flops=None, pe
                    TFLOPs=flops / t / 1e12 if flops else None, of_peak=_fraction(rate, peak))
         done[impl] = (row, t)
         check.add_row(rec, row)
-    if len(done) == 2:
-        done[check.fast][0]["speedup"] = done["reference"][1] / done[check.fast][1]
-        check.save()
+    if "reference" in done:
+        for impl, (row, t) in done.items():
+            if impl != "reference":
+                row["speedup"] = done["reference"][1] / t
+    if "mosaic" in done and check.fast in done:
+        done["mosaic"][0]["vs_triton"] = done[check.fast][1] / done["mosaic"][1]
+    check.save()
 
 
 # ----------------------------------------------------------------------- c. decode

@@ -106,7 +106,7 @@ def test_kernels_triton_without_a_gpu_says_so_for_any_prompt(ckpt, capsys, metho
 
 
 
-def test_kernels_mosaic_without_jax_012_and_a_hopper_gpu_says_so(ckpt, capsys):
+def test_kernels_mosaic_without_jax_0112_and_a_hopper_gpu_says_so(ckpt, capsys):
     """--kernels mosaic: one error line naming the requirement (exit 2) where it cannot run."""
     import jax
 
@@ -116,7 +116,7 @@ def test_kernels_mosaic_without_jax_012_and_a_hopper_gpu_says_so(ckpt, capsys):
         pytest.skip("the Mosaic GPU kernels run here")
     err = _one_error(*_cli(capsys, "--model", str(ckpt), "--prompt", words(2),
                            "--method", "rocketkv", "--kernels", "mosaic"))
-    assert ("--kernels mosaic: the Mosaic GPU kernels need JAX >= 0.12 and a CUDA GPU of "
+    assert ("--kernels mosaic: the Mosaic GPU kernels need JAX >= 0.11.2 and a CUDA GPU of "
             "compute capability >= 9.0 (Hopper or newer), but ") in err
     assert jax.__version__ in err and "available here: reference" in err
 

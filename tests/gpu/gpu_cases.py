@@ -18,6 +18,19 @@ NEEDS_GPU = [
                        "kernels (python -m pytest -m gpu on a GPU machine; docs/gpu.md)"),
 ]
 
+
+def _mosaic_missing() -> str:
+    from rocketkv_jax.kernels.backend import mosaic_missing
+
+    return mosaic_missing() if ON_GPU else "needs a CUDA GPU"
+
+
+# The Mosaic GPU kernels: also JAX >= 0.11.2 and compute capability >= 9.0.
+MOSAIC_MISSING = _mosaic_missing()
+NEEDS_MOSAIC = pytest.mark.skipif(bool(MOSAIC_MISSING), reason=MOSAIC_MISSING)
+# The compiled GPU backends of the decode kernels, each a test parameter.
+DECODE_BACKENDS = ["triton", pytest.param("mosaic", marks=NEEDS_MOSAIC)]
+
 # name -> (KV heads, query heads per KV head, head dim)
 MODELS = {"llama3.1-8b": (8, 4, 128), "qwen2.5-0.5b": (2, 7, 64)}
 DTYPES = [jnp.float32, jnp.bfloat16]

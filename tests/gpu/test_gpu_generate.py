@@ -1,5 +1,6 @@
 """generate on a tiny random model with kernels="triton" (the prefill kernel and the
-stage-2 kernels, compiled) gives the same tokens as with the jnp references, on a GPU.
+stage-2 kernels, compiled) or kernels="mosaic" (the Mosaic GPU stage-2 kernels; prefill on
+the reference) gives the same tokens as with the jnp references, on a GPU.
 
 Matmuls run at full f32 precision (the kernels' f32 dots are HIGHEST too), so the two runs
 differ by rounding only, and the embedding is scaled up so that attention is sharp and the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from gpu_cases import NEEDS_GPU
+from gpu_cases import NEEDS_GPU, NEEDS_MOSAIC
 
 from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
@@ -52,3 +53,11 @@ def test_generate_with_triton_kernels_equals_reference(method):
     assert want.stats.kernels.startswith("reference")
     if method[0] != "full":  # the decode ran the sparse kernels, not a dense fallback
         assert got.stats.kernels == "triton", got.stats.kernels
+
+
+@NEEDS_MOSAIC
+def test_generate_with_mosaic_kernels_equals_reference():
+    got = run(METHODS[0], "mosaic")
+    want = run(METHODS[0], "reference")
+    assert got.tokens == want.tokens
+    assert got.stats.kernels == "prefill reference, decode mosaic", got.stats.kernels

@@ -1,5 +1,5 @@
-"""The compiled Triton kernels against their jnp references on the same GPU, at real model
-shapes: Llama-3.1-8B (8 KV heads, G = 4, D = 128) and Qwen2.5-0.5B (2 KV heads, G = 7,
+"""The compiled Triton and Mosaic GPU kernels against their jnp references on the same GPU,
+at real model shapes: Llama-3.1-8B (8 KV heads, G = 4, D = 128) and Qwen2.5-0.5B (2 KV heads, G = 7,
 D = 64), f32 and bf16, caches of 8k-128k slots with ragged rows, budgets 256-4096.
 
 Skipped without a CUDA GPU (`-m gpu` selects them; on a CPU the interpreter tests in
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gpu_cases import (
+    DECODE_BACKENDS,
     DTYPES,
     MODELS,
     NEEDS_GPU,
@@ -37,6 +38,20 @@ DECODE = [
     ("qwen2.5-0.5b", 32768, 2048), ("qwen2.5-0.5b", 131072, 1024),
 ]
 BATCH = 2  # row 0 full, row 1 ragged
+# The Mosaic GPU decode kernels run on fewer of them (the GPU check's part a has 150 s):
+# Llama-3.1-8B at 128k / M 4096 and Qwen2.5 (G 7, D 64) at 32k / M 2048.
+MOSAIC_DECODE = [DECODE[1], DECODE[2]]
+
+
+def decode_cases():
+    """(case, backend) pairs: every case on Triton, MOSAIC_DECODE on Mosaic GPU too."""
+    return [pytest.param(case, backend, id=f"{decode_id(case)}-{backend_id(backend)}")
+            for backend in DECODE_BACKENDS for case in DECODE
+            if backend == "triton" or case in MOSAIC_DECODE]
+
+
+def backend_id(backend) -> str:
+    return backend if isinstance(backend, str) else backend.values[0]
 
 
 def dtype_id(d) -> str:
@@ -61,15 +76,15 @@ def assert_close(actual, desired, dtype, what: str):
                                err_msg=what)
 
 
-def both(fn, *args, **kw):
-    """fn(*args, kernels=...) for the Triton kernel and the reference, each jitted."""
+def both(fn, *args, backend: str = "triton", **kw):
+    """fn(*args, kernels=...) for the `backend` kernel and the reference, each jitted."""
     return [jax.jit(lambda *a, k=k: fn(*a, kernels=k, **kw))(*args)
-            for k in ("triton", "reference")]
+            for k in (backend, "reference")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", DECODE, ids=decode_id)
-def test_sparse_decode_attention(case, dtype):
+@pytest.mark.parametrize("case,backend", decode_cases())
+def test_sparse_decode_attention(case, backend, dtype):
     model, C, M = case
     K, G, D = MODELS[model]
     keys = jax.random.split(jax.random.key(C + M), 4)
@@ -77,14 +92,14 @@ def test_sparse_decode_attention(case, dtype):
     k = normal(keys[1], (BATCH, K, C, D), dtype)
     v = normal(keys[2], (BATCH, K, C, D), dtype)
     slots = distinct_slots(keys[3], ragged_lengths(BATCH, C), K, C, M // 2, num_invalid=7)
-    got, want = both(sparse_decode_attention, q, k, v, slots)
+    got, want = both(sparse_decode_attention, q, k, v, slots, backend=backend)
     assert got.dtype == dtype
-    assert_close(got, want, dtype, f"sparse_decode_attention {decode_id(case)}")
+    assert_close(got, want, dtype, f"sparse_decode_attention {decode_id(case)} {backend}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", DECODE, ids=decode_id)
-def test_approx_scores(case, dtype):
+@pytest.mark.parametrize("case,backend", decode_cases())
+def test_approx_scores(case, backend, dtype):
     """Channel-major page bounds with hybrid's page and channel count for C / M."""
     model, C, M = case
     K, G, D = MODELS[model]
@@ -96,9 +111,10 @@ def test_approx_scores(case, dtype):
     u = jax.random.uniform(keys[2], (BATCH, K, D))
     channels = jnp.argsort(u, axis=-1)[..., :r].astype(jnp.int32)  # [B, K, R] distinct
     got, want = both(approx_scores, q, page_max, page_min, channels, lengths, page_size=page,
-                     channel_major=True)
+                     channel_major=True, backend=backend)
     assert got.shape == (BATCH, K, G, page_max.shape[-1])
-    assert_close(got, want, dtype, f"approx_scores {decode_id(case)} page {page} r {r}")
+    assert_close(got, want, dtype,
+                 f"approx_scores {decode_id(case)} page {page} r {r} {backend}")
 
 
 # (model, query tokens T, KV buffer S, q_start, batch, sliding window)

@@ -20,7 +20,7 @@ from rocketkv_jax.kernels import backend as backend_lib
 from rocketkv_jax.kernels.backend import next_power_of_2
 
 ON_GPU = jax.default_backend() == "gpu"
-JAX_VERSION = tuple(jax.__version_info__[:2])
+MOSAIC_JAX = backend_lib.mosaic_jax_ok()
 
 
 def test_backend_names():
@@ -113,17 +113,17 @@ def test_available_backends_and_refusals_name_what_runs_here():
     assert isinstance(e.value, ValueError)  # the CLI's one-line errors
     with pytest.raises(KernelsUnavailableError) as e:
         check_available("mosaic")
-    need = ("the Mosaic GPU kernels need JAX >= 0.12 and a CUDA GPU of compute capability "
+    need = ("the Mosaic GPU kernels need JAX >= 0.11.2 and a CUDA GPU of compute capability "
             ">= 9.0 (Hopper or newer)")
-    but = (f"this is JAX {jax.__version__}" if JAX_VERSION < (0, 12)
-           else f"JAX {jax.__version__} runs on cpu")
+    but = (f"JAX {jax.__version__} runs on cpu" if MOSAIC_JAX
+           else f"this is JAX {jax.__version__}")
     assert str(e.value) == f"{need}, but {but}; {here}"
 
 
 def test_mosaic_refused_on_an_older_gpu(monkeypatch):
     """A GPU older than Hopper (no TMA copies with barriers): the capability is named."""
-    if JAX_VERSION < (0, 12):
-        pytest.skip("JAX < 0.12 is refused before the GPU is looked at")
+    if not MOSAIC_JAX:
+        pytest.skip(f"JAX {jax.__version__} is refused before the GPU is looked at")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(backend_lib, "cuda_capability", lambda: (8, 0))
     assert "but " in backend_lib.mosaic_missing() and " is 8.0" in backend_lib.mosaic_missing()

@@ -1,14 +1,17 @@
 """The Mosaic GPU kernels in JAX's Mosaic GPU interpreter (CPU) == their jnp references.
 
-Every run has race detection on (a race raises, and none may be recorded) and leaves the
-interpreter's uninitialized memory as NaN, so outputs start NaN-poisoned: an element the
-kernel does not write stays NaN and fails the comparison (a control kernel shows that it
-does). The interpreter is slow (about 0.5 s per program), so the cases are few and small
-and each covers several things: GQA 1/3/4/7/8, head dims 64/128, pages 1/8/16/32, ragged
-lengths and budgets, f32 and bf16. Needs JAX >= 0.12 (skipped with the reason elsewhere).
+Every run has race detection on (none may be recorded; JAX 0.12 also raises on one) and
+leaves the interpreter's uninitialized memory as NaN, so outputs start NaN-poisoned: an
+element the kernel does not write stays NaN and fails the comparison (a control kernel
+shows that it does). The interpreter is slow (about 0.5 s per program), so the cases are
+few and small and each covers several things: GQA 1/3/4/7/8, head dims 64/128, pages
+1/8/16/32, ragged lengths and budgets, f32 and bf16. Needs JAX >= 0.11.2 (skipped with the
+reason elsewhere).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +19,11 @@ import numpy as np
 import pytest
 from kernel_cases import TOLERANCES, channel_sets, distinct_indices, page_metadata, random_normal
 
-if tuple(jax.__version_info__[:2]) < (0, 12):
-    pytest.skip(f"the Mosaic GPU interpreter needs JAX >= 0.12, this is {jax.__version__}",
+from rocketkv_jax.kernels.backend import MOSAIC_MIN_JAX, mosaic_jax_ok
+
+if not mosaic_jax_ok():
+    pytest.skip(f"the Mosaic GPU kernels and interpreter need JAX >= "
+                f"{'.'.join(map(str, MOSAIC_MIN_JAX))}, this is {jax.__version__}",
                 allow_module_level=True)
 
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
@@ -227,9 +233,11 @@ def test_race_detection_is_on():
     def racy(o_ref):
         o_ref[0] = jax.lax.axis_index("wg").astype(jnp.float32)
 
+    fields = {f.name for f in dataclasses.fields(plgpu.InterpretGPUParams)}
+    warn = {"on_race": "warn"} if "on_race" in fields else {}  # JAX 0.12 raises by default
     plgpu.kernel(racy, out_type=jax.ShapeDtypeStruct((1,), jnp.float32), num_threads=2,
                  thread_name="wg",
-                 interpret=plgpu.InterpretGPUParams(detect_races=True, on_race="warn"))()
+                 interpret=plgpu.InterpretGPUParams(detect_races=True, **warn))()
     assert races_found()
     mgpu_interpret.reset_gpu_interpret_mode_state()  # for the fixture's no-race check
 

@@ -6,7 +6,7 @@ for an (abstract) H100 at Llama-3.1-8B shapes (K 8, G 4, D 128; 32k and 128k con
 dialect lowering (sm_90), which refuses bad wgmma shapes, unsatisfiable layouts and TMA
 transfers it cannot express (a control test shows a refusal). It stops before PTX: register
 pressure and the runtime TMA descriptors are only checked on a GPU (tests/gpu).
-Needs JAX >= 0.12 (skipped with the reason elsewhere).
+Needs JAX >= 0.11.2 (skipped with the reason elsewhere).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-if tuple(jax.__version_info__[:2]) < (0, 12):
-    pytest.skip(f"the Mosaic GPU kernels need JAX >= 0.12, this is {jax.__version__}",
-                allow_module_level=True)
+from rocketkv_jax.kernels.backend import MOSAIC_MIN_JAX, mosaic_jax_ok
+
+if not mosaic_jax_ok():
+    pytest.skip(f"the Mosaic GPU kernels need JAX >= {'.'.join(map(str, MOSAIC_MIN_JAX))}, "
+                f"this is {jax.__version__}", allow_module_level=True)
 
 from rocketkv_jax.kernels import (
     approx_scores,
