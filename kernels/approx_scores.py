@@ -33,41 +33,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import backend as backend_lib
+from .approx_scores_mgpu import approx_scores_mosaic
 from .backend import pallas_triton as plgpu  # None where this JAX has no Pallas Triton
+from .decode_shared import channel_signs, check_scores_args
 
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
-
-
-def _check_args(q, page_max, page_min, channels, lengths, page_size, channel_major):
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, K, G, D], got shape {q.shape}")
-    b, kv, _, d = q.shape
-    if page_max.shape != page_min.shape or page_max.ndim != 4:
-        raise ValueError(
-            f"page_max/page_min must both be [B, K, P, D], got {page_max.shape} and "
-            f"{page_min.shape}"
-        )
-    meta_d = page_max.shape[2] if channel_major else page_max.shape[3]
-    if page_max.shape[:2] != (b, kv) or meta_d != d:
-        layout = "[B, K, D, P]" if channel_major else "[B, K, P, D]"
-        raise ValueError(
-            f"page metadata {page_max.shape} does not match q {q.shape} (layout {layout})"
-        )
-    if channels.ndim != 3 or channels.shape[:2] != (b, kv):
-        raise ValueError(f"channels must be [B, K, R] = [{b}, {kv}, R], got {channels.shape}")
-    if lengths.shape != (b,):
-        raise ValueError(f"lengths must be [B] = [{b}], got {lengths.shape}")
-    if page_size < 1:
-        raise ValueError(f"page_size must be >= 1, got {page_size}")
-
-
-def _channel_signs(q: jax.Array, channels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns (Qh [B, K, G, R] f32, use_max [B, K, R] bool) for the selected channels."""
-    q32 = q.astype(jnp.float32)  # [B, K, G, D]
-    sign = jnp.sign(q32.sum(axis=2))  # [B, K, D]
-    sign_sel = jnp.take_along_axis(sign, channels, axis=-1)  # [B, K, R]
-    q_sel = jnp.take_along_axis(q32, channels[:, :, None, :], axis=-1)  # [B, K, G, R]
-    return q_sel * sign_sel[:, :, None, :], sign_sel > 0
 
 
 def approx_scores_reference(
@@ -93,8 +63,8 @@ def approx_scores_reference(
     Returns:
       [B, K, G, P] float32 upper-bound scores; -inf for pages with no valid token.
     """
-    _check_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
-    q_hat, use_max = _channel_signs(q, channels)  # [B, K, G, R], [B, K, R]
+    check_scores_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
+    q_hat, use_max = channel_signs(q, channels)  # [B, K, G, R], [B, K, R]
     if channel_major:  # read only the R selected rows of [D, P], then [P, R] as below
         rows = channels[:, :, :, None]  # [B, K, R, 1]
         kmax = jnp.swapaxes(jnp.take_along_axis(page_max, rows, axis=2), 2, 3)  # [B, K, P, R]
@@ -243,7 +213,7 @@ def prepare_approx_operands(
     r_pad = max(_MIN_DOT, backend_lib.next_power_of_2(r))
     compute_dtype = jnp.promote_types(q.dtype, page_max.dtype)
     channels = channels.astype(jnp.int32)
-    q_hat, use_max = _channel_signs(q, channels)  # [B, K, G, R], [B, K, R]
+    q_hat, use_max = channel_signs(q, channels)  # [B, K, G, R], [B, K, R]
     q_hat = jnp.pad(q_hat, ((0, 0), (0, 0), (0, g_pad - g), (0, r_pad - r)))  # [B, K, Gp, Rp]
     use_max = jnp.pad(use_max.astype(jnp.int32), ((0, 0), (0, 0), (0, r_pad - r)))
     channels = jnp.pad(channels, ((0, 0), (0, 0), (0, r_pad - r)), constant_values=-1)
@@ -288,7 +258,7 @@ def approx_scores_pallas(
     Returns:
       [B, K, G, P] float32; pages with no valid token are exactly -inf.
     """
-    _check_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
+    check_scores_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
     if block_p < _MIN_DOT or block_p & (block_p - 1):
         raise ValueError(f"block_p must be a power of 2 >= {_MIN_DOT}, got {block_p}")
     _, _, g, _ = q.shape
@@ -326,8 +296,6 @@ def approx_scores(
     """`approx_scores_pallas`, `approx_scores_mosaic` or `approx_scores_reference`, whichever
     `kernels` names (`backend.choose`); block_p and the launch parameters go to the Triton
     kernel only."""
-    from .approx_scores_mgpu import approx_scores_mosaic
-
     kernel = functools.partial(
         approx_scores_pallas, block_p=block_p, num_warps=num_warps, num_stages=num_stages
     )

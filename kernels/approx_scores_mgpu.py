@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import backend as backend_lib
-from .approx_scores import _channel_signs, _check_args
+from .decode_shared import channel_signs, check_scores_args
 
 # Channels padded to a multiple of this, so the small per-head operands are whole
 # 128-byte TMA transfers (int32 / f32).
@@ -167,7 +167,7 @@ def approx_scores_mosaic(
     Returns:
       [B, K, G, P] float32; pages with no valid token are exactly -inf.
     """
-    _check_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
+    check_scores_args(q, page_max, page_min, channels, lengths, page_size, channel_major)
     if page_max.dtype != page_min.dtype:
         raise ValueError(f"page_max and page_min must share a dtype, got {page_max.dtype} "
                          f"and {page_min.dtype}")
@@ -188,7 +188,7 @@ def approx_scores_mosaic(
         raise ValueError(f"approx_scores_mosaic: {page_max.size} metadata elements; the "
                          "kernel addresses them with int32 offsets (< 2**31)")
     channels = channels.astype(jnp.int32)
-    q_hat, use_max = _channel_signs(q, channels)  # [B, K, G, R] f32, [B, K, R] bool
+    q_hat, use_max = channel_signs(q, channels)  # [B, K, G, R] f32, [B, K, R] bool
     lengths = lengths.astype(jnp.int32)
     num_blocks = pl.cdiv(num_pages, block_p)
     out_type = jax.ShapeDtypeStruct((b, kv, g, num_blocks * block_p), jnp.float32)

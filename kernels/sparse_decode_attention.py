@@ -35,24 +35,13 @@ from jax.experimental import pallas as pl
 
 from . import backend as backend_lib
 from .backend import pallas_triton as plgpu  # None where this JAX has no Pallas Triton
+from .decode_shared import check_attention_args, combine_splits
+from .sparse_decode_attention_mgpu import sparse_decode_attention_mosaic
 
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
 # Running-max start value: finite so that a block with only masked (-inf) logits gives
 # exp(-inf - m) = 0 and a correction of exp(0) = 1, never exp(-inf + inf) = NaN.
 _M_INIT = float(jnp.finfo(jnp.float32).min)
-
-
-def _check_args(q, k, v, indices):
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, K, G, D], got shape {q.shape}")
-    b, kv, _, d = q.shape
-    if k.ndim != 4 or k.shape != v.shape or k.shape[:2] != (b, kv) or k.shape[3] != d:
-        raise ValueError(
-            f"k and v must both be [B, K, C, D] = [{b}, {kv}, C, {d}], got {k.shape} and "
-            f"{v.shape}"
-        )
-    if indices.ndim != 3 or indices.shape[:2] != (b, kv):
-        raise ValueError(f"indices must be [B, K, M] = [{b}, {kv}, M], got {indices.shape}")
 
 
 def sparse_decode_attention_reference(
@@ -74,7 +63,7 @@ def sparse_decode_attention_reference(
     Returns:
       [B, K, G, D] in q's dtype; rows with no valid index are 0.
     """
-    _check_args(q, k, v, indices)
+    check_attention_args(q, k, v, indices)
     capacity, head_dim = k.shape[2], k.shape[3]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     ok = (indices >= 0) & (indices < capacity)  # [B, K, M]
@@ -261,25 +250,6 @@ def prepare_attention_operands(
     return q_pad, indices_pad, block_k, splits
 
 
-def combine_splits(acc: jax.Array, row_max: jax.Array, denom: jax.Array) -> jax.Array:
-    """Log-sum-exp combine of flash-decoding partials.
-
-    Args:
-      acc: [B, K, S, Gp, Dp] unnormalized partial outputs; row_max, denom: [B, K, S, Gp]
-        running max and softmax denominators (a split with no valid token has denom = 0).
-
-    Returns:
-      [B, K, Gp, Dp] float32 attention output; 0 for rows with no valid token.
-    """
-    global_max = row_max.max(axis=2)  # [B, K, Gp]
-    # Upstream decode_attention.py keeps this barrier against NaNs after XLA fusion.
-    global_max = lax.optimization_barrier(global_max)
-    weight = jnp.exp(row_max - global_max[:, :, None])  # [B, K, S, Gp]
-    total = (weight * denom).sum(axis=2)  # [B, K, Gp]
-    out = (weight[..., None] * acc).sum(axis=2)  # [B, K, Gp, Dp]
-    return out / jnp.where(total > 0, total, 1.0)[..., None]
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret"),
@@ -317,7 +287,7 @@ def sparse_decode_attention_pallas(
       [B, K, G, D] in q's dtype (softmax and accumulation in f32); rows with no valid index
       are 0.
     """
-    _check_args(q, k, v, indices)
+    check_attention_args(q, k, v, indices)
     if block_k < _MIN_DOT or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of 2 >= {_MIN_DOT}, got {block_k}")
     if num_splits < 1:
@@ -354,8 +324,6 @@ def sparse_decode_attention(
     """`sparse_decode_attention_pallas`, `sparse_decode_attention_mosaic` or
     `sparse_decode_attention_reference`, whichever `kernels` names (`backend.choose`); the
     tiling and launch parameters go to the Triton kernel only (num_splits to both)."""
-    from .sparse_decode_attention_mgpu import sparse_decode_attention_mosaic
-
     kernel = functools.partial(
         sparse_decode_attention_pallas, block_k=block_k, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages,

@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import backend as backend_lib
-from .sparse_decode_attention import _check_args, combine_splits
+from .decode_shared import check_attention_args, combine_splits
 
 # wgmma's M: the query rows of a tile (G query heads, zero padded).
 _ROWS = 64
@@ -337,7 +337,7 @@ def sparse_decode_attention_mosaic(
     Returns:
       [B, K, G, D] in q's dtype; rows with no valid index are 0.
     """
-    _check_args(q, k, v, indices)
+    check_attention_args(q, k, v, indices)
     if k.dtype != v.dtype:
         raise ValueError(f"k and v must share a dtype, got {k.dtype} and {v.dtype}")
     plan = make_plan(q, k, indices, sm_scale=sm_scale, block_k=block_k,

@@ -247,7 +247,7 @@ def test_rocketkv_decode_step_with_mosaic_kernels_equals_reference():
     """kernels="mosaic" through make_method and the jitted decode step, run in the
     interpreter (`force_gpu_interpret_mode`: no user-facing name), gives the reference
     step's logits on a tiny model (head dim 64: the Mosaic kernels' smallest)."""
-    from rocketkv_jax.generate import make_decode_step, make_prefill
+    from rocketkv_jax.engine.generate import make_decode_step, make_prefill
     from rocketkv_jax.methods import make_method
     from rocketkv_jax.models.config import ModelConfig
     from rocketkv_jax.models.params import random_params

@@ -16,9 +16,9 @@ from rocketkv_jax.kernels import (
     sparse_decode_attention_pallas,
     sparse_decode_attention_reference,
 )
+from rocketkv_jax.kernels.decode_shared import combine_splits
 from rocketkv_jax.kernels.sparse_decode_attention import (
     _sparse_attention_call,
-    combine_splits,
     prepare_attention_operands,
     split_plan,
 )
