@@ -1,6 +1,7 @@
-"""Parts b-e of the GPU check (`benchmarks/gpu_check.py`): kernel timings, the decode step,
-generate end to end and the cost-model calibration. Each takes the check (options, time
-left, `add_row` that saves results after every measurement) and its part's record.
+"""Parts b-f of the GPU check (`benchmarks/gpu_check.py`): kernel timings, the decode step,
+generate end to end, the cost-model calibration and the Mosaic GPU kernels' timings. Each
+takes the check (options, time left, `add_row` that saves results after every measurement)
+and its part's record.
 
 Everything here is built from the library: the kernels' public functions, `measure.py`
 (compiled decode steps, interleaved timing, compress, kernel operands, one row broadcast to
@@ -10,6 +11,7 @@ a batch), `roofline.py` (byte accounting), `grid.plan_methods`, `generate_ids` a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -47,54 +49,20 @@ def _time(check, f, *args, iters: int) -> float:
 
 # ---------------------------------------------------------------------- b. kernels
 def part_kernels(check, rec: dict) -> None:
-    from rocketkv_jax.kernels.backend import mosaic_missing
-
-    missing = "" if check.smoke else mosaic_missing()
-    decode_impls = (check.fast, *(() if check.smoke or missing else ("mosaic",)), "reference")
     rec["what"] = (f"Each kernel against its jnp reference under XLA on this device, bf16, "
                    f"Llama-3.1-8B heads (8 KV, G = 4, D = 128); the Pallas backend is "
-                   f"`{check.fast}`, and the decode kernels also run as Mosaic GPU kernels "
-                   "(`mosaic`; 'vs triton' = Triton's time / Mosaic's, the target is >= 0.9, "
-                   "and >= 60% of peak bandwidth at 32k-128k). Bytes and FLOPs are counted "
-                   "from shapes (what the kernel must read: the selected K/V rows, R "
-                   "channels of one bound per page; causal prefill FLOPs), the same count "
-                   "for every implementation.")
+                   f"`{check.fast}` (the Mosaic GPU decode kernels: part f). Bytes and FLOPs "
+                   "are counted from shapes (what the kernel must read: the selected K/V rows, "
+                   "R channels of one bound per page; causal prefill FLOPs), the same count "
+                   "for both implementations.")
     rec["columns"] = [("kernel", "kernel"), ("shape", "shape"), ("impl", "impl"),
                       ("ms", "ms"), ("bytes", "bytes"), ("GB/s", "GBps"),
                       ("TFLOP/s", "TFLOPs"), ("of peak", "of_peak"),
-                      ("kernel speedup", "speedup"), ("vs triton", "vs_triton")]
-    if missing:
-        rec.setdefault("notes", []).append(f"Mosaic GPU kernels not timed: {missing}")
+                      ("kernel speedup", "speedup")]
     bw_peak, flop_peak = _peaks(check)
-    kv, g, d = (2, 2, 64) if check.smoke else (8, 4, 128)
-    C = 1024 if check.smoke else 131072
-    decode = [(2, 64)] if check.smoke else [(1, 1024), (1, 4096), (8, 1024), (8, 4096)]
-    for B, m in decode:
-        if check.left() < 8:
-            rec.setdefault("notes", []).append(f"out of time before B={B} m={m}")
-            return
-        q, k, v, _, _, _ = make_operands(B, kv, g, d, C, 16, jnp.bfloat16)
-        slots = jax.random.permutation(jax.random.key(m), C)[:m].astype(jnp.int32)
-        slots = jnp.broadcast_to(slots, (B, kv, m))  # [B, K, m]
-        nbytes = B * kv * m * (2 * d * ELEM + 4)
-        _compare(check, rec, "sparse_decode_attention", f"B{B} C{C // 1024}k m{m}",
-                 lambda kern: functools.partial(sparse_decode_attention, kernels=kern),
-                 (q, k, v, slots), nbytes=nbytes, peak=bw_peak, impls=decode_impls)
-        del q, k, v
-    page, r = 16, (8 if check.smoke else 32)
-    for B in ((2,) if check.smoke else (1, 8)):
-        if check.left() < 8:
-            return
-        q, _, _, pmax, pmin, lengths = make_operands(B, kv, g, d, C, page, jnp.bfloat16)
-        pmax, pmin = jnp.swapaxes(pmax, 2, 3), jnp.swapaxes(pmin, 2, 3)  # [B, K, D, P]
-        channels = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32) * (d // r), (B, kv, r))
-        P = pmax.shape[-1]
-        nbytes = B * kv * P * (r * ELEM + g * 4)  # R channels of one bound; f32 scores
-        _compare(check, rec, "approx_scores", f"B{B} P{P} page{page} R{r}",
-                 lambda kern: functools.partial(approx_scores, page_size=page, kernels=kern,
-                                                channel_major=True),
-                 (q, pmax, pmin, channels, lengths), nbytes=nbytes, peak=bw_peak,
-                 impls=decode_impls)
+    for case in _decode_cases(check, rec):
+        _compare(check, rec, *case, peak=bw_peak)
+    kv, g, d = _heads(check)
     for T in ((256,) if check.smoke else (8192, 32768)):
         if check.left() < 15:
             return
@@ -109,16 +77,59 @@ def part_kernels(check, rec: dict) -> None:
                  (q, k, v, lengths), flops=flops, peak=flop_peak, iters=3)
 
 
-def _compare(check, rec, name, shape, make, args, *, nbytes=None, flops=None, peak=None,
-             iters=20, impls=None):
-    """Time the kernels (`impls`: backend names, the Pallas backend and the reference by
-    default) on the same arguments: a row each, each kernel's with its speedup over the
-    reference, and Mosaic's with Triton's time over its own."""
+def _heads(check) -> tuple[int, int, int]:
+    """(KV heads, G, D): Llama-3.1-8B's, or tiny ones in the smoke."""
+    return (2, 2, 64) if check.smoke else (8, 4, 128)
+
+
+def _decode_cases(check, rec):
+    """(kernel, shape, make, args, nbytes) of the two decode kernels at a 128k-slot cache:
+    sparse_decode_attention at batch 1 and 8, M = 1024 and 4096; approx_scores over its
+    channel-major page bounds at batch 1 and 8. Operands are made as each case is reached,
+    and none once the part is out of time (a note says so)."""
+    kv, g, d = _heads(check)
+    C = 1024 if check.smoke else 131072
+    decode = [(2, 64)] if check.smoke else [(1, 1024), (1, 4096), (8, 1024), (8, 4096)]
+    for B, m in decode:
+        if check.left() < 8:
+            rec.setdefault("notes", []).append(f"out of time before B={B} m={m}")
+            return
+        q, k, v, _, _, _ = make_operands(B, kv, g, d, C, 16, jnp.bfloat16)
+        slots = jax.random.permutation(jax.random.key(m), C)[:m].astype(jnp.int32)
+        slots = jnp.broadcast_to(slots, (B, kv, m))  # [B, K, m]
+        yield ("sparse_decode_attention", f"B{B} C{C // 1024}k m{m}",
+               lambda kern: functools.partial(sparse_decode_attention, kernels=kern),
+               (q, k, v, slots), B * kv * m * (2 * d * ELEM + 4))
+        del q, k, v
+    page, r = 16, (8 if check.smoke else 32)
+    for B in ((2,) if check.smoke else (1, 8)):
+        if check.left() < 8:
+            rec.setdefault("notes", []).append(f"out of time before approx_scores B={B}")
+            return
+        q, _, _, pmax, pmin, lengths = make_operands(B, kv, g, d, C, page, jnp.bfloat16)
+        pmax, pmin = jnp.swapaxes(pmax, 2, 3), jnp.swapaxes(pmin, 2, 3)  # [B, K, D, P]
+        channels = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32) * (d // r), (B, kv, r))
+        P = pmax.shape[-1]
+        yield ("approx_scores", f"B{B} P{P} page{page} R{r}",
+               lambda kern: functools.partial(approx_scores, page_size=page, kernels=kern,
+                                              channel_major=True),
+               (q, pmax, pmin, channels, lengths),
+               B * kv * P * (r * ELEM + g * 4))  # R channels of one bound; f32 scores
+        del q, pmax, pmin
+
+
+def _compare(check, rec, name, shape, make, args, nbytes=None, *, flops=None, peak=None,
+             iters=20, impls=None, context=None):
+    """Time the implementations `impls` (backend names; default the Pallas backend and the
+    reference) on the same arguments, each inside `context(impl)` if given: a row each, a
+    kernel's with its speedup over the reference and Mosaic's with Triton's time over its
+    own ('vs triton') where both ran."""
     done = {}
     for impl in impls or (check.fast, "reference"):
         row = {"kernel": name, "shape": shape, "impl": impl, "bytes": nbytes}
         try:
-            t = _time(check, make(impl), *args, iters=iters)
+            with context(impl) if context else contextlib.nullcontext():
+                t = _time(check, make(impl), *args, iters=iters)
         except Exception as e:  # noqa: BLE001 - one failing shape must not end the part
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             check.add_row(rec, row)
@@ -128,10 +139,9 @@ def _compare(check, rec, name, shape, make, args, *, nbytes=None, flops=None, pe
                    TFLOPs=flops / t / 1e12 if flops else None, of_peak=_fraction(rate, peak))
         done[impl] = (row, t)
         check.add_row(rec, row)
-    if "reference" in done:
-        for impl, (row, t) in done.items():
-            if impl != "reference":
-                row["speedup"] = done["reference"][1] / t
+    for impl, (row, t) in done.items():
+        if "reference" in done and impl != "reference":
+            row["speedup"] = done["reference"][1] / t
     if "mosaic" in done and check.fast in done:
         done["mosaic"][0]["vs_triton"] = done[check.fast][1] / done["mosaic"][1]
     check.save()
@@ -295,3 +305,43 @@ def part_calibrate(check, rec: dict) -> None:
                             **BUILTIN_CONSTANTS[b].as_dict()})
     rec["notes"].append(f"file: {path.name} (default name here: "
                         f"{cost_file.default_path().name})")
+
+
+# ----------------------------------------------------------------------- f. mosaic
+def part_mosaic(check, rec: dict) -> None:
+    """The Mosaic GPU decode kernels timed beside the Triton ones, at part b's shapes. The
+    last part, because it runs kernels that no GPU has run before: what they cost if they
+    fail, crash or never return is this part alone (everything else is saved by then, and
+    gpu_check's watchdog ends a call that never returns). The smoke runs them in the Mosaic
+    GPU interpreter where this JAX has one."""
+    from ..kernels.backend import mosaic_jax_ok, mosaic_missing
+
+    rec["what"] = (f"The Mosaic GPU decode kernels (`mosaic`) against the `{check.fast}` ones "
+                   "on the same operands as part b (bf16, Llama-3.1-8B heads, 128k slots), "
+                   "timed one after the other. 'vs triton' = Triton's time / Mosaic's (the "
+                   "target is >= 0.9); 'of peak' = GB/s on the kernel's own bytes over the "
+                   "card's HBM bandwidth (the target is >= 0.6). Their correctness on this "
+                   "GPU: part a's second pytest run.")
+    rec["columns"] = [("kernel", "kernel"), ("shape", "shape"), ("impl", "impl"),
+                      ("ms", "ms"), ("bytes", "bytes"), ("GB/s", "GBps"),
+                      ("of peak", "of_peak"), ("vs triton", "vs_triton")]
+    missing = ("" if mosaic_jax_ok() else mosaic_missing()) if check.smoke else mosaic_missing()
+    if missing:
+        rec["notes"] = [f"not run: {missing}"]
+        return
+    if check.smoke:
+        rec["notes"] = ["smoke: the Mosaic kernels run in the Mosaic GPU interpreter"]
+    bw_peak, _ = _peaks(check)
+    for case in _decode_cases(check, rec):
+        _compare(check, rec, *case, peak=bw_peak, impls=(check.fast, "mosaic"),
+                 context=functools.partial(_mosaic_context, check.smoke))
+
+
+def _mosaic_context(smoke: bool, impl: str):
+    """The Mosaic GPU interpreter around a smoke's Mosaic kernels (traced, compiled and run
+    inside it); nothing otherwise."""
+    if not (smoke and impl == "mosaic"):
+        return contextlib.nullcontext()
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams())

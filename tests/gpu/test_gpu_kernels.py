@@ -1,6 +1,7 @@
 """The compiled Triton and Mosaic GPU kernels against their jnp references on the same GPU,
-at real model shapes: Llama-3.1-8B (8 KV heads, G = 4, D = 128) and Qwen2.5-0.5B (2 KV heads, G = 7,
-D = 64), f32 and bf16, caches of 8k-128k slots with ragged rows, budgets 256-4096.
+at real model shapes: Llama-3.1-8B (8 KV heads, G = 4, D = 128) and Qwen2.5-0.5B (2 KV
+heads, G = 7, D = 64), f32 and bf16, caches of 8k-128k slots with ragged rows, budgets
+256-4096.
 
 Skipped without a CUDA GPU (`-m gpu` selects them; on a CPU the interpreter tests in
 tests/kernels/ run the same kernel bodies at small shapes). The references are pinned to
@@ -38,8 +39,9 @@ DECODE = [
     ("qwen2.5-0.5b", 32768, 2048), ("qwen2.5-0.5b", 131072, 1024),
 ]
 BATCH = 2  # row 0 full, row 1 ragged
-# The Mosaic GPU decode kernels run on fewer of them (the GPU check's part a has 150 s):
-# Llama-3.1-8B at 128k / M 4096 and Qwen2.5 (G 7, D 64) at 32k / M 2048.
+# The Mosaic GPU decode kernels run on fewer of them (the GPU check runs them after the
+# Triton tests, in what is left of its part a): Llama-3.1-8B at 128k / M 4096 and Qwen2.5
+# (G 7, D 64) at 32k / M 2048.
 MOSAIC_DECODE = [DECODE[1], DECODE[2]]
 
 
