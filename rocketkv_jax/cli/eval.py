@@ -190,6 +190,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "written by another configuration; other files in --out are left alone",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: write table.md and the plots again from the records already in "
+        "--out (results.jsonl, or multiturn.jsonl), e.g. while a long run is still going; "
+        "takes only --out. RULER tables then compare only the samples that every method "
+        "and budget has reached",
+    )
     add_kernels_arg(parser)
     parser.add_argument("--skip-layers", type=flag(checks.skip_layers), default=0, metavar="N",
                         help="keep the first N layers dense in the methods that take it (quest, "
@@ -368,7 +376,38 @@ def run_multiturn_command(config: EvalConfig, model, *, engine_identity=None,
     return 0
 
 
+REPORT_FLAGS = ("out", "report", "no_progress", "func", "command")
+
+
+def report_command(args) -> int:
+    """`rocketkv eval --report --out DIR`: the reports of DIR's records, nothing run."""
+    from ..eval.multiturn import RESULTS_FILE as MULTITURN_FILE
+    from ..eval.multiturn import write_multiturn_report
+    from ..eval.report import write_report
+    from ..eval.store import ResultsFileError
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    defaults = vars(parser.parse_args([]))
+    other = ["--" + dest.replace("_", "-") for dest, value in vars(args).items()
+             if dest not in REPORT_FLAGS and dest in defaults and value != defaults[dest]]
+    if other:
+        return _error(f"--report runs nothing and takes only --out; drop {', '.join(other)}")
+    out = Path(args.out)
+    try:
+        multiturn = out / MULTITURN_FILE
+        if multiturn.exists():
+            paths = write_multiturn_report(multiturn, out)[1:]
+        else:
+            paths = tuple(write_report(out).values())
+    except (FileNotFoundError, ResultsFileError) as e:
+        return _error(str(e))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def cmd_eval(args) -> int:
+    if args.report:
+        return report_command(args)
     from ..engine.compile import enable_compilation_cache
     from ..eval.model_fns import check_methods_fit, engine_functions, engine_identity
     from ..eval.multiturn import METHODS

@@ -300,11 +300,13 @@ def plot_accuracy_by_turn(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def write_multiturn_report(path: Path, out_dir: Path, num_turns: int) -> tuple[str, Path, Path]:
+def write_multiturn_report(path: Path, out_dir: Path,
+                           num_turns: int | None = None) -> tuple[str, Path, Path]:
     """<out_dir>/multiturn.md (the accuracy table by turn) and multiturn.png (its plot) from
-    a results file: (the table, the two paths)."""
+    a results file: (the table, the two paths). `num_turns` defaults to the records' most."""
     out_dir = Path(out_dir)
     rows = load_results(path)
+    num_turns = num_turns or max((r["turn"] for r in rows), default=0)
     table = accuracy_by_turn(rows)
     (out_dir / TABLE_FILE).write_text(
         f"Multi-turn KV retrieval, {num_turns} turns: accuracy (%) by turn\n\n{table}\n")

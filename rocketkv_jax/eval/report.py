@@ -135,16 +135,38 @@ def is_ruler(records: Iterable[Record]) -> bool:
     return any(r.get("suite") == "ruler" for r in records)
 
 
+def complete_samples(records: Sequence[Record]) -> tuple[list[Record], int, int]:
+    """The records of samples that every (method, budget) cell of their context has, so
+    that every cell of a table averages the same prompts: (records kept, samples kept,
+    samples in all). A run that is still going has samples that only some methods have
+    reached; comparing means over different prompts would mislead."""
+    cells: dict[int, set] = {}
+    have: dict[tuple, set] = {}
+    for r in records:
+        cell = (r["method"], r["budget"])
+        cells.setdefault(r["context_length"], set()).add(cell)
+        have.setdefault((r["context_length"], r["task"], r["sample"]), set()).add(cell)
+    complete = {key for key, got in have.items() if got >= cells[key[0]]}
+    kept = [r for r in records if (r["context_length"], r["task"], r["sample"]) in complete]
+    return kept, len(complete), len(have)
+
+
 def ruler_accuracy_section(records: Sequence[Record]) -> str:
     """Per context length: methods x budgets (mean over tasks), then one table per task;
-    every cell `mean ± se (n)` in %."""
+    every cell `mean ± se (n)` in %. Only samples that every method and budget of their
+    context has are counted (`complete_samples`); the section says how many."""
 
     def table(subset):
         return markdown_table(mean_cells(subset, score_percent),
                               errors=standard_errors(subset, score_percent))
 
+    records, kept, total = complete_samples(records)
     parts = [
         "## Accuracy (mean score % ± standard error (records), RULER)\n",
+        f"Samples that every method and budget has: {kept} of {total}"
+        + ("." if kept == total else
+           f"; the other {total - kept} (a run still going) are left out of every table.")
+        + "\n",
         "All context lengths and tasks:\n",
         table(records),
     ]
@@ -267,9 +289,10 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Path]:
     fidelity = load_records(out / FIDELITY_FILE)
     table = out / TABLE_FILE
     table.write_text(render_markdown(results, fidelity), encoding="utf-8")
-    paths = {"table": table, "plot": plot_accuracy(results, out / PLOT_FILE)}
-    if is_ruler(results) and len({r["context_length"] for r in results}) > 1:
-        paths["context_plot"] = plot_accuracy_vs_context(results, out / CONTEXT_PLOT_FILE)
+    plotted = complete_samples(results)[0] if is_ruler(results) else results
+    paths = {"table": table, "plot": plot_accuracy(plotted, out / PLOT_FILE)}
+    if is_ruler(results) and len({r["context_length"] for r in plotted}) > 1:
+        paths["context_plot"] = plot_accuracy_vs_context(plotted, out / CONTEXT_PLOT_FILE)
     return paths
 
 

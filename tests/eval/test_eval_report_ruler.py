@@ -65,3 +65,58 @@ def test_write_report_adds_context_plot(tmp_path):
     assert paths["context_plot"].read_bytes()[:8] == PNG_MAGIC
     assert paths["context_plot"].stat().st_size > 5000
     assert "±" in paths["table"].read_text()
+
+
+def test_a_run_still_going_compares_only_samples_every_cell_has():
+    """rocketkv has reached sample 0 of vt but not sample 1: vt sample 1 is left out of
+    every cell (full's too), so both rows average the same three prompts."""
+    partial = [r for r in RECORDS if not (r["method"] == "rocketkv" and r["task"] == "vt"
+                                          and r["sample"] == 1)]
+    text = render_markdown(partial)
+    assert "Samples that every method and budget has: 4 of 5; the other 1" in text
+    ctx4k = text.split("### Context length 4096 tokens")[1].split("####")[0]
+    # full: 1, 0, 1 -> 66.7; rocketkv: 0.2, 0.2, 0.2 -> 20
+    assert "| full KV | 66.7 ± 33.3 (3) |" in ctx4k
+    assert "| rocketkv | 20.0 ± 0.0 (3) |" in ctx4k
+    assert "Samples that every method and budget has: 5 of 5.\n" in render_markdown(RECORDS)
+
+
+def _results_file(path, records):
+    from rocketkv_jax.eval.store import run_id
+
+    identity = {"suite": "ruler", "seed": 0}
+    run = run_id(identity)
+    lines = [{"record": "header", "run": run, "identity": identity, "info": {}}]
+    lines += [dict(r, run=run) for r in records]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_report_command_writes_the_reports_and_runs_nothing(tmp_path, capsys):
+    from rocketkv_jax.cli import main
+
+    _results_file(tmp_path / "results.jsonl", RECORDS)
+    assert main(["eval", "--report", "--out", str(tmp_path)]) == 0
+    assert "±" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "accuracy_vs_context.png").read_bytes()[:8] == PNG_MAGIC
+    assert main(["eval", "--report", "--out", str(tmp_path), "--methods", "full"]) == 2
+    assert "takes only --out; drop --methods" in capsys.readouterr().err
+    assert main(["eval", "--report", "--out", str(tmp_path / "none")]) == 2
+    assert "no accuracy records" in capsys.readouterr().err
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write("{damaged\n" + json.dumps(dict(RECORDS[0], run="x")) + "\n")
+    assert main(["eval", "--report", "--out", str(tmp_path)]) == 2
+    assert "results.jsonl:12" in capsys.readouterr().err
+
+
+def test_report_command_redoes_a_multi_turn_report(tmp_path):
+    """The committed multi-turn run's table, written again from its records alone."""
+    import shutil
+    from pathlib import Path
+
+    from rocketkv_jax.cli import main
+
+    run = Path(__file__).parents[2] / "docs" / "eval" / "multiturn-smollm2-4k"
+    shutil.copy(run / "multiturn.jsonl", tmp_path)
+    assert main(["eval", "--report", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "multiturn.md").read_text() == (run / "multiturn.md").read_text()
+    assert (tmp_path / "multiturn.png").read_bytes()[:8] == PNG_MAGIC
