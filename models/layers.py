@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,89 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     probs = jnp.where(mask, probs, 0.0)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(jnp.float32))
     return out.reshape(B, H, T, D).astype(q.dtype)
+
+
+# f32 bytes of one key block of decode_attention over all batch rows and KV heads: small
+# enough that the block's f32 copy and its scores stay in cache, large enough that the
+# loop's per-iteration cost is small beside the block's reads (benchmarks/decode_batched.py)
+DECODE_BLOCK_BYTES = 4 * 2**20
+DECODE_BLOCK_RANGE = (16, 512)
+
+
+def decode_block_size(batch: int, kv_heads: int, head_dim: int) -> int:
+    """Keys per block of `decode_attention`: the largest power of two whose f32 keys over
+    all rows and KV heads fit DECODE_BLOCK_BYTES, within DECODE_BLOCK_RANGE."""
+    per_slot = batch * kv_heads * head_dim * 4
+    lo, hi = DECODE_BLOCK_RANGE
+    fits = max(1, DECODE_BLOCK_BYTES // per_slot)
+    return min(hi, max(lo, 1 << (fits.bit_length() - 1)))
+
+
+def decode_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, block: int | None = None
+) -> jax.Array:
+    """One decode query per head over a cache, reading each key and value once.
+
+    q: [B, H, D]; k, v: [B, K, S, D] with H = K * G; visible: bool [B, K, S] (True =
+    attend). Returns [B, H, D] in q's dtype; a head with no visible slot returns zeros.
+    The same numbers as `dense_attention` with T = 1 (its reference), computed blockwise:
+    a loop over `block` slots at a time (static; `decode_block_size` by default) keeps a
+    running max, softmax denominator and weighted sum of values per query head (the online
+    softmax), in float32. The G query heads of a KV head share each block, so the cache is
+    streamed once per step whatever the group size. The last S % block slots are one more
+    block of their own size, so the cache is never padded or copied.
+    """
+    B, H, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    block = min(block or decode_block_size(B, K, D), S)
+    qg = q.reshape(B, K, G, D).astype(jnp.float32) * (1.0 / math.sqrt(D))
+
+    def update(carry, kb, vb, mb):
+        m, den, acc = carry  # [B, K, G], [B, K, G], [B, K, G, D]
+        # scores [B, K, s, G]: the key block is read row by row, each row for all G heads
+        s = jnp.einsum("bkgd,bksd->bksg", qg, kb)
+        s = jnp.where(mb[..., None], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=2))
+        p = jnp.where(mb[..., None], jnp.exp(s - m_new[:, :, None]), 0.0)
+        scale = jnp.exp(m - m_new)
+        den = den * scale + p.sum(axis=2)
+        acc = acc * scale[..., None] + jnp.einsum("bksg,bksd->bkgd", p, vb)
+        return m_new, den, acc
+
+    def step(j, carry):
+        def take(a):
+            return jax.lax.dynamic_slice_in_dim(a, j * block, block, axis=2)
+        return update(carry, _widen(take(k_bits), k.dtype), _widen(take(v_bits), v.dtype),
+                      take(visible))
+
+    # a bf16 cache is sliced as its uint16 bits and widened inside the loop: sliced as
+    # bf16, XLA moves the f32 cast before the slice and out of the loop, which converts the
+    # whole cache into a new f32 buffer every step
+    k_bits, v_bits = _bits(k), _bits(v)
+    carry = (jnp.full((B, K, G), NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
+             jnp.zeros((B, K, G, D), jnp.float32))
+    n = S // block
+    carry = jax.lax.fori_loop(0, n, step, carry)
+    if S % block:
+        t = n * block
+        carry = update(carry, _widen(k_bits[:, :, t:], k.dtype),
+                       _widen(v_bits[:, :, t:], v.dtype), visible[:, :, t:])
+    _, den, acc = carry
+    out = jnp.where(den[..., None] > 0, acc / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+    return out.reshape(B, H, D).astype(q.dtype)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """A bf16 array as its uint16 bits (what `_widen` takes back); others unchanged."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _widen(x: jax.Array, dtype) -> jax.Array:
+    """`_bits(y)` -> y as float32 (bf16 is the top half of an f32: shift its bits up)."""
+    if dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
+    return x.astype(jnp.float32)
 
 
 def attention_mask(

@@ -114,10 +114,14 @@ class DensePlan(KeepsEveryToken):
     # why a budgeted method attends densely: "budget" (M >= L), "cost" (its selection would
     # cost more than dense attention, `cost.py`) or "off" (stage2="off")
     fallback: str = dataclasses.field(default="budget", compare=False)
+    # "blockwise" (reads the cache once) or "reference", the materialised softmax that
+    # benchmarks/decode_batched.py --attention-baseline times beside it
+    attention: str = "blockwise"
 
     def attend(self, q, cache: KVCache, query_pos, sliding_window) -> jax.Array:
         """q [B, H, D] -> [B, H, D], dense over every visible slot."""
-        return dense_decode_attention(q, cache, visible_slots(cache, query_pos, sliding_window))
+        visible = visible_slots(cache, query_pos, sliding_window)
+        return dense_decode_attention(q, cache, visible, self.attention)
 
     def read_tokens(self, context: int) -> int:
         return context

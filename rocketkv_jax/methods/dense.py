@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache
-from ..models.layers import dense_attention
+from ..models.layers import decode_attention, dense_attention
 
 
 def keep_all(lengths: jax.Array, K: int, T: int) -> jax.Array:
@@ -15,9 +15,28 @@ def keep_all(lengths: jax.Array, K: int, T: int) -> jax.Array:
 
 
 def dense_decode_attention(
-    q: jax.Array, cache: KVCache, visible: jax.Array
+    q: jax.Array, cache: KVCache, visible: jax.Array, attention: str = "blockwise"
 ) -> jax.Array:
     """Dense attention of one decode query over the visible slots. q [B, H, D],
-    visible [B, K, C] bool -> [B, H, D]."""
+    visible [B, K, C] bool -> [B, H, D].
+
+    attention: "blockwise" streams the cache once (`decode_attention`); "reference" is
+    the materialised [B, H, C] softmax (`dense_decode_attention_reference`), kept as the
+    baseline of tests and benchmarks.
+    """
+    if attention == "reference":
+        return dense_decode_attention_reference(q, cache, visible)
+    if attention != "blockwise":
+        raise ValueError(f"dense decode attention {attention!r}: use 'blockwise' or "
+                         "'reference'")
+    return decode_attention(q, cache.k, cache.v, visible)
+
+
+def dense_decode_attention_reference(
+    q: jax.Array, cache: KVCache, visible: jax.Array
+) -> jax.Array:
+    """`dense_attention` with one query: scores [B, H, C], softmax, weighted values. On
+    XLA:CPU the scores' dot transposes the whole key cache first, so it reads the keys
+    three times (`decode_attention` reads them once)."""
     out = dense_attention(q[:, :, None], cache.k, cache.v, visible[:, :, None, :])
     return out[:, :, 0]

@@ -1,0 +1,111 @@
+"""decode_attention (the blockwise dense decode attention) against the materialised
+softmax it replaces and against a float64 numpy loop: f32 and bf16, GQA group sizes 1-8,
+ragged lengths, a sliding window, heads with nothing visible, and blocks that do not
+divide the cache."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rocketkv_jax.cache import KVCache, visible_slots
+from rocketkv_jax.methods.dense import dense_decode_attention, dense_decode_attention_reference
+from rocketkv_jax.models.layers import decode_attention, decode_block_size
+
+
+def numpy_decode(q, k, v, visible):
+    """float64, one head and one key at a time. q [B, H, D], k/v [B, K, S, D]."""
+    B, H, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    out = np.zeros((B, H, D))
+    for b in range(B):
+        for h in range(H):
+            kh = h // (H // K)
+            idx = [s for s in range(S) if visible[b, kh, s]]
+            if not idx:
+                continue
+            logits = np.array([q[b, h] @ k[b, kh, s] for s in idx]) / np.sqrt(D)
+            w = np.exp(logits - logits.max())
+            out[b, h] = sum(wi * v[b, kh, s] for wi, s in zip(w, idx, strict=True)) / w.sum()
+    return out
+
+
+def make_case(rng, B, K, G, S, D, dtype, window=None):
+    """Random q/k/v (q scaled so the softmax is not flat), a cache whose rows hold ragged
+    lengths (row 0 none: every head of it sees nothing), each row's query at its last
+    token, and the visible slots."""
+    q = rng.standard_normal((B, K * G, D)) * 2.0
+    k = rng.standard_normal((B, K, S, D))
+    v = rng.standard_normal((B, K, S, D)) + 0.5
+    lengths = rng.integers(S // 3, S + 1, size=B)
+    lengths[0] = 0  # a row with no visible key
+    pos = np.where(np.arange(S)[None, None, :] < lengths[:, None, None],
+                   np.arange(S)[None, None, :], -1).repeat(K, axis=1)
+    cast = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)  # noqa: E731
+    q, k, v = cast(q), cast(k), cast(v)  # the values the dtype holds, for the f64 loop
+    cache = KVCache(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(pos, jnp.int32),
+                    jnp.asarray(lengths, jnp.int32), jnp.zeros((B, K, 0, D), dtype),
+                    jnp.zeros((B, K, 0, D), dtype))
+    query_pos = jnp.asarray(np.maximum(lengths - 1, 0), jnp.int32)
+    visible = visible_slots(cache, query_pos, window)
+    return q, k, v, cache, visible
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("K,G", [(4, 1), (2, 2), (2, 3), (1, 4), (2, 8)])
+@pytest.mark.parametrize("S,block", [(37, 8), (64, 16), (50, 64), (29, None)])
+def test_matches_reference_and_numpy(dtype, tol, K, G, S, block):
+    rng = np.random.default_rng(1000 * K + 10 * G + S)
+    B, D = 3, 16
+    q, k, v, cache, visible = make_case(rng, B, K, G, S, D, dtype)
+    qj = jnp.asarray(q, dtype)
+    got = decode_attention(qj, cache.k, cache.v, visible, block)
+    assert got.dtype == dtype and got.shape == (B, K * G, D)
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    want = numpy_decode(q, k, v, np.asarray(visible))
+    ref = np.asarray(dense_decode_attention_reference(qj, cache, visible).astype(jnp.float32))
+    # bf16: both round the output to bf16, so compare at the output's precision
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tol * scale, rtol=tol)
+    np.testing.assert_allclose(got, ref, atol=tol * scale, rtol=tol)
+    assert np.all(got[0] == 0)  # row 0 has no visible key
+
+
+def test_sliding_window_and_default_block():
+    """A window shorter than the cache, a block size that leaves a tail, the plan path."""
+    rng = np.random.default_rng(7)
+    B, K, G, S, D = 2, 2, 4, 75, 32
+    q, k, v, cache, visible = make_case(rng, B, K, G, S, D, jnp.float32, window=20)
+    assert 0 < np.asarray(visible)[1:].sum(-1).max() <= 20
+    qj = jnp.asarray(q, jnp.float32)
+    want = numpy_decode(q, k, v, np.asarray(visible))
+    for block in (None, 16, 32, 128):
+        got = np.asarray(decode_attention(qj, cache.k, cache.v, visible, block))
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    got = np.asarray(dense_decode_attention(qj, cache, visible))  # the plans' entry point
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_large_logits_stay_finite():
+    """Online softmax with scores far apart across blocks (a max found late)."""
+    rng = np.random.default_rng(3)
+    B, K, G, S, D = 1, 1, 2, 40, 8
+    q, k, v, cache, visible = make_case(rng, B + 1, K, G, S, D, jnp.float32)
+    k[1, 0, -3] = q[1, 0] * 40.0 / np.linalg.norm(q[1, 0])  # one key dominates, last block
+    cache = KVCache(jnp.asarray(k, jnp.float32), *[getattr(cache, f) for f in
+                                                    ("v", "pos", "length", "page_max",
+                                                     "page_min")])
+    visible = jnp.ones((B + 1, K, S), bool)
+    got = np.asarray(decode_attention(jnp.asarray(q, jnp.float32), cache.k, cache.v,
+                                      visible, 8))
+    want = numpy_decode(q, k, v, np.ones((B + 1, K, S), bool))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_block_size_rule():
+    assert decode_block_size(1, 8, 128) == 512  # 4 KiB per slot: capped at 512
+    assert decode_block_size(8, 8, 128) == 128  # 32 KiB per slot: 4 MiB / 32 KiB
+    assert decode_block_size(64, 32, 256) == 16  # floor of the range
+    assert decode_block_size(3, 5, 96) == 512
