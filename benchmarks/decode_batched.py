@@ -16,6 +16,11 @@ Per step it reports:
     (`bench.roofline.print_method_roofline`);
   - roofline = (weights + KV + metadata bytes) / measured bandwidth, and measured / roofline.
 
+With --attention-baseline, one more column, `full-reference`: full KV whose decode attention
+is the materialised [B, H, 1, S] softmax (`attention="reference"`, what every dense step ran
+before the blockwise `decode_attention`), interleaved with full KV in the first group, so its
+speedup column is (blockwise full time / reference full time) from the same run.
+
 Methods whose caches do not fit in memory together are measured in several interleaved
 groups, each with full KV (its ratio is against the full KV of its own group); a cell whose
 full KV cache cannot be built is skipped and the table says so.
@@ -59,6 +64,7 @@ from rocketkv_jax.names import METHOD_NAMES as ALL_METHODS
 from rocketkv_jax.names import STAGE2_MODES, WEIGHT_LAYOUTS
 
 ELEM = 4  # float32 params and caches
+REFERENCE = "full-reference"  # full KV with the materialised softmax (--attention-baseline)
 SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
 # The exact top-k oracle scores every key by design (the accuracy ceiling of the sparse
 # methods, not a fast method) and so has no dense fallback: a dense step would not be the
@@ -198,6 +204,8 @@ def _run_cell(r: ModelRun, args, B: int, T: int, M: int) -> None:
         if isinstance(p, str):
             rec["skipped"].append({"B": B, "T": T, "M": M, "method": m, "why": p})
     ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
+    if args.attention_baseline:
+        ok[REFERENCE] = dataclasses.replace(ok["full"], attention="reference")
     cap_struct = capture_struct(cfg, T, B)
     structs = {m: jax.eval_shape(lambda r, p=p: compress_layers(p, r.k, r.v, r.q, r.lengths),
                                  cap_struct) for m, p in ok.items()}
@@ -207,7 +215,10 @@ def _run_cell(r: ModelRun, args, B: int, T: int, M: int) -> None:
     # the caches are compressed from one row and broadcast (`broadcast_rows`)
     cap_bytes = tree_bytes(capture_struct(cfg, T, 1))
     room = int(avail * args.memory_fraction) - cap_bytes
-    groups, too_big = group_methods(sizes, room)
+    groups, too_big = group_methods({m: n for m, n in sizes.items() if m != REFERENCE}, room)
+    if REFERENCE in ok:  # beside full KV in the first group, or not at all
+        fits = groups and sum(sizes[m] for m in groups[0]) + sizes[REFERENCE] <= room
+        (groups[0] if fits else too_big).append(REFERENCE)
     why = (f"does not fit beside full KV: capture {fmt_bytes(cap_bytes)} + caches > "
            f"{args.memory_fraction:g} x {fmt_bytes(avail)} available")
     if sizes["full"] > room or groups == [["full"]] and len(ok) > 1:  # nothing to compare
@@ -290,13 +301,13 @@ def _grid(rec, args, title, cell, with_full=False, note=None, markdown=False) ->
     """One row per (B, T, M), one column per method; cell(step) -> str."""
     by = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["steps"]}
     skip = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["skipped"]}
-    methods = [m for m in args.methods if with_full or m != "full"]
+    methods = [m for m in _columns(args) if with_full or m != "full"]
     rows = []
     for B in sorted(args.batches):
         for T in sorted(args.contexts):
             for M in sorted(args.budgets):
                 full = by.get((B, T, M, "full"))
-                if not any((B, T, M, m) in by or (B, T, M, m) in skip for m in args.methods):
+                if not any((B, T, M, m) in by or (B, T, M, m) in skip for m in methods):
                     continue  # not reached (a partial run) or not asked
                 row = [str(B), _label(T), str(M),
                        f"{full['median_s'] * 1e3:.1f}" if full else "-"]
@@ -311,6 +322,12 @@ def _grid(rec, args, title, cell, with_full=False, note=None, markdown=False) ->
         print(note)
 
 
+def _columns(args) -> list[str]:
+    """The methods of the tables: those asked, and full-reference with --attention-baseline."""
+    extra = [REFERENCE] if getattr(args, "attention_baseline", False) else []
+    return [*args.methods, *extra]
+
+
 def print_model(rec, args, bw: float, markdown: bool = False) -> None:
     def grid(*a, **k):
         _grid(rec, args, *a, markdown=markdown, **k)
@@ -322,7 +339,10 @@ def print_model(rec, args, bw: float, markdown: bool = False) -> None:
         f"{rec['label']}, float32, median of {args.iters} steps after {args.warmup} warm-up, "
         "each method interleaved step by step with full KV", lambda s: f"{s['speedup']:.2f}",
         note="  mem: its cache and full KV's do not fit in memory together; n/a: the plan "
-        "is not defined at this budget")
+        "is not defined at this budget" + (
+            f"\n  {REFERENCE}: full KV with the materialised softmax; 1 / its speedup = how "
+            "much faster the blockwise decode attention makes full KV's step"
+            if getattr(args, "attention_baseline", False) else ""))
     grid(
         f"Byte bound on this model = (weights + full KV bytes) / (weights + method bytes), "
         f"{rec['label']}, float32", lambda s: f"{s['byte_bound']:.2f}")
@@ -340,7 +360,8 @@ def print_model(rec, args, bw: float, markdown: bool = False) -> None:
 
 def targets(results: dict) -> dict:
     """The issue's targets, checked from the measurements."""
-    every = [s for r in results["models"] for s in r["steps"] if s["method"] != "full"]
+    every = [s for r in results["models"] for s in r["steps"]
+             if s["method"] not in ("full", REFERENCE)]
     steps = [s for s in every if s["method"] not in ORACLES]
     oracle = [s for s in every if s["method"] in ORACLES]
     keys = ("B", "T", "M", "method", "speedup", "plan", "fallback")
@@ -474,6 +495,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    "stacked (one array per weight over all layers, one loop over layers) or "
                    "per-layer (one array per layer, the loop unrolled; see "
                    "benchmarks/weight_slicing.py) (default: stacked)")
+    p.add_argument("--attention-baseline", action="store_true",
+                   help=f"also time {REFERENCE}: full KV with the materialised softmax decode "
+                   "attention, interleaved with full KV (old vs new in one run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every measurement as JSON")
     p.add_argument("--report", type=Path, help="measure nothing: print the tables of a --json")

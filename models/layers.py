@@ -59,11 +59,14 @@ def decode_block_size(batch: int, kv_heads: int, head_dim: int) -> int:
 
 
 def decode_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, block: int | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, block: int | None = None,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """One decode query per head over a cache, reading each key and value once.
 
-    q: [B, H, D]; k, v: [B, K, S, D] with H = K * G; visible: bool [B, K, S] (True =
+    q: [B, H, D]; k, v: [B, K, S, D] with H = K * G, or with `layer` (an int or a traced
+    index) stacked caches [L, B, K, S, D] read at that layer where they lie: slicing the
+    layer out first would copy its whole cache on XLA:CPU. visible: bool [B, K, S] (True =
     attend). Returns [B, H, D] in q's dtype; a head with no visible slot returns zeros.
     The same numbers as `dense_attention` with T = 1 (its reference), computed blockwise:
     a loop over `block` slots at a time (static; `decode_block_size` by default) keeps a
@@ -73,7 +76,7 @@ def decode_attention(
     block of their own size, so the cache is never padded or copied.
     """
     B, H, D = q.shape
-    K, S = k.shape[1], k.shape[2]
+    K, S = k.shape[-3], k.shape[-2]
     G = H // K
     block = min(block or decode_block_size(B, K, D), S)
     qg = q.reshape(B, K, G, D).astype(jnp.float32) * (1.0 / math.sqrt(D))
@@ -90,11 +93,19 @@ def decode_attention(
         acc = acc * scale[..., None] + jnp.einsum("bksg,bksd->bkgd", p, vb)
         return m_new, den, acc
 
+    def take(a, start, size):  # slots [start, start + size) of the layer's cache
+        if layer is None:
+            return jax.lax.dynamic_slice_in_dim(a, start, size, axis=2)
+        at = (layer, 0, 0, start, 0)
+        return jax.lax.dynamic_slice(a, at, (1, B, K, size, D))[0]
+
+    def blocks(start, size):
+        return (_widen(take(k_bits, start, size), k.dtype),
+                _widen(take(v_bits, start, size), v.dtype),
+                jax.lax.dynamic_slice_in_dim(visible, start, size, axis=2))
+
     def step(j, carry):
-        def take(a):
-            return jax.lax.dynamic_slice_in_dim(a, j * block, block, axis=2)
-        return update(carry, _widen(take(k_bits), k.dtype), _widen(take(v_bits), v.dtype),
-                      take(visible))
+        return update(carry, *blocks(j * block, block))
 
     # a bf16 cache is sliced as its uint16 bits and widened inside the loop: sliced as
     # bf16, XLA moves the f32 cast before the slice and out of the loop, which converts the
@@ -106,8 +117,7 @@ def decode_attention(
     carry = jax.lax.fori_loop(0, n, step, carry)
     if S % block:
         t = n * block
-        carry = update(carry, _widen(k_bits[:, :, t:], k.dtype),
-                       _widen(v_bits[:, :, t:], v.dtype), visible[:, :, t:])
+        carry = update(carry, *blocks(t, S - t))
     _, den, acc = carry
     out = jnp.where(den[..., None] > 0, acc / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
     return out.reshape(B, H, D).astype(q.dtype)

@@ -34,7 +34,7 @@ from ..kernels.backend import check_backend_name
 from ..kernels.prefill_attention import prefill_attention
 from .config import ModelConfig
 from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
-from .plan import KVPlan, compress_layers, layer_groups
+from .plan import KVPlan, attend_layer, compress_layers, layer_groups
 from .rope import apply_rope, inverse_frequencies
 
 Params = dict[str, Any]
@@ -312,8 +312,8 @@ def forward_decode(
             h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
             q, k, v = _project_qkv(p, config, h, positions[:, None], inv_freq)
             stack = sub.append(stack, k[:, :, 0], v[:, :, 0], positions, i - start)
-            c = jax.tree.map(lambda a: a[i - start], stack)  # this layer's, read where it lies
-            attn = sub.attend(q[:, :, 0], c, positions, config.sliding_window)  # [B, H, D]
+            attn = attend_layer(sub, q[:, :, 0], stack, i - start, positions,
+                                config.sliding_window)  # [B, H, D]
             x = x + attn.reshape(B, 1, -1) @ p["wo"]
             return _mlp_block(p, config, x), stack
 

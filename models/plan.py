@@ -39,6 +39,9 @@ class KVPlan(Protocol):
     def attend(self, q, cache, query_pos, sliding_window):
         """q: [B, H, D], query_pos: [B] -> attention output [B, H, D]."""
 
+    # Optional: `attend_stacked(q, stack, layer, query_pos, sliding_window)`, attend on
+    # layer `layer` of the stacked cache without slicing it out first (`attend_layer`).
+
     # Optional, for plans whose layers hold caches of different shapes: `layer_groups()`
     # -> the LayerGroups below, and `compress_layers(k, v, q, lengths)` over all layers.
 
@@ -65,6 +68,17 @@ def layer_groups(plan, num_layers: int) -> tuple[LayerGroup, ...]:
     """The plan's layer groups in layer order; one group [0, num_layers) for most plans."""
     own = getattr(plan, "layer_groups", None)
     return own() if own is not None else (LayerGroup(plan, None, 0, num_layers),)
+
+
+def attend_layer(plan, q, stack, layer, query_pos, sliding_window):
+    """`plan.attend` on layer `layer` (traced or static) of a stacked cache. A plan with
+    `attend_stacked` reads the layer where it lies; else the layer is sliced out, which
+    XLA:CPU materialises as a copy of the layer's cache (one more read and write of it)."""
+    own = getattr(plan, "attend_stacked", None)
+    if own is not None:
+        return own(q, stack, layer, query_pos, sliding_window)
+    cache = jax.tree.map(lambda a: a[layer], stack)
+    return plan.attend(q, cache, query_pos, sliding_window)
 
 
 def compress_layers(plan, k: jax.Array, v: jax.Array, q: jax.Array, lengths: jax.Array):

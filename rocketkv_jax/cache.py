@@ -170,10 +170,17 @@ def visible_slots(
     cache: KVCache, query_pos: jax.Array, sliding_window: int | None
 ) -> jax.Array:
     """Slots the decode query at query_pos [B] may attend: bool [B, K, C]."""
+    return visible_positions(cache.pos, query_pos, sliding_window)
+
+
+def visible_positions(
+    pos: jax.Array, query_pos: jax.Array, sliding_window: int | None
+) -> jax.Array:
+    """`visible_slots` from the slots' positions pos [B, K, C] (-1: empty)."""
     q = query_pos[:, None, None]
-    mask = (cache.pos >= 0) & (cache.pos <= q)
+    mask = (pos >= 0) & (pos <= q)
     if sliding_window is not None:
-        mask &= (q - cache.pos) < sliding_window
+        mask &= (q - pos) < sliding_window
     return mask
 
 

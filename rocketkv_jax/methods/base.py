@@ -15,7 +15,7 @@ import jax
 
 from .. import checks
 from ..cache import KVCache, append_token, cache_from_prompt, visible_slots
-from .dense import dense_decode_attention, keep_all
+from .dense import dense_decode_attention, dense_decode_attention_stacked, keep_all
 
 CAPACITY_MULTIPLE = 16  # cache capacities are multiples of 16 (and of the page size)
 # describe()["kernels"] of a plan whose decode attention is dense (jnp under XLA): no kernel
@@ -122,6 +122,11 @@ class DensePlan(KeepsEveryToken):
         """q [B, H, D] -> [B, H, D], dense over every visible slot."""
         visible = visible_slots(cache, query_pos, sliding_window)
         return dense_decode_attention(q, cache, visible, self.attention)
+
+    def attend_stacked(self, q, stack: KVCache, layer, query_pos, sliding_window) -> jax.Array:
+        """`attend` on layer `layer` of the stacked cache, read where it lies."""
+        return dense_decode_attention_stacked(q, stack, layer, query_pos, sliding_window,
+                                              self.attention)
 
     def read_tokens(self, context: int) -> int:
         return context

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache
+from ..cache import KVCache, visible_positions
 from ..models.layers import decode_attention, dense_attention
 
 
@@ -30,6 +30,20 @@ def dense_decode_attention(
         raise ValueError(f"dense decode attention {attention!r}: use 'blockwise' or "
                          "'reference'")
     return decode_attention(q, cache.k, cache.v, visible)
+
+
+def dense_decode_attention_stacked(
+    q: jax.Array, stack: KVCache, layer, query_pos: jax.Array, sliding_window: int | None,
+    attention: str = "blockwise",
+) -> jax.Array:
+    """`dense_decode_attention` over every visible slot of layer `layer` of a stacked
+    cache (leading layer axis), reading the layer's keys and values where they lie. The
+    reference slices the layer out first, as every dense step did before."""
+    visible = visible_positions(stack.pos[layer], query_pos, sliding_window)
+    if attention == "blockwise":
+        return decode_attention(q, stack.k, stack.v, visible, layer=layer)
+    return dense_decode_attention(q, jax.tree.map(lambda a: a[layer], stack), visible,
+                                  attention)
 
 
 def dense_decode_attention_reference(

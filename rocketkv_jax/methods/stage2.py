@@ -36,7 +36,7 @@ from .base import (
     check_positive_int,
     check_top_r,
 )
-from .dense import dense_decode_attention
+from .dense import dense_decode_attention, dense_decode_attention_stacked
 from .sparse_ops import SelectsSlots, approx_scores, check_kernels, group_queries
 from .stage1 import compress_prompt
 
@@ -223,6 +223,14 @@ class TwoStagePlan(SelectsSlots, AppendsTokens):
             return dense_decode_attention(q, cache, visible_slots(cache, query_pos,
                                                                   sliding_window))
         return super().attend(q, cache, query_pos, sliding_window)
+
+    def attend_stacked(self, q, stack: KVCache, layer, query_pos, sliding_window) -> jax.Array:
+        """`attend` on layer `layer` of the stacked cache: the dense fallback reads it where
+        it lies; stage 2 gathers from this layer's slice."""
+        if self.stage2_dense:
+            return dense_decode_attention_stacked(q, stack, layer, query_pos, sliding_window)
+        cache = jax.tree.map(lambda a: a[layer], stack)
+        return self.attend(q, cache, query_pos, sliding_window)
 
     def read_tokens(self, context: int) -> int:
         """Tokens' worth (2 * D elements each) read per step per KV head: R of D channels
