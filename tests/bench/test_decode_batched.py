@@ -182,6 +182,23 @@ def test_both_layouts_run_the_same_cells_as_models_of_their_own(tmp_path):
     assert cells(recs["stacked"]) == cells(recs["per-layer"]) != []
 
 
+def test_attention_baseline_runs_beside_full_and_stays_out_of_the_targets(tmp_path):
+    out = tmp_path / "baseline.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = db.main(["--quick", "--batches", "1", "--methods", "rocketkv",
+                        "--attention-baseline", "--json", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    steps = {s["method"]: s for s in res["models"][0]["steps"]}
+    ref = steps[db.REFERENCE]
+    assert ref["group"] == 0 and "full" in ref["group_methods"]  # interleaved with full
+    assert ref["speedup"] == pytest.approx(steps["full"]["median_s"] / ref["median_s"])
+    assert ref["kv_read_bytes"] == steps["full"]["kv_read_bytes"]
+    assert res["targets"]["cells"] == 1  # rocketkv only
+    assert db.REFERENCE in buf.getvalue()
+
+
 @pytest.mark.parametrize("layout", ["columns", "stacked,stacked", ","])
 def test_bad_layout_is_refused(layout, capsys):
     assert db.main(["--quick", "--layout", layout]) != 0
