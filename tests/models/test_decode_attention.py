@@ -5,12 +5,17 @@ divide the cache."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rocketkv_jax.cache import KVCache, visible_slots
-from rocketkv_jax.methods.dense import dense_decode_attention, dense_decode_attention_reference
+from rocketkv_jax.methods.dense import (
+    dense_decode_attention,
+    dense_decode_attention_reference,
+    dense_decode_attention_stacked,
+)
 from rocketkv_jax.models.layers import decode_attention, decode_block_size
 
 
@@ -109,3 +114,27 @@ def test_block_size_rule():
     assert decode_block_size(8, 8, 128) == 128  # 32 KiB per slot: 4 MiB / 32 KiB
     assert decode_block_size(64, 32, 256) == 16  # floor of the range
     assert decode_block_size(3, 5, 96) == 512
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stacked_cache_read_at_a_traced_layer(dtype):
+    """With `layer`, the blocks are read from the stacked [L, ...] cache at that layer:
+    the same output as the layer's own cache, under jit with a traced index."""
+    rng = np.random.default_rng(11)
+    B, K, G, S, D, L = 2, 2, 3, 45, 16, 3
+    cases = [make_case(rng, B, K, G, S, D, dtype, window=30) for _ in range(L)]
+    stack = jax.tree.map(lambda *a: jnp.stack(a), *[c[3] for c in cases])
+    q = jnp.asarray(cases[0][0], dtype)
+    query_pos = jnp.asarray([0, S - 1], jnp.int32)
+    stacked = jax.jit(lambda s, i: dense_decode_attention_stacked(q, s, i, query_pos, 30))
+    for i, (_, k, v, cache, _) in enumerate(cases):
+        visible = visible_slots(cache, query_pos, 30)
+        want = numpy_decode(np.asarray(q.astype(jnp.float32), np.float64), k, v,
+                            np.asarray(visible))
+        got = np.asarray(stacked(stack, jnp.int32(i)).astype(jnp.float32))
+        tol = 2e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=tol)
+        same = decode_attention(q, cache.k, cache.v, visible, 16)
+        np.testing.assert_array_equal(
+            np.asarray(decode_attention(q, stack.k, stack.v, visible, 16, layer=i)),
+            np.asarray(same))
