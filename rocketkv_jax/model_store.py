@@ -335,8 +335,6 @@ def model_identity(model: Model) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from .convert.checkpoint import TOKENIZER_FILES
-
     host = jax.devices("cpu")[0]
     weights = hashlib.sha256()
     leaves, _ = jax.tree_util.tree_flatten_with_path(model.params)
@@ -346,19 +344,27 @@ def model_identity(model: Model) -> dict[str, Any]:
         dtypes.add(str(array.dtype))
         weights.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
         weights.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
-    tokenizer = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        file = Path(model.path) / name
-        if file.is_file():
-            data = file.read_bytes()
-            tokenizer.update(f"{name} {len(data)}\n".encode() + data)
     return {
         "config": {k: v for k, v in model.config.to_dict().items()
                    if k != "rocketkv_config_version"},
         "dtype": ",".join(sorted(dtypes)),
         "weights_sha256": weights.hexdigest(),
-        "tokenizer_sha256": tokenizer.hexdigest(),
+        "tokenizer_sha256": tokenizer_sha256(model.path),
     }
+
+
+def tokenizer_sha256(checkpoint: str | Path) -> str:
+    """SHA-256 of a checkpoint's tokenizer files (chat template files included), each as
+    its name, size and bytes, in TOKENIZER_FILES order."""
+    from .convert.checkpoint import TOKENIZER_FILES
+
+    tokenizer = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = Path(checkpoint) / name
+        if file.is_file():
+            data = file.read_bytes()
+            tokenizer.update(f"{name} {len(data)}\n".encode() + data)
+    return tokenizer.hexdigest()
 
 
 def _cached_model_name(ckpt: Path) -> str | None:
