@@ -58,7 +58,7 @@ def init_program(config: ModelConfig, B: int, S: int, W: int, params_s, mesh=Non
                            (), out_shardings=_prefill_state_shardings(mesh))
 
 
-def _prefill_state_struct(config, B, S, W, params_s, mesh):
+def prefill_state_struct(config, B, S, W, params_s, mesh):
     dtype = params_dtype(params_s)
     state = jax.eval_shape(lambda: init_prefill_state(config, B, S, W, dtype))
     return structs(state, _prefill_state_shardings(mesh))
@@ -74,7 +74,7 @@ def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s,
         return prefill_chunk(params, config, state, tokens, start, lengths,
                              kernels=kernels)[0]
 
-    args = (unflatten(params_s), _prefill_state_struct(config, B, S, W, params_s, mesh),
+    args = (unflatten(params_s), prefill_state_struct(config, B, S, W, params_s, mesh),
             jax.ShapeDtypeStruct((B, C), jnp.int32, sharding=rows_sharding(mesh, 2)),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated_sharding(mesh)),
             jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows_sharding(mesh)))
@@ -95,7 +95,7 @@ def decode_state_struct(config, plan, B, S, T, W, loop, params_s, mesh=None) -> 
     """Shape structs (with shardings under a mesh) of the DecodeState `start` returns."""
     state = jax.eval_shape(
         _start_fn(config, plan, T, loop, None), unflatten(params_s),
-        _prefill_state_struct(config, B, S, W, params_s, None),
+        prefill_state_struct(config, B, S, W, params_s, None),
         jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32))
     return structs(state, decode_state_shardings(state, mesh))
 
@@ -106,7 +106,7 @@ def start_program(config: ModelConfig, plan, B: int, S: int, T: int, W: int,
     """(params, prefill state, lengths [B], key [2]) -> DecodeState at step 1: the plan's
     compress over the first T positions, and each row's first token."""
     out = decode_state_struct(config, plan, B, S, T, W, loop, params_s, mesh)
-    args = (unflatten(params_s), _prefill_state_struct(config, B, S, W, params_s, mesh),
+    args = (unflatten(params_s), prefill_state_struct(config, B, S, W, params_s, mesh),
             jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows_sharding(mesh)),
             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated_sharding(mesh)))
     shardings = None if mesh is None else jax.tree.map(lambda s: s.sharding, out)

@@ -1,0 +1,559 @@
+"""The serving engine: many requests at once on fixed decode slots, with chunked prefill
+and a cache of full-KV prompt prefixes (docs/serving.md).
+
+    engine = Engine(params, config, slots=8)
+    handle = engine.submit(ServeRequest(prompt_ids, max_tokens=64), on_event)
+    ...                                   # on_event(Event) from the engine's thread
+    engine.drain()
+
+One thread owns the device. Each turn of its loop:
+
+1. admits the oldest waiting request when a slot is free and its memory fits
+   (`kv_memory_bytes` bounds the pools' caches plus the prefill in flight);
+2. runs one prefill chunk of the request being prefilled (a long prompt never stalls
+   the running requests' tokens for its whole prefill); after its last chunk, compresses
+   it with its method's plan, samples its first token and moves it into a row of its
+   pool;
+3. runs one decode step of every pool that has running rows, and hands each row's token
+   to its request.
+
+A pool is one cache of R rows for one plan (the method, budget, prompt bucket and
+max-tokens bucket fix the plan, so every row of a pool has the same cache shapes); it
+grows 1, 2, 4, ... rows up to `slots` as requests join it, and is dropped when empty
+and memory is wanted. Each row decodes at its own position with its own sampling and
+PRNG stream. A finished, failed or cancelled request frees its row at once.
+
+Prefix reuse: after a prompt is prefilled, its full keys and values (before
+compression) are kept in an LRU cache bounded by `prefix_cache_bytes`. A later prompt
+that shares a prefix with one of them (a chat that grows turn by turn) starts from a
+copy of it and prefills only from the reuse point: the longest common prefix, cut so the
+method's observation window is recomputed and to a whole chunk. Each request compresses
+its own copy (RocketKV-MT's rule: the prefix keeps its full KV).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import checks
+from ..cache import tree_bytes
+from ..kernels.backend import prefill_backend
+from ..methods.base import MethodConfigError
+from ..methods.registry import make_method
+from ..models.config import ModelConfig
+from ..names import DEFAULT_KERNELS
+from ..sampling import Sampling, prng_key
+from . import serve_programs as sp
+from .compile import hashable, params_struct
+from .programs import chunk_program, init_program, prefill_state_struct
+from .requests import GenerateError, check_request, prompt_bucket
+from .serving_api import (
+    EngineStopping,
+    Event,
+    Handle,
+    QueueFull,
+    RequestRejected,
+    ServeRequest,
+)
+
+GiB = 1 << 30
+
+
+def tokens_bucket(n: int) -> int:
+    """max_tokens is planned for a power of two (at least 16), so requests of nearby
+    lengths share a pool and its programs."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def reuse_point(shared: int, prompt_len: int, window: int, chunk: int) -> int:
+    """Where the prefill of a prompt may start from a cached prefix it shares `shared`
+    tokens with: before the last `window` tokens (their queries feed stage 1, so they are
+    recomputed), at a whole chunk (the chunk programs run at multiples of it)."""
+    return max(0, min(shared, prompt_len - window)) // chunk * chunk
+
+
+@dataclasses.dataclass
+class _Request:
+    id: str
+    req: ServeRequest
+    on_event: Callable[[Event], None]
+    plan: object
+    T: int  # prompt bucket (what the plan compresses)
+    S: int  # prefill positions: T in whole chunks
+    W: int  # the plan's observation window
+    pool_key: tuple
+    prefill_bytes: int
+    key: np.ndarray  # [2] uint32
+    submitted_at: float
+    phase: str = "queued"  # queued, prefill, decode, done
+    cancelled: bool = False
+    state: object = None  # the prefill state while prefilling
+    next_start: int = 0  # next chunk's first position
+    padded: np.ndarray | None = None
+    cached_tokens: int = 0
+    pool: _Pool | None = None
+    row: int = -1
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Pool:
+    key: tuple
+    plan: object
+    cache: object
+    rows: list  # _Request or None per row
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+
+@dataclasses.dataclass
+class _Prefix:
+    tokens: np.ndarray
+    k: jax.Array
+    v: jax.Array
+    S: int
+    nbytes: int
+
+
+class Engine:
+    """A serving engine for one model: `submit` requests, get their tokens as `Event`s.
+
+    slots: requests decoding at once (over all pools); max_queue: requests waiting
+    beyond them before `submit` raises QueueFull; prefill_chunk: prompt tokens per
+    prefill chunk (smaller keeps the running requests' tokens flowing while a long
+    prompt prefills, larger prefills faster); kv_memory_bytes: the pools' caches plus
+    the prefill in flight; prefix_cache_bytes: full-KV prefixes kept for reuse (0: none);
+    kernels: the kernel backend (names.KERNEL_BACKENDS); fault_hook(stage, request_id):
+    called at "prefill" and "decode" of each request (tests inject failures with it).
+    """
+
+    def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_queue: int = 64,
+                 prefill_chunk: int = 256, kv_memory_bytes: int = 4 * GiB,
+                 prefix_cache_bytes: int = 1 * GiB, kernels: str = DEFAULT_KERNELS,
+                 fault_hook: Callable[[str, str], None] | None = None):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.params, self.config = params, config
+        self.slots = checks.integer(slots, "slots", low=1)
+        self.max_queue = checks.integer(max_queue, "max_queue", low=0)
+        self.chunk = checks.integer(prefill_chunk, "prefill_chunk", low=1)
+        self.kv_memory = checks.integer(kv_memory_bytes, "kv_memory_bytes", low=1, high=1 << 62)
+        self.prefix_limit = checks.integer(prefix_cache_bytes, "prefix_cache_bytes", low=0,
+                                           high=1 << 62)
+        self.kernels = kernels
+        self.prefill_kernels = prefill_backend(kernels)
+        self.fault_hook = fault_hook
+        self._params_s = params_struct(params)
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._all: dict[str, _Request] = {}
+        self._prefilling: _Request | None = None
+        self._pools: dict[tuple, _Pool] = {}
+        self._prefixes: collections.OrderedDict[int, _Prefix] = collections.OrderedDict()
+        self._ids = itertools.count()
+        self._programs: set = set()
+        self._stopping = False
+        self._closed = False
+        self._counts = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="rocketkv-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------- the public surface
+    def submit(self, request: ServeRequest, on_event: Callable[[Event], None]) -> Handle:
+        """Check and queue a request; raises RequestRejected (what to fix), QueueFull or
+        EngineStopping at once. `on_event` is then called from the engine's thread."""
+        r = self._prepare(request, on_event)
+        with self._lock:
+            if self._stopping or self._closed:
+                raise EngineStopping("the server is shutting down and admits no new requests")
+            if len(self._queue) >= self.max_queue + max(0, self.slots - self._busy()):
+                self._counts["queue_full"] += 1
+                raise QueueFull(f"{len(self._queue)} requests are waiting, the most this "
+                                f"server queues; retry later", retry_after=1.0)
+            self._queue.append(r)
+            self._all[r.id] = r
+            self._counts["submitted"] += 1
+            self._lock.notify_all()
+        return Handle(r.id, self.cancel)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            r = self._all.get(request_id)
+            if r is not None and r.phase != "done":
+                r.cancelled = True
+                self._lock.notify_all()
+
+    def stats(self) -> dict:
+        """Counters: requests submitted/finished/cancelled/failed, what is queued,
+        prefilling and decoding, the slots and pools and their bytes, the prefix cache
+        (entries, bytes, lookups, hits, reused tokens) and the programs compiled."""
+        with self._lock:
+            pools = list(self._pools.values())
+            prefix_bytes = sum(p.nbytes for p in self._prefixes.values())
+            return {
+                **{k: self._counts[k] for k in ("submitted", "finished", "cancelled",
+                                                 "failed", "queue_full", "prefix_lookups",
+                                                 "prefix_hits", "prefix_hit_tokens")},
+                "queued": len(self._queue),
+                "prefilling": int(self._prefilling is not None),
+                "running": self._busy(),
+                "slots": self.slots,
+                "pools": len(pools),
+                "pool_rows": sum(len(p.rows) for p in pools),
+                "kv_bytes": self._used_bytes(),
+                "kv_memory_bytes": self.kv_memory,
+                "prefix_entries": len(self._prefixes),
+                "prefix_bytes": prefix_bytes,
+                "programs": len(self._programs),
+                "stopping": self._stopping,
+            }
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Admit nothing new; finish every accepted request, then stop the engine's
+        thread. True when everything finished within `timeout` seconds."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            ok = self._lock.wait_for(lambda: not self._all, timeout)
+        self.close()
+        return ok
+
+    def close(self) -> None:
+        """Stop now: requests still open end with an "error" event."""
+        with self._lock:
+            self._stopping = self._closed = True
+            self._lock.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        for r in list(self._all.values()):
+            self._fail(r, "the server stopped before this request finished")
+
+    @property
+    def draining(self) -> bool:
+        return self._stopping
+
+    # ------------------------------------------------------------- checks and plans
+    def _prepare(self, request: ServeRequest, on_event) -> _Request:
+        if not isinstance(request, ServeRequest):
+            raise RequestRejected(f"expected a ServeRequest, got {type(request).__name__}")
+        if not callable(on_event):
+            raise RequestRejected("on_event must be a function")
+        config = self.config
+        try:
+            check_request(config, [list(request.prompt)], request.max_tokens)
+            checks.seed(request.seed, error=GenerateError)
+        except GenerateError as e:
+            raise RequestRejected(str(e)) from None
+        if not isinstance(request.sampling, Sampling):
+            raise RequestRejected("sampling must be a Sampling")
+        if request.method.endswith("-mt"):
+            raise RequestRejected(
+                f"method {request.method!r}: the server already keeps every prompt's full KV "
+                f"for reuse and compresses each request's own copy (RocketKV-MT's rule); "
+                f"ask for {request.method[:-3]!r}")
+        try:
+            method = make_method(request.method, request.token_budget, kernels=self.kernels)
+        except MethodConfigError as e:
+            raise RequestRejected(str(e)) from None
+        P, N = len(request.prompt), request.max_tokens
+        ctx = config.max_position_embeddings
+        T = prompt_bucket(P, ctx - N, None)
+        S = -(-T // self.chunk) * self.chunk
+        plan = method.plan(config, T, max(N, min(tokens_bucket(N), ctx - T)))
+        W = getattr(plan, "query_window", 0)
+        one = self._cache_struct(plan, S, T, W)
+        pool_key = (plan, hashable(one))
+        prefill_bytes = tree_bytes(prefill_state_struct(config, 1, S, W, self._params_s, None))
+        alone = prefill_bytes + tree_bytes(one)
+        if alone > self.kv_memory:
+            raise RequestRejected(
+                f"this request needs {alone / GiB:.2f} GiB of KV memory ({P} prompt tokens, "
+                f"max_tokens {N}, {request.method}), more than the server's "
+                f"{self.kv_memory / GiB:.2f} GiB (--kv-memory); shorten the prompt, lower "
+                f"max_tokens or use a smaller token budget")
+        stop = tuple(sorted({int(t) for t in request.stop_ids} or set(config.eos_token_ids)))
+        request = dataclasses.replace(request, stop_ids=stop)
+        return _Request(id=f"req-{next(self._ids)}", req=request, on_event=on_event,
+                        plan=plan, T=T, S=S, W=W, pool_key=pool_key,
+                        prefill_bytes=prefill_bytes, key=prng_key(request.seed),
+                        submitted_at=time.perf_counter())
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019  (one engine per process; plans are small)
+    def _cache_struct(self, plan, S, T, W):
+        return sp.cache_struct(self.config, plan, S, T, W, self._params_s, 1)
+
+    # ------------------------------------------------------------- memory
+    def _busy(self) -> int:
+        return sum(p.busy for p in self._pools.values())  # a prefilling request holds its row
+
+    def _used_bytes(self) -> int:
+        pools = sum(tree_bytes(p.cache) for p in self._pools.values())
+        return pools + (self._prefilling.prefill_bytes if self._prefilling else 0)
+
+    def _row_bytes(self, key) -> int:
+        return tree_bytes(jax.tree.unflatten(*key[1]))
+
+    def _reserve(self, r: _Request) -> bool:
+        """Give r a row of its pool (made or grown as needed) if memory allows."""
+        pool = self._pools.get(r.pool_key)
+        if pool is not None and None in pool.rows:
+            pool.rows[pool.rows.index(None)] = r
+            r.pool, r.row = pool, pool.rows.index(r)
+            return True
+        have = len(pool.rows) if pool else 0
+        rows = min(self.slots, max(1, 2 * have))
+        extra = (rows - have) * self._row_bytes(r.pool_key) + r.prefill_bytes
+        while self._used_bytes() + extra > self.kv_memory:
+            idle = [k for k, p in self._pools.items() if p.busy == 0 and p is not pool]
+            if not idle:
+                return False
+            del self._pools[idle[0]]
+        one_s = r.pool_key[1]
+        if pool is None:
+            struct = jax.tree.unflatten(one_s[0], [jax.ShapeDtypeStruct(
+                (x.shape[0], rows, *x.shape[2:]), x.dtype) for x in one_s[1]])
+            cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
+            pool = self._pools[r.pool_key] = _Pool(r.pool_key, r.plan, cache, [None] * rows)
+        else:
+            grow = self._program(("grow", hashable_of(pool.cache), rows),
+                                 lambda: sp.grow_program(hashable_of(pool.cache), rows))
+            pool.cache = grow(pool.cache)
+            pool.rows += [None] * (rows - have)
+        r.pool, r.row = pool, pool.rows.index(None)
+        pool.rows[r.row] = r
+        return True
+
+    def _program(self, key, build):
+        self._programs.add(key)
+        return build()[0]
+
+    # ------------------------------------------------------------- the loop
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._closed or self._has_work())
+                if self._closed:
+                    return
+            self._reap_cancelled()
+            if self._prefilling is None:
+                self._admit()
+            r = self._prefilling
+            pools = [p for p in self._pools.values() if p.busy]
+            if r is not None:
+                self._guard(r, self._prefill_one_chunk)
+            for pool in pools:
+                self._decode_step(pool)
+
+    def _has_work(self) -> bool:
+        return bool(self._queue or self._prefilling or any(p.busy for p in self._pools.values()))
+
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            open_ = [*self._queue, *(r for p in self._pools.values() for r in p.rows if r)]
+        for r in open_:
+            if r.cancelled:
+                self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        """Start the oldest waiting request's prefill if a slot is free and it fits (only
+        the engine's thread changes pools; the lock guards the queue)."""
+        with self._lock:
+            if not self._queue or self._busy() >= self.slots:
+                return
+            r = self._queue[0]
+        if not self._reserve(r):
+            return
+        with self._lock:
+            self._queue.remove(r)
+            r.phase = "prefill"
+            self._prefilling = r
+        self._guard(r, self._start_prefill)
+
+    def _start_prefill(self, r: _Request) -> None:
+        P, C = len(r.req.prompt), self.chunk
+        prompt = np.asarray(r.req.prompt, np.int32)
+        r.padded = np.zeros((1, r.S), np.int32)
+        r.padded[0, :P] = prompt
+        start, entry = 0, None
+        if self.prefix_limit:
+            self._counts["prefix_lookups"] += 1
+            for key, e in reversed(self._prefixes.items()):
+                s = reuse_point(common_prefix(e.tokens, prompt), P, r.W, C)
+                if s > start:
+                    start, entry, hit = s, e, key
+        if entry is not None:
+            self._prefixes.move_to_end(hit)
+            seed = self._program(("seed", entry.S, r.S, r.W), lambda: sp.seed_program(
+                self.config, entry.S, r.S, r.W, self._params_s))
+            r.state = seed(entry.k, entry.v)
+            self._counts["prefix_hits"] += 1
+            self._counts["prefix_hit_tokens"] += start
+        else:
+            init = self._program(("init", r.S, r.W), lambda: init_program(
+                self.config, 1, r.S, r.W, self._params_s))
+            r.state = init()
+        r.next_start, r.cached_tokens = start, start
+
+    def _prefill_one_chunk(self, r: _Request) -> None:
+        C = self.chunk
+        if self.fault_hook is not None:
+            self.fault_hook("prefill", r.id)
+        chunk = self._program(("chunk", r.S, r.W), lambda: chunk_program(
+            self.config, 1, C, r.S, r.W, self._params_s, None, self.prefill_kernels))
+        lengths = jnp.asarray([len(r.req.prompt)], jnp.int32)
+        s = r.next_start
+        r.state = chunk(self.params, r.state, jnp.asarray(r.padded[:, s:s + C]),
+                        jnp.int32(s), lengths)
+        r.next_start = s + C
+        if r.next_start < len(r.req.prompt):
+            return
+        self._keep_prefix(r)
+        finish = self._program(("finish", r.plan, r.S, r.T, r.W), lambda: sp.finish_program(
+            self.config, r.plan, r.S, r.T, r.W, self._params_s))
+        sampling = r.req.sampling
+        tok, one = finish(self.params, r.state, lengths, jnp.asarray(r.key),
+                          jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+                          jnp.float32(sampling.top_p))
+        pool = r.pool
+        insert = self._program(("insert", hashable_of(pool.cache)), lambda: sp.insert_program(
+            hashable_of(pool.cache), hashable_of(one)))
+        pool.cache = insert(pool.cache, one, jnp.int32(r.row))
+        r.state, r.padded = None, None
+        with self._lock:
+            self._prefilling = None
+            r.phase = "decode"
+        self._emit_token(r, int(np.asarray(tok)[0]))
+
+    def _keep_prefix(self, r: _Request) -> None:
+        """Keep r's full prompt keys/values for later prompts that extend it."""
+        if not self.prefix_limit:
+            return
+        nbytes = tree_bytes((r.state.k, r.state.v))
+        if nbytes > self.prefix_limit:
+            return
+        tokens = np.asarray(r.req.prompt, np.int32)
+        for key, e in list(self._prefixes.items()):  # a prompt this one extends is redundant
+            if len(e.tokens) <= len(tokens) and common_prefix(e.tokens, tokens) == len(e.tokens):
+                del self._prefixes[key]
+        self._prefixes[id(r)] = _Prefix(tokens, r.state.k, r.state.v, r.S, nbytes)
+        while sum(p.nbytes for p in self._prefixes.values()) > self.prefix_limit:
+            self._prefixes.popitem(last=False)
+
+    def _decode_step(self, pool: _Pool) -> None:
+        rows = pool.rows
+        R = len(rows)
+        tokens, positions, steps = (np.zeros(R, np.int32) for _ in range(3))
+        seeds = np.zeros((R, 2), np.uint32)
+        temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
+        top_k = np.zeros(R, np.int32)
+        live = [r for r in rows if r is not None and r.phase == "decode"]
+        if not live:
+            return
+        for r in live:
+            i, n = r.row, len(r.generated)
+            tokens[i], positions[i] = r.generated[-1], len(r.req.prompt) + n - 1
+            seeds[i], steps[i] = r.key, n
+            s = r.req.sampling
+            temperature[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
+        try:
+            step = self._program(("step", pool.plan, hashable_of(pool.cache)),
+                                 lambda: sp.step_program(self.config, pool.plan,
+                                                         hashable_of(pool.cache),
+                                                         self._params_s))
+            nxt, pool.cache = step(self.params, pool.cache, tokens, positions, seeds, steps,
+                                   temperature, top_k, top_p)
+            nxt = np.asarray(nxt)
+        except Exception as e:  # the pool's cache is gone with the failed step
+            with self._lock:
+                self._pools.pop(pool.key, None)
+            for r in live:
+                self._fail(r, f"decode step failed: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            return
+        for r in live:
+            if r.cancelled:
+                continue
+            self._guard(r, lambda r: self._decode_hook_and_emit(r, int(nxt[r.row])))
+
+    def _decode_hook_and_emit(self, r: _Request, token: int) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook("decode", r.id)
+        self._emit_token(r, token)
+
+    def _emit_token(self, r: _Request, token: int) -> None:
+        r.generated.append(token)
+        self._send(r, Event("token", token=token))
+        if token in r.req.stop_ids:
+            self._finish(r, "stop")
+        elif len(r.generated) >= r.req.max_tokens:
+            self._finish(r, "length")
+
+    # ------------------------------------------------------------- endings
+    def _guard(self, r: _Request, fn) -> None:
+        """Run fn(r); an exception fails r only."""
+        try:
+            fn(r)
+        except Exception as e:
+            traceback.print_exc()
+            self._fail(r, f"{type(e).__name__}: {e}")
+
+    def _usage(self, r: _Request) -> dict:
+        return {"prompt_tokens": len(r.req.prompt), "completion_tokens": len(r.generated),
+                "cached_prompt_tokens": r.cached_tokens}
+
+    def _release(self, r: _Request, count: str) -> bool:
+        with self._lock:
+            if r.phase == "done":
+                return False
+            r.phase = "done"
+            if r in self._queue:
+                self._queue.remove(r)
+            if self._prefilling is r:
+                self._prefilling = None
+            if r.pool is not None and r.row >= 0 and r.pool.rows[r.row] is r:
+                r.pool.rows[r.row] = None
+            r.state = r.padded = None
+            self._all.pop(r.id, None)
+            self._counts[count] += 1
+            self._lock.notify_all()
+        return True
+
+    def _finish(self, r: _Request, reason: str) -> None:
+        if self._release(r, "cancelled" if reason == "cancelled" else "finished"):
+            self._send(r, Event("done", finish_reason=reason, usage=self._usage(r)))
+
+    def _fail(self, r: _Request, message: str) -> None:
+        if self._release(r, "failed"):
+            self._send(r, Event("error", finish_reason="error", error=message,
+                                usage=self._usage(r)))
+
+    def _send(self, r: _Request, event: Event) -> None:
+        try:
+            r.on_event(event)
+        except Exception:  # a broken listener must not stop the engine
+            traceback.print_exc()
+            r.cancelled = True
+
+
+def hashable_of(tree) -> tuple:
+    """`compile.hashable` of the shape structs of a pytree of arrays or structs."""
+    return hashable(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
