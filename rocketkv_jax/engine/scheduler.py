@@ -57,7 +57,7 @@ from ..sampling import Sampling, prng_key
 from . import serve_programs as sp
 from .compile import hashable, params_struct
 from .programs import chunk_program, init_program, prefill_state_struct
-from .requests import GenerateError, check_request, prompt_bucket
+from .requests import GenerateError, check_request, check_stop_ids, prompt_bucket
 from .serving_api import (
     EngineStopping,
     Event,
@@ -290,7 +290,12 @@ class Engine:
                 f"max_tokens {N}, {request.method}), more than the server's "
                 f"{self.kv_memory / GiB:.2f} GiB (--kv-memory); shorten the prompt, lower "
                 f"max_tokens or use a smaller token budget")
-        stop = tuple(sorted({int(t) for t in request.stop_ids} or set(config.eos_token_ids)))
+        stop = config.eos_token_ids if request.stop_ids is None else request.stop_ids
+        try:
+            check_stop_ids(stop)
+        except GenerateError as e:
+            raise RequestRejected(str(e)) from None
+        stop = tuple(sorted({int(t) for t in stop}))
         request = dataclasses.replace(request, stop_ids=stop)
         return _Request(id=f"req-{next(self._ids)}", req=request, on_event=on_event,
                         plan=plan, T=T, S=S, W=W, pool_key=pool_key,

@@ -43,7 +43,8 @@ class ServeRequest:
     max_tokens: tokens to generate at most (the stop id, if one ends it, counts);
     method, token_budget: the KV method by registry name and its budget (None: full KV);
     sampling, seed: as `rocketkv generate` takes them; the same seed gives the same tokens;
-    stop_ids: token ids that end the request (kept as its last token).
+    stop_ids: token ids that end the request (kept as its last token); None: the model's
+    EOS ids, (): none (the request runs to max_tokens).
     """
 
     prompt: tuple[int, ...]
@@ -52,7 +53,7 @@ class ServeRequest:
     token_budget: int | None = 256
     sampling: Sampling = Sampling()
     seed: int = 0
-    stop_ids: tuple[int, ...] = ()
+    stop_ids: tuple[int, ...] | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
