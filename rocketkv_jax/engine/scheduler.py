@@ -37,9 +37,9 @@ import collections
 import dataclasses
 import functools
 import itertools
+import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 
 import jax
@@ -68,6 +68,7 @@ from .serving_api import (
 )
 
 GiB = 1 << 30
+log = logging.getLogger(__name__)
 
 
 def tokens_bucket(n: int) -> int:
@@ -85,8 +86,9 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 def reuse_point(shared: int, prompt_len: int, window: int, chunk: int) -> int:
     """Where the prefill of a prompt may start from a cached prefix it shares `shared`
     tokens with: before the last `window` tokens (their queries feed stage 1, so they are
-    recomputed), at a whole chunk (the chunk programs run at multiples of it)."""
-    return max(0, min(shared, prompt_len - window)) // chunk * chunk
+    recomputed) and before the last token (its hidden state gives the first logits), at a
+    whole chunk (the chunk programs run at multiples of it)."""
+    return max(0, min(shared, prompt_len - max(window, 1))) // chunk * chunk
 
 
 @dataclasses.dataclass
@@ -490,9 +492,9 @@ class Engine:
         except Exception as e:  # the pool's cache is gone with the failed step
             with self._lock:
                 self._pools.pop(pool.key, None)
+            log.exception("decode step of a pool of %d rows failed", len(rows))
             for r in live:
                 self._fail(r, f"decode step failed: {type(e).__name__}: {e}")
-            traceback.print_exc()
             return
         for r in live:
             if r.cancelled:
@@ -518,7 +520,7 @@ class Engine:
         try:
             fn(r)
         except Exception as e:
-            traceback.print_exc()
+            log.exception("request %s failed", r.id)
             self._fail(r, f"{type(e).__name__}: {e}")
 
     def _usage(self, r: _Request) -> dict:
@@ -555,7 +557,7 @@ class Engine:
         try:
             r.on_event(event)
         except Exception:  # a broken listener must not stop the engine
-            traceback.print_exc()
+            log.exception("the listener of request %s failed; cancelling it", r.id)
             r.cancelled = True
 
 

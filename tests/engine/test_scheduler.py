@@ -84,7 +84,9 @@ def test_reuse_point_keeps_the_window_and_whole_chunks():
     assert reuse_point(shared=90, prompt_len=100, window=16, chunk=32) == 64  # 84 -> 64
     assert reuse_point(shared=50, prompt_len=100, window=16, chunk=32) == 32
     assert reuse_point(shared=20, prompt_len=100, window=16, chunk=32) == 0
-    assert reuse_point(shared=100, prompt_len=100, window=0, chunk=25) == 100
+    # the last token is always recomputed: its hidden state gives the first token
+    assert reuse_point(shared=100, prompt_len=100, window=0, chunk=25) == 75
+    assert reuse_point(shared=100, prompt_len=101, window=0, chunk=25) == 100
 
 
 def test_sample_rows_equals_sample_row_by_row():
