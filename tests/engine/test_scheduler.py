@@ -256,3 +256,17 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(smol, prompts):
     done.join(600)
     assert c.last.kind == "done" and len(c.tokens) > 0
     assert_clean(engine)
+
+
+def test_the_same_prompt_again_under_full_kv(smol, prompts):
+    """Full KV has no observation window: a repeated prompt still prefills its last
+    chunk (its last token gives the first logits), and answers as the first time."""
+    p = tuple(prompts[2][:384])  # a whole number of chunks: the case that ran empty
+    engine = Engine(smol.params, smol.config, slots=2, prefill_chunk=128)
+    try:
+        a, b = (run(engine, [ServeRequest(p, N, method="full", token_budget=None)])[0]
+                for _ in range(2))
+        assert b.tokens == a.tokens and b.last.kind == "done"
+        assert b.last.usage["cached_prompt_tokens"] == 256
+    finally:
+        engine.close()
