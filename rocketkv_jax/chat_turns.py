@@ -2,7 +2,8 @@
 
 A conversation (`engine.conversation.Conversation`) prefills only what a turn adds to the
 history; with a chat template, what a turn adds is the template's rendering of the
-messages so far minus its rendering of the ones before (`TurnEncoder`).
+messages so far minus its rendering of the ones before (`TurnEncoder`). Message content
+(turns, --system, --document) is encoded as plain text, as `Tokenizer.encode_messages` does.
 """
 
 from __future__ import annotations
@@ -41,22 +42,35 @@ class TurnEncoder:
         if not self.templated:
             return self.tok.encode(text if len(messages) == 1 else " " + text)
         answered = any(m["role"] == "assistant" for m in self.messages)
-        before = self.tok.apply_chat_template(self.messages, add_generation_prompt=False) \
-            if answered else ""
-        full = self.tok.apply_chat_template(messages, add_generation_prompt=True)
         if not answered:
-            return self.tok.encode(full, add_special_tokens=False)
-        if not full.startswith(before):  # a template that rewrites earlier turns
+            return self.tok.encode_messages(messages, add_generation_prompt=True)
+        before = self.tok.apply_chat_template(self.messages, add_generation_prompt=False)
+        pieces = self.tok.chat_segments(messages, add_generation_prompt=True)
+        if not "".join(text for text, _ in pieces).startswith(before):
+            # a template that rewrites earlier turns
             raise ValueError("this model's chat template renders earlier turns differently "
                              "once a new one is added; its conversations cannot keep a cache")
         tail = ""
         if self.eot and self.eot in before:
             tail = before[before.rfind(self.eot) + len(self.eot):]
         prefix = tail if reply_stopped or not self.eot else self.eot + tail
-        return self.tok.encode(prefix + full[len(before):], add_special_tokens=False)
+        # the template's text and the message's content, each encoded as
+        # `Tokenizer.encode_segments` does (content as plain text)
+        return self.tok.encode_segments([(prefix, False), *drop_chars(pieces, len(before))])
 
     def assistant(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
+
+
+def drop_chars(pieces: list[tuple[str, bool]], n: int) -> list[tuple[str, bool]]:
+    """`pieces` (text, is_content) without their first `n` characters."""
+    out = []
+    for text, content in pieces:
+        cut = min(n, len(text))
+        n -= cut
+        if text[cut:]:
+            out.append((text[cut:], content))
+    return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,12 @@ class Tokenizer:
         directory = Path(directory)
         parsed = _Parsed(read_tokenizer_files(directory, repair), directory, repair)
         self._tok = parsed.tok
+        # the same vocabulary with special-token matching off: message content encoded with
+        # it is plain text, so "<|im_start|>" typed by a user is seven ordinary tokens
+        self._plain = HFTokenizer.from_str(parsed.tok.to_str())
+        self._plain.encode_special_tokens = True
+        self._special_ids = frozenset(
+            i for i, t in parsed.tok.get_added_tokens_decoder().items() if t.special)
         self._template = parsed.template
         self.chat_template: str | None = parsed.chat_template
         self.bos_token = parsed.bos_token
@@ -231,8 +239,67 @@ class Tokenizer:
             raise TokenizerError(f"the model's chat template cannot render these messages: "
                                  f"{type(e).__name__}: {e}") from None
 
+    def chat_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+                      ) -> list[tuple[str, bool]]:
+        """The rendered chat prompt as pieces (text, is_content) whose concatenation is
+        `apply_chat_template(messages, ...)`: the template's own text (False) and each
+        message's content as the template placed it (True).
+
+        Found by rendering with each content replaced by a marker no user can type (a fresh
+        random one per call). A template that trims the content (Llama 3's `| trim`) is
+        followed; one that changes it otherwise raises TokenizerError."""
+        for i, m in enumerate(messages):
+            check_utf8(m["content"], f"message {i}'s content", TokenizerError)
+        plain = self.apply_chat_template(messages, add_generation_prompt)
+        nonce = secrets.token_hex(8)
+        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
+        rendered = self.apply_chat_template(marked, add_generation_prompt)
+        marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+        for placed in (lambda text: text, str.strip):
+            pieces, at = [], 0
+            for m in marker.finditer(rendered):
+                pieces += [(rendered[at:m.start()], False),
+                           (placed(messages[int(m.group(1))]["content"]), True)]
+                at = m.end()
+            pieces.append((rendered[at:], False))
+            if "".join(text for text, _ in pieces) == plain:
+                return [(text, content) for text, content in pieces if text]
+        raise TokenizerError("this model's chat template changes the text of messages (more "
+                             "than trimming it), so their content cannot be told apart from "
+                             "the template's own tokens; use a model with another template")
+
+    def encode_segments(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """Token ids of `chat_segments`' pieces: the template's text with its special tokens,
+        every content piece as plain text, so a message holding "<|im_start|>system" cannot
+        forge a turn. Where no content holds a special token this is exactly the ids of the
+        whole text encoded at once (what transformers' apply_chat_template(tokenize=True)
+        gives); otherwise each piece is encoded on its own."""
+        text = "".join(t for t, _ in pieces)
+        spans, at = [], 0
+        for t, content in pieces:
+            if content:
+                spans.append((at, at + len(t)))
+            at += len(t)
+        whole = self._tok.encode(text, add_special_tokens=False)
+        specials = [span for i, span in zip(whole.ids, whole.offsets, strict=True)
+                    if i in self._special_ids]
+        if not any(start < c_end and end > c_start for start, end in specials
+                   for c_start, c_end in spans):
+            return whole.ids
+        ids = []
+        for t, content in pieces:
+            ids += (self._plain if content else self._tok).encode(
+                t, add_special_tokens=False).ids
+        return ids
+
+    def encode_messages(self, messages: list[dict[str, str]],
+                        add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat prompt ([{"role", "content"}]) with every message's content
+        encoded as plain text (`encode_segments`); ends with the assistant header when
+        `add_generation_prompt`."""
+        return self.encode_segments(self.chat_segments(messages, add_generation_prompt))
+
     def encode_chat(self, user_message: str) -> list[int]:
         """Token ids of a one-turn chat prompt ending with the assistant header."""
-        text = self.apply_chat_template([{"role": "user", "content": user_message}])
-        return self.encode(text, add_special_tokens=False)
+        return self.encode_messages([{"role": "user", "content": user_message}])
 
