@@ -1,8 +1,8 @@
-"""The command line: `rocketkv` (demo, generate, chat, eval, bench, models) and
+"""The command line: `rocketkv` (demo, generate, chat, eval, bench, models, serve) and
 `rocketkv-convert`.
 
 One module per command (`demo.py`, `generate.py`, `chat.py`, `eval.py`, `bench.py`,
-`models.py`, `convert.py`), each with its parser (`add_parser`) and its `cmd_*`;
+`models.py`, `serve.py`, `convert.py`), each with its parser (`add_parser`) and its `cmd_*`;
 `common.py` holds the flags they share and `streaming.py` what they print while working.
 argparse lives here only: the commands turn flags into plain arguments of the library,
 which never imports this package.
@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   rocketkv chat --document paper.txt --method rocketkv-mt
   rocketkv eval --smoke --out runs/smoke
   rocketkv bench --quick
+  rocketkv serve --port 8000
 """
 
 
@@ -30,7 +31,7 @@ def build_parser():
     """The `rocketkv` command tree: each command module adds its own subcommand."""
     import argparse
 
-    from . import bench, chat, demo, generate, models
+    from . import bench, chat, demo, generate, models, serve
     from . import eval as eval_command
     from .common import HelpFormatter
 
@@ -39,7 +40,7 @@ def build_parser():
         epilog=EXAMPLES, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (demo, generate, eval_command, bench, models, chat):
+    for command in (demo, generate, eval_command, bench, models, chat, serve):
         command.add_parser(sub)
     return parser
 

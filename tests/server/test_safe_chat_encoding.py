@@ -21,20 +21,14 @@ ORDINARY = [
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizers(smollm2_gguf, smollm2_gguf_dir, tmp_path_factory, hf_libs):
+def smol_tokenizers(smol_tokenizer, smol_tokenizer_dir, smollm2_gguf, smollm2_gguf_dir,
+                    hf_libs):
     """Ours, built from the GGUF's tokenizer files (as rocketkv-convert writes them), and
     transformers' own reading of the same GGUF."""
     from transformers import AutoTokenizer
 
-    from rocketkv_jax.convert.gguf import gguf_hf_config, open_gguf
-    from rocketkv_jax.convert.gguf_tokenizer import gguf_tokenizer_files
-
-    gguf = open_gguf(smollm2_gguf)
-    d = tmp_path_factory.mktemp("smol-tokenizer")
-    for name, text in gguf_tokenizer_files(gguf, gguf_hf_config(gguf)).items():
-        (d / name).write_text(text)
     theirs = AutoTokenizer.from_pretrained(smollm2_gguf_dir, gguf_file=smollm2_gguf.name)
-    return Tokenizer(d), theirs, d
+    return smol_tokenizer, theirs, smol_tokenizer_dir
 
 
 def _special_ids(theirs) -> set[int]:

@@ -1,0 +1,142 @@
+"""`rocketkv serve`: an OpenAI-compatible HTTP server over the serving engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .. import checks
+from ..names import METHOD_NAMES
+from .common import UserError, add_command, add_kernels_arg, flag
+
+SERVE_HELP = """Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and
+/v1/completions (streaming or not), GET /v1/models and GET /health. Requests from many
+clients share a fixed set of decode slots; each request may name its own KV method and
+token budget in the body ("method", "token_budget"), else --method and --token-budget apply.
+
+The server listens on 127.0.0.1 only unless --host says otherwise. With --api-key (or
+$ROCKETKV_JAX_API_KEY, which keeps the key out of the process list) every /v1 request
+must send 'Authorization: Bearer KEY'.
+
+SIGTERM or Ctrl-C stops admitting (new requests and /health answer 503), lets the running
+requests finish, then exits 0; a second signal stops at once. docs/serving.md describes
+the endpoints, the fields and the errors."""
+
+SERVE_EXAMPLES = """examples:
+  rocketkv serve
+  rocketkv serve --model qwen2.5-coder-0.5b --port 8080 --slots 16
+  ROCKETKV_JAX_API_KEY=secret rocketkv serve --host 0.0.0.0
+
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+API_KEY_ENV = "ROCKETKV_JAX_API_KEY"
+
+
+def _gib(value, name, error=ValueError, zero: bool = False) -> float:
+    if zero:
+        return checks.real(value, name, error, ok=lambda x: x >= 0,
+                           rule="a finite number >= 0 (0 = off)")
+    return checks.positive_number(value, name, error)
+
+
+def add_parser(sub):
+    s = add_command(sub, "serve", help="serve a model over HTTP (OpenAI's API)",
+                    description=SERVE_HELP, epilog=SERVE_EXAMPLES)
+    s.add_argument("--model", default=None, metavar="MODEL",
+                   help="checkpoint dir or a named model: smollm2, qwen2.5-coder-0.5b "
+                   "(default: smollm2); clients send this name as 'model'")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 listens on every interface")
+    s.add_argument("--port", type=flag(checks.integer, low=1, high=65536), default=8000,
+                   help="TCP port")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every /v1 request "
+                   f"(default: ${API_KEY_ENV} if set, else no key)")
+    s.add_argument("--method", default="rocketkv", metavar="NAME",
+                   help=f"KV-cache method of requests that name none, one of: "
+                   f"{', '.join(METHOD_NAMES)}")
+    s.add_argument("--token-budget", type=flag(checks.token_budget), default=256,
+                   metavar="M", help="token budget of requests that name none")
+    s.add_argument("--slots", type=flag(checks.count), default=8, metavar="N",
+                   help="requests decoded together (the engine's decode slots)")
+    s.add_argument("--max-queue", type=flag(checks.count, low=0), default=64, metavar="N",
+                   help="requests that may wait for a slot; more are answered 429 with "
+                   "Retry-After")
+    s.add_argument("--prefill-chunk", type=flag(checks.prefill_chunk), default=256,
+                   metavar="TOKENS",
+                   help="prompt tokens prefilled between two decode steps of the running "
+                   "requests (a long prompt never stalls them for its whole prefill)")
+    s.add_argument("--kv-memory", type=flag(_gib, float), default=None, metavar="GiB",
+                   help="memory for the requests' KV caches; a request waits until its "
+                   "cache fits (default: the engine's choice from the device's free memory)")
+    s.add_argument("--prefix-cache", type=flag(_gib, float, zero=True), default=None,
+                   metavar="GiB",
+                   help="memory for full-KV prefixes that later requests extend (a chat "
+                   "that grows turn by turn prefills only its new tokens); 0 = off "
+                   "(default: the engine's)")
+    s.add_argument("--max-body-mb", type=flag(checks.count), default=8, metavar="N",
+                   help="largest request body in MiB; larger ones are answered 413")
+    s.add_argument("--drain-timeout", type=flag(checks.positive_number, float), default=600,
+                   metavar="S", help="seconds a stop waits for running requests to finish")
+    add_kernels_arg(s)
+    s.set_defaults(func=cmd_serve)
+    return s
+
+
+def served_name(model: str | None) -> str:
+    """The name clients send as `model`: a named model's name, a checkpoint's folder name."""
+    from ..model_store import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    return Path(model).name or str(model)
+
+
+def check_method(method: str, budget: int) -> None:
+    from ..methods import make_method
+    from ..methods.base import MethodConfigError
+
+    try:
+        make_method(method, budget)
+    except MethodConfigError as e:
+        raise UserError(f"--method {method}: {e}") from None
+
+
+def cmd_serve(args) -> int:
+    from ..engine.compile import enable_compilation_cache
+    from ..engine.scheduler import Engine  # the serving engine (issue 30)
+    from ..model_store import load_model
+    from ..server import create_app
+    from ..server.run import serve
+    from .common import kernels_from_flag
+
+    check_method(args.method, args.token_budget)
+    kernels = kernels_from_flag(args.kernels)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        raise UserError(f"--api-key (or ${API_KEY_ENV}) is empty; give a key or leave it out")
+    enable_compilation_cache()
+    model = load_model(args.model)
+    gib = 2**30
+    engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk, kernels=kernels,
+                    kv_memory_bytes=None if args.kv_memory is None else int(args.kv_memory * gib),
+                    prefix_cache_bytes=None if args.prefix_cache is None
+                    else int(args.prefix_cache * gib))
+    name = served_name(args.model)
+    app = create_app(engine, model.tokenizer, name, api_key=api_key,
+                     max_body_bytes=args.max_body_mb * 2**20, default_method=args.method,
+                     default_budget=None if args.method == "full" else args.token_budget)
+    print(f"rocketkv serve: {name} ({model.config.max_position_embeddings} tokens of context) "
+          f"on http://{args.host}:{args.port}, method {args.method} (budget "
+          f"{args.token_budget}), {args.slots} slots{', API key required' if api_key else ''}",
+          file=sys.stderr, flush=True)
+    try:
+        serve(app, args.host, args.port, drain_timeout=args.drain_timeout)
+    finally:
+        engine.close()
+    return 0
+
