@@ -7,7 +7,8 @@ it from the source, with pyproject's package-dir mapping; docs/architecture.md d
 - only cli/ imports cli/ (argparse stays at the edge; the library takes plain arguments);
 - the arrows run one way: models/ never imports methods/ (the plan contract lives in
   models/plan.py), kernels/ neither the model nor the methods, the engine neither eval,
-  bench nor the CLI (MAY_NOT_IMPORT has the whole table);
+  bench nor the CLI, the server (HTTP front door) neither eval, bench nor the CLI
+  (MAY_NOT_IMPORT has the whole table);
 - the library never imports a script of benchmarks/.
 
 Each rule is also run on a small package with one planted violation, and must find it.
@@ -37,7 +38,10 @@ MAY_NOT_IMPORT = {
                             "rocketkv_jax.bench", "rocketkv_jax.cli"),
     "rocketkv_jax.methods": ("rocketkv_jax.engine", "rocketkv_jax.eval", "rocketkv_jax.bench",
                              "rocketkv_jax.cli"),
-    "rocketkv_jax.engine": ("rocketkv_jax.eval", "rocketkv_jax.bench", "rocketkv_jax.cli"),
+    "rocketkv_jax.engine": ("rocketkv_jax.eval", "rocketkv_jax.bench", "rocketkv_jax.cli",
+                            "rocketkv_jax.server"),
+    # the HTTP front door sits on the engine; only the CLI runs it
+    "rocketkv_jax.server": ("rocketkv_jax.eval", "rocketkv_jax.bench", "rocketkv_jax.cli"),
     "rocketkv_jax.convert": ("rocketkv_jax.methods", "rocketkv_jax.engine", "rocketkv_jax.eval",
                              "rocketkv_jax.bench", "rocketkv_jax.cli"),
 }
@@ -105,6 +109,10 @@ CLEAN = {
     "rocketkv_jax/cli/__init__.py": "from ..engine import run\n",
     "rocketkv_jax/engine/__init__.py": "",
     "rocketkv_jax/engine/run.py": "from ..methods import full\n_hidden = 1\n",
+    "rocketkv_jax/server/__init__.py": "",
+    "rocketkv_jax/server/app.py": "from ..engine import run\n",
+    "rocketkv_jax/bench/__init__.py": "",
+    "rocketkv_jax/bench/grid.py": "",
     "rocketkv_jax/methods/__init__.py": "",
     "rocketkv_jax/methods/full.py": "from ..models import plan\n",
     "models/__init__.py": "",
@@ -121,6 +129,7 @@ PLANTED = [
     ("rocketkv_jax/methods/full.py", "from ..engine import run\n", "import cycle"),
     ("rocketkv_jax/methods/full.py", "from ..engine.run import _hidden\n", "private name _hidden"),
     ("rocketkv_jax/engine/run.py", "from ..cli import main\n", "imports the CLI"),
+    ("rocketkv_jax/server/app.py", "from ..bench import grid\n", "rocketkv_jax.server imports"),
     ("rocketkv_jax/engine/run.py", "def f():\n    import grid_script\n", "imports benchmarks/"),
     ("kernels/attention.py", "import sys\nsys.path.insert(0, 'x')\n", "changes sys.path"),
     ("rocketkv_jax/names.py", "import sys\nsys.path += ['x']\n", "changes sys.path"),

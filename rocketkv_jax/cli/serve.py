@@ -107,7 +107,6 @@ def check_method(method: str, budget: int) -> None:
 
 def cmd_serve(args) -> int:
     from ..engine.compile import enable_compilation_cache
-    from ..engine.scheduler import Engine  # the serving engine (issue 30)
     from ..model_store import load_model
     from ..server import create_app
     from ..server.run import serve
@@ -118,6 +117,8 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key (or ${API_KEY_ENV}) is empty; give a key or leave it out")
+    from ..engine.scheduler import Engine  # the serving engine (issue 30)
+
     enable_compilation_cache()
     model = load_model(args.model)
     gib = 2**30
