@@ -69,14 +69,14 @@ def add_parser(sub):
                    metavar="TOKENS",
                    help="prompt tokens prefilled between two decode steps of the running "
                    "requests (a long prompt never stalls them for its whole prefill)")
-    s.add_argument("--kv-memory", type=flag(_gib, float), default=None, metavar="GiB",
-                   help="memory for the requests' KV caches; a request waits until its "
-                   "cache fits (default: the engine's choice from the device's free memory)")
-    s.add_argument("--prefix-cache", type=flag(_gib, float, zero=True), default=None,
+    s.add_argument("--kv-memory", type=flag(_gib, float), default=4.0, metavar="GiB",
+                   help="device memory for the running requests' KV caches and the prefill "
+                   "in flight; a request waits until its cache fits")
+    s.add_argument("--prefix-cache", type=flag(_gib, float, zero=True), default=1.0,
                    metavar="GiB",
-                   help="memory for full-KV prefixes that later requests extend (a chat "
-                   "that grows turn by turn prefills only its new tokens); 0 = off "
-                   "(default: the engine's)")
+                   help="device memory for full-KV prompt prefixes that later requests "
+                   "extend (a chat that grows turn by turn prefills only its new tokens); "
+                   "0 = off")
     s.add_argument("--max-body-mb", type=flag(checks.count), default=8, metavar="N",
                    help="largest request body in MiB; larger ones are answered 413")
     s.add_argument("--drain-timeout", type=flag(checks.positive_number, float), default=600,
@@ -124,9 +124,8 @@ def cmd_serve(args) -> int:
     gib = 2**30
     engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, kernels=kernels,
-                    kv_memory_bytes=None if args.kv_memory is None else int(args.kv_memory * gib),
-                    prefix_cache_bytes=None if args.prefix_cache is None
-                    else int(args.prefix_cache * gib))
+                    kv_memory_bytes=int(args.kv_memory * gib),
+                    prefix_cache_bytes=int(args.prefix_cache * gib))
     name = served_name(args.model)
     app = create_app(engine, model.tokenizer, name, api_key=api_key,
                      max_body_bytes=args.max_body_mb * 2**20, default_method=args.method,

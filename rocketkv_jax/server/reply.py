@@ -33,7 +33,7 @@ class Reply:
 
     def __init__(self, engine, request: ServeRequest, tokenizer, stops: list[str]):
         self.request = request
-        self.decoder = IncrementalDecoder(tokenizer, skip_ids=request.stop_ids)
+        self.decoder = IncrementalDecoder(tokenizer, skip_ids=request.stop_ids or ())
         self.matcher = StopMatcher(stops)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.finished = False

@@ -22,7 +22,7 @@ def test_defaults():
     assert (args.host, args.port, args.method, args.token_budget, args.slots,
             args.max_queue, args.prefill_chunk, args.max_body_mb) == (
         "127.0.0.1", 8000, "rocketkv", 256, 8, 64, 256, 8)
-    assert args.kv_memory is None and args.prefix_cache is None and args.api_key is None
+    assert (args.kv_memory, args.prefix_cache, args.api_key) == (4.0, 1.0, None)
     args = build_parser().parse_args(["serve", "--prefix-cache", "0", "--kv-memory", "1.5"])
     assert (args.prefix_cache, args.kv_memory) == (0.0, 1.5)
 
