@@ -7,26 +7,25 @@ import sys
 
 
 class Streamer:
-    """Prints the growing decoded text of row 0 as tokens arrive (an `on_step` callback)."""
+    """Prints the growing decoded text of row 0 as tokens arrive (an `on_step` callback),
+    never half a character (`server.text.IncrementalDecoder`, as the server streams)."""
 
     def __init__(self, tokenizer, stop):
-        self.tok, self.stop, self.ids, self.printed = tokenizer, stop, [], ""
+        from ..server.text import IncrementalDecoder
+
+        self.decoder = IncrementalDecoder(tokenizer, skip_ids=stop)
+        self.printed = ""
         self.finished = False
 
     def __call__(self, step, tokens, done):
         if self.finished:
             return
-        t = int(tokens[0])
         self.finished = bool(done[0])
-        if t in self.stop:
-            return
-        self.ids.append(t)
-        text = self.tok.decode(self.ids)
-        if "\ufffd" in text[len(self.printed):]:  # wait for the rest of a multi-byte char
-            return
-        sys.stdout.write(text[len(self.printed):])
-        sys.stdout.flush()
-        self.printed = text
+        piece = self.decoder.add(int(tokens[0]))
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            self.printed += piece
 
     def finish(self, text: str) -> None:
         sys.stdout.write(text[len(self.printed):] + "\n")
