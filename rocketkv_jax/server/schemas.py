@@ -2,8 +2,11 @@
 no true for 1), and pydantic's complaints turned into one sentence that names the field.
 
 Fields of OpenAI's API that this server cannot honour (n > 1, logprobs, tools, penalties,
-...) are refused when set to anything but their neutral value; fields it does not know are
-ignored, as OpenAI's own server ignores them (clients send `user`, `metadata`, ...).
+...) are refused when set to anything but their neutral value; those that do not change
+the answer (`user`, `metadata`, `store`, ...) are taken and ignored. A field of the body
+that OpenAI's API does not have either is refused, as OpenAI refuses it ("max_token" is a
+typo, not a wish to be ignored); inside a message, unknown keys are ignored (clients send
+back the assistant messages they received, with `refusal`, `tool_calls`, ... set to null).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (N
 class _Generation(_Body):
     """What both endpoints take."""
 
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     model: str
     max_tokens: Annotated[int, Field(ge=1, lt=checks.COUNT_LIMIT)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -64,6 +69,14 @@ class _Generation(_Body):
     # our extensions: the KV method by registry name and its budget (null: full KV)
     method: str | None = None
     token_budget: Annotated[int, Field(ge=1, lt=checks.COUNT_LIMIT)] | None = None
+    # OpenAI's fields that do not change the answer: checked, then ignored
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +130,9 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
                 cause.name)
     if err["type"] == "missing":
         return f"'{where}' is required", where
+    if err["type"] == "extra_forbidden":
+        return (f"unrecognized field '{where}': neither OpenAI's API nor this server has "
+                f"it; check its spelling (docs/serving.md lists the fields)", where)
     if path and path[-1] in UNION_FIELDS and len(path) < len(err["loc"]):
         return f"'{where}' must be {UNION_FIELDS[path[-1]]}, got {got}", where
     if path == ["n"]:

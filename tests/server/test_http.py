@@ -120,7 +120,11 @@ def test_request_fields_reach_the_engine(client, engine):
         "method": "snapkv", "token_budget": 128})
     client.post("/v1/chat/completions", json={**base, "max_completion_tokens": 9,
                                               "token_budget": None, "temperature": 0})
-    client.post("/v1/chat/completions", json={**base, "user": "ignored", "metadata": {}})
+    client.post("/v1/chat/completions", json={
+        **base, "user": "ignored", "metadata": {}, "store": False, "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello!", "refusal": None, "tool_calls": None},
+            {"role": "user", "content": "Bye"}]})
     first, full, default = engine.requests
     assert (first.max_tokens, first.method, first.token_budget, first.seed) == (
         7, "snapkv", 128, 5)
@@ -200,6 +204,10 @@ def test_streamed_text_never_splits_a_character(tok):
      "messages.0.content", "must be a string or a list"),
     (b'{"model": "smollm2", "messages": []}', "messages", "at least 1 item"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', "model", "'model' is required"),
+    (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], '
+     b'"max_token": 5}', "max_token", "unrecognized field 'max_token'"),
+    (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "user": 5}',
+     "user", "valid string"),
     (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "n": 2}',
      "n", "'n' must be 1"),
     (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], '
