@@ -44,12 +44,15 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-# OpenAI's fields this server does not implement, with the value that means "not used"
+# OpenAI's fields this server does not implement, with the values that mean "not used"
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
                "tool_choice": (None, "none"), "functions": (None, []),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False),
-               "suffix": (None, ""), "response_format": (None, {"type": "text"})}
+               "function_call": (None, "none"), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
+               "echo": (None, False), "suffix": (None, ""),
+               "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+               "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+               "verbosity": (None,), "web_search_options": (None,)}
 
 
 class _Generation(_Body):
@@ -81,10 +84,12 @@ class _Generation(_Body):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
+        """Refuse an unsupported field that asks for something; drop one that does not."""
         if isinstance(data, dict):
             for name, neutral in UNSUPPORTED.items():
-                if name in data and data[name] not in neutral:
+                if name in data and not any(_same(data[name], n) for n in neutral):
                     raise UnsupportedField(name)
+            data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
         return data
 
     def stops(self) -> list[str]:
@@ -101,6 +106,13 @@ class CompletionRequest(_Generation):
     # text, one text in a list, or token ids
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | \
         Annotated[list[int], Field(min_length=1)]
+
+
+def _same(value, neutral) -> bool:
+    """Equal, with JSON's true and false never equal to a number (0 and 0.0 are)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return value == neutral
 
 
 class UnsupportedField(ValueError):

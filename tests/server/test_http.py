@@ -121,7 +121,8 @@ def test_request_fields_reach_the_engine(client, engine):
     client.post("/v1/chat/completions", json={**base, "max_completion_tokens": 9,
                                               "token_budget": None, "temperature": 0})
     client.post("/v1/chat/completions", json={
-        **base, "user": "ignored", "metadata": {}, "store": False, "messages": [
+        **base, "user": "ignored", "metadata": {}, "store": False, "logprobs": False,
+        "presence_penalty": 0.0, "tool_choice": "none", "messages": [
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "Hello!", "refusal": None, "tool_calls": None},
             {"role": "user", "content": "Bye"}]})
@@ -208,6 +209,8 @@ def test_streamed_text_never_splits_a_character(tok):
      b'"max_token": 5}', "max_token", "unrecognized field 'max_token'"),
     (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "user": 5}',
      "user", "valid string"),
+    (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], '
+     b'"presence_penalty": 0.5}', "presence_penalty", "not supported"),
     (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "n": 2}',
      "n", "'n' must be 1"),
     (b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], '
