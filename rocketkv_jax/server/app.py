@@ -143,6 +143,8 @@ class FrontDoor:
                            f"shorten the prompt", param=max_field,
                            code="context_length_exceeded")
         method, budget = self.kv_method(body)
+        if body.ignore_eos:
+            stop_ids = ()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
         sampling = Sampling(temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p)

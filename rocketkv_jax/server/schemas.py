@@ -72,6 +72,8 @@ class _Generation(_Body):
     # our extensions: the KV method by registry name and its budget (null: full KV)
     method: str | None = None
     token_budget: Annotated[int, Field(ge=1, lt=checks.COUNT_LIMIT)] | None = None
+    # and vLLM's: generate max_tokens tokens, not stopping at the end-of-text token
+    ignore_eos: bool = False
     # OpenAI's fields that do not change the answer: checked, then ignored
     user: str | None = None
     metadata: dict[str, str] | None = None

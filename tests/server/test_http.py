@@ -119,7 +119,8 @@ def test_request_fields_reach_the_engine(client, engine):
         **base, "max_tokens": 7, "temperature": 0.7, "top_p": 0.9, "seed": 5,
         "method": "snapkv", "token_budget": 128})
     client.post("/v1/chat/completions", json={**base, "max_completion_tokens": 9,
-                                              "token_budget": None, "temperature": 0})
+                                              "token_budget": None, "temperature": 0,
+                                              "ignore_eos": True})
     client.post("/v1/chat/completions", json={
         **base, "user": "ignored", "metadata": {}, "store": False, "logprobs": False,
         "presence_penalty": 0.0, "tool_choice": "none", "messages": [
@@ -131,7 +132,7 @@ def test_request_fields_reach_the_engine(client, engine):
         7, "snapkv", 128, 5)
     assert (first.sampling.temperature, first.sampling.top_p) == (0.7, 0.9)
     assert (full.max_tokens, full.method, full.token_budget) == (9, "full", None)
-    assert full.sampling.greedy
+    assert full.sampling.greedy and full.stop_ids == () and first.stop_ids
     assert (default.method, default.token_budget) == ("rocketkv", 256)
     # no max_tokens: up to the context's end (512 positions, P + N - 1 <= 512)
     assert default.max_tokens == 512 - len(default.prompt) + 1
