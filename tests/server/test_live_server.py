@@ -11,14 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 from fake_engine import FakeEngine
+from live_server import LiveServer, free_port
 
 from rocketkv_jax.engine.serving_api import QueueFull
 from rocketkv_jax.server import create_app
@@ -26,34 +25,6 @@ from rocketkv_jax.server import create_app
 MODEL = "smollm2"
 REPLY = "The capital of France is Paris."
 KEY = "s3cret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving `app` in a thread (no signal handlers off the main thread)."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def wait_for(condition, seconds: float = 10) -> bool:
