@@ -198,14 +198,16 @@ def place_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh) -> dic
     return unflatten({k: place(x, rules[k]) for k, x in flat.items()})
 
 
-def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+def cache_shardings(cache: Any, mesh: Mesh, split_rows: bool = True) -> Any:
     """NamedShardings for `cache` (arrays or shape structs, any leading layer axes): "data"
-    on B, "model" on K, for a KVCache or any pytree of them (skip_layers' two stacks)."""
+    on B (unless not `split_rows`: a one-row cache every data group holds whole), "model"
+    on K, for a KVCache or any pytree of them (skip_layers' two stacks)."""
+    rules = RULES if split_rows else dataclasses.replace(RULES, batch=None)
 
     def one(c: KVCache) -> KVCache:
         def sharding(name, axes):  # a stacked cache has leading layer axes
             layers = ("layer",) * (getattr(c, name).ndim - len(axes))
-            return NamedSharding(mesh, logical_spec(layers + axes))
+            return NamedSharding(mesh, logical_spec(layers + axes, rules))
 
         return KVCache(**{name: sharding(name, axes)
                           for name, axes in KVCache.logical_axes().items()})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import checks
 from ..names import METHOD_NAMES
-from .common import UserError, add_command, add_kernels_arg, flag
+from .common import UserError, add_command, add_kernels_arg, flag, mesh_from_flag
 
 SERVE_HELP = """Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and
 /v1/completions (streaming or not), GET /v1/models and GET /health. Requests from many
@@ -81,6 +81,10 @@ def add_parser(sub):
                    help="largest request body in MiB; larger ones are answered 413")
     s.add_argument("--drain-timeout", type=flag(checks.positive_number, float), default=600,
                    metavar="S", help="seconds a stop waits for running requests to finish")
+    s.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="serve on several devices, e.g. data=2,model=2: the running requests' "
+                   "rows over 'data', attention heads / KV heads and the MLP over 'model' "
+                   "(default: one device); --slots is rounded up to a multiple of 'data'")
     add_kernels_arg(s)
     s.set_defaults(func=cmd_serve)
     return s
@@ -119,11 +123,20 @@ def cmd_serve(args) -> int:
         raise UserError(f"--api-key (or ${API_KEY_ENV}) is empty; give a key or leave it out")
     from ..engine.scheduler import Engine  # the serving engine (issue 30)
 
-    enable_compilation_cache()
-    model = load_model(args.model)
+    enable_compilation_cache(single_device=args.mesh is None)
+    mesh = mesh_from_flag(args.mesh)
+    shardings = None
+    if mesh is not None:
+        from .. import sharding
+        from ..convert.checkpoint import read_checkpoint_config
+        from ..model_store import resolve_model
+
+        config = read_checkpoint_config(resolve_model(args.model))
+        shardings = sharding.param_shardings(config, mesh)  # orbax restores into shards
+    model = load_model(args.model, shardings=shardings)
     gib = 2**30
     engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk, kernels=kernels,
+                    prefill_chunk=args.prefill_chunk, kernels=kernels, mesh=mesh,
                     kv_memory_bytes=int(args.kv_memory * gib),
                     prefix_cache_bytes=int(args.prefix_cache * gib))
     name = served_name(args.model)

@@ -42,12 +42,25 @@ from .decode import (
 )
 
 
-def _prefill_state_shardings(mesh) -> PrefillState | None:
+def row_axis(mesh, B: int) -> str | None:
+    """The mesh axis B rows are split over: "data" when it divides B (generate pads its
+    batch so it always does), else none: one row (what the serving engine prefills) is
+    computed whole by every data group, its heads still split over "model"."""
+    return shd.DATA if B % mesh.shape[shd.DATA] == 0 else None
+
+
+def prefill_state_shardings(mesh, B: int) -> PrefillState | None:
     if mesh is None:
         return None
-    heads = NamedSharding(mesh, P(None, shd.DATA, shd.MODEL, None, None))
+    rows = row_axis(mesh, B)
+    heads = NamedSharding(mesh, P(None, rows, shd.MODEL, None, None))
     return PrefillState(k=heads, v=heads, q_obs=heads,
-                        x_last=NamedSharding(mesh, P(shd.DATA, None)))
+                        x_last=NamedSharding(mesh, P(rows, None)))
+
+
+def _rows(mesh, B: int, ndim: int = 1):
+    return None if mesh is None else NamedSharding(mesh, P(row_axis(mesh, B),
+                                                           *(None,) * (ndim - 1)))
 
 
 @program_cache(maxsize=32)
@@ -55,13 +68,13 @@ def init_program(config: ModelConfig, B: int, S: int, W: int, params_s, mesh=Non
     """() -> a zeroed PrefillState of B rows, S positions, W window queries."""
     dtype = params_dtype(params_s)
     return compile_program("init_prefill", lambda: init_prefill_state(config, B, S, W, dtype),
-                           (), out_shardings=_prefill_state_shardings(mesh))
+                           (), out_shardings=prefill_state_shardings(mesh, B))
 
 
 def prefill_state_struct(config, B, S, W, params_s, mesh):
     dtype = params_dtype(params_s)
     state = jax.eval_shape(lambda: init_prefill_state(config, B, S, W, dtype))
-    return structs(state, _prefill_state_shardings(mesh))
+    return structs(state, prefill_state_shardings(mesh, B))
 
 
 @program_cache(maxsize=32)
@@ -75,11 +88,11 @@ def chunk_program(config: ModelConfig, B: int, C: int, S: int, W: int, params_s,
                              kernels=kernels)[0]
 
     args = (unflatten(params_s), prefill_state_struct(config, B, S, W, params_s, mesh),
-            jax.ShapeDtypeStruct((B, C), jnp.int32, sharding=rows_sharding(mesh, 2)),
+            jax.ShapeDtypeStruct((B, C), jnp.int32, sharding=_rows(mesh, B, 2)),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated_sharding(mesh)),
-            jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows_sharding(mesh)))
+            jax.ShapeDtypeStruct((B,), jnp.int32, sharding=_rows(mesh, B)))
     return compile_program("prefill_chunk", chunk, args,
-                           out_shardings=_prefill_state_shardings(mesh), donate_argnums=(1,))
+                           out_shardings=prefill_state_shardings(mesh, B), donate_argnums=(1,))
 
 
 def _start_fn(config, plan, T, loop, mesh):

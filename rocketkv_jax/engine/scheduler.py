@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import checks
+from .. import sharding as shd
 from ..cache import tree_bytes
 from ..kernels.backend import prefill_backend
 from ..methods.base import MethodConfigError
@@ -56,6 +57,7 @@ from ..names import DEFAULT_KERNELS
 from ..sampling import Sampling, prng_key
 from . import serve_programs as sp
 from .compile import hashable, params_struct
+from .decode import host_array
 from .programs import chunk_program, init_program, prefill_state_struct
 from .requests import GenerateError, check_request, check_stop_ids, prompt_bucket
 from .serving_api import (
@@ -151,10 +153,10 @@ class Engine:
     def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_queue: int = 64,
                  prefill_chunk: int = 256, kv_memory_bytes: int = 4 * GiB,
                  prefix_cache_bytes: int = 1 * GiB, kernels: str = DEFAULT_KERNELS,
-                 fault_hook: Callable[[str, str], None] | None = None):
+                 mesh=None, fault_hook: Callable[[str, str], None] | None = None):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-        self.params, self.config = params, config
+        self.config = config
         self.slots = checks.integer(slots, "slots", low=1)
         self.max_queue = checks.integer(max_queue, "max_queue", low=0)
         self.chunk = checks.integer(prefill_chunk, "prefill_chunk", low=1)
@@ -163,7 +165,14 @@ class Engine:
                                            high=1 << 62)
         self.kernels = kernels
         self.prefill_kernels = prefill_backend(kernels)
+        self.mesh = mesh
+        self._rows_step = 1  # pools grow in multiples of the data axis
+        if mesh is not None:
+            shd.check_mesh(config, mesh)
+            params = shd.place_params(params, config, mesh)
+            self._rows_step = mesh.shape[shd.DATA]
         self.fault_hook = fault_hook
+        self.params = params
         self._params_s = params_struct(params)
         self._lock = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
@@ -327,7 +336,8 @@ class Engine:
             r.pool, r.row = pool, pool.rows.index(r)
             return True
         have = len(pool.rows) if pool else 0
-        rows = min(self.slots, max(1, 2 * have))
+        step = self._rows_step
+        rows = min(-(-self.slots // step) * step, max(step, 2 * have))
         extra = (rows - have) * self._row_bytes(r.pool_key) + r.prefill_bytes
         while self._used_bytes() + extra > self.kv_memory:
             idle = [k for k, p in self._pools.items() if p.busy == 0 and p is not pool]
@@ -336,18 +346,28 @@ class Engine:
             del self._pools[idle[0]]
         one_s = r.pool_key[1]
         if pool is None:
-            struct = jax.tree.unflatten(one_s[0], [jax.ShapeDtypeStruct(
-                (x.shape[0], rows, *x.shape[2:]), x.dtype) for x in one_s[1]])
-            cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
-            pool = self._pools[r.pool_key] = _Pool(r.pool_key, r.plan, cache, [None] * rows)
+            pool_s = (one_s[0], tuple(jax.ShapeDtypeStruct((x.shape[0], rows, *x.shape[2:]),
+                                                           x.dtype) for x in one_s[1]))
+            empty = self._program(("empty", pool_s), lambda: sp.empty_pool_program(
+                pool_s, self.mesh))
+            pool = self._pools[r.pool_key] = _Pool(r.pool_key, r.plan, empty(),
+                                                    [None] * rows)
         else:
             grow = self._program(("grow", hashable_of(pool.cache), rows),
-                                 lambda: sp.grow_program(hashable_of(pool.cache), rows))
+                                 lambda: sp.grow_program(hashable_of(pool.cache), rows,
+                                                         self.mesh))
             pool.cache = grow(pool.cache)
             pool.rows += [None] * (rows - have)
         r.pool, r.row = pool, pool.rows.index(None)
         pool.rows[r.row] = r
         return True
+
+    def _put(self, x, rows: bool = False):
+        """A host value as the programs take it: on the mesh, split over "data" (`rows`)
+        or whole on every device."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return shd.put_batch(x, self.mesh) if rows else shd.put_replicated(x, self.mesh)
 
     def _program(self, key, build):
         self._programs.add(key)
@@ -410,13 +430,13 @@ class Engine:
         if entry is not None:
             self._prefixes.move_to_end(hit)
             seed = self._program(("seed", entry.S, r.S, r.W), lambda: sp.seed_program(
-                self.config, entry.S, r.S, r.W, self._params_s))
+                self.config, entry.S, r.S, r.W, self._params_s, self.mesh))
             r.state = seed(entry.k, entry.v)
             self._counts["prefix_hits"] += 1
             self._counts["prefix_hit_tokens"] += start
         else:
             init = self._program(("init", r.S, r.W), lambda: init_program(
-                self.config, 1, r.S, r.W, self._params_s))
+                self.config, 1, r.S, r.W, self._params_s, self.mesh))
             r.state = init()
         r.next_start, r.cached_tokens = start, start
 
@@ -425,25 +445,27 @@ class Engine:
         if self.fault_hook is not None:
             self.fault_hook("prefill", r.id)
         chunk = self._program(("chunk", r.S, r.W), lambda: chunk_program(
-            self.config, 1, C, r.S, r.W, self._params_s, None, self.prefill_kernels))
-        lengths = jnp.asarray([len(r.req.prompt)], jnp.int32)
+            self.config, 1, C, r.S, r.W, self._params_s, self.mesh, self.prefill_kernels))
+        lengths = self._put(np.asarray([len(r.req.prompt)], np.int32))
         s = r.next_start
-        r.state = chunk(self.params, r.state, jnp.asarray(r.padded[:, s:s + C]),
-                        jnp.int32(s), lengths)
+        r.state = chunk(self.params, r.state, self._put(r.padded[:, s:s + C]),
+                        self._put(np.int32(s)), lengths)
         r.next_start = s + C
         if r.next_start < len(r.req.prompt):
             return
         self._keep_prefix(r)
+        one_s = r.pool_key[1]
         finish = self._program(("finish", r.plan, r.S, r.T, r.W), lambda: sp.finish_program(
-            self.config, r.plan, r.S, r.T, r.W, self._params_s))
+            self.config, r.plan, r.S, r.T, r.W, self._params_s, one_s, self.mesh))
         sampling = r.req.sampling
-        tok, one = finish(self.params, r.state, lengths, jnp.asarray(r.key),
-                          jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                          jnp.float32(sampling.top_p))
+        put = self._put
+        tok, one = finish(self.params, r.state, lengths, put(r.key),
+                          put(np.float32(sampling.temperature)), put(np.int32(sampling.top_k)),
+                          put(np.float32(sampling.top_p)))
         pool = r.pool
         insert = self._program(("insert", hashable_of(pool.cache)), lambda: sp.insert_program(
-            hashable_of(pool.cache), hashable_of(one)))
-        pool.cache = insert(pool.cache, one, jnp.int32(r.row))
+            hashable_of(pool.cache), one_s, self.mesh))
+        pool.cache = insert(pool.cache, one, put(np.int32(r.row)))
         r.state, r.padded = None, None
         with self._lock:
             self._prefilling = None
@@ -485,10 +507,11 @@ class Engine:
             step = self._program(("step", pool.plan, hashable_of(pool.cache)),
                                  lambda: sp.step_program(self.config, pool.plan,
                                                          hashable_of(pool.cache),
-                                                         self._params_s))
-            nxt, pool.cache = step(self.params, pool.cache, tokens, positions, seeds, steps,
-                                   temperature, top_k, top_p)
-            nxt = np.asarray(nxt)
+                                                         self._params_s, self.mesh))
+            rows_in = [self._put(x, rows=True) for x in (tokens, positions, seeds, steps,
+                                                         temperature, top_k, top_p)]
+            nxt, pool.cache = step(self.params, pool.cache, *rows_in)
+            nxt = host_array(nxt)
         except Exception as e:  # the pool's cache is gone with the failed step
             with self._lock:
                 self._pools.pop(pool.key, None)

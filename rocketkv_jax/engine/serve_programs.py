@@ -20,11 +20,41 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from .. import sharding as shd
 from ..models.config import ModelConfig
 from ..models.llama import PrefillState, forward_decode, prefill_finish
 from .compile import compile_program, program_cache, unflatten
-from .programs import prefill_state_struct
+from .programs import prefill_state_shardings, prefill_state_struct
+
+
+def _spec(mesh, *axes):
+    return None if mesh is None else NamedSharding(mesh, P(*axes))
+
+
+def _struct(shape, dtype, mesh, *axes):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=_spec(mesh, *axes))
+
+
+def one_row_shardings(cache_s, mesh):
+    """A one-row cache: whole on every data group, heads over "model"."""
+    return None if mesh is None else shd.cache_shardings(unflatten(cache_s), mesh, False)
+
+
+def pool_shardings(cache_s, mesh):
+    """A pool's cache: rows over "data", heads over "model"."""
+    return None if mesh is None else shd.cache_shardings(unflatten(cache_s), mesh)
+
+
+def _with(tree_s, shardings):
+    """The shape structs of `tree_s` (a `hashable` key) carrying `shardings`."""
+    tree = unflatten(tree_s)
+    if shardings is None:
+        return tree
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        tree, shardings)
 
 
 def sample_rows(logits, keys, temperature, top_k, top_p):
@@ -64,9 +94,11 @@ def step_keys(seeds, steps):
 
 
 @program_cache(maxsize=64)
-def finish_program(config: ModelConfig, plan, S: int, T: int, W: int, params_s):
+def finish_program(config: ModelConfig, plan, S: int, T: int, W: int, params_s, one_s,
+                   mesh=None):
     """(params, prefill state (1 row), lengths [1], key [2], temperature [], top_k [],
-    top_p []) -> (first token [1], one-row cache): compress the first T positions."""
+    top_p []) -> (first token [1], one-row cache): compress the first T positions.
+    one_s: the one-row cache's shape structs (`hashable`), for its shardings."""
 
     def finish(params, state, lengths, key, temperature, top_k, top_p):
         logits, cache = prefill_finish(params, config, state, lengths, plan, T)
@@ -75,11 +107,11 @@ def finish_program(config: ModelConfig, plan, S: int, T: int, W: int, params_s):
         return tok, cache
 
     f32, i32 = jnp.float32, jnp.int32
-    args = (unflatten(params_s), prefill_state_struct(config, 1, S, W, params_s, None),
-            jax.ShapeDtypeStruct((1,), i32), jax.ShapeDtypeStruct((2,), jnp.uint32),
-            jax.ShapeDtypeStruct((), f32), jax.ShapeDtypeStruct((), i32),
-            jax.ShapeDtypeStruct((), f32))
-    return compile_program("serve_finish", finish, args)
+    args = (unflatten(params_s), prefill_state_struct(config, 1, S, W, params_s, mesh),
+            _struct((1,), i32, mesh), _struct((2,), jnp.uint32, mesh),
+            _struct((), f32, mesh), _struct((), i32, mesh), _struct((), f32, mesh))
+    out = None if mesh is None else (_spec(mesh), one_row_shardings(one_s, mesh))
+    return compile_program("serve_finish", finish, args, out_shardings=out)
 
 
 def cache_struct(config: ModelConfig, plan, S: int, T: int, W: int, params_s, rows: int):
@@ -94,20 +126,22 @@ def cache_struct(config: ModelConfig, plan, S: int, T: int, W: int, params_s, ro
 
 
 @program_cache(maxsize=64)
-def insert_program(cache_s: tuple, one_s: tuple):
+def insert_program(cache_s: tuple, one_s: tuple, mesh=None):
     """(pool cache, one-row cache, slot []) -> pool cache with row `slot` replaced."""
 
     def insert(pool, one, slot):
         return jax.tree.map(lambda p, o: jax.lax.dynamic_update_slice_in_dim(
             p, o.astype(p.dtype), slot, axis=1), pool, one)
 
-    return compile_program("serve_insert", insert,
-                           (unflatten(cache_s), unflatten(one_s),
-                            jax.ShapeDtypeStruct((), jnp.int32)), donate_argnums=(0,))
+    pool = pool_shardings(cache_s, mesh)
+    args = (_with(cache_s, pool), _with(one_s, one_row_shardings(one_s, mesh)),
+            _struct((), jnp.int32, mesh))
+    return compile_program("serve_insert", insert, args, out_shardings=pool,
+                           donate_argnums=(0,))
 
 
 @program_cache(maxsize=64)
-def grow_program(cache_s: tuple, rows: int):
+def grow_program(cache_s: tuple, rows: int, mesh=None):
     """(pool cache) -> the same cache with `rows` rows, the new ones empty (zeros, the
     state of an unused row: nothing of it is ever read before `insert` fills it)."""
 
@@ -115,31 +149,51 @@ def grow_program(cache_s: tuple, rows: int):
         return jax.tree.map(lambda x: jnp.concatenate(
             [x, jnp.zeros((x.shape[0], rows - x.shape[1], *x.shape[2:]), x.dtype)], 1), pool)
 
-    return compile_program("serve_grow", grow, (unflatten(cache_s),))
+    def resized(tree_s):
+        treedef, leaves = tree_s
+        return treedef, tuple(jax.ShapeDtypeStruct((x.shape[0], rows, *x.shape[2:]), x.dtype)
+                              for x in leaves)
+
+    return compile_program("serve_grow", grow,
+                           (_with(cache_s, pool_shardings(cache_s, mesh)),),
+                           out_shardings=pool_shardings(resized(cache_s), mesh))
 
 
 @program_cache(maxsize=64)
-def step_program(config: ModelConfig, plan, cache_s: tuple, params_s):
+def empty_pool_program(cache_s: tuple, mesh=None):
+    """() -> a pool cache of zeros, laid out on the mesh."""
+    return compile_program("serve_empty_pool", lambda: jax.tree.map(
+        lambda x: jnp.zeros(x.shape, x.dtype), unflatten(cache_s)), (),
+        out_shardings=pool_shardings(cache_s, mesh))
+
+
+@program_cache(maxsize=64)
+def step_program(config: ModelConfig, plan, cache_s: tuple, params_s, mesh=None):
     """(params, cache, tokens [R], positions [R], seeds [R, 2], steps [R], temperature [R],
-    top_k [R], top_p [R]) -> (next tokens [R], cache): one decode step of a pool's R rows.
-    Rows nobody uses run too (their results are dropped; `insert` resets a row)."""
-    cache = unflatten(cache_s)
+    top_k [R], top_p [R]) -> (next tokens [R], cache): one decode step of a pool's R rows
+    (rows over the mesh's "data" axis). Rows nobody uses run too (their results are
+    dropped; `insert` resets a row)."""
+    pool = pool_shardings(cache_s, mesh)
+    cache = _with(cache_s, pool)
     R = jax.tree.leaves(cache)[0].shape[1]
 
     def step(params, cache, tokens, positions, seeds, steps, temperature, top_k, top_p):
         logits, cache = forward_decode(params, config, tokens, positions, cache, plan)
         nxt = sample_rows(logits, step_keys(seeds, steps), temperature, top_k, top_p)
-        return nxt, cache
+        return nxt, shd.constrain_cache(cache, mesh)
 
-    f32, i32 = jnp.float32, jnp.int32
-    rows = lambda dt, *s: jax.ShapeDtypeStruct((R, *s), dt)  # noqa: E731
-    args = (unflatten(params_s), cache, rows(i32), rows(i32), rows(jnp.uint32, 2), rows(i32),
-            rows(f32), rows(i32), rows(f32))
-    return compile_program("serve_step", step, args, donate_argnums=(1,))
+    f32, i32, u32 = jnp.float32, jnp.int32, jnp.uint32
+    data = None if mesh is None else shd.DATA
+    args = (unflatten(params_s), cache, _struct((R,), i32, mesh, data),
+            _struct((R,), i32, mesh, data), _struct((R, 2), u32, mesh, data),
+            _struct((R,), i32, mesh, data), _struct((R,), f32, mesh, data),
+            _struct((R,), i32, mesh, data), _struct((R,), f32, mesh, data))
+    out = None if mesh is None else (_spec(mesh, data), pool)
+    return compile_program("serve_step", step, args, out_shardings=out, donate_argnums=(1,))
 
 
 @program_cache(maxsize=64)
-def seed_program(config: ModelConfig, S_from: int, S: int, W: int, params_s):
+def seed_program(config: ModelConfig, S_from: int, S: int, W: int, params_s, mesh=None):
     """(prefix k [Ly, 1, K, S_from, D], prefix v) -> a one-row prefill state of S positions
     whose first min(S_from, S) positions hold the prefix's keys and values (the chunks
     from the reuse point on overwrite the rest)."""
@@ -154,5 +208,6 @@ def seed_program(config: ModelConfig, S_from: int, S: int, W: int, params_s):
                             q_obs=jnp.zeros((Ly, 1, config.num_heads, W, D), dtype),
                             x_last=jnp.zeros((1, config.hidden_size), dtype))
 
-    prefix = prefill_state_struct(config, 1, S_from, W, params_s, None)
-    return compile_program("serve_seed", seed, (prefix.k, prefix.v))
+    prefix = prefill_state_struct(config, 1, S_from, W, params_s, mesh)
+    return compile_program("serve_seed", seed, (prefix.k, prefix.v),
+                           out_shardings=prefill_state_shardings(mesh, 1))
