@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                 result["prefill"] = asyncio.run(prefill_interference(
                     server, prompts, long_text, args.clients, max(n_hi, 128)))
                 print(json.dumps(result["prefill"], indent=1), flush=True)
-            result["server_stats"] = httpx.get(server.url + "/health").json()
+            result["server_stats"] = httpx.get(server.url + "/v1/stats").json()
         finally:
             server.stop()
     if "leak" in phases:

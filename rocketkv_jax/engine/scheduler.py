@@ -74,9 +74,16 @@ log = logging.getLogger(__name__)
 
 
 def tokens_bucket(n: int) -> int:
-    """max_tokens is planned for a power of two (at least 16), so requests of nearby
-    lengths share a pool and its programs."""
-    return max(16, 1 << (n - 1).bit_length())
+    """max_tokens is planned for a power of 4 from 16 (16, 64, 256, 1024, ...), so that
+    requests asking for different lengths share a pool: every pool costs a decode step
+    of its own per turn, which reads all the weights again. The plan is the method's for
+    that many new tokens (RocketKV splits its budget by the whole sequence), as a static
+    batch is planned for its longest request; a request's tokens are those of
+    `generate` with max_new_tokens = the bucket, cut at its own max_tokens."""
+    b = 16
+    while b < n:
+        b *= 4
+    return b
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
