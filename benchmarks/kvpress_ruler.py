@@ -58,7 +58,8 @@ BUDGETS = (256, 1024)
 CONTEXT = 4096
 RESULTS = "kvpress.jsonl"
 REPORT = "kvpress.md"
-OURS = Path("/work/main/docs/eval/ruler-qwen/results.jsonl")
+REPO = Path(__file__).resolve().parents[1]
+OURS = REPO / "docs" / "eval" / "ruler-qwen" / "results.jsonl"
 WORKER = Path(__file__).with_name("kvpress_ruler_worker.py")
 KEY_FIELDS = ("method", "budget", "task", "context_length", "sample")
 KVPRESS_ENV = "ROCKETKV_BENCH_KVPRESS_PYTHON"
@@ -70,6 +71,12 @@ def snapkv_settings() -> tuple[int, int]:
 
     method = SnapKV(token_budget=1024)
     return method.window, method.kernel_size
+
+
+def shown_path(path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def kvpress_ratio(budget: int, prompt_len: int) -> float:
@@ -428,7 +435,7 @@ def render_report(theirs: Sequence[Mapping], ours: Sequence[Mapping], *,
         f"{versions.get('transformers', '?')}, torch {versions.get('torch', '?')}, "
         f"gguf {versions.get('gguf', '?')}, model dtype "
         f"{(header or {}).get('identity', {}).get('model', {}).get('dtype', '?')}. "
-        f"Ours: `{ours_path}`"
+        f"Ours: `{shown_path(ours_path)}`"
         + ("" if ours_header is None else
            f" (rocketkv-jax {ours_header.get('info', {}).get('rocketkv-jax', '?')}, jax "
            f"{ours_header.get('info', {}).get('jax', '?')}, model dtype "
@@ -574,7 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--out", default="docs/eval/ruler-qwen",
                    help="where kvpress.jsonl and kvpress.md go")
-    p.add_argument("--ours", default=str(OURS), help=f"our results.jsonl (default {OURS})")
+    p.add_argument("--ours", default=str(OURS),
+                   help=f"our results.jsonl (default {shown_path(OURS)})")
     p.add_argument("--ruler-cache", default=None,
                    help="RULER generator cache (default OUT/ruler-data, as eval's)")
     p.add_argument("--work", default=None,

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rocketkv_jax import checks
+from rocketkv_jax.cli.common import flag
 from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.names import DEFAULT_PREFILL_CHUNK
@@ -73,7 +74,9 @@ def build_prompt(args):
     from rocketkv_jax.model_store import load_model
 
     m = load_model(None if args.model == "smollm2" else args.model)
-    T = min(T, m.config.max_position_embeddings)
+    if T > m.config.max_position_embeddings:
+        raise SystemExit(f"error: --context {args.context} is {T} tokens, past the model's "
+                         f"context of {m.config.max_position_embeddings}; give at most that")
 
     class ChatTokenizer:  # the task fits its text so that the chat-wrapped prompt fits
         def encode(self, text):
@@ -121,11 +124,13 @@ def main(argv=None) -> int:
                     help="smollm2, qwen2.5-coder-0.5b, a checkpoint path, or llama8b-shape "
                          "(random weights)")
     ap.add_argument("--context", default="8k",
-                    help="prompt + new tokens, e.g. 8k or 32000 (capped at the model's context)")
+                    help="prompt + new tokens, e.g. 8k or 32000 (at most the model's context)")
     ap.add_argument("--methods", default="full,rocketkv",
                     help="comma-separated; full is the reference of the ratio column")
-    ap.add_argument("--budget", type=int, default=256, help="token budget M of every method")
-    ap.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per method")
+    ap.add_argument("--budget", type=flag(checks.token_budget), default=256,
+                    help="token budget M of every method")
+    ap.add_argument("--new-tokens", type=flag(checks.count), default=64,
+                    help="tokens decoded per method")
     ap.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                     help="prefill chunk in tokens (0: the whole prompt in one chunk)")
     ap.add_argument("--layers", type=int, default=2, help="layers of llama8b-shape")

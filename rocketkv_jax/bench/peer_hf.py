@@ -12,7 +12,7 @@ Loads SmolLM2 from the GGUF in float32 (transformers' own dequantization, withou
 `generate` of exactly --new-tokens tokens (min_new_tokens = max_new_tokens, full dynamic
 cache) on the prompt ids, timed per token with a streamer. Prints one JSON object:
 {"versions": {...}, "runs": [{"run", "prefill_s", "decode_tok_s", "total_s", "kept", ...}]}.
-A run "snapkv:M" wraps generate in kvpress' SnapKVPress with compression_ratio 1 - M / T,
+A run "snapkv:M" wraps generate in kvpress' SnapKVPress with compression_ratio 1 - (M + 0.5) / T,
 window 32 and average-pooling kernel 7 (rocketkv's snapkv defaults), so the prefill keeps
 M prompt tokens per KV head.
 """
@@ -74,7 +74,9 @@ def press_for(run: str, prompt_len: int):
         raise SystemExit(f"unknown run {run!r}: expected full or snapkv:M")
     from kvpress import SnapKVPress
 
-    ratio = max(0.0, 1.0 - int(budget) / prompt_len)
+    # kvpress keeps int(T * (1 - ratio)) tokens: the half token makes that exactly M (with
+    # 1 - M / T, float rounding leaves M - 1 where T * (M / T) lands just under M)
+    ratio = max(0.0, 1.0 - (int(budget) + 0.5) / prompt_len)
     return SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=7)
 
 
