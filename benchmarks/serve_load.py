@@ -105,7 +105,8 @@ class Server:
         self.port = free_port()
         cmd = [sys.executable, "-m", "rocketkv_jax.cli", "serve", "--model", args.model,
                "--port", str(self.port), "--slots", str(args.slots),
-               "--prefill-chunk", str(args.prefill_chunk), "--max-queue", "256"]
+               "--prefill-chunk", str(args.prefill_chunk), "--max-queue", "256",
+               "--prefix-cache", str(args.prefix_cache)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 600
@@ -126,12 +127,13 @@ class Server:
         self.proc.wait(300)
 
 
-async def stream_one(client, server, prompt, n, method, budget, record):
+async def stream_one(client, server, prompt, n, method, budget, record, times=None):
     body = {"model": server.model, "prompt": prompt, "max_tokens": n, "stream": True,
             "temperature": 0, "method": method, "token_budget": budget, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    times, usage = [], None
+    times = [] if times is None else times  # the caller may watch them arrive
+    usage = None
     async with client.stream("POST", server.url + "/v1/completions", json=body,
                              timeout=3600) as r:
         if r.status_code != 200:
@@ -168,30 +170,42 @@ async def drive(server, prompts, new_tokens, clients, method, budget):
             "tpot_p50": pct(tpot, 50), "tpot_p95": pct(tpot, 95)}
 
 
-async def prefill_interference(server, prompts, long_prompt, clients, new_tokens):
-    """Running streams' token gaps before and while a long prompt prefills."""
+async def prefill_interference(server, stream_prompts, long_prompt, new_tokens):
+    """The running streams' token gaps before a long prompt arrives and while it
+    prefills (from its sending to its first token). The long prompt is sent once every
+    stream has produced a few tokens, i.e. all of them are decoding."""
     running: list[dict] = []
     long_rec: list[dict] = []
+    live = [[] for _ in stream_prompts]
     async with httpx.AsyncClient() as client:
         streams = [asyncio.create_task(stream_one(client, server, p, new_tokens, "rocketkv",
-                                                  256, running))
-                   for p, _ in prompts[:clients - 1]]
-        await asyncio.sleep(0)
-        # let every stream reach its steady decode before the long prompt arrives
-        await asyncio.sleep(5)
+                                                  256, running, live[i]))
+                   for i, p in enumerate(stream_prompts)]
+        while min(map(len, live)) < 8:
+            if any(t.done() for t in streams):
+                raise SystemExit("error: a stream ended before the long prompt was sent; "
+                                 "raise --stream-tokens")
+            await asyncio.sleep(0.1)
         sent = time.perf_counter()
         await stream_one(client, server, long_prompt, 4, "rocketkv", 256, long_rec)
         await asyncio.gather(*streams)
-    first = long_rec[0]["times"][0] if long_rec[0]["times"] else time.perf_counter()
+    first = long_rec[0]["times"][0]
     before, during = [], []
-    for d in running:
-        ts = d["times"]
+    for ts in live:
         for a, b in zip(ts, ts[1:], strict=False):
-            (during if sent <= b <= first else before if b < sent else []).append(b - a)
-    return {"long_prompt_ttft_s": first - sent, "gaps_before": len(before),
-            "gaps_during": len(during), "tpot_p95_before": pct(before, 95),
+            if b < sent:
+                before.append(b - a)
+            elif b <= first:
+                during.append(b - a)
+    if not during or max(ts[-1] for ts in live) < first:
+        raise SystemExit("error: the streams ended before the long prompt's first token; "
+                         "raise --stream-tokens")
+    return {"long_prompt_tokens": long_rec[0]["usage"]["prompt_tokens"],
+            "long_prompt_ttft_s": first - sent, "gaps_before": len(before),
+            "gaps_during": len(during), "tpot_p50_before": pct(before, 50),
+            "tpot_p95_before": pct(before, 95), "tpot_p50_during": pct(during, 50),
             "tpot_p95_during": pct(during, 95),
-            "ratio": pct(during, 95) / pct(before, 95) if before and during else None}
+            "ratio_p95": pct(during, 95) / pct(before, 95)}
 
 
 # ------------------------------------------------------------------ leaks
@@ -256,7 +270,17 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", default="64-256")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--prefill-chunk", type=int, default=256)
-    ap.add_argument("--long-prompt", type=int, default=8000)
+    ap.add_argument("--long-prompt", type=int, default=8000,
+                    help="prefill phase: tokens of the prompt that arrives mid-stream")
+    ap.add_argument("--stream-prompt", type=int, default=1000,
+                    help="prefill phase: prompt tokens of each of the --clients - 1 streams")
+    ap.add_argument("--stream-tokens", type=int, default=400,
+                    help="prefill phase: tokens each stream generates (enough to outlast "
+                    "the long prompt's prefill)")
+    # off by default: the rocketkv and the full run send the same prompts, and the second
+    # would reuse the first's prefixes, which static batching cannot
+    ap.add_argument("--prefix-cache", type=float, default=0.0,
+                    help="the server's --prefix-cache in GiB (default 0: off)")
     ap.add_argument("--leak-requests", type=int, default=500)
     ap.add_argument("--phases", default="static,serve,prefill,leak")
     ap.add_argument("--out", default=None)
@@ -266,7 +290,7 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown phases {sorted(bad)} (static, serve, prefill, leak)")
     for name in ("clients", "requests", "slots", "prefill_chunk", "long_prompt",
-                 "leak_requests"):
+                 "stream_prompt", "stream_tokens", "leak_requests"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     p_lo, p_hi = span(args.prompt_tokens, "--prompt-tokens")
@@ -296,9 +320,10 @@ def main(argv=None) -> int:
                                    for m, b in (("rocketkv", 256), ("full", None))]
                 print(json.dumps(result["serve"], indent=1), flush=True)
             if "prefill" in phases:
-                (long_text, _), = make_prompts(model, [args.long_prompt])
+                (long_text, _), *streams = make_prompts(
+                    model, [args.long_prompt] + [args.stream_prompt] * (args.clients - 1))
                 result["prefill"] = asyncio.run(prefill_interference(
-                    server, prompts, long_text, args.clients, max(n_hi, 128)))
+                    server, [text for text, _ in streams], long_text, args.stream_tokens))
                 print(json.dumps(result["prefill"], indent=1), flush=True)
             result["server_stats"] = httpx.get(server.url + "/v1/stats").json()
         finally:
