@@ -116,7 +116,9 @@ def prefill_attention_reference(
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> jax.Array:
-    """Blockwise causal GQA attention (pure jnp, float32 softmax).
+    """Blockwise causal GQA attention (pure jnp, float32 softmax). The two matmuls take
+    their operands in K's and V's dtype (the scaled queries and the probabilities rounded
+    to it, as in the kernel) and accumulate in float32.
 
     q: [B, H, T, D] at positions q_start + (0 .. T-1); k, v: [B, K, S, D] at positions
     0 .. S-1, H = K * G; lengths: [B] int32, keys at or past lengths[b] are padding;
@@ -143,7 +145,10 @@ def prefill_attention_reference(
 
     def query_block(args):
         i, qi = args  # qi [B, K, G * bq, D]
-        qi = qi.astype(jnp.float32) * scale
+        # scaled in f32, then multiplied in K's dtype with f32 accumulation (as the kernel
+        # does): XLA:CPU runs a bf16 dot with an f32 result as a bf16 GEMM, where f32
+        # operands would run at f32 speed
+        qi = (qi.astype(jnp.float32) * scale).astype(k.dtype)
         q_pos = q_start + i * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
         row_pos = jnp.tile(q_pos, G)  # [G * bq], row g * bq + t is head g, query t
         lo, hi = key_block_range(q_pos[0], q_pos[-1] + 1, max_length, block_k=bk,
@@ -154,9 +159,10 @@ def prefill_attention_reference(
 
         def key_block(j, carry, masked: bool):
             m, denom, acc = carry  # [B, K, G*bq], [B, K, G*bq], [B, K, G*bq, D]
-            kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2).astype(jnp.float32)
-            vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2).astype(jnp.float32)
-            s = jnp.einsum("bkrd,bksd->bkrs", qi, kj)  # [B, K, G*bq, bk]
+            kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+            vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+            s = jnp.einsum("bkrd,bksd->bkrs", qi, kj,
+                           preferred_element_type=jnp.float32)  # [B, K, G*bq, bk]
             if masked:  # the diagonal, the window's edge and the row ends
                 k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)  # [bk]
                 mask = k_pos[None, :] <= row_pos[:, None]  # [G*bq, bk]
@@ -171,7 +177,9 @@ def prefill_attention_reference(
                 p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             denom = denom * correction + p.sum(axis=-1)
-            acc = acc * correction[..., None] + jnp.einsum("bkrs,bksd->bkrd", p, vj)
+            pv = jnp.einsum("bkrs,bksd->bkrd", p.astype(vj.dtype), vj,
+                            preferred_element_type=jnp.float32)
+            acc = acc * correction[..., None] + pv
             return m_new, denom, acc
 
         masked = functools.partial(key_block, masked=True)

@@ -17,9 +17,39 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (xf * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def linear(x: jax.Array, w: jax.Array, *, w_transposed: bool = False) -> jax.Array:
+    """x [..., E] @ w [E, F] (or @ w.T for w [F, E] with `w_transposed`, a tied LM head)
+    -> [..., F] float32: the inputs multiplied in their own dtype, accumulated and returned
+    in float32 (for f32 inputs, exactly `x @ w` / `x @ w.T`).
+
+    On XLA:CPU (jaxlib 0.10.2) a bf16 dot runs as YNNPACK's bf16 GEMM only in this form:
+      - an f32 result: a bf16 `x @ w` with a bf16 result is rewritten into converts of both
+        operands to f32 and an f32 dot (for a stacked weight the convert of the whole stack
+        is hoisted out of the layer loop, once per call);
+      - no transpose op on w: XLA:CPU runs every data-movement op on bf16 in f32, so
+        `w.T` converts all of w; w [F, E] is contracted on its own last axis instead;
+      - more than one row: a one-row dot goes to XLA's loop emitter, which converts the
+        weight to f32 again; one row of zeros makes it a two-row GEMM.
+    f32 weights keep the plain matmul.
+    """
+    if w.dtype == jnp.float32:
+        return jnp.matmul(x, w.T if w_transposed else w, preferred_element_type=jnp.float32)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    if rows == 1:
+        x2 = jnp.pad(x2, ((0, 1), (0, 0)))
+    dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
+    out = jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)[:rows]
+    return out.reshape(*lead, out.shape[-1])
+
+
 def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """down(silu(x @ gate) * (x @ up)). x [..., E], w_gate/w_up [E, F], w_down [F, E]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    """down(silu(x @ gate) * (x @ up)), float32. x [..., E], w_gate/w_up [E, F], w_down
+    [F, E]. The gate is computed in float32 and rounded to x's dtype for the down
+    projection (`linear`)."""
+    h = jax.nn.silu(linear(x, w_gate)) * linear(x, w_up)
+    return linear(h.astype(x.dtype), w_down)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -110,7 +140,7 @@ def decode_attention(
     # a bf16 cache is sliced as its uint16 bits and widened inside the loop: sliced as
     # bf16, XLA moves the f32 cast before the slice and out of the loop, which converts the
     # whole cache into a new f32 buffer every step
-    k_bits, v_bits = _bits(k), _bits(v)
+    k_bits, v_bits = as_bits(k), as_bits(v)
     carry = (jnp.full((B, K, G), NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
              jnp.zeros((B, K, G, D), jnp.float32))
     n = S // block
@@ -123,13 +153,26 @@ def decode_attention(
     return out.reshape(B, H, D).astype(q.dtype)
 
 
-def _bits(x: jax.Array) -> jax.Array:
-    """A bf16 array as its uint16 bits (what `_widen` takes back); others unchanged."""
+def as_bits(x: jax.Array) -> jax.Array:
+    """A bf16 array as its uint16 bits (`from_bits` and `_widen` take them back); others
+    unchanged.
+
+    XLA:CPU's bf16 normalization runs every data-movement op on a bf16 array in f32 over
+    the whole operand: a dynamic-slice converts the whole array first, and a
+    dynamic-update-slice or scatter into a bf16 buffer converts the whole buffer to f32
+    and back, so a one-row write into a stacked cache costs a pass over all of it. On
+    uint16 bits the same ops are plain copies and in-place writes.
+    """
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
 
+def from_bits(x: jax.Array, dtype) -> jax.Array:
+    """`as_bits(y)` -> y, for y of `dtype`."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if dtype == jnp.bfloat16 else x
+
+
 def _widen(x: jax.Array, dtype) -> jax.Array:
-    """`_bits(y)` -> y as float32 (bf16 is the top half of an f32: shift its bits up)."""
+    """`as_bits(y)` -> y as float32 (bf16 is the top half of an f32: shift its bits up)."""
     if dtype == jnp.bfloat16:
         return jax.lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
     return x.astype(jnp.float32)

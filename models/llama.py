@@ -33,7 +33,15 @@ import jax.numpy as jnp
 from ..kernels.backend import check_backend_name
 from ..kernels.prefill_attention import prefill_attention
 from .config import ModelConfig
-from .layers import attention_mask, dense_attention, rms_norm, swiglu_mlp
+from .layers import (
+    as_bits,
+    attention_mask,
+    dense_attention,
+    from_bits,
+    linear,
+    rms_norm,
+    swiglu_mlp,
+)
 from .plan import KVPlan, attend_layer, compress_layers, layer_groups
 from .rope import apply_rope, inverse_frequencies
 
@@ -60,16 +68,31 @@ def loop_layers(layers, start: int, stop: int, body, carry):
         return carry
 
     def step(i, c):
-        return body(i, jax.tree.map(lambda a: a[i], layers), c)
+        return body(i, jax.tree.map(lambda a: index_layer(a, i), layers), c)
 
     return jax.lax.fori_loop(start, stop, step, carry)
 
 
+def index_layer(stacked: jax.Array, i) -> jax.Array:
+    """stacked[i] at a traced layer index; a bf16 stack is sliced as its uint16 bits.
+
+    XLA:CPU's bf16 normalization runs a bf16 dynamic-slice in f32: it converts the whole
+    stack to a new f32 buffer (hoisted out of the layer loop, so once per call), slices
+    that and converts the slice back, so a bf16 model read three times its weights' bytes
+    per call. Integer bits are sliced as they are.
+    """
+    if stacked.dtype != jnp.bfloat16:
+        return stacked[i]
+    return from_bits(as_bits(stacked)[i], stacked.dtype)
+
+
 def _project_qkv(p, config: ModelConfig, h, positions, inv_freq):
-    """h [B, T, E] -> q [B, H, T, D], k, v [B, K, T, D] with RoPE on q and k."""
+    """h [B, T, E] -> q [B, H, T, D], k, v [B, K, T, D] with RoPE on q and k, in h's dtype
+    (projected, normed and rotated in float32)."""
     B, T, _ = h.shape
     H, K, D = config.num_heads, config.num_kv_heads, config.head_dim
-    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]  # [B, T, H*D], [B, T, K*D] x2
+    # [B, T, H*D], [B, T, K*D] x2
+    q, k, v = linear(h, p["wq"]), linear(h, p["wk"]), linear(h, p["wv"])
     if config.qkv_bias:  # Qwen2; Llama / Qwen3 attention_bias
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # [B, H, T, D]
@@ -80,26 +103,37 @@ def _project_qkv(p, config: ModelConfig, h, positions, inv_freq):
         k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
     q = apply_rope(q, positions[:, None, :], inv_freq)
     k = apply_rope(k, positions[:, None, :], inv_freq)
-    return q, k, v
+    return q.astype(h.dtype), k.astype(h.dtype), v.astype(h.dtype)
+
+
+def _add(x, *ys):
+    """The residual x + y1 + ... (left to right) added in float32, kept in x's dtype."""
+    out = x.astype(jnp.float32)
+    for y in ys:
+        out = out + y
+    return out.astype(x.dtype)
 
 
 def _mlp_block(p, config: ModelConfig, x):
-    """x [B, T, E]: the residual after attention (`x + attn @ wo`) -> the layer's output."""
+    """x [B, T, E]: the residual after attention (`_add(x, linear(attn, wo))`) -> the
+    layer's output."""
     if config.o_bias:  # the o_proj bias: every caller passes x right after `attn @ wo`
         x = x + p["bo"]
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
     if config.mlp_bias:
-        gate = h @ p["w_gate"] + p["b_gate"]  # [B, T, F]
-        up = h @ p["w_up"] + p["b_up"]  # [B, T, F]
-        return x + (jax.nn.silu(gate) * up) @ p["w_down"] + p["b_down"]
-    return x + swiglu_mlp(h, p["w_gate"], p["w_up"], p["w_down"])
+        gate = linear(h, p["w_gate"]) + p["b_gate"]  # [B, T, F]
+        up = linear(h, p["w_up"]) + p["b_up"]  # [B, T, F]
+        down = linear((jax.nn.silu(gate) * up).astype(x.dtype), p["w_down"])
+        return _add(x, down, p["b_down"])
+    return _add(x, swiglu_mlp(h, p["w_gate"], p["w_up"], p["w_down"]))
 
 
 def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and LM head: x [..., E] -> float32 logits [..., V]."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]  # [E, V]
-    return jnp.dot(x, head, preferred_element_type=jnp.float32)
+    if config.tie_word_embeddings:
+        return linear(x, params["embed"], w_transposed=True)  # embed [V, E]
+    return linear(x, params["lm_head"])  # [E, V]
 
 
 def window_queries(q: jax.Array, lengths: jax.Array, width: int, q_start=0):
@@ -201,19 +235,23 @@ def prefill_chunk(
         x, k_buf, v_buf, q_obs = lc
         h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
         q, k, v = _project_qkv(p, config, h, positions, inv_freq)
-        k_buf = jax.lax.dynamic_update_slice(k_buf, k[None].astype(dtype), (i, 0, 0, start, 0))
-        v_buf = jax.lax.dynamic_update_slice(v_buf, v[None].astype(dtype), (i, 0, 0, start, 0))
-        attn = attend(q, k_buf[i], v_buf[i])  # [B, H, C, D]
+        at = (i, 0, 0, start, 0)
+        k_buf = jax.lax.dynamic_update_slice(k_buf, as_bits(k[None].astype(dtype)), at)
+        v_buf = jax.lax.dynamic_update_slice(v_buf, as_bits(v[None].astype(dtype)), at)
+        attn = attend(q, from_bits(k_buf[i], dtype), from_bits(v_buf[i], dtype))  # [B, H, C, D]
         if W:
             qw, present = window_queries(q, lengths, W, start)  # [B, H, W, D], [B, W]
             q_obs = q_obs.at[i].set(jnp.where(present[:, None, :, None], qw, q_obs[i]))
         attn = attn.transpose(0, 2, 1, 3).reshape(B, C, H * D)  # [B, C, H*D]
-        x = x + attn @ p["wo"]
+        x = _add(x, linear(attn, p["wo"]))
         return _mlp_block(p, config, x), k_buf, v_buf, q_obs
 
     x = params["embed"][tokens]  # [B, C, E]
+    # the buffers go through the layer loop as their bits (`as_bits`): a bf16 buffer would
+    # be converted to f32 and back whole at every layer's write
     x, k, v, q_obs = loop_layers(params["layers"], 0, config.num_layers, layer,
-                                 (x, state.k, state.v, state.q_obs))
+                                 (x, as_bits(state.k), as_bits(state.v), state.q_obs))
+    k, v = from_bits(k, dtype), from_bits(v, dtype)
     last = lengths - 1 - start  # [B]
     here = (last >= 0) & (last < C)
     x_row = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
@@ -285,6 +323,10 @@ def forward_prefill(
     return logits, cache
 
 
+def _widen_bf16(a: jax.Array) -> jax.Array:
+    return a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a
+
+
 def forward_decode(
     params: Params,
     config: ModelConfig,
@@ -314,7 +356,7 @@ def forward_decode(
             stack = sub.append(stack, k[:, :, 0], v[:, :, 0], positions, i - start)
             attn = attend_layer(sub, q[:, :, 0], stack, i - start, positions,
                                 config.sliding_window)  # [B, H, D]
-            x = x + attn.reshape(B, 1, -1) @ p["wo"]
+            x = _add(x, linear(attn.reshape(B, 1, -1), p["wo"]))
             return _mlp_block(p, config, x), stack
 
         # the cache as loop carry (not scan xs/ys): XLA updates it in place, where scanning
@@ -323,6 +365,13 @@ def forward_decode(
         return loop_layers(params["layers"], start, group.stop, layer, (x, stack))
 
     for group in layer_groups(plan, config.num_layers):
-        x, stack = group_loop(x, group.stack(cache), group)
+        stack = group.stack(cache)
+        # A bf16 cache goes through the layer loop in f32 (exact both ways): XLA:CPU writes
+        # into a bf16 buffer by converting all of it to f32 and back (`as_bits`), so each
+        # layer's one-token write would cost two passes over every layer's cache; here the
+        # step pays two passes in all.
+        wide = jax.tree.map(_widen_bf16, stack)
+        x, wide = group_loop(x, wide, group)
+        stack = jax.tree.map(lambda w, s: w.astype(s.dtype), wide, stack)
         cache = group.replace(cache, stack)
     return unembed(params, config, x[:, 0]), cache
