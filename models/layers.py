@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -153,27 +154,45 @@ def decode_attention(
     return out.reshape(B, H, D).astype(q.dtype)
 
 
-def as_bits(x: jax.Array) -> jax.Array:
-    """A bf16 array as its uint16 bits (`from_bits` and `_widen` take them back); others
-    unchanged.
+@functools.cache
+def bf16_moves_in_f32() -> bool:
+    """Whether this backend runs data-movement ops on bf16 arrays in f32.
 
-    XLA:CPU's bf16 normalization runs every data-movement op on a bf16 array in f32 over
-    the whole operand: a dynamic-slice converts the whole array first, and a
-    dynamic-update-slice or scatter into a bf16 buffer converts the whole buffer to f32
-    and back, so a one-row write into a stacked cache costs a pass over all of it. On
-    uint16 bits the same ops are plain copies and in-place writes.
+    XLA:CPU in jaxlib 0.10.2 does (its bf16 normalization): a dynamic-slice converts the
+    whole array to f32 first, and a dynamic-update-slice or scatter into a bf16 buffer
+    converts the whole buffer to f32 and back, so a one-row write into a stacked cache
+    costs a pass over all of it. jaxlib 0.12's XLA:CPU writes bf16 in place. Found out by
+    compiling a one-row write into a bf16 buffer and looking for a convert in it.
     """
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+    def write(buf, row, i):
+        return jax.lax.dynamic_update_slice_in_dim(buf, row, i, axis=0)
+
+    hlo = jax.jit(write).lower(jax.ShapeDtypeStruct((8, 128), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((1, 128), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
+    return " convert(" in hlo
+
+
+def as_bits(x: jax.Array) -> jax.Array:
+    """A bf16 array as its uint16 bits where the backend moves bf16 in f32
+    (`bf16_moves_in_f32`): on the bits, slices are plain copies and writes happen in
+    place. `from_bits` and `_widen` take them back. Anything else is returned unchanged.
+    """
+    if x.dtype == jnp.bfloat16 and bf16_moves_in_f32():
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
 
 
 def from_bits(x: jax.Array, dtype) -> jax.Array:
     """`as_bits(y)` -> y, for y of `dtype`."""
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if dtype == jnp.bfloat16 else x
+    if x.dtype == jnp.uint16 and dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    return x
 
 
 def _widen(x: jax.Array, dtype) -> jax.Array:
     """`as_bits(y)` -> y as float32 (bf16 is the top half of an f32: shift its bits up)."""
-    if dtype == jnp.bfloat16:
+    if x.dtype == jnp.uint16 and dtype == jnp.bfloat16:
         return jax.lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
     return x.astype(jnp.float32)
 

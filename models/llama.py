@@ -36,6 +36,7 @@ from .config import ModelConfig
 from .layers import (
     as_bits,
     attention_mask,
+    bf16_moves_in_f32,
     dense_attention,
     from_bits,
     linear,
@@ -74,15 +75,10 @@ def loop_layers(layers, start: int, stop: int, body, carry):
 
 
 def index_layer(stacked: jax.Array, i) -> jax.Array:
-    """stacked[i] at a traced layer index; a bf16 stack is sliced as its uint16 bits.
-
-    XLA:CPU's bf16 normalization runs a bf16 dynamic-slice in f32: it converts the whole
-    stack to a new f32 buffer (hoisted out of the layer loop, so once per call), slices
-    that and converts the slice back, so a bf16 model read three times its weights' bytes
-    per call. Integer bits are sliced as they are.
-    """
-    if stacked.dtype != jnp.bfloat16:
-        return stacked[i]
+    """stacked[i] at a traced layer index. Where the backend moves bf16 in f32
+    (`layers.bf16_moves_in_f32`), a bf16 stack is sliced as its uint16 bits: sliced as
+    bf16, the whole stack is converted to a new f32 buffer (hoisted out of the layer loop,
+    once per call), sliced, and the slice converted back."""
     return from_bits(as_bits(stacked)[i], stacked.dtype)
 
 
@@ -247,8 +243,9 @@ def prefill_chunk(
         return _mlp_block(p, config, x), k_buf, v_buf, q_obs
 
     x = params["embed"][tokens]  # [B, C, E]
-    # the buffers go through the layer loop as their bits (`as_bits`): a bf16 buffer would
-    # be converted to f32 and back whole at every layer's write
+    # the buffers go through the layer loop as their bits where the backend moves bf16 in
+    # f32 (`as_bits`): a bf16 buffer would be converted to f32 and back whole at every
+    # layer's write
     x, k, v, q_obs = loop_layers(params["layers"], 0, config.num_layers, layer,
                                  (x, as_bits(state.k), as_bits(state.v), state.q_obs))
     k, v = from_bits(k, dtype), from_bits(v, dtype)
@@ -366,12 +363,14 @@ def forward_decode(
 
     for group in layer_groups(plan, config.num_layers):
         stack = group.stack(cache)
-        # A bf16 cache goes through the layer loop in f32 (exact both ways): XLA:CPU writes
-        # into a bf16 buffer by converting all of it to f32 and back (`as_bits`), so each
-        # layer's one-token write would cost two passes over every layer's cache; here the
-        # step pays two passes in all.
-        wide = jax.tree.map(_widen_bf16, stack)
-        x, wide = group_loop(x, wide, group)
-        stack = jax.tree.map(lambda w, s: w.astype(s.dtype), wide, stack)
+        # Where bf16 writes run in f32 (`bf16_moves_in_f32`), a bf16 cache goes through the
+        # layer loop in f32 (exact both ways): each layer's one-token write would convert
+        # every layer's cache to f32 and back; here the step pays two passes in all.
+        if bf16_moves_in_f32():
+            wide = jax.tree.map(_widen_bf16, stack)
+            x, wide = group_loop(x, wide, group)
+            stack = jax.tree.map(lambda w, s: w.astype(s.dtype), wide, stack)
+        else:
+            x, stack = group_loop(x, stack, group)
         cache = group.replace(cache, stack)
     return unembed(params, config, x[:, 0]), cache
