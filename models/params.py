@@ -92,3 +92,9 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(layers, (tuple, list)):
         return params
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def cast_params(params: dict[str, Any], dtype) -> dict[str, Any]:
+    """Every floating-point param in `dtype` (any layout; other leaves unchanged)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
