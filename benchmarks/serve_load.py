@@ -173,7 +173,8 @@ async def drive(server, prompts, new_tokens, clients, method, budget):
 async def prefill_interference(server, stream_prompts, long_prompt, new_tokens):
     """The running streams' token gaps before a long prompt arrives and while it
     prefills (from its sending to its first token). The long prompt is sent once every
-    stream has produced a few tokens, i.e. all of them are decoding."""
+    stream has decoded 16 tokens since all of them started decoding; "before" counts
+    only the gaps in that steady stretch (no other prompt prefilling)."""
     running: list[dict] = []
     long_rec: list[dict] = []
     live = [[] for _ in stream_prompts]
@@ -181,11 +182,17 @@ async def prefill_interference(server, stream_prompts, long_prompt, new_tokens):
         streams = [asyncio.create_task(stream_one(client, server, p, new_tokens, "rocketkv",
                                                   256, running, live[i]))
                    for i, p in enumerate(stream_prompts)]
-        while min(map(len, live)) < 8:
-            if any(t.done() for t in streams):
-                raise SystemExit("error: a stream ended before the long prompt was sent; "
-                                 "raise --stream-tokens")
-            await asyncio.sleep(0.1)
+        async def until(ok):
+            while not ok():
+                if any(t.done() for t in streams):
+                    raise SystemExit("error: a stream ended before the long prompt was sent;"
+                                     " raise --stream-tokens")
+                await asyncio.sleep(0.05)
+
+        await until(lambda: min(map(len, live)) >= 2)  # every stream decodes
+        steady = time.perf_counter()  # from here no stream's prompt is prefilling
+        marks = [len(t) for t in live]
+        await until(lambda: all(len(t) >= m + 16 for t, m in zip(live, marks, strict=True)))
         sent = time.perf_counter()
         await stream_one(client, server, long_prompt, 4, "rocketkv", 256, long_rec)
         await asyncio.gather(*streams)
@@ -193,7 +200,7 @@ async def prefill_interference(server, stream_prompts, long_prompt, new_tokens):
     before, during = [], []
     for ts in live:
         for a, b in zip(ts, ts[1:], strict=False):
-            if b < sent:
+            if steady <= a and b < sent:
                 before.append(b - a)
             elif b <= first:
                 during.append(b - a)
