@@ -169,6 +169,22 @@ PREFILL_CHUNK_FLAG = flag(checks.prefill_chunk, chunk_flag, off="0")
 
 
 # ------------------------------------------------------------------ devices
+def load_model_on(model: str | None, mesh, **kwargs):
+    """`load_model(model)`, restored straight into `mesh`'s parameter shardings when a
+    mesh is given (orbax restores each shard where it belongs)."""
+    from ..model_store import load_model
+
+    shardings = None
+    if mesh is not None:
+        from .. import sharding
+        from ..convert.checkpoint import read_checkpoint_config
+        from ..model_store import resolve_model
+
+        config = read_checkpoint_config(resolve_model(model))
+        shardings = sharding.param_shardings(config, mesh)
+    return load_model(model, shardings=shardings, **kwargs)
+
+
 def mesh_from_flag(spec: str | None):
     """--mesh -> a mesh (None for one device), with device-count errors in command-line
     words."""

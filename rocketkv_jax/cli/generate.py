@@ -17,6 +17,7 @@ from .common import (
     add_method_args,
     add_sampling_args,
     flag,
+    load_model_on,
     mesh_from_flag,
     method_from_flags,
 )
@@ -156,7 +157,6 @@ def check_generate_flags(args) -> None:
 def cmd_generate(args) -> int:
     from ..engine.compile import enable_compilation_cache
     from ..engine.generate import GenerateError, check_request, generate_ids
-    from ..model_store import load_model
     from ..sampling import Sampling
 
     check_generate_flags(args)
@@ -165,19 +165,11 @@ def cmd_generate(args) -> int:
     enable_compilation_cache(single_device=args.mesh is None)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     mesh = mesh_from_flag(args.mesh)
-    shardings = None
-    if mesh is not None:
-        from .. import sharding
-        from ..convert.checkpoint import read_checkpoint_config
-        from ..model_store import resolve_model
-
-        config = read_checkpoint_config(resolve_model(args.model))
-        shardings = sharding.param_shardings(config, mesh)  # orbax restores into shards
     if args.weight_layout == "per-layer" and mesh is not None:
         raise UserError("--weight-layout per-layer runs on one device; drop --mesh or use "
                         "--weight-layout stacked (the sharding rules are for stacked weights)")
-    model = load_model(args.model, shardings=shardings, check_weights=args.check_weights,
-                       reconvert=args.reconvert)
+    model = load_model_on(args.model, mesh, check_weights=args.check_weights,
+                          reconvert=args.reconvert)
     if args.weight_layout == "per-layer":
         from ..models.params import unstack_layers
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import checks
 from ..names import METHOD_NAMES
-from .common import UserError, add_command, add_kernels_arg, flag, mesh_from_flag
+from .common import UserError, add_command, add_kernels_arg, flag, load_model_on, mesh_from_flag
 
 SERVE_HELP = """Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and
 /v1/completions (streaming or not), GET /v1/models and GET /health. Requests from many
@@ -111,7 +111,6 @@ def check_method(method: str, budget: int) -> None:
 
 def cmd_serve(args) -> int:
     from ..engine.compile import enable_compilation_cache
-    from ..model_store import load_model
     from ..server import create_app
     from ..server.run import serve
     from .common import kernels_from_flag
@@ -125,15 +124,7 @@ def cmd_serve(args) -> int:
 
     enable_compilation_cache(single_device=args.mesh is None)
     mesh = mesh_from_flag(args.mesh)
-    shardings = None
-    if mesh is not None:
-        from .. import sharding
-        from ..convert.checkpoint import read_checkpoint_config
-        from ..model_store import resolve_model
-
-        config = read_checkpoint_config(resolve_model(args.model))
-        shardings = sharding.param_shardings(config, mesh)  # orbax restores into shards
-    model = load_model(args.model, shardings=shardings)
+    model = load_model_on(args.model, mesh)
     gib = 2**30
     engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, kernels=kernels, mesh=mesh,

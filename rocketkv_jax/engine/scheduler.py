@@ -56,7 +56,7 @@ from ..models.config import ModelConfig
 from ..names import DEFAULT_KERNELS
 from ..sampling import Sampling, prng_key
 from . import serve_programs as sp
-from .compile import hashable, params_struct
+from .compile import hashable, hashable_structs, params_struct
 from .decode import host_array
 from .programs import chunk_program, init_program, prefill_state_struct
 from .requests import GenerateError, check_request, check_stop_ids, prompt_bucket
@@ -353,15 +353,14 @@ class Engine:
             del self._pools[idle[0]]
         one_s = r.pool_key[1]
         if pool is None:
-            pool_s = (one_s[0], tuple(jax.ShapeDtypeStruct((x.shape[0], rows, *x.shape[2:]),
-                                                           x.dtype) for x in one_s[1]))
+            pool_s = sp.with_rows(one_s, rows)
             empty = self._program(("empty", pool_s), lambda: sp.empty_pool_program(
                 pool_s, self.mesh))
             pool = self._pools[r.pool_key] = _Pool(r.pool_key, r.plan, empty(),
                                                     [None] * rows)
         else:
-            grow = self._program(("grow", hashable_of(pool.cache), rows),
-                                 lambda: sp.grow_program(hashable_of(pool.cache), rows,
+            grow = self._program(("grow", hashable_structs(pool.cache), rows),
+                                 lambda: sp.grow_program(hashable_structs(pool.cache), rows,
                                                          self.mesh))
             pool.cache = grow(pool.cache)
             pool.rows += [None] * (rows - have)
@@ -470,8 +469,8 @@ class Engine:
                           put(np.float32(sampling.temperature)), put(np.int32(sampling.top_k)),
                           put(np.float32(sampling.top_p)))
         pool = r.pool
-        insert = self._program(("insert", hashable_of(pool.cache)), lambda: sp.insert_program(
-            hashable_of(pool.cache), one_s, self.mesh))
+        insert = self._program(("insert", hashable_structs(pool.cache)), lambda: sp.insert_program(
+            hashable_structs(pool.cache), one_s, self.mesh))
         pool.cache = insert(pool.cache, one, put(np.int32(r.row)))
         r.state, r.padded = None, None
         with self._lock:
@@ -511,9 +510,9 @@ class Engine:
             s = r.req.sampling
             temperature[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
         try:
-            step = self._program(("step", pool.plan, hashable_of(pool.cache)),
+            step = self._program(("step", pool.plan, hashable_structs(pool.cache)),
                                  lambda: sp.step_program(self.config, pool.plan,
-                                                         hashable_of(pool.cache),
+                                                         hashable_structs(pool.cache),
                                                          self._params_s, self.mesh))
             rows_in = [self._put(x, rows=True) for x in (tokens, positions, seeds, steps,
                                                          temperature, top_k, top_p)]
@@ -590,7 +589,3 @@ class Engine:
             log.exception("the listener of request %s failed; cancelling it", r.id)
             r.cancelled = True
 
-
-def hashable_of(tree) -> tuple:
-    """`compile.hashable` of the shape structs of a pytree of arrays or structs."""
-    return hashable(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))

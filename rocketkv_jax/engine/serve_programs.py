@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from .. import sharding as shd
 from ..models.config import ModelConfig
 from ..models.llama import PrefillState, forward_decode, prefill_finish
-from .compile import compile_program, program_cache, unflatten
+from .compile import compile_program, hashable_structs, program_cache, unflatten
 from .programs import prefill_state_shardings, prefill_state_struct
 
 
@@ -114,6 +114,14 @@ def finish_program(config: ModelConfig, plan, S: int, T: int, W: int, params_s, 
     return compile_program("serve_finish", finish, args, out_shardings=out)
 
 
+def with_rows(tree_s: tuple, rows: int) -> tuple:
+    """A cache's shape structs (a `hashable` key; layer axis first, rows second in every
+    leaf) with `rows` rows."""
+    treedef, leaves = tree_s
+    return treedef, tuple(jax.ShapeDtypeStruct((x.shape[0], rows, *x.shape[2:]), x.dtype)
+                          for x in leaves)
+
+
 def cache_struct(config: ModelConfig, plan, S: int, T: int, W: int, params_s, rows: int):
     """Shape structs of a pool's cache of `rows` rows for `plan` (layer axis first, rows
     second, in every leaf)."""
@@ -121,8 +129,7 @@ def cache_struct(config: ModelConfig, plan, S: int, T: int, W: int, params_s, ro
         lambda p, s, n: prefill_finish(p, config, s, n, plan, T)[1], unflatten(params_s),
         prefill_state_struct(config, 1, S, W, params_s, None),
         jax.ShapeDtypeStruct((1,), jnp.int32))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0], rows, *x.shape[2:]),
-                                                       x.dtype), one)
+    return unflatten(with_rows(hashable_structs(one), rows))
 
 
 @program_cache(maxsize=64)
@@ -149,14 +156,9 @@ def grow_program(cache_s: tuple, rows: int, mesh=None):
         return jax.tree.map(lambda x: jnp.concatenate(
             [x, jnp.zeros((x.shape[0], rows - x.shape[1], *x.shape[2:]), x.dtype)], 1), pool)
 
-    def resized(tree_s):
-        treedef, leaves = tree_s
-        return treedef, tuple(jax.ShapeDtypeStruct((x.shape[0], rows, *x.shape[2:]), x.dtype)
-                              for x in leaves)
-
     return compile_program("serve_grow", grow,
                            (_with(cache_s, pool_shardings(cache_s, mesh)),),
-                           out_shardings=pool_shardings(resized(cache_s), mesh))
+                           out_shardings=pool_shardings(with_rows(cache_s, rows), mesh))
 
 
 @program_cache(maxsize=64)
