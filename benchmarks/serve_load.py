@@ -105,7 +105,8 @@ class Server:
         self.port = free_port()
         cmd = [sys.executable, "-m", "rocketkv_jax.cli", "serve", "--model", args.model,
                "--port", str(self.port), "--slots", str(args.slots),
-               "--prefill-chunk", str(args.prefill_chunk), "--max-queue", "256",
+               "--prefill-chunk", str(args.prefill_chunk), "--mixed-chunk",
+               str(args.mixed_chunk), "--max-stall", str(args.max_stall), "--max-queue", "256",
                "--prefix-cache", str(args.prefix_cache)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -277,6 +278,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", default="64-256")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--mixed-chunk", type=int, default=16,
+                    help="the server's --mixed-chunk (0: off)")
+    ap.add_argument("--max-stall", type=float, default=1.75,
+                    help="the server's --max-stall (0: always --mixed-chunk tokens)")
     ap.add_argument("--long-prompt", type=int, default=8000,
                     help="prefill phase: tokens of the prompt that arrives mid-stream")
     ap.add_argument("--stream-prompt", type=int, default=1000,
@@ -300,6 +305,8 @@ def main(argv=None) -> int:
                  "stream_prompt", "stream_tokens", "leak_requests"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.mixed_chunk < 0:
+        ap.error("--mixed-chunk must be >= 0")
     p_lo, p_hi = span(args.prompt_tokens, "--prompt-tokens")
     n_lo, n_hi = span(args.new_tokens, "--new-tokens")
 

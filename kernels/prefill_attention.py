@@ -61,7 +61,12 @@ DEFAULT_BLOCK_K = 512
 _M_INIT = float(jnp.finfo(jnp.float32).min)
 
 
-def _check_args(q, k, v, lengths, block_q, block_k):
+def _check_args(q, k, v, lengths, block_q, block_k, layer=None):
+    if layer is not None:  # [Ly, B, K, S, D] and the layer to read
+        if k.ndim != 5 or k.shape != v.shape:
+            raise ValueError(f"with a layer index k, v must be [Ly, B, K, S, D]; got "
+                             f"{k.shape}, {v.shape}")
+        k, v = k[0], v[0]
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(
             f"q must be [B, H, T, D] and k, v [B, K, S, D]; got {q.shape}, {k.shape}, {v.shape}"
@@ -115,6 +120,7 @@ def prefill_attention_reference(
     sliding_window: int | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """Blockwise causal GQA attention (pure jnp, float32 softmax). The two matmuls take
     their operands in K's and V's dtype (the scaled queries and the probabilities rounded
@@ -126,16 +132,29 @@ def prefill_attention_reference(
     T and S). Returns [B, H, T, D] in q's dtype. A query that sees no key (a fully masked
     row) returns zeros; query rows past their row's length are padding, their values are
     unspecified.
+
+    layer: with k, v every layer's buffers [Ly, B, K, S, D], the layer to attend over
+    (traced is fine). Each key block is then read straight from the stack: slicing the
+    layer out first would copy all S of its positions, however few the queries see.
     """
-    _check_args(q, k, v, lengths, block_q, block_k)
+    _check_args(q, k, v, lengths, block_q, block_k, layer)
     B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
+    K, S = k.shape[-3], k.shape[-2]
     G = H // K
     bq, bk = min(block_q, T), min(block_k, S)
     nq, nk = -(-T // bq), -(-S // bk)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, nq * bq - T), (0, 0)))
-    k = jnp.pad(k, ((0, 0), (0, 0), (0, nk * bk - S), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, 0), (0, nk * bk - S), (0, 0)))
+    if layer is not None and S % bk:  # a partial last block: pad one layer, not the stack
+        k, v = (lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in (k, v))
+        layer = None
+    if layer is None:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, nk * bk - S), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, nk * bk - S), (0, 0)))
+
+    def key_block_of(a, j):  # [B, K, bk, D], keys j * bk ..
+        if layer is None:
+            return lax.dynamic_slice_in_dim(a, j * bk, bk, axis=2)
+        return lax.dynamic_slice(a, (layer, 0, 0, j * bk, 0), (1, B, K, bk, D))[0]
     # [nq, B, K, G * bq, D]: one query block, the group's heads folded into its rows
     qb = q.reshape(B, K, G, nq, bq, D).transpose(3, 0, 1, 2, 4, 5).reshape(nq, B, K, G * bq, D)
     q_start = jnp.asarray(q_start, jnp.int32)
@@ -159,8 +178,7 @@ def prefill_attention_reference(
 
         def key_block(j, carry, masked: bool):
             m, denom, acc = carry  # [B, K, G*bq], [B, K, G*bq], [B, K, G*bq, D]
-            kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
-            vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+            kj, vj = key_block_of(k, j), key_block_of(v, j)
             s = jnp.einsum("bkrd,bksd->bkrs", qi, kj,
                            preferred_element_type=jnp.float32)  # [B, K, G*bq, bk]
             if masked:  # the diagonal, the window's edge and the row ends
@@ -364,6 +382,7 @@ def prefill_attention_pallas(
     num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """Prefill attention as a Pallas kernel; the contract of `prefill_attention_reference`.
 
@@ -372,7 +391,9 @@ def prefill_attention_pallas(
     num_warps: Triton warps, default 4 for D <= 64 and 8 above. interpret: run in the
     Pallas interpreter (any device) instead of lowering to Triton.
     """
-    _check_args(q, k, v, lengths, block_q, block_k)
+    _check_args(q, k, v, lengths, block_q, block_k, layer)
+    if layer is not None:  # the kernel reads one layer's [B, K, S, D]
+        k, v = (lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in (k, v))
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if value < _MIN_DOT or value & (value - 1):
             raise ValueError(
@@ -412,12 +433,15 @@ def prefill_attention(
     kernels: str = "auto",
     block_q: int | None = None,
     block_k: int | None = None,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """`prefill_attention_pallas` or `prefill_attention_reference`, whichever `kernels`
     names (`backend.choose`). Block sizes default per implementation: for the reference
     block_q counts query positions (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K), for the kernel
-    rows of the folded (query, head) tile (PALLAS_BLOCK_Q, PALLAS_BLOCK_K)."""
+    rows of the folded (query, head) tile (PALLAS_BLOCK_Q, PALLAS_BLOCK_K). layer: k, v
+    are every layer's [Ly, B, K, S, D] and this one is read."""
     blocks = {name: b for name, b in (("block_q", block_q), ("block_k", block_k)) if b}
     run = backend_lib.choose(kernels, pallas=prefill_attention_pallas,
                              reference=prefill_attention_reference)
-    return run(q, k, v, lengths, q_start, sliding_window=sliding_window, **blocks)
+    return run(q, k, v, lengths, q_start, sliding_window=sliding_window, layer=layer,
+               **blocks)

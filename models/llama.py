@@ -189,6 +189,63 @@ def init_prefill_state(config: ModelConfig, batch: int, size: int, query_window:
     )
 
 
+def _chunk_attention(config: ModelConfig, i, q, k, v, bufs, start, lengths, kernels: str):
+    """Layer i of a prefill chunk: write the chunk's keys and values (q, k, v [B, *, C, D],
+    at positions start ..) into the prefill buffers `bufs` = (k, v, q_obs) of
+    `PrefillState` (k and v as `as_bits`), keep the window queries that fall in the chunk,
+    and attend causally over every key written so far. Returns (attn [B, H, C, D], bufs)."""
+    k_buf, v_buf, q_obs = bufs
+    B, _, C, _ = q.shape
+    S, W = k_buf.shape[3], q_obs.shape[3]
+    dtype = q_obs.dtype
+    at = (i, 0, 0, start, 0)
+    k_buf = jax.lax.dynamic_update_slice(k_buf, as_bits(k[None].astype(dtype)), at)
+    v_buf = jax.lax.dynamic_update_slice(v_buf, as_bits(v[None].astype(dtype)), at)
+    if kernels == "dense":  # the materialised [B, H, C, S] baseline
+        positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+        key_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+        key_pos = jnp.where(key_pos < lengths[:, None], key_pos, -1)  # [B, S]
+        mask = attention_mask(positions, key_pos, config.sliding_window)[:, None]
+        attn = dense_attention(q, from_bits(k_buf[i], dtype), from_bits(v_buf[i], dtype),
+                               mask)
+    elif k_buf.dtype == dtype:  # layer i's key blocks read from the stack, uncopied
+        attn = prefill_attention(q, k_buf, v_buf, lengths, start, layer=i,
+                                 sliding_window=config.sliding_window, kernels=kernels)
+    else:
+        attn = prefill_attention(q, from_bits(k_buf[i], dtype), from_bits(v_buf[i], dtype),
+                                 lengths, start, sliding_window=config.sliding_window,
+                                 kernels=kernels)
+    if W:
+        qw, present = window_queries(q, lengths, W, start)  # [B, H, W, D], [B, W]
+        q_obs = q_obs.at[i].set(jnp.where(present[:, None, :, None], qw, q_obs[i]))
+    return attn, (k_buf, v_buf, q_obs)
+
+
+def _chunk_bufs(state: PrefillState):
+    """The prefill buffers as the layer loop carries them: k and v as their bits where the
+    backend moves bf16 in f32 (`as_bits`), since a bf16 buffer would be converted to f32
+    and back whole at every layer's write."""
+    return as_bits(state.k), as_bits(state.v), state.q_obs
+
+
+def _chunk_state(state: PrefillState, bufs, x, start, lengths) -> PrefillState:
+    """The state after a chunk: its buffers, and x_last [B, E] from the chunk's final
+    hidden states x [B, C, E] for the rows whose last real token lies in it."""
+    k, v, q_obs = bufs
+    dtype = state.k.dtype
+    C = x.shape[1]
+    last = lengths - 1 - start  # [B]
+    here = (last >= 0) & (last < C)
+    x_row = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
+    x_last = jnp.where(here[:, None], x_row, state.x_last)  # [B, E]
+    return PrefillState(from_bits(k, dtype), from_bits(v, dtype), q_obs, x_last)
+
+
+def _check_chunk_kernels(kernels: str) -> None:
+    if kernels != "dense":  # the materialised [B, H, C, S] baseline, else a kernel backend
+        check_backend_name(kernels, "prefill attention")
+
+
 def prefill_chunk(
     params: Params,
     config: ModelConfig,
@@ -207,53 +264,26 @@ def prefill_chunk(
     key written so far (positions < lengths), blockwise: memory is O(C * S), never
     [S, S]. Returns (state, x [B, C, E] the chunk's final hidden states).
     """
-    if kernels != "dense":  # the materialised [B, H, C, S] baseline, else a kernel backend
-        check_backend_name(kernels, "prefill attention")
+    _check_chunk_kernels(kernels)
     B, C = tokens.shape
-    S = state.k.shape[3]
     H, D = config.num_heads, config.head_dim
-    W = state.q_obs.shape[3]
     inv_freq = inverse_frequencies(config)
-    dtype = state.k.dtype
     lengths = lengths.astype(jnp.int32)
     positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
 
-    def attend(q, k_all, v_all):
-        if kernels == "dense":  # the [B, H, C, S] baseline
-            key_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
-            key_pos = jnp.where(key_pos < lengths[:, None], key_pos, -1)  # [B, S]
-            mask = attention_mask(positions, key_pos, config.sliding_window)[:, None]
-            return dense_attention(q, k_all, v_all, mask)
-        return prefill_attention(q, k_all, v_all, lengths, start,
-                                 sliding_window=config.sliding_window, kernels=kernels)
-
     def layer(i, p, lc):
-        x, k_buf, v_buf, q_obs = lc
+        x, bufs = lc
         h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
         q, k, v = _project_qkv(p, config, h, positions, inv_freq)
-        at = (i, 0, 0, start, 0)
-        k_buf = jax.lax.dynamic_update_slice(k_buf, as_bits(k[None].astype(dtype)), at)
-        v_buf = jax.lax.dynamic_update_slice(v_buf, as_bits(v[None].astype(dtype)), at)
-        attn = attend(q, from_bits(k_buf[i], dtype), from_bits(v_buf[i], dtype))  # [B, H, C, D]
-        if W:
-            qw, present = window_queries(q, lengths, W, start)  # [B, H, W, D], [B, W]
-            q_obs = q_obs.at[i].set(jnp.where(present[:, None, :, None], qw, q_obs[i]))
+        attn, bufs = _chunk_attention(config, i, q, k, v, bufs, start, lengths, kernels)
         attn = attn.transpose(0, 2, 1, 3).reshape(B, C, H * D)  # [B, C, H*D]
         x = _add(x, linear(attn, p["wo"]))
-        return _mlp_block(p, config, x), k_buf, v_buf, q_obs
+        return _mlp_block(p, config, x), bufs
 
     x = params["embed"][tokens]  # [B, C, E]
-    # the buffers go through the layer loop as their bits where the backend moves bf16 in
-    # f32 (`as_bits`): a bf16 buffer would be converted to f32 and back whole at every
-    # layer's write
-    x, k, v, q_obs = loop_layers(params["layers"], 0, config.num_layers, layer,
-                                 (x, as_bits(state.k), as_bits(state.v), state.q_obs))
-    k, v = from_bits(k, dtype), from_bits(v, dtype)
-    last = lengths - 1 - start  # [B]
-    here = (last >= 0) & (last < C)
-    x_row = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
-    x_last = jnp.where(here[:, None], x_row, state.x_last)  # [B, E]
-    return PrefillState(k, v, q_obs, x_last), x
+    x, bufs = loop_layers(params["layers"], 0, config.num_layers, layer,
+                          (x, _chunk_bufs(state)))
+    return _chunk_state(state, bufs, x, start, lengths), x
 
 
 def prefill_finish(params: Params, config: ModelConfig, state: PrefillState,
@@ -324,6 +354,43 @@ def _widen_bf16(a: jax.Array) -> jax.Array:
     return a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a
 
 
+def _decode_attention(config: ModelConfig, plan, layer, q, k, v, stack, positions):
+    """One new token per row, q [B, H, D] and k, v [B, K, D] at positions [B]: append it
+    to layer `layer` of the stacked cache (plan.append) and attend with plan.attend, which
+    is where sparse methods read only their selected tokens. Returns (attn [B, H, D],
+    stack)."""
+    stack = plan.append(stack, k, v, positions, layer)
+    attn = attend_layer(plan, q, stack, layer, positions, config.sliding_window)
+    return attn, stack
+
+
+def _over_groups(params: Params, config: ModelConfig, plan: KVPlan, cache, carry,
+                 make_layer):
+    """Run the decoder's layers group by group (`layer_groups`), each over its own stacked
+    cache with the group's plan: make_layer(group plan, group's first layer) -> body(i,
+    p, (carry, stack)) -> (carry, stack). Returns (carry, cache).
+
+    The cache is loop carry (not scan xs/ys): XLA updates it in place, where scanning over
+    it copies every layer in and out of the loop at every step
+    (tests/models/test_decode_inplace.py checks XLA's bytes). Where bf16 writes run in
+    f32 (`bf16_moves_in_f32`), a bf16 cache goes through the layer loop in f32 (exact
+    both ways): each layer's one-token write would convert every layer's cache to f32 and
+    back; here the step pays two passes in all."""
+    for group in layer_groups(plan, config.num_layers):
+        stack = group.stack(cache)
+        body = make_layer(group.plan, group.start)
+        if bf16_moves_in_f32():
+            wide = jax.tree.map(_widen_bf16, stack)
+            carry, wide = loop_layers(params["layers"], group.start, group.stop, body,
+                                      (carry, wide))
+            stack = jax.tree.map(lambda w, s: w.astype(s.dtype), wide, stack)
+        else:
+            carry, stack = loop_layers(params["layers"], group.start, group.stop, body,
+                                       (carry, stack))
+        cache = group.replace(cache, stack)
+    return carry, cache
+
+
 def forward_decode(
     params: Params,
     config: ModelConfig,
@@ -343,34 +410,75 @@ def forward_decode(
     inv_freq = inverse_frequencies(config)
     x = params["embed"][tokens][:, None]  # [B, 1, E]
 
-    def group_loop(x, stack, group):
-        sub, start = group.plan, group.start
-
+    def make_layer(sub, first):
         def layer(i, p, carry):
             x, stack = carry
             h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
             q, k, v = _project_qkv(p, config, h, positions[:, None], inv_freq)
-            stack = sub.append(stack, k[:, :, 0], v[:, :, 0], positions, i - start)
-            attn = attend_layer(sub, q[:, :, 0], stack, i - start, positions,
-                                config.sliding_window)  # [B, H, D]
+            attn, stack = _decode_attention(config, sub, i - first, q[:, :, 0], k[:, :, 0],
+                                            v[:, :, 0], stack, positions)  # [B, H, D]
             x = _add(x, linear(attn.reshape(B, 1, -1), p["wo"]))
             return _mlp_block(p, config, x), stack
 
-        # the cache as loop carry (not scan xs/ys): XLA updates it in place, where scanning
-        # over it copies every layer in and out of the loop at every step
-        # (tests/models/test_decode_inplace.py checks XLA's bytes)
-        return loop_layers(params["layers"], start, group.stop, layer, (x, stack))
+        return layer
 
-    for group in layer_groups(plan, config.num_layers):
-        stack = group.stack(cache)
-        # Where bf16 writes run in f32 (`bf16_moves_in_f32`), a bf16 cache goes through the
-        # layer loop in f32 (exact both ways): each layer's one-token write would convert
-        # every layer's cache to f32 and back; here the step pays two passes in all.
-        if bf16_moves_in_f32():
-            wide = jax.tree.map(_widen_bf16, stack)
-            x, wide = group_loop(x, wide, group)
-            stack = jax.tree.map(lambda w, s: w.astype(s.dtype), wide, stack)
-        else:
-            x, stack = group_loop(x, stack, group)
-        cache = group.replace(cache, stack)
+    x, cache = _over_groups(params, config, plan, cache, x, make_layer)
     return unembed(params, config, x[:, 0]), cache
+
+
+def forward_mixed(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Any,
+    plan: KVPlan,
+    state: PrefillState,
+    chunk: jax.Array,
+    start: jax.Array | int,
+    lengths: jax.Array,
+    *,
+    kernels: str = "auto",
+) -> tuple[jax.Array, Any, PrefillState]:
+    """One decode step of a cache's rows and one prefill chunk of another prompt, in one
+    pass over the weights: `forward_decode(params, config, tokens, positions, cache,
+    plan)` and `prefill_chunk(params, config, state, chunk, start, lengths)` at once.
+
+    tokens, positions [R]: the decode rows; chunk [1, C] at positions start ..; lengths [1]:
+    the prompt's length. Every layer projects and runs its MLP on the R + C token rows
+    together, so the weights are read once for both; attention runs apart (the plan's on
+    the decode rows, the prefill attention on the chunk). Returns (logits [R, V] float32,
+    cache, state).
+    """
+    _check_chunk_kernels(kernels)
+    R = tokens.shape[0]
+    B, C = chunk.shape
+    if B != 1:
+        raise ValueError(f"forward_mixed prefills one prompt, got a chunk of {B} rows")
+    H, D = config.num_heads, config.head_dim
+    inv_freq = inverse_frequencies(config)
+    lengths = lengths.astype(jnp.int32)
+    pos = jnp.concatenate([positions.astype(jnp.int32),
+                           start + jnp.arange(C, dtype=jnp.int32)])[None]  # [1, R + C]
+    x = params["embed"][jnp.concatenate([tokens, chunk[0]])][None]  # [1, R + C, E]
+
+    def make_layer(sub, first):
+        def layer(i, p, carry):
+            (x, bufs), stack = carry
+            h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+            q, k, v = _project_qkv(p, config, h, pos, inv_freq)  # [1, *, R + C, D]
+            rows = (a[0, :, :R].swapaxes(0, 1) for a in (q, k, v))  # [R, *, D]
+            attn_d, stack = _decode_attention(config, sub, i - first, *rows, stack, positions)
+            attn_c, bufs = _chunk_attention(config, i, q[:, :, R:], k[:, :, R:], v[:, :, R:],
+                                            bufs, start, lengths, kernels)  # [1, H, C, D]
+            attn = jnp.concatenate([attn_d.reshape(R, H * D),
+                                    attn_c[0].swapaxes(0, 1).reshape(C, H * D)])
+            x = _add(x, linear(attn[None], p["wo"]))
+            return (_mlp_block(p, config, x), bufs), stack
+
+        return layer
+
+    (x, bufs), cache = _over_groups(params, config, plan, cache, (x, _chunk_bufs(state)),
+                                    make_layer)
+    state = _chunk_state(state, bufs, x[:, R:], start, lengths)
+    return unembed(params, config, x[0, :R]), cache, state

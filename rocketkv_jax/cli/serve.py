@@ -42,6 +42,11 @@ def _gib(value, name, error=ValueError, zero: bool = False) -> float:
     return checks.positive_number(value, name, error)
 
 
+def _stall(value, name, error=ValueError) -> float:
+    return checks.real(value, name, error, ok=lambda x: x == 0 or x > 1,
+                       rule="a finite number > 1, or 0 (always --mixed-chunk tokens)")
+
+
 def add_parser(sub):
     s = add_command(sub, "serve", help="serve a model over HTTP (OpenAI's API)",
                     description=SERVE_HELP, epilog=SERVE_EXAMPLES)
@@ -67,8 +72,18 @@ def add_parser(sub):
                    "Retry-After")
     s.add_argument("--prefill-chunk", type=flag(checks.prefill_chunk), default=256,
                    metavar="TOKENS",
-                   help="prompt tokens prefilled between two decode steps of the running "
-                   "requests (a long prompt never stalls them for its whole prefill)")
+                   help="prompt tokens per prefill chunk while no request decodes")
+    s.add_argument("--mixed-chunk", type=flag(checks.count, low=0), default=16,
+                   metavar="TOKENS",
+                   help="prompt tokens prefilled per decode step while requests decode, "
+                   "in the same program as their step (weights read once): smaller keeps "
+                   "their tokens flowing while a long prompt prefills, larger prefills it "
+                   "sooner; must divide --prefill-chunk; 0 = off (one --prefill-chunk "
+                   "between two decode steps); off under --mesh")
+    s.add_argument("--max-stall", type=flag(_stall, float), default=1.75, metavar="X",
+                   help="while a prompt prefills beside running requests, its chunk adapts "
+                   "(from --mixed-chunk up to --prefill-chunk) so that a decode step takes "
+                   "at most X times as long as without it; 0 = always --mixed-chunk tokens")
     s.add_argument("--kv-memory", type=flag(_gib, float), default=4.0, metavar="GiB",
                    help="device memory for the running requests' KV caches and the prefill "
                    "in flight; a request waits until its cache fits")
@@ -120,6 +135,9 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key (or ${API_KEY_ENV}) is empty; give a key or leave it out")
+    if args.mixed_chunk and args.prefill_chunk % args.mixed_chunk:
+        raise UserError(f"--mixed-chunk {args.mixed_chunk} must divide --prefill-chunk "
+                        f"{args.prefill_chunk} (chunks start at multiples of it)")
     from ..engine.scheduler import Engine  # the serving engine (issue 30)
 
     enable_compilation_cache(single_device=args.mesh is None)
@@ -127,7 +145,9 @@ def cmd_serve(args) -> int:
     model = load_model_on(args.model, mesh)
     gib = 2**30
     engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk, kernels=kernels, mesh=mesh,
+                    prefill_chunk=args.prefill_chunk, mixed_chunk=args.mixed_chunk,
+                    max_stall=args.max_stall or None,
+                    kernels=kernels, mesh=mesh,
                     kv_memory_bytes=int(args.kv_memory * gib),
                     prefix_cache_bytes=int(args.prefix_cache * gib))
     name = served_name(args.model)

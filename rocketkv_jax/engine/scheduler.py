@@ -17,6 +17,17 @@ One thread owns the device. Each turn of its loop:
 3. runs one decode step of every pool that has running rows, and hands each row's token
    to its request.
 
+While rows decode and no other request waits, the prefill chunk runs in the same program
+as one pool's decode step (`models.llama.forward_mixed`): the weights are read once for
+both, and the running requests' time per token grows by the chunk's own work only. Its
+size adapts to keep a turn within `max_stall` times a turn without it (measured once per
+set of pools): it starts at `mixed_chunk` tokens, doubles while a turn takes at most
+(1 + max_stall) / 2 of a plain turn (so the doubled chunk should still fit) and halves
+when a turn takes more than max_stall, between `mixed_chunk` and `prefill_chunk`. With
+nothing decoding, or with more requests waiting (each prefill finished adds a row to the
+decode batch, and a step of many rows costs little more than a step of one), the prefill
+runs `prefill_chunk` tokens at a time.
+
 A pool is one cache of R rows for one plan (the method, budget, prompt bucket and
 max-tokens bucket fix the plan, so every row of a pool has the same cache shapes); it
 grows 1, 2, 4, ... rows up to `slots` as requests join it, and is dropped when empty
@@ -35,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
 import threading
@@ -84,6 +94,35 @@ def tokens_bucket(n: int) -> int:
     while b < n:
         b *= 4
     return b
+
+
+def chunk_sizes(mixed_chunk: int, prefill_chunk: int) -> list[int]:
+    """The prefill chunk sizes an engine runs: mixed_chunk doubled while it divides
+    prefill_chunk, then prefill_chunk (only prefill_chunk when mixed_chunk is 0)."""
+    sizes = [mixed_chunk] if mixed_chunk else []
+    while sizes and sizes[-1] * 2 < prefill_chunk and prefill_chunk % (sizes[-1] * 2) == 0:
+        sizes.append(sizes[-1] * 2)
+    return [*sizes, prefill_chunk]
+
+
+def fit_chunk(sizes: list[int], want: int, start: int, S: int) -> int:
+    """The largest of `sizes` up to `want` that fits a prefill buffer of S positions from
+    `start` (a multiple of the smallest size, which always fits where start < S)."""
+    return max((c for c in sizes if c <= want and start + c <= S), default=sizes[0])
+
+
+def next_mixed_chunk(sizes: list[int], C: int, turn_s: float, plain_s: float,
+                     max_stall: float) -> int:
+    """The next mixed chunk after a turn with a chunk of C tokens took turn_s seconds,
+    against plain_s for the same turn without it: the next smaller size past max_stall,
+    the next larger where twice the chunk's own cost (2 turn_s - plain_s) would still be
+    within max_stall, else C."""
+    i = sizes.index(C)
+    if turn_s > max_stall * plain_s:
+        return sizes[max(0, i - 1)]
+    if 2 * turn_s - plain_s <= max_stall * plain_s:
+        return sizes[min(len(sizes) - 1, i + 1)]
+    return C
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -150,15 +189,22 @@ class Engine:
 
     slots: requests decoding at once (over all pools); max_queue: requests waiting
     beyond them before `submit` raises QueueFull; prefill_chunk: prompt tokens per
-    prefill chunk (smaller keeps the running requests' tokens flowing while a long
-    prompt prefills, larger prefills faster); kv_memory_bytes: the pools' caches plus
-    the prefill in flight; prefix_cache_bytes: full-KV prefixes kept for reuse (0: none);
-    kernels: the kernel backend (names.KERNEL_BACKENDS); fault_hook(stage, request_id):
-    called at "prefill" and "decode" of each request (tests inject failures with it).
+    prefill chunk while no request decodes; mixed_chunk: prompt tokens per turn while
+    requests decode, run in one program with their decode step (smaller keeps their
+    tokens flowing while a long prompt prefills, larger prefills faster; a divisor of
+    prefill_chunk; 0: off, the prefill then runs prefill_chunk tokens at a time in a
+    program of its own; one device only, so off under a mesh); max_stall: how much
+    longer than a plain decode turn a turn with a mixed chunk may take (the chunk adapts,
+    see above; None: always mixed_chunk tokens); kv_memory_bytes: the
+    pools' caches plus the prefill in flight; prefix_cache_bytes: full-KV prefixes kept
+    for reuse (0: none); kernels: the kernel backend (names.KERNEL_BACKENDS);
+    fault_hook(stage, request_id): called at "prefill" and "decode" of each request
+    (tests inject failures with it).
     """
 
     def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = 256, kv_memory_bytes: int = 4 * GiB,
+                 prefill_chunk: int = 256, mixed_chunk: int = 16,
+                 max_stall: float | None = 1.75, kv_memory_bytes: int = 4 * GiB,
                  prefix_cache_bytes: int = 1 * GiB, kernels: str = DEFAULT_KERNELS,
                  mesh=None, fault_hook: Callable[[str, str], None] | None = None):
         if not isinstance(config, ModelConfig):
@@ -167,6 +213,18 @@ class Engine:
         self.slots = checks.integer(slots, "slots", low=1)
         self.max_queue = checks.integer(max_queue, "max_queue", low=0)
         self.chunk = checks.integer(prefill_chunk, "prefill_chunk", low=1)
+        self.mixed_chunk = checks.integer(mixed_chunk, "mixed_chunk", low=0)
+        if self.mixed_chunk and self.chunk % self.mixed_chunk:
+            raise ValueError(f"mixed_chunk ({mixed_chunk}) must divide prefill_chunk "
+                             f"({prefill_chunk}): chunks start at multiples of it")
+        if max_stall is not None and (isinstance(max_stall, bool) or not isinstance(
+                max_stall, (int, float)) or not 1 < max_stall < float("inf")):
+            raise ValueError(f"max_stall must be a number > 1 or None, got {max_stall!r}")
+        self.max_stall = max_stall
+        self._sizes = chunk_sizes(self.mixed_chunk, self.chunk)
+        self._mixed_i = 0  # the mixed chunk's index in _sizes
+        self._plain_s: dict[tuple, float] = {}  # a plain turn's seconds per set of pools
+        self._compiled = False  # a program was compiled in this turn
         self.kv_memory = checks.integer(kv_memory_bytes, "kv_memory_bytes", low=1, high=1 << 62)
         self.prefix_limit = checks.integer(prefix_cache_bytes, "prefix_cache_bytes", low=0,
                                            high=1 << 62)
@@ -175,6 +233,10 @@ class Engine:
         self.mesh = mesh
         self._rows_step = 1  # pools grow in multiples of the data axis
         if mesh is not None:
+            if self.mixed_chunk:
+                log.info("mixed_chunk is off under a mesh (forward_mixed runs on one "
+                         "device): prefills run prefill_chunk tokens between decode steps")
+            self.mixed_chunk = 0
             shd.check_mesh(config, mesh)
             params = shd.place_params(params, config, mesh)
             self._rows_step = mesh.shape[shd.DATA]
@@ -189,6 +251,7 @@ class Engine:
         self._prefixes: collections.OrderedDict[int, _Prefix] = collections.OrderedDict()
         self._ids = itertools.count()
         self._programs: set = set()
+        self._cache_structs: dict = {}
         self._stopping = False
         self._closed = False
         self._counts = collections.Counter()
@@ -230,7 +293,8 @@ class Engine:
             return {
                 **{k: self._counts[k] for k in ("submitted", "finished", "cancelled",
                                                  "failed", "queue_full", "prefix_lookups",
-                                                 "prefix_hits", "prefix_hit_tokens")},
+                                                 "prefix_hits", "prefix_hit_tokens",
+                                                 "prefill_chunks", "mixed_chunks")},
                 "queued": len(self._queue),
                 "prefilling": int(self._prefilling is not None),
                 "running": self._busy(),
@@ -320,9 +384,12 @@ class Engine:
                         prefill_bytes=prefill_bytes, key=prng_key(request.seed),
                         submitted_at=time.perf_counter())
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019  (one engine per process; plans are small)
     def _cache_struct(self, plan, S, T, W):
-        return sp.cache_struct(self.config, plan, S, T, W, self._params_s, 1)
+        key = (plan, S, T, W)
+        if key not in self._cache_structs:
+            self._cache_structs[key] = sp.cache_struct(self.config, plan, S, T, W,
+                                                       self._params_s, 1)
+        return self._cache_structs[key]
 
     # ------------------------------------------------------------- memory
     def _busy(self) -> int:
@@ -376,7 +443,9 @@ class Engine:
         return shd.put_batch(x, self.mesh) if rows else shd.put_replicated(x, self.mesh)
 
     def _program(self, key, build):
-        self._programs.add(key)
+        if key not in self._programs:
+            self._programs.add(key)
+            self._compiled = True  # (or found compiled): this turn's time is not a step's
         return build()[0]
 
     # ------------------------------------------------------------- the loop
@@ -390,11 +459,36 @@ class Engine:
             if self._prefilling is None:
                 self._admit()
             r = self._prefilling
-            pools = [p for p in self._pools.values() if p.busy]
+            pools = [p for p in self._pools.values() if self._live(p)]
+            shape = tuple((p.key, len(p.rows)) for p in pools)
+            adapt = self.max_stall is not None
+            # with requests waiting behind it, a prefill runs whole chunks: each one
+            # finished adds a row to the decode batch, which costs little more per step
+            mixed = r is not None and pools and self.mixed_chunk and not self._queue
+            if mixed and adapt and shape not in self._plain_s:
+                r = None  # one plain turn first: what a turn costs without the chunk
+            t0, self._compiled = time.perf_counter(), False
+            if mixed and r is not None:
+                C = self._fit(r, self._sizes[self._mixed_i])
+                self._mixed_turn(r, pools[0], C)
+                for pool in pools[1:]:
+                    self._decode_step(pool)
+                if adapt and not self._compiled:
+                    self._adapt(C, time.perf_counter() - t0, self._plain_s[shape])
+                continue
             if r is not None:
                 self._guard(r, self._prefill_one_chunk)
             for pool in pools:
                 self._decode_step(pool)
+            if r is None and pools and not self._compiled:
+                self._plain_s[shape] = time.perf_counter() - t0
+
+    def _fit(self, r: _Request, want: int) -> int:
+        return fit_chunk(self._sizes, want, r.next_start, r.S)
+
+    def _adapt(self, C: int, turn_s: float, plain_s: float) -> None:
+        C = next_mixed_chunk(self._sizes, C, turn_s, plain_s, self.max_stall)
+        self._mixed_i = self._sizes.index(C)
 
     def _has_work(self) -> bool:
         return bool(self._queue or self._prefilling or any(p.busy for p in self._pools.values()))
@@ -447,18 +541,29 @@ class Engine:
         r.next_start, r.cached_tokens = start, start
 
     def _prefill_one_chunk(self, r: _Request) -> None:
-        C = self.chunk
+        """r's next prefill chunk in a program of its own: prefill_chunk tokens, or
+        mixed_chunk where a whole chunk no longer fits (after mixed turns)."""
+        s = r.next_start
+        C = self._fit(r, self.chunk)
         if self.fault_hook is not None:
             self.fault_hook("prefill", r.id)
-        chunk = self._program(("chunk", r.S, r.W), lambda: chunk_program(
+        chunk = self._program(("chunk", r.S, r.W, C), lambda: chunk_program(
             self.config, 1, C, r.S, r.W, self._params_s, self.mesh, self.prefill_kernels))
-        lengths = self._put(np.asarray([len(r.req.prompt)], np.int32))
-        s = r.next_start
         r.state = chunk(self.params, r.state, self._put(r.padded[:, s:s + C]),
-                        self._put(np.int32(s)), lengths)
-        r.next_start = s + C
+                        self._put(np.int32(s)), self._lengths(r))
+        self._counts["prefill_chunks"] += 1
+        self._after_chunk(r, C)
+
+    def _lengths(self, r: _Request):
+        return self._put(np.asarray([len(r.req.prompt)], np.int32))
+
+    def _after_chunk(self, r: _Request, C: int) -> None:
+        """r's chunk of C tokens ran; after its last one, compress r's prompt, sample its
+        first token and move it into its pool's row."""
+        r.next_start += C
         if r.next_start < len(r.req.prompt):
             return
+        lengths = self._lengths(r)
         self._keep_prefix(r)
         one_s = r.pool_key[1]
         finish = self._program(("finish", r.plan, r.S, r.T, r.W), lambda: sp.finish_program(
@@ -493,42 +598,88 @@ class Engine:
         while sum(p.nbytes for p in self._prefixes.values()) > self.prefix_limit:
             self._prefixes.popitem(last=False)
 
-    def _decode_step(self, pool: _Pool) -> None:
-        rows = pool.rows
-        R = len(rows)
+    @staticmethod
+    def _live(pool: _Pool) -> list[_Request]:
+        """The pool's decoding rows (a row may also be held by a request still
+        prefilling)."""
+        return [r for r in pool.rows if r is not None and r.phase == "decode"]
+
+    def _step_inputs(self, pool: _Pool, live: list[_Request]) -> list:
+        """The decode step's per-row inputs: token, position, PRNG seed and step,
+        temperature, top_k, top_p (unused rows get placeholders)."""
+        R = len(pool.rows)
         tokens, positions, steps = (np.zeros(R, np.int32) for _ in range(3))
         seeds = np.zeros((R, 2), np.uint32)
         temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
         top_k = np.zeros(R, np.int32)
-        live = [r for r in rows if r is not None and r.phase == "decode"]
-        if not live:
-            return
         for r in live:
             i, n = r.row, len(r.generated)
             tokens[i], positions[i] = r.generated[-1], len(r.req.prompt) + n - 1
             seeds[i], steps[i] = r.key, n
             s = r.req.sampling
             temperature[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
-        try:
-            step = self._program(("step", pool.plan, hashable_structs(pool.cache)),
-                                 lambda: sp.step_program(self.config, pool.plan,
-                                                         hashable_structs(pool.cache),
-                                                         self._params_s, self.mesh))
-            rows_in = [self._put(x, rows=True) for x in (tokens, positions, seeds, steps,
-                                                         temperature, top_k, top_p)]
-            nxt, pool.cache = step(self.params, pool.cache, *rows_in)
-            nxt = host_array(nxt)
-        except Exception as e:  # the pool's cache is gone with the failed step
-            with self._lock:
-                self._pools.pop(pool.key, None)
-            log.exception("decode step of a pool of %d rows failed", len(rows))
-            for r in live:
-                self._fail(r, f"decode step failed: {type(e).__name__}: {e}")
-            return
+        return [self._put(x, rows=True) for x in (tokens, positions, seeds, steps,
+                                                  temperature, top_k, top_p)]
+
+    def _step_failed(self, pool: _Pool, live: list[_Request], e: Exception) -> None:
+        """The pool's cache is gone with a failed step: drop the pool, fail its rows."""
+        with self._lock:
+            self._pools.pop(pool.key, None)
+        log.exception("decode step of a pool of %d rows failed", len(pool.rows))
+        for r in live:
+            self._fail(r, f"decode step failed: {type(e).__name__}: {e}")
+
+    def _emit_rows(self, live: list[_Request], nxt: np.ndarray) -> None:
         for r in live:
             if r.cancelled:
                 continue
             self._guard(r, lambda r: self._decode_hook_and_emit(r, int(nxt[r.row])))
+
+    def _decode_step(self, pool: _Pool) -> None:
+        live = self._live(pool)
+        if not live:
+            return
+        try:
+            cache_s = hashable_structs(pool.cache)
+            step = self._program(("step", pool.plan, cache_s), lambda: sp.step_program(
+                self.config, pool.plan, cache_s, self._params_s, self.mesh))
+            nxt, pool.cache = step(self.params, pool.cache, *self._step_inputs(pool, live))
+            nxt = host_array(nxt)
+        except Exception as e:
+            self._step_failed(pool, live, e)
+            return
+        self._emit_rows(live, nxt)
+
+    def _mixed_turn(self, r: _Request, pool: _Pool, C: int) -> None:
+        """One program for the pool's decode step and r's next C prompt tokens
+        (`forward_mixed`). A failure of the program fails r and the pool's rows (both
+        gave it their buffers); a failure in r's own fault hook fails r only."""
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("prefill", r.id)
+        except Exception as e:
+            log.exception("request %s failed", r.id)
+            self._fail(r, f"{type(e).__name__}: {e}")
+            self._decode_step(pool)
+            return
+        live, s = self._live(pool), r.next_start
+        try:
+            cache_s = hashable_structs(pool.cache)
+            mixed = self._program(
+                ("mixed", pool.plan, cache_s, r.S, r.W, C), lambda: sp.mixed_program(
+                    self.config, pool.plan, cache_s, r.S, r.W, C, self._params_s,
+                    self.prefill_kernels))
+            nxt, pool.cache, r.state = mixed(
+                self.params, pool.cache, *self._step_inputs(pool, live), r.state,
+                self._put(r.padded[:, s:s + C]), self._put(np.int32(s)), self._lengths(r))
+            nxt = host_array(nxt)
+        except Exception as e:
+            self._step_failed(pool, live, e)
+            self._fail(r, f"prefill failed: {type(e).__name__}: {e}")
+            return
+        self._counts["mixed_chunks"] += 1
+        self._emit_rows(live, nxt)
+        self._guard(r, lambda r: self._after_chunk(r, C))
 
     def _decode_hook_and_emit(self, r: _Request, token: int) -> None:
         if self.fault_hook is not None:

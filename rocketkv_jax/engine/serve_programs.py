@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from .. import sharding as shd
 from ..models.config import ModelConfig
-from ..models.llama import PrefillState, forward_decode, prefill_finish
+from ..models.llama import PrefillState, forward_decode, forward_mixed, prefill_finish
 from .compile import compile_program, hashable_structs, program_cache, unflatten
 from .programs import prefill_state_shardings, prefill_state_struct
 
@@ -192,6 +192,36 @@ def step_program(config: ModelConfig, plan, cache_s: tuple, params_s, mesh=None)
             _struct((R,), i32, mesh, data), _struct((R,), f32, mesh, data))
     out = None if mesh is None else (_spec(mesh, data), pool)
     return compile_program("serve_step", step, args, out_shardings=out, donate_argnums=(1,))
+
+
+@program_cache(maxsize=64)
+def mixed_program(config: ModelConfig, plan, cache_s: tuple, S: int, W: int, C: int, params_s,
+                  kernels: str = "auto"):
+    """(params, cache, tokens [R], positions [R], seeds [R, 2], steps [R], temperature [R],
+    top_k [R], top_p [R], state, chunk [1, C], start [], lengths [1]) -> (next tokens [R],
+    cache, state): `step_program`'s decode step and `chunk_program`'s prefill chunk (a
+    one-row state of S positions, W window queries) as one program, `forward_mixed`, so
+    the weights are read once for both. One device (no mesh)."""
+    cache = unflatten(cache_s)
+    R = jax.tree.leaves(cache)[0].shape[1]
+
+    def mixed(params, cache, tokens, positions, seeds, steps, temperature, top_k, top_p,
+              state, chunk, start, lengths):
+        logits, cache, state = forward_mixed(params, config, tokens, positions, cache, plan,
+                                             state, chunk, start, lengths, kernels=kernels)
+        nxt = sample_rows(logits, step_keys(seeds, steps), temperature, top_k, top_p)
+        return nxt, cache, state
+
+    f32, i32, u32 = jnp.float32, jnp.int32, jnp.uint32
+    rows = (jax.ShapeDtypeStruct((R,), i32), jax.ShapeDtypeStruct((R,), i32),
+            jax.ShapeDtypeStruct((R, 2), u32), jax.ShapeDtypeStruct((R,), i32),
+            jax.ShapeDtypeStruct((R,), f32), jax.ShapeDtypeStruct((R,), i32),
+            jax.ShapeDtypeStruct((R,), f32))
+    args = (unflatten(params_s), cache, *rows,
+            prefill_state_struct(config, 1, S, W, params_s, None),
+            jax.ShapeDtypeStruct((1, C), i32), jax.ShapeDtypeStruct((), i32),
+            jax.ShapeDtypeStruct((1,), i32))
+    return compile_program("serve_mixed", mixed, args, donate_argnums=(1, 9))
 
 
 @program_cache(maxsize=64)

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from rocketkv_jax.engine.generate import generate_ids
-from rocketkv_jax.engine.scheduler import Engine, common_prefix, reuse_point
+from rocketkv_jax.engine.scheduler import (
+    Engine,
+    chunk_sizes,
+    common_prefix,
+    fit_chunk,
+    next_mixed_chunk,
+    reuse_point,
+)
 from rocketkv_jax.engine.serve_programs import sample_rows
 from rocketkv_jax.engine.serving_api import (
     EngineStopping,
@@ -89,6 +96,21 @@ def test_reuse_point_keeps_the_window_and_whole_chunks():
     assert reuse_point(shared=100, prompt_len=101, window=0, chunk=25) == 100
 
 
+def test_mixed_chunk_sizes_fit_and_adapt():
+    assert chunk_sizes(16, 256) == [16, 32, 64, 128, 256]
+    assert chunk_sizes(16, 96) == [16, 32, 96] and chunk_sizes(0, 256) == [256]
+    sizes = chunk_sizes(16, 256)
+    assert fit_chunk(sizes, 256, 0, 512) == 256 and fit_chunk(sizes, 64, 0, 512) == 64
+    assert fit_chunk(sizes, 256, 448, 512) == 64  # no more than the buffer holds
+    assert fit_chunk(sizes, 256, 496, 512) == 16
+    # a plain turn of 1 s, max_stall 2: grow while doubling the chunk's cost still fits
+    assert next_mixed_chunk(sizes, 32, 1.4, 1.0, 2.0) == 64  # 2 * 0.4 + 1 = 1.8
+    assert next_mixed_chunk(sizes, 32, 1.6, 1.0, 2.0) == 32  # 2.2 would not fit
+    assert next_mixed_chunk(sizes, 32, 2.1, 1.0, 2.0) == 16
+    assert next_mixed_chunk(sizes, 16, 3.0, 1.0, 2.0) == 16
+    assert next_mixed_chunk(sizes, 256, 1.1, 1.0, 2.0) == 256
+
+
 def test_sample_rows_equals_sample_row_by_row():
     V = 300
     logits = jax.random.normal(jax.random.key(0), (5, V)) * 3
@@ -124,6 +146,10 @@ def test_concurrent_requests_get_generates_tokens(smol, prompts):
                                     "cached_prompt_tokens": 0}
         # a pool per plan: rocketkv at two prompt buckets, and full
         assert engine.stats()["pools"] == len({m.plan for m in engine._pools.values()}) == 3
+        # the later prompts prefilled partly in mixed turns (16 tokens beside the running
+        # rows' decode step), partly alone (128 at a time) once nothing decoded
+        s = engine.stats()
+        assert s["mixed_chunks"] > 0 and s["prefill_chunks"] > 0, s
         assert_clean(engine)
     finally:
         engine.close()
@@ -216,6 +242,36 @@ def test_cancel_fault_and_queue(smol, prompts):
     finally:
         gate.set()
         engine.close()
+
+
+def test_a_fault_in_a_mixed_turn_fails_its_request_only(smol, prompts):
+    """The prefill of a request that fails inside a mixed turn (its chunk beside another
+    request's decode step) ends that request alone: the decoding one gets all of
+    generate's tokens."""
+    bad = set()
+
+    def hook(stage, rid):
+        if rid in bad and stage == "prefill":
+            raise RuntimeError("injected fault")
+
+    want = generate_ids(smol.params, smol.config, [prompts[2]], make_method("rocketkv", 256),
+                        max_new_tokens=64).tokens[0]
+    engine = Engine(smol.params, smol.config, slots=2, prefill_chunk=128, fault_hook=hook)
+    try:
+        running = Collect()
+        engine.submit(ServeRequest(tuple(prompts[2]), 64), running)
+        while not running.tokens:
+            assert not running.ended.wait(0.05)
+        failing = Collect()
+        bad.add(engine.submit(ServeRequest(tuple(prompts[0]), N), failing).id)
+        assert failing.ended.wait(300) and failing.last.kind == "error"
+        assert "injected fault" in failing.last.error
+        assert running.ended.wait(300) and running.tokens == want
+        assert_clean(engine)
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="must divide prefill_chunk"):
+        Engine(smol.params, smol.config, prefill_chunk=128, mixed_chunk=48)
 
 
 def test_bad_requests_are_refused_with_what_to_fix(smol, prompts):

@@ -174,3 +174,25 @@ def test_every_backend_name_matches_reference():
                                 kernels=backend)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert_matches(out, want, seen, [40, 29], 16, jnp.float32)
+
+
+@pytest.mark.parametrize("block_k", [16, 24], ids=["whole_blocks", "partial_last_block"])
+def test_layer_of_a_stack_matches_that_layer(block_k):
+    """`layer=`: k, v as every layer's [Ly, B, K, S, D] (how the chunked prefill holds its
+    buffers) give what the layer's own [B, K, S, D] gives, for every backend name."""
+    rng = np.random.default_rng(11)
+    q, _, _, lens = make_case(5, 2, 2, 3, 16, 64, 64, jnp.float32, [64, 40])
+    k_all = jnp.asarray(random_normal(rng, (3, 2, 2, 64, 64)), jnp.float32)
+    v_all = jnp.asarray(random_normal(rng, (3, 2, 2, 64, 64)), jnp.float32)
+    for layer in (0, 2):
+        want, seen = ref_prefill(q, k_all[layer], v_all[layer], [64, 40], 30, 12)
+        f = jax.jit(lambda i: prefill_attention_reference(  # noqa: B023
+            q, k_all, v_all, lens, 30, sliding_window=12, block_q=16, block_k=block_k,
+            layer=i))
+        assert_matches(f(jnp.int32(layer)), want, seen, [64, 40], 30, jnp.float32)
+        for backend in ("reference", "interpret"):
+            out = prefill_attention(q, k_all, v_all, lens, 30, sliding_window=12,
+                                    kernels=backend, layer=layer)
+            assert_matches(out, want, seen, [64, 40], 30, jnp.float32)
+    with pytest.raises(ValueError, match=r"\[Ly, B, K, S, D\]"):
+        prefill_attention_reference(q, k_all[0], v_all[0], lens, layer=0)
