@@ -86,3 +86,31 @@ def test_prefill_memory_is_linear_in_T():
     assert dense > 4 * 2**30
     assert ours < 128 * 2**20, ours
     assert ours32 < 2.2 * ours, (ours, ours32)
+
+
+def test_a_chunk_does_not_copy_a_layer_of_the_buffers():
+    """Each layer's attention reads its key blocks from the stacked [Ly, B, K, S, D]
+    buffers where they lie: slicing the layer out first makes XLA:CPU copy all S of its
+    positions at every chunk, however few the chunk sees (found in the optimized HLO)."""
+    import re
+
+    from rocketkv_jax.models.llama import init_prefill_state, prefill_chunk
+    from rocketkv_jax.models.params import random_params
+
+    config = ModelConfig(
+        model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=256,
+        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
+        rope_theta=1e4, max_position_embeddings=8192, tie_word_embeddings=False)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          random_params(config))
+    S, C = 4096, 32
+    state = jax.eval_shape(lambda: init_prefill_state(config, 1, S, 8, jnp.float32))
+    chunk = jax.jit(lambda p, st, t, s, n: prefill_chunk(p, config, st, t, s, n,
+                                                         kernels="reference")[0],
+                    donate_argnums=(1,))
+    i32 = jnp.int32
+    hlo = chunk.lower(params, state, jax.ShapeDtypeStruct((1, C), i32),
+                      jax.ShapeDtypeStruct((), i32),
+                      jax.ShapeDtypeStruct((1,), i32)).compile().as_text()
+    layer = r"= f32\[(1,)?1,2,4096,32\]\{[0-9,]*\} (fusion|dynamic-slice|copy)\("
+    assert re.findall(layer, hlo) == []
