@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -43,6 +44,8 @@ import numpy as np
 
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
+from rocketkv_jax.models.params import unstack_layers
+from rocketkv_jax.names import WEIGHT_LAYOUTS
 
 
 def span(text: str, name: str) -> tuple[int, int]:
@@ -107,7 +110,7 @@ class Server:
                "--port", str(self.port), "--slots", str(args.slots),
                "--prefill-chunk", str(args.prefill_chunk), "--mixed-chunk",
                str(args.mixed_chunk), "--max-stall", str(args.max_stall), "--max-queue", "256",
-               "--prefix-cache", str(args.prefix_cache)]
+               "--prefix-cache", str(args.prefix_cache), "--weight-layout", args.weight_layout]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 600
@@ -293,6 +296,9 @@ def main(argv=None) -> int:
     # would reuse the first's prefixes, which static batching cannot
     ap.add_argument("--prefix-cache", type=float, default=0.0,
                     help="the server's --prefix-cache in GiB (default 0: off)")
+    ap.add_argument("--weight-layout", default="auto", choices=("auto", *WEIGHT_LAYOUTS),
+                    help="the weights' layout for the server and the static batches, as "
+                    "generate and serve take it (default: auto, per-layer here)")
     ap.add_argument("--leak-requests", type=int, default=500)
     ap.add_argument("--phases", default="static,serve,prefill,leak")
     ap.add_argument("--out", default=None)
@@ -313,6 +319,8 @@ def main(argv=None) -> int:
     from rocketkv_jax.model_store import load_model
 
     model = load_model(args.model, progress=False)
+    if args.weight_layout in ("auto", "per-layer"):  # one device: what generate runs
+        model = dataclasses.replace(model, params=unstack_layers(model.params))
     rng = np.random.default_rng(0)
     lengths = spread(p_lo, p_hi, args.requests)
     rng.shuffle(lengths)

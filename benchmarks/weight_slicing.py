@@ -8,13 +8,17 @@ The decoders keep each weight as one array over all layers and loop over the lay
 `lax.fori_loop`, indexing `w[i]` (models/llama.py). XLA:CPU cannot hand a slice at a
 traced offset to its matmul: it copies the slice into a fresh buffer first (a
 `dynamic-slice` loop fusion before the dot), so the weights cross memory three times
-(read, write, read) instead of once. This script times `x @ w[i]` over the layers three
+(read, write, read) instead of once. This script times `x @ w[i]` over the layers four
 ways on the same weights, [batch, hidden] @ [hidden, ffn] (Llama-3.1-8B's MLP shape by
 default, float32):
 
   traced index  lax.fori_loop over the stacked array, as the decoders do
   static index  a Python loop over w[0], w[1], ... of the stacked array
   separate      a Python loop over one array per layer (no slicing at all)
+
+  switch        lax.fori_loop over one array per layer, each matmul in a lax.switch
+                with a branch per layer: the form models.llama.loop_layers runs
+                per-layer weights in (no slicing, and no unrolling)
 
 and counts the weight-sized copy fusions in each compiled program. Each row prints the
 median step time, the weight bytes / time (GB/s, weights read once) and the ratio to the
@@ -38,6 +42,7 @@ import numpy as np
 from rocketkv_jax.bench.grid import machine_line
 from rocketkv_jax.bench.measure import measure_bandwidth
 from rocketkv_jax.bench.xla_stats import copy_fusions
+from rocketkv_jax.models import layers
 
 
 def _traced(w, x):
@@ -61,6 +66,13 @@ def _separate(ws, x):
     return h
 
 
+def _switch(ws, x):
+    def body(i, h):
+        return h + layers.linear(x, layers.LayerWeight(tuple(ws), i))[:, : h.shape[1]]
+
+    return jax.lax.fori_loop(0, len(ws), body, jnp.zeros((x.shape[0], x.shape[1])))
+
+
 def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[dict]:
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((layers, hidden, ffn), dtype=np.float32) * 0.01)
@@ -69,7 +81,7 @@ def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[
     weight_bytes = layers * hidden * ffn * 4
     rows = []
     for name, fn, arg in (("traced index", _traced, w), ("static index", _static, w),
-                          ("separate", _separate, ws)):
+                          ("switch", _switch, ws), ("separate", _separate, ws)):
         compiled = jax.jit(fn).lower(arg, x).compile()
         compiled(arg, x).block_until_ready()
         times = []

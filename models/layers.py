@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -18,6 +19,26 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (xf * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerWeight:
+    """One weight of several layers, each its own array, at a traced layer index (an index
+    into `arrays`). `linear` multiplies by it in a `lax.switch` with one branch per layer,
+    and each branch's matmul reads its layer's array where it lies. On XLA:CPU a weight
+    taken out of a stacked array at a traced index, or returned by a switch, is copied
+    into a fresh buffer before the matmul (benchmarks/weight_slicing.py)."""
+
+    arrays: tuple[jax.Array, ...]
+    index: jax.Array
+
+    @property
+    def dtype(self):
+        return self.arrays[0].dtype
+
+    @property
+    def shape(self):
+        return self.arrays[0].shape
+
+
 def linear(x: jax.Array, w: jax.Array, *, w_transposed: bool = False) -> jax.Array:
     """x [..., E] @ w [E, F] (or @ w.T for w [F, E] with `w_transposed`, a tied LM head)
     -> [..., F] float32: the inputs multiplied in their own dtype, accumulated and returned
@@ -31,8 +52,12 @@ def linear(x: jax.Array, w: jax.Array, *, w_transposed: bool = False) -> jax.Arr
         `w.T` converts all of w; w [F, E] is contracted on its own last axis instead;
       - more than one row: a one-row dot goes to XLA's loop emitter, which converts the
         weight to f32 again; one row of zeros makes it a two-row GEMM.
-    f32 weights keep the plain matmul.
+    f32 weights keep the plain matmul. A `LayerWeight` w is multiplied inside a switch
+    over its layers.
     """
+    if isinstance(w, LayerWeight):
+        return jax.lax.switch(w.index, [functools.partial(linear, w=a, w_transposed=w_transposed)
+                                        for a in w.arrays], x)
     if w.dtype == jnp.float32:
         return jnp.matmul(x, w.T if w_transposed else w, preferred_element_type=jnp.float32)
     lead = x.shape[:-1]

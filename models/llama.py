@@ -4,10 +4,10 @@ The forward is a pure function of (params, config, tokens, positions, cache, pla
 KV method is passed in as a resolved plan with three pure functions (`compress` once
 after prefill, `append` and `attend` at every decode step); the model never branches on
 which method it is. Caches are stacked on a leading layer axis. Params come in one of two
-layouts (`loop_layers`): stacked on a leading layer axis, where the layers run in one
-`lax.fori_loop` and compile time does not grow with depth, or one dict per layer
-(`models.params.unstack_layers`), where the loop is unrolled so that each matmul reads its
-layer's own array (on XLA:CPU, slicing the stacked weights copies them first). At decode
+layouts, both run in one `lax.fori_loop` over the layers (`loop_layers`): stacked on a
+leading layer axis, or one dict per layer (`models.params.unstack_layers`), where each
+matmul reads its layer's own array through a switch over the layers (on XLA:CPU, slicing
+the stacked weights copies them first). At decode
 the stacked cache is the loop carry: each layer writes its new token into it in place and
 attends on its own slice, so a step reads the cache once instead of copying every layer in
 and out of the loop.
@@ -34,6 +34,7 @@ from ..kernels.backend import check_backend_name
 from ..kernels.prefill_attention import prefill_attention
 from .config import ModelConfig
 from .layers import (
+    LayerWeight,
     as_bits,
     attention_mask,
     bf16_moves_in_f32,
@@ -50,28 +51,31 @@ Params = dict[str, Any]
 
 
 def loop_layers(layers, start: int, stop: int, body, carry):
-    """carry = body(i, p, carry) for layers i in [start, stop), p layer i's weights.
+    """carry = body(i, p, carry) for layers i in [start, stop), p layer i's weights, in one
+    `lax.fori_loop` (i traced), so compile time does not grow with depth.
 
-    layers: params["layers"], either stacked (a dict of [L, ...] arrays: one
-    `lax.fori_loop`, i traced, p sliced out of the stack) or per layer (a tuple of dicts:
-    a Python loop, i a static int, p that layer's own arrays). XLA:CPU copies a weight
-    slice taken at a loop index into a fresh buffer before its matmul (benchmarks/
-    weight_slicing.py measures it); unrolling over separate arrays avoids the copy at the
-    cost of compile time that grows with depth.
+    layers: params["layers"], either stacked (a dict of [L, ...] arrays: p's arrays are
+    sliced out of the stacks) or per layer (a tuple of dicts, each its own arrays: p's
+    matrices are `LayerWeight`s, which `linear` multiplies in a switch over the layers, and
+    its vectors are sliced from small stacks). XLA:CPU copies a weight slice taken at a
+    loop index into a fresh buffer before its matmul (benchmarks/weight_slicing.py); the
+    per-layer switch reads each layer's own array in place.
     """
     if isinstance(layers, (tuple, list)):
-        for i in range(start, stop):
-            # Tie the carry together before each layer, as a loop iteration would: a cache
-            # write that does not depend on the layer's activations (the positions) could
-            # otherwise run before the previous layer's reads, and XLA would copy the whole
-            # stacked buffer to keep those reads correct.
-            carry = body(i, layers[i], jax.lax.optimization_barrier(carry))
-        return carry
+        group = layers[start:stop]
+        mats = {n for n, a in group[0].items() if a.ndim >= 2}
+        small = {n: jnp.stack([g[n] for g in group]) for n in group[0] if n not in mats}
+        arrays = {n: tuple(g[n] for g in group) for n in mats}
 
-    def step(i, c):
-        return body(i, jax.tree.map(lambda a: index_layer(a, i), layers), c)
+        def layer(i):
+            j = i - start
+            return {**{n: LayerWeight(a, j) for n, a in arrays.items()},
+                    **{n: index_layer(a, j) for n, a in small.items()}}
+    else:
+        def layer(i):
+            return jax.tree.map(lambda a: index_layer(a, i), layers)
 
-    return jax.lax.fori_loop(start, stop, step, carry)
+    return jax.lax.fori_loop(start, stop, lambda i, c: body(i, layer(i), c), carry)
 
 
 def index_layer(stacked: jax.Array, i) -> jax.Array:

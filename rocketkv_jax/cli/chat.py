@@ -25,6 +25,7 @@ from .common import (
     add_method_args,
     add_sampling_args,
     flag,
+    load_model_on,
     method_from_flags,
 )
 from .streaming import Streamer
@@ -172,7 +173,6 @@ def cmd_chat(args) -> int:
     from ..chat_turns import TurnEncoder
     from ..engine.compile import enable_compilation_cache
     from ..engine.conversation import Conversation
-    from ..model_store import load_model
     from ..sampling import Sampling
     from ..tokenizer import TokenizerError
 
@@ -189,7 +189,7 @@ def cmd_chat(args) -> int:
     if args.system is not None:
         check_utf8(args.system, "--system", UserError)
     enable_compilation_cache()
-    model = load_model(args.model)
+    model = load_model_on(args.model, None)  # per-layer weights on one device
     tok, config = model.tokenizer, model.config
     ctx = config.max_position_embeddings
     capacity = args.capacity if args.capacity is not None else min(ctx, 8192)

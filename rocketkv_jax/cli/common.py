@@ -85,6 +85,19 @@ def add_kernels_arg(p) -> None:
                    help=KERNELS_HELP)
 
 
+def add_weight_layout_arg(p) -> None:
+    """`--weight-layout` of generate and serve (`weight_layout`)."""
+    from ..names import WEIGHT_LAYOUTS
+
+    p.add_argument(
+        "--weight-layout", default="auto", choices=("auto", *WEIGHT_LAYOUTS),
+        help="stacked: each weight one array over all layers; per-layer: one array per "
+        "layer, so on CPU each matmul reads its layer's weights in place instead of a "
+        "copied slice (faster decode, a little longer to compile; one device only; numbers "
+        "in docs/benchmarks.md); auto: per-layer on one device, stacked with --mesh "
+        "(default: auto)")
+
+
 def kernels_from_flag(kernels: str) -> str:
     """--kernels, refused (UserError naming what this machine has) where it cannot run."""
     from ..kernels.backend import KernelsUnavailableError, check_available
@@ -169,11 +182,28 @@ PREFILL_CHUNK_FLAG = flag(checks.prefill_chunk, chunk_flag, off="0")
 
 
 # ------------------------------------------------------------------ devices
-def load_model_on(model: str | None, mesh, **kwargs):
-    """`load_model(model)`, restored straight into `mesh`'s parameter shardings when a
-    mesh is given (orbax restores each shard where it belongs)."""
-    from ..model_store import load_model
+def weight_layout(flag: str, mesh) -> str:
+    """--weight-layout -> the layout to run: "auto" is per-layer on one device (each
+    matmul reads its layer's own array; benchmarks/weight_layout.py) and stacked under a
+    mesh, whose sharding rules are for stacked weights."""
+    if flag == "auto":
+        return "stacked" if mesh is not None else "per-layer"
+    if flag == "per-layer" and mesh is not None:
+        raise UserError("--weight-layout per-layer runs on one device; drop --mesh or use "
+                        "--weight-layout stacked (the sharding rules are for stacked weights)")
+    return flag
 
+
+def load_model_on(model: str | None, mesh, *, layout: str = "auto", **kwargs):
+    """`load_model(model)`, restored straight into `mesh`'s parameter shardings when a
+    mesh is given (orbax restores each shard where it belongs), its weights in `layout`
+    (a --weight-layout value)."""
+    import dataclasses
+
+    from ..model_store import load_model
+    from ..models.params import unstack_layers
+
+    layout = weight_layout(layout, mesh)
     shardings = None
     if mesh is not None:
         from .. import sharding
@@ -182,7 +212,10 @@ def load_model_on(model: str | None, mesh, **kwargs):
 
         config = read_checkpoint_config(resolve_model(model))
         shardings = sharding.param_shardings(config, mesh)
-    return load_model(model, shardings=shardings, **kwargs)
+    m = load_model(model, shardings=shardings, **kwargs)
+    if layout == "per-layer":
+        m = dataclasses.replace(m, params=unstack_layers(m.params))
+    return m
 
 
 def mesh_from_flag(spec: str | None):

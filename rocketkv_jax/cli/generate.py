@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from .. import checks
-from ..names import DEFAULT_PREFILL_CHUNK, WEIGHT_LAYOUTS
+from ..names import DEFAULT_PREFILL_CHUNK
 from ..user_text import check_prompt, check_utf8, decode_utf8, read_text_file
 from .common import (
     PREFILL_CHUNK_FLAG,
@@ -16,6 +15,7 @@ from .common import (
     add_command,
     add_method_args,
     add_sampling_args,
+    add_weight_layout_arg,
     flag,
     load_model_on,
     mesh_from_flag,
@@ -81,14 +81,7 @@ def add_parser(sub):
         "heads / KV heads and the MLP over 'model' (default: one device). On several "
         "hosts, every process runs the same command after jax.distributed.initialize()",
     )
-    g.add_argument(
-        "--weight-layout", default="stacked", choices=WEIGHT_LAYOUTS,
-        help="stacked: each weight one array over all layers, the layers one compiled loop "
-        "(fast to compile); per-layer: one array per layer and the loop unrolled, so on CPU "
-        "each matmul reads its layer's weights in place instead of a copied slice (faster "
-        "decode where weights dominate a step, compile time grows with depth; one device "
-        "only; numbers in docs/benchmarks.md) (default: stacked)",
-    )
+    add_weight_layout_arg(g)
     g.set_defaults(func=cmd_generate)
     return g
 
@@ -165,15 +158,8 @@ def cmd_generate(args) -> int:
     enable_compilation_cache(single_device=args.mesh is None)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     mesh = mesh_from_flag(args.mesh)
-    if args.weight_layout == "per-layer" and mesh is not None:
-        raise UserError("--weight-layout per-layer runs on one device; drop --mesh or use "
-                        "--weight-layout stacked (the sharding rules are for stacked weights)")
-    model = load_model_on(args.model, mesh, check_weights=args.check_weights,
-                          reconvert=args.reconvert)
-    if args.weight_layout == "per-layer":
-        from ..models.params import unstack_layers
-
-        model = dataclasses.replace(model, params=unstack_layers(model.params))
+    model = load_model_on(args.model, mesh, layout=args.weight_layout,
+                          check_weights=args.check_weights, reconvert=args.reconvert)
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     for i, row in enumerate(ids):  # every prompt, before the first batch prints anything

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from .. import checks
 from ..names import METHOD_NAMES
-from .common import UserError, add_command, add_kernels_arg, flag, load_model_on, mesh_from_flag
+from .common import (
+    UserError,
+    add_command,
+    add_kernels_arg,
+    add_weight_layout_arg,
+    flag,
+    load_model_on,
+    mesh_from_flag,
+)
 
 SERVE_HELP = """Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and
 /v1/completions (streaming or not), GET /v1/models and GET /health. Requests from many
@@ -101,6 +109,7 @@ def add_parser(sub):
                    "rows over 'data', attention heads / KV heads and the MLP over 'model' "
                    "(default: one device); --slots is rounded up to a multiple of 'data'")
     add_kernels_arg(s)
+    add_weight_layout_arg(s)
     s.set_defaults(func=cmd_serve)
     return s
 
@@ -142,7 +151,7 @@ def cmd_serve(args) -> int:
 
     enable_compilation_cache(single_device=args.mesh is None)
     mesh = mesh_from_flag(args.mesh)
-    model = load_model_on(args.model, mesh)
+    model = load_model_on(args.model, mesh, layout=args.weight_layout)
     gib = 2**30
     engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, mixed_chunk=args.mixed_chunk,

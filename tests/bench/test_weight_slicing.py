@@ -1,7 +1,8 @@
-"""benchmarks/weight_slicing.py: the three ways of reading per-layer weights compute the
+"""benchmarks/weight_slicing.py: the four ways of reading per-layer weights compute the
 same product (numpy), and XLA:CPU's compiled programs copy a traced-index slice of the
-stacked weights before the matmul and nothing when each layer has its own array (what
-docs/benchmarks.md's explanation of the decode roofline gap rests on)."""
+stacked weights before the matmul and nothing when each layer has its own array, unrolled
+or in a loop through the per-layer switch (what docs/benchmarks.md's explanation of the
+decode roofline gap, and the per-layer layout, rest on)."""
 
 from __future__ import annotations
 
@@ -16,32 +17,36 @@ from rocketkv_jax.bench.xla_stats import copy_fusions
 ws = load_script("weight_slicing")
 
 
-def test_the_three_ways_agree_with_numpy():
+def test_the_four_ways_agree_with_numpy():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((3, 32, 48), dtype=np.float32)
     x = rng.standard_normal((4, 32), dtype=np.float32)
     want = sum(x @ w[i] for i in range(3))[:, :32]
     for got in (ws._traced(jnp.asarray(w), jnp.asarray(x)),
                 ws._static(jnp.asarray(w), jnp.asarray(x)),
+                ws._switch([jnp.asarray(w[i]) for i in range(3)], jnp.asarray(x)),
                 ws._separate([jnp.asarray(w[i]) for i in range(3)], jnp.asarray(x))):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_traced_slice_is_copied_and_separate_arrays_are_not():
+@pytest.mark.parametrize("batch", [1, 8])
+def test_a_traced_slice_is_copied_and_separate_arrays_are_not(batch):
     w = jnp.ones((2, 64, 96), jnp.float32)
-    x = jnp.ones((8, 64), jnp.float32)
+    x = jnp.ones((batch, 64), jnp.float32)
     traced = jax.jit(ws._traced).lower(w, x).compile().as_text()
-    separate = jax.jit(ws._separate).lower([w[0], w[1]], x).compile().as_text()
     assert copy_fusions(traced, (64, 96)) >= 1
-    assert copy_fusions(separate, (64, 96)) == 0
+    for way in (ws._separate, ws._switch):
+        text = jax.jit(way).lower([w[0], w[1]], x).compile().as_text()
+        assert copy_fusions(text, (64, 96)) == 0
+    assert " conditional(" in jax.jit(ws._switch).lower([w[0], w[1]], x).compile().as_text()
 
 
-def test_quick_run_prints_three_rows(capsys):
+def test_quick_run_prints_four_rows(capsys):
     assert ws.main(["--quick"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()
-            if line.startswith(("traced", "static", "separate"))]
-    assert [r[0] for r in rows] == ["traced", "static", "separate"]
+            if line.startswith(("traced", "static", "switch", "separate"))]
+    assert [r[0] for r in rows] == ["traced", "static", "switch", "separate"]
     assert float(rows[-1][-1]) == 1.0  # the baseline row
 
 

@@ -1,10 +1,13 @@
-"""Per-layer weights (`unstack_layers`): the model unrolls its layer loop over one array per
-layer instead of slicing stacked [L, ...] weights in a `lax.fori_loop`.
+"""Per-layer weights (`unstack_layers`): the model's layer loop multiplies by one array per
+layer (a switch over the layers in the `lax.fori_loop`) instead of slicing stacked
+[L, ...] weights.
 
 The two layouts must compute the same thing (the stacked layout is checked against
 transformers in test_parity.py), and the per-layer one must do what it is for: no copy of
 a layer's weights before its matmuls (and still no copy of the stacked KV cache:
 test_decode_inplace.py runs its no-copy check on both layouts)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -92,10 +95,10 @@ def test_per_layer_decode_copies_no_weights_where_stacked_does():
     assert copy_fusions(per.as_text(), gate) == 0
 
 
-def test_unrolled_cache_writes_copy_no_stacked_buffer():
-    """The position write of layer i+1 does not depend on layer i's activations; without
-    the barrier in `loop_layers` XLA may run it before layer i reads the positions and
-    copies the whole stacked array to keep that read right (once per layer)."""
+def test_per_layer_cache_writes_copy_no_stacked_buffer():
+    """The position write of layer i+1 does not depend on layer i's activations; were the
+    loop unrolled, XLA could run it before layer i reads the positions and copy the whole
+    stacked array to keep that read right (once per layer)."""
     T, B = 256, 2
     plan = make_method("full").plan(CONFIG, T, 8)
     compiled = _compiled_step(unstack_layers(random_params(CONFIG)), plan, T, B)
@@ -108,3 +111,23 @@ def test_unrolled_cache_writes_copy_no_stacked_buffer():
               if " copy(" in line and any(f"[{s}]" in line.split("copy(")[0] or
                                           f"[{s},1]" in line.split("copy(")[0] for s in shapes)]
     assert len(copies) <= 1, copies  # one copy of the positions passed in; was 1 per layer
+
+
+def test_per_layer_compiles_one_layer_body_whatever_the_depth():
+    """The per-layer layout keeps the layer loop (compile time that does not grow with
+    depth): the decode step's softmax exponentials, one set per layer body, are as many at
+    6 layers as at 2, as with stacked weights."""
+    def exps(num_layers, layout):
+        config = dataclasses.replace(CONFIG, num_layers=num_layers)
+        params = random_params(config)
+        if layout == "per-layer":
+            params = unstack_layers(params)
+        plan = make_method("full").plan(config, 256, 8)
+        tokens = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+        row = jax.ShapeDtypeStruct((2,), jnp.int32)
+        cache = jax.eval_shape(make_prefill(config, plan), params, tokens, row)[1]
+        text = make_decode_step(config, plan).lower(params, row, row, cache).as_text()
+        return text.count("exponential")
+
+    per = [exps(n, "per-layer") for n in (2, 6)]
+    assert per[0] == per[1] == exps(6, "stacked") > 0, per
