@@ -186,13 +186,16 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
 
 def place_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     """Move params onto `mesh` by the rules; leaves already laid out on `mesh` stay as
-    they are (so restoring with `param_shardings` costs nothing here)."""
+    they are (so restoring with `param_shardings` costs nothing here). With several
+    processes each passes the same host values (`put_global`)."""
     flat, rules = flatten(params), flatten(param_shardings(config, mesh))
 
     def place(x, sharding):
         s = getattr(x, "sharding", None)
         if isinstance(s, NamedSharding) and s.mesh == mesh:
             return x
+        if jax.process_count() > 1:
+            return put_global(np.asarray(x), sharding)
         return jax.device_put(x, sharding)
 
     return unflatten({k: place(x, rules[k]) for k, x in flat.items()})

@@ -108,6 +108,12 @@ def add_parser(sub):
                    help="serve on several devices, e.g. data=2,model=2: the running requests' "
                    "rows over 'data', attention heads / KV heads and the MLP over 'model' "
                    "(default: one device); --slots is rounded up to a multiple of 'data'")
+    s.add_argument("--distributed", default=None, metavar="SPEC",
+                   help="serve on several hosts: run this same command on every host, with "
+                   "--mesh over all their devices. SPEC is ADDRESS:PORT,PROCESSES,ID (the "
+                   "coordinator, here process 0, the number of processes, this one's id) "
+                   "or auto (SLURM, Open MPI, Cloud TPU). Process 0 serves HTTP; the others "
+                   "run the same turns and exit when it stops (docs/serving.md)")
     add_kernels_arg(s)
     add_weight_layout_arg(s)
     s.set_defaults(func=cmd_serve)
@@ -140,7 +146,6 @@ def cmd_serve(args) -> int:
     from .common import kernels_from_flag
 
     check_method(args.method, args.token_budget)
-    kernels = kernels_from_flag(args.kernels)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key (or ${API_KEY_ENV}) is empty; give a key or leave it out")
@@ -149,6 +154,8 @@ def cmd_serve(args) -> int:
                         f"{args.prefill_chunk} (chunks start at multiples of it)")
     from ..engine.scheduler import Engine  # the serving engine (issue 30)
 
+    link = start_distributed(args.distributed, args.mesh)  # before any other JAX call
+    kernels = kernels_from_flag(args.kernels)
     enable_compilation_cache(single_device=args.mesh is None)
     mesh = mesh_from_flag(args.mesh)
     model = load_model_on(args.model, mesh, layout=args.weight_layout)
@@ -156,9 +163,14 @@ def cmd_serve(args) -> int:
     engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, mixed_chunk=args.mixed_chunk,
                     max_stall=args.max_stall or None,
-                    kernels=kernels, mesh=mesh,
+                    kernels=kernels, mesh=mesh, link=link,
                     kv_memory_bytes=int(args.kv_memory * gib),
                     prefix_cache_bytes=int(args.prefix_cache * gib))
+    if link is not None and not link.leader:
+        print(f"rocketkv serve: process {link.process} of {link.processes} follows process "
+              f"0's turns", file=sys.stderr, flush=True)
+        engine.wait()
+        return 0
     name = served_name(args.model)
     app = create_app(engine, model.tokenizer, name, api_key=api_key,
                      max_body_bytes=args.max_body_mb * 2**20, default_method=args.method,
@@ -173,3 +185,43 @@ def cmd_serve(args) -> int:
         engine.close()
     return 0
 
+
+
+def parse_distributed(spec: str) -> dict:
+    """--distributed -> jax.distributed.initialize's arguments ({} for auto)."""
+    if spec.strip() == "auto":
+        return {}
+    parts = [x.strip() for x in spec.split(",")]
+    if len(parts) != 3 or ":" not in parts[0]:
+        raise UserError(f"--distributed {spec!r}: give ADDRESS:PORT,PROCESSES,ID (e.g. "
+                        f"10.0.0.1:7777,2,0) or auto")
+    try:
+        processes, process = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise UserError(f"--distributed {spec!r}: PROCESSES and ID are whole numbers") from None
+    if processes < 2 or not 0 <= process < processes:
+        raise UserError(f"--distributed {spec!r}: needs 2 or more processes and an ID from 0 "
+                        f"to PROCESSES - 1")
+    return {"coordinator_address": parts[0], "num_processes": processes,
+            "process_id": process}
+
+
+def start_distributed(spec: str | None, mesh: str | None):
+    """Join the `jax.distributed` run --distributed names (before any other JAX call) and
+    return this process's TurnLink; None without --distributed."""
+    if spec is None:
+        return None
+    kwargs = parse_distributed(spec)
+    if mesh is None:
+        raise UserError("--distributed needs --mesh over the devices of every process")
+    import jax
+
+    from ..engine.turns import TurnLink
+
+    # CPU processes exchange their collectives over gloo (GPUs use NCCL either way)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--distributed {spec}: {e}") from None
+    return TurnLink.from_runtime()

@@ -78,6 +78,7 @@ from .serving_api import (
     RequestRejected,
     ServeRequest,
 )
+from .turns import Turn, TurnLink
 
 GiB = 1 << 30
 log = logging.getLogger(__name__)
@@ -137,6 +138,10 @@ def reuse_point(shared: int, prompt_len: int, window: int, chunk: int) -> int:
     recomputed) and before the last token (its hidden state gives the first logits), at a
     whole chunk (the chunk programs run at multiples of it)."""
     return max(0, min(shared, prompt_len - max(window, 1))) // chunk * chunk
+
+
+def _ignore(event: Event) -> None:
+    """A follower's listener: the leader answers the clients."""
 
 
 @dataclasses.dataclass
@@ -199,14 +204,18 @@ class Engine:
     pools' caches plus the prefill in flight; prefix_cache_bytes: full-KV prefixes kept
     for reuse (0: none); kernels: the kernel backend (names.KERNEL_BACKENDS);
     fault_hook(stage, request_id): called at "prefill" and "decode" of each request
-    (tests inject failures with it).
+    (tests inject failures with it); link: this process's end of the turns when a
+    `jax.distributed` run serves on several processes (`turns.TurnLink`; a mesh is then
+    required): the leader's engine takes the requests and publishes each turn's input,
+    a follower's engine runs the turns it reads (`wait` until the leader stops).
     """
 
     def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_queue: int = 64,
                  prefill_chunk: int = 256, mixed_chunk: int = 16,
                  max_stall: float | None = 1.75, kv_memory_bytes: int = 4 * GiB,
                  prefix_cache_bytes: int = 1 * GiB, kernels: str = DEFAULT_KERNELS,
-                 mesh=None, fault_hook: Callable[[str, str], None] | None = None):
+                 mesh=None, fault_hook: Callable[[str, str], None] | None = None,
+                 link: TurnLink | None = None):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
@@ -240,6 +249,15 @@ class Engine:
             shd.check_mesh(config, mesh)
             params = shd.place_params(params, config, mesh)
             self._rows_step = mesh.shape[shd.DATA]
+        if link is None and jax.process_count() > 1:
+            raise ValueError(f"this is process {jax.process_index()} of "
+                             f"{jax.process_count()}: pass link=TurnLink.from_runtime() so "
+                             f"that every process runs the same turns")
+        if link is not None and mesh is None:
+            raise ValueError("an engine on several processes needs a mesh over their devices")
+        self._link = link
+        self._inbox: list[_Request] = []  # the leader's: submitted, not yet published
+        self._cancels: list[str] = []  # the leader's: cancelled, not yet published
         self.fault_hook = fault_hook
         self.params = params
         self._params_s = params_struct(params)
@@ -262,15 +280,18 @@ class Engine:
     def submit(self, request: ServeRequest, on_event: Callable[[Event], None]) -> Handle:
         """Check and queue a request; raises RequestRejected (what to fix), QueueFull or
         EngineStopping at once. `on_event` is then called from the engine's thread."""
+        if self._link is not None and not self._link.leader:
+            raise RuntimeError("a follower's engine takes its requests from the leader")
         r = self._prepare(request, on_event)
         with self._lock:
             if self._stopping or self._closed:
                 raise EngineStopping("the server is shutting down and admits no new requests")
-            if len(self._queue) >= self.max_queue + max(0, self.slots - self._busy()):
+            waiting = len(self._queue) + len(self._inbox)
+            if waiting >= self.max_queue + max(0, self.slots - self._busy()):
                 self._counts["queue_full"] += 1
-                raise QueueFull(f"{len(self._queue)} requests are waiting, the most this "
+                raise QueueFull(f"{waiting} requests are waiting, the most this "
                                 f"server queues; retry later", retry_after=1.0)
-            self._queue.append(r)
+            (self._inbox if self._link is not None else self._queue).append(r)
             self._all[r.id] = r
             self._counts["submitted"] += 1
             self._lock.notify_all()
@@ -280,8 +301,16 @@ class Engine:
         with self._lock:
             r = self._all.get(request_id)
             if r is not None and r.phase != "done":
-                r.cancelled = True
+                self._cancel_soon(r)
                 self._lock.notify_all()
+
+    def _cancel_soon(self, r: _Request) -> None:
+        """r ends as cancelled at the next turn; on several processes, at the next turn
+        of every process (the flag goes out with the turn's input)."""
+        if self._link is None:
+            r.cancelled = True
+        elif r.id not in self._cancels:
+            self._cancels.append(r.id)
 
     def stats(self) -> dict:
         """Counters: requests submitted/finished/cancelled/failed, what is queued,
@@ -295,7 +324,7 @@ class Engine:
                                                  "failed", "queue_full", "prefix_lookups",
                                                  "prefix_hits", "prefix_hit_tokens",
                                                  "prefill_chunks", "mixed_chunks")},
-                "queued": len(self._queue),
+                "queued": len(self._queue) + len(self._inbox),
                 "prefilling": int(self._prefilling is not None),
                 "running": self._busy(),
                 "slots": self.slots,
@@ -329,12 +358,16 @@ class Engine:
         for r in list(self._all.values()):
             self._fail(r, "the server stopped before this request finished")
 
+    def wait(self) -> None:
+        """Until the engine's thread stops (a follower: when the leader's engine stops)."""
+        self._thread.join()
+
     @property
     def draining(self) -> bool:
         return self._stopping
 
     # ------------------------------------------------------------- checks and plans
-    def _prepare(self, request: ServeRequest, on_event) -> _Request:
+    def _prepare(self, request: ServeRequest, on_event, rid: str | None = None) -> _Request:
         if not isinstance(request, ServeRequest):
             raise RequestRejected(f"expected a ServeRequest, got {type(request).__name__}")
         if not callable(on_event):
@@ -379,7 +412,7 @@ class Engine:
             raise RequestRejected(str(e)) from None
         stop = tuple(sorted({int(t) for t in stop}))
         request = dataclasses.replace(request, stop_ids=stop)
-        return _Request(id=f"req-{next(self._ids)}", req=request, on_event=on_event,
+        return _Request(id=rid or f"req-{next(self._ids)}", req=request, on_event=on_event,
                         plan=plan, T=T, S=S, W=W, pool_key=pool_key,
                         prefill_bytes=prefill_bytes, key=prng_key(request.seed),
                         submitted_at=time.perf_counter())
@@ -450,38 +483,80 @@ class Engine:
 
     # ------------------------------------------------------------- the loop
     def _run(self) -> None:
-        while True:
+        while self._next_turn():
+            self._turn()
+
+    def _next_turn(self) -> bool:
+        """Wait for work and take the turn's input; False when the engine stops. On
+        several processes the leader publishes the input and followers read it."""
+        link = self._link
+        if link is not None and not link.leader:
+            turn = link.receive(stopped=lambda: self._closed)
+            if not turn.close:
+                self._follow(turn)
+            return not turn.close
+        with self._lock:
+            self._lock.wait_for(lambda: self._closed or self._has_work())
+            if link is None:
+                return not self._closed
+            inbox, self._inbox = self._inbox, []
+            turn = Turn(requests=tuple((r.id, r.req) for r in inbox),
+                        cancel=tuple(self._cancels), close=self._closed)
+            self._cancels = []
+        link.publish(turn)
+        with self._lock:
+            self._queue.extend(inbox)
+            self._mark_cancelled(turn.cancel)
+        return not turn.close
+
+    def _follow(self, turn: Turn) -> None:
+        """A follower takes the leader's turn input: the same requests under the same ids,
+        the same cancellations."""
+        for rid, req in turn.requests:
+            r = self._prepare(req, _ignore, rid=rid)
             with self._lock:
-                self._lock.wait_for(lambda: self._closed or self._has_work())
-                if self._closed:
-                    return
-            self._reap_cancelled()
-            if self._prefilling is None:
-                self._admit()
-            r = self._prefilling
-            pools = [p for p in self._pools.values() if self._live(p)]
-            shape = tuple((p.key, len(p.rows)) for p in pools)
-            adapt = self.max_stall is not None
-            # with requests waiting behind it, a prefill runs whole chunks: each one
-            # finished adds a row to the decode batch, which costs little more per step
-            mixed = r is not None and pools and self.mixed_chunk and not self._queue
-            if mixed and adapt and shape not in self._plain_s:
-                r = None  # one plain turn first: what a turn costs without the chunk
-            t0, self._compiled = time.perf_counter(), False
-            if mixed and r is not None:
-                C = self._fit(r, self._sizes[self._mixed_i])
-                self._mixed_turn(r, pools[0], C)
-                for pool in pools[1:]:
-                    self._decode_step(pool)
-                if adapt and not self._compiled:
-                    self._adapt(C, time.perf_counter() - t0, self._plain_s[shape])
-                continue
-            if r is not None:
-                self._guard(r, self._prefill_one_chunk)
-            for pool in pools:
+                self._queue.append(r)
+                self._all[rid] = r
+                self._counts["submitted"] += 1
+        with self._lock:
+            self._mark_cancelled(turn.cancel)
+
+    def _mark_cancelled(self, ids) -> None:
+        for rid in ids:
+            r = self._all.get(rid)
+            if r is not None and r.phase != "done":
+                r.cancelled = True
+
+    def _turn(self) -> None:
+        """One turn: reap cancelled requests, admit, run a prefill chunk and the pools'
+        decode steps (module docstring)."""
+        self._reap_cancelled()
+        if self._prefilling is None:
+            self._admit()
+        r = self._prefilling
+        pools = [p for p in self._pools.values() if self._live(p)]
+        shape = tuple((p.key, len(p.rows)) for p in pools)
+        adapt = self.max_stall is not None
+        # with requests waiting behind it, a prefill runs whole chunks: each one
+        # finished adds a row to the decode batch, which costs little more per step
+        mixed = r is not None and pools and self.mixed_chunk and not self._queue
+        if mixed and adapt and shape not in self._plain_s:
+            r = None  # one plain turn first: what a turn costs without the chunk
+        t0, self._compiled = time.perf_counter(), False
+        if mixed and r is not None:
+            C = self._fit(r, self._sizes[self._mixed_i])
+            self._mixed_turn(r, pools[0], C)
+            for pool in pools[1:]:
                 self._decode_step(pool)
-            if r is None and pools and not self._compiled:
-                self._plain_s[shape] = time.perf_counter() - t0
+            if adapt and not self._compiled:
+                self._adapt(C, time.perf_counter() - t0, self._plain_s[shape])
+            return
+        if r is not None:
+            self._guard(r, self._prefill_one_chunk)
+        for pool in pools:
+            self._decode_step(pool)
+        if r is None and pools and not self._compiled:
+            self._plain_s[shape] = time.perf_counter() - t0
 
     def _fit(self, r: _Request, want: int) -> int:
         return fit_chunk(self._sizes, want, r.next_start, r.S)
@@ -491,7 +566,8 @@ class Engine:
         self._mixed_i = self._sizes.index(C)
 
     def _has_work(self) -> bool:
-        return bool(self._queue or self._prefilling or any(p.busy for p in self._pools.values()))
+        return bool(self._queue or self._inbox or self._cancels or self._prefilling
+                    or any(p.busy for p in self._pools.values()))
 
     def _reap_cancelled(self) -> None:
         with self._lock:
@@ -581,7 +657,7 @@ class Engine:
         with self._lock:
             self._prefilling = None
             r.phase = "decode"
-        self._emit_token(r, int(np.asarray(tok)[0]))
+        self._emit_token(r, int(host_array(tok)[0]))
 
     def _keep_prefix(self, r: _Request) -> None:
         """Keep r's full prompt keys/values for later prompts that extend it."""
@@ -654,14 +730,11 @@ class Engine:
         """One program for the pool's decode step and r's next C prompt tokens
         (`forward_mixed`). A failure of the program fails r and the pool's rows (both
         gave it their buffers); a failure in r's own fault hook fails r only."""
-        try:
-            if self.fault_hook is not None:
-                self.fault_hook("prefill", r.id)
-        except Exception as e:
-            log.exception("request %s failed", r.id)
-            self._fail(r, f"{type(e).__name__}: {e}")
-            self._decode_step(pool)
-            return
+        if self.fault_hook is not None:
+            self._guard(r, lambda r: self.fault_hook("prefill", r.id))
+            if r.phase == "done":  # its own hook failed it: the pool decodes alone
+                self._decode_step(pool)
+                return
         live, s = self._live(pool), r.next_start
         try:
             cache_s = hashable_structs(pool.cache)
@@ -738,5 +811,6 @@ class Engine:
             r.on_event(event)
         except Exception:  # a broken listener must not stop the engine
             log.exception("the listener of request %s failed; cancelling it", r.id)
-            r.cancelled = True
+            with self._lock:
+                self._cancel_soon(r)
 

@@ -57,3 +57,18 @@ def test_the_served_name():
     assert served_name(None) == "smollm2"
     assert served_name("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
     assert served_name("/data/ckpts/my-llama/") == "my-llama"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--distributed", "10.0.0.1:7777"], "give ADDRESS:PORT,PROCESSES,ID"),
+    (["--distributed", "10.0.0.1,2,0"], "give ADDRESS:PORT,PROCESSES,ID"),
+    (["--distributed", "10.0.0.1:7777,two,0"], "PROCESSES and ID are whole numbers"),
+    (["--distributed", "10.0.0.1:7777,1,0"], "needs 2 or more processes"),
+    (["--distributed", "10.0.0.1:7777,2,2"], "an ID from 0 to PROCESSES - 1"),
+    (["--distributed", "10.0.0.1:7777,2,0"], "--distributed needs --mesh"),
+    (["--mesh", "data=1", "--weight-layout", "per-layer"], "per-layer runs on one device"),
+])
+def test_bad_distributed_and_layout_flags_are_refused_before_loading(capsys, argv, message):
+    assert cli_main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
