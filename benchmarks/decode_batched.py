@@ -58,7 +58,7 @@ from rocketkv_jax.bench.tables import fmt_bytes, print_table
 from rocketkv_jax.cache import tree_bytes
 from rocketkv_jax.engine.shared_prefill import STORED_QUERY_WINDOW, RawPrefill
 from rocketkv_jax.methods.read_bytes import kv_read_bytes
-from rocketkv_jax.models.params import unstack_layers
+from rocketkv_jax.models.params import auto_layout, unstack_layers
 from rocketkv_jax.models.plan import compress_layers
 from rocketkv_jax.names import METHOD_NAMES as ALL_METHODS
 from rocketkv_jax.names import STAGE2_MODES, WEIGHT_LAYOUTS
@@ -80,14 +80,17 @@ QUICK = dict(models="tiny", batches="1,2", contexts="256", budgets="64",
 MODEL_KEYS = ("llama8b-shape", "smollm2-shape", "tiny")
 
 
-def load_model(key: str, args, layout: str = "stacked") -> bd.BenchModel:
-    """The benchmark models, with their weights stacked over layers or one array per layer
-    (`unstack_layers`: the model unrolls its layer loop)."""
+def load_model(key: str, args, layout: str = "stacked") -> tuple[bd.BenchModel, str]:
+    """The benchmark model and the layout it runs: its weights stacked over layers or one
+    array per layer (`unstack_layers`: each matmul reads its layer's own array), "auto"
+    deciding as generate does (`auto_layout`)."""
     bm = _load_model(key, args)
+    if layout == "auto":
+        layout = auto_layout(bm.params, jax.default_backend())
     if layout == "per-layer":
         bm = dataclasses.replace(bm, label=f"{bm.label}, per-layer weights",
                                  params=unstack_layers(bm.params))
-    return bm
+    return bm, layout
 
 
 def _load_model(key: str, args) -> bd.BenchModel:
@@ -162,7 +165,7 @@ class ModelRun:
 
 
 def start_model(key: str, args, rec: dict, layout: str = "stacked") -> ModelRun:
-    bm = load_model(key, args, layout)
+    bm, layout = load_model(key, args, layout)
     cfg = bm.config
     weights = llama_weight_bytes(model_dims(cfg), ELEM)
     rec.update({"model": bm.key, "layout": layout, "label": bm.label, "note": bm.note,
@@ -490,11 +493,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="share of the available memory the capture and one group's caches "
                    f"may take (default: {d['memory_fraction']})")
     p.add_argument("--stage2", default="auto", choices=STAGE2_MODES)
-    p.add_argument("--layout", default="stacked",
+    p.add_argument("--layout", default="auto",
                    help="comma list of weight layouts, each a model of its own in the run: "
-                   "stacked (one array per weight over all layers, one loop over layers) or "
-                   "per-layer (one array per layer, the loop unrolled; see "
-                   "benchmarks/weight_slicing.py) (default: stacked)")
+                   "stacked (one array per weight over all layers, sliced in the layer loop), "
+                   "per-layer (one array per layer, each matmul in a switch over the "
+                   "layers; see benchmarks/weight_slicing.py) or auto (what generate and "
+                   "serve choose: per-layer on CPU for layers of 128 MiB or more) "
+                   "(default: auto)")
     p.add_argument("--attention-baseline", action="store_true",
                    help=f"also time {REFERENCE}: full KV with the materialised softmax decode "
                    "attention, interleaved with full KV (old vs new in one run)")
@@ -520,9 +525,11 @@ def resolve_args(args) -> argparse.Namespace:
     args.budgets = list(token_counts(args.budgets, "budgets"))
     args.methods = parse_methods(args.methods)
     args.layout = [x.strip() for x in args.layout.split(",") if x.strip()]
-    bad = [x for x in args.layout if x not in WEIGHT_LAYOUTS] or ([] if args.layout else ["(none)"])
+    bad = [x for x in args.layout if x not in ("auto", *WEIGHT_LAYOUTS)] or (
+        [] if args.layout else ["(none)"])
     if bad or len(set(args.layout)) < len(args.layout):
-        raise BenchError(f"--layout takes a comma list of distinct {', '.join(WEIGHT_LAYOUTS)}; "
+        raise BenchError(f"--layout takes a comma list of distinct auto, "
+                         f"{', '.join(WEIGHT_LAYOUTS)}; "
                          f"got {','.join(args.layout) or 'nothing'}")
     if args.warmup + args.iters > args.new_tokens:
         raise BenchError("--warmup + --iters must be <= --new-tokens (the cache's room)")

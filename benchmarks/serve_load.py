@@ -40,11 +40,12 @@ import threading
 import time
 
 import httpx
+import jax
 import numpy as np
 
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
-from rocketkv_jax.models.params import unstack_layers
+from rocketkv_jax.models.params import auto_layout, unstack_layers
 from rocketkv_jax.names import WEIGHT_LAYOUTS
 
 
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
                     help="the server's --prefix-cache in GiB (default 0: off)")
     ap.add_argument("--weight-layout", default="auto", choices=("auto", *WEIGHT_LAYOUTS),
                     help="the weights' layout for the server and the static batches, as "
-                    "generate and serve take it (default: auto, per-layer here)")
+                    "generate and serve take it (default: auto)")
     ap.add_argument("--leak-requests", type=int, default=500)
     ap.add_argument("--phases", default="static,serve,prefill,leak")
     ap.add_argument("--out", default=None)
@@ -319,7 +320,10 @@ def main(argv=None) -> int:
     from rocketkv_jax.model_store import load_model
 
     model = load_model(args.model, progress=False)
-    if args.weight_layout in ("auto", "per-layer"):  # one device: what generate runs
+    layout = args.weight_layout  # what generate and serve run on one device
+    if layout == "auto":
+        layout = auto_layout(model.params, jax.default_backend())
+    if layout == "per-layer":
         model = dataclasses.replace(model, params=unstack_layers(model.params))
     rng = np.random.default_rng(0)
     lengths = spread(p_lo, p_hi, args.requests)

@@ -3,6 +3,7 @@ benchmarks (each param as declared by `ModelConfig.param_infos`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -84,6 +85,31 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"stacked layer params disagree on the layer count: {sorted(n)}")
     per_layer = tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n.pop()))
     return {**params, "layers": per_layer}
+
+
+# One layer's weight bytes from which `auto_layout` keeps weights per layer on CPU.
+# Measured (docs/benchmarks.md, per-layer weights): a SmolLM2 layer (14 MB in f32) decodes
+# only 1.05-1.12x faster per layer, while an 8B layer (872 MB) decodes 1.2-4.9x faster;
+# every per-layer matmul is a kernel of its own, which costs compile time and about 4.5x
+# the memory mappings per program (a process may hold vm.max_map_count of them).
+PER_LAYER_MIN_BYTES = 128 * 2**20
+
+
+def layer_bytes(params: dict[str, Any]) -> int:
+    """Bytes of one layer's weights (the mean over layers), in either layout."""
+    layers = params["layers"]
+    n = len(layers) if isinstance(layers, (tuple, list)) else {
+        a.shape[0] for a in jax.tree.leaves(layers)}.pop()
+    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(layers)) // n
+
+
+def auto_layout(params: dict[str, Any], backend: str) -> str:
+    """The layout `--weight-layout auto` runs on one device: "per-layer" on CPU where a
+    layer's weights reach PER_LAYER_MIN_BYTES (XLA:CPU copies a stacked layer's slice
+    before each matmul), else "stacked" (on GPU, XLA fuses the slice into the matmul)."""
+    if backend == "cpu" and layer_bytes(params) >= PER_LAYER_MIN_BYTES:
+        return "per-layer"
+    return "stacked"
 
 
 def stack_layers(params: dict[str, Any]) -> dict[str, Any]:

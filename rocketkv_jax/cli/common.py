@@ -94,8 +94,8 @@ def add_weight_layout_arg(p) -> None:
         help="stacked: each weight one array over all layers; per-layer: one array per "
         "layer, so on CPU each matmul reads its layer's weights in place instead of a "
         "copied slice (faster decode, a little longer to compile; one device only; numbers "
-        "in docs/benchmarks.md); auto: per-layer on one device, stacked with --mesh "
-        "(default: auto)")
+        "in docs/benchmarks.md); auto: per-layer on a CPU where a layer's weights take "
+        "128 MiB or more (an 8B model), else stacked (default: auto)")
 
 
 def kernels_from_flag(kernels: str) -> str:
@@ -183,11 +183,11 @@ PREFILL_CHUNK_FLAG = flag(checks.prefill_chunk, chunk_flag, off="0")
 
 # ------------------------------------------------------------------ devices
 def weight_layout(flag: str, mesh) -> str:
-    """--weight-layout -> the layout to run: "auto" is per-layer on one device (each
-    matmul reads its layer's own array; benchmarks/weight_layout.py) and stacked under a
-    mesh, whose sharding rules are for stacked weights."""
-    if flag == "auto":
-        return "stacked" if mesh is not None else "per-layer"
+    """--weight-layout, checked against the mesh before anything loads ("auto" is decided
+    on the loaded weights: `models.params.auto_layout`, stacked under a mesh, whose
+    sharding rules are for stacked weights)."""
+    if flag == "auto" and mesh is not None:
+        return "stacked"
     if flag == "per-layer" and mesh is not None:
         raise UserError("--weight-layout per-layer runs on one device; drop --mesh or use "
                         "--weight-layout stacked (the sharding rules are for stacked weights)")
@@ -200,8 +200,10 @@ def load_model_on(model: str | None, mesh, *, layout: str = "auto", **kwargs):
     (a --weight-layout value)."""
     import dataclasses
 
+    import jax
+
     from ..model_store import load_model
-    from ..models.params import unstack_layers
+    from ..models.params import auto_layout, unstack_layers
 
     layout = weight_layout(layout, mesh)
     shardings = None
@@ -213,6 +215,8 @@ def load_model_on(model: str | None, mesh, *, layout: str = "auto", **kwargs):
         config = read_checkpoint_config(resolve_model(model))
         shardings = sharding.param_shardings(config, mesh)
     m = load_model(model, shardings=shardings, **kwargs)
+    if layout == "auto":
+        layout = auto_layout(m.params, jax.default_backend())
     if layout == "per-layer":
         m = dataclasses.replace(m, params=unstack_layers(m.params))
     return m

@@ -131,3 +131,24 @@ def test_per_layer_compiles_one_layer_body_whatever_the_depth():
 
     per = [exps(n, "per-layer") for n in (2, 6)]
     assert per[0] == per[1] == exps(6, "stacked") > 0, per
+
+
+def test_auto_layout_is_per_layer_on_cpu_for_big_layers_only():
+    """`--weight-layout auto`: per-layer where a layer's weights reach PER_LAYER_MIN_BYTES
+    on CPU (an 8B layer: 872 MB in f32), stacked for small layers (SmolLM2: 14 MB) and on
+    GPU, in either layout of the same weights."""
+    from rocketkv_jax.models.params import PER_LAYER_MIN_BYTES, auto_layout, layer_bytes
+
+    small = random_params(CONFIG)
+    assert auto_layout(small, "cpu") == auto_layout(unstack_layers(small), "cpu") == "stacked"
+    mats = {"wq": (64, 64), "wk": (64, 32), "wv": (64, 32), "wo": (64, 64),
+            "w_gate": (64, 160), "w_up": (64, 160), "w_down": (160, 64)}
+    want = sum(a * b for a, b in mats.values()) * 4
+    assert layer_bytes(small) == want + 2 * 64 * 4  # the matrices and the two norms
+    big = {"layers": {"w": jax.ShapeDtypeStruct((3, PER_LAYER_MIN_BYTES // 4), jnp.float32)}}
+    assert layer_bytes(big) == PER_LAYER_MIN_BYTES
+    assert auto_layout(big, "cpu") == "per-layer"
+    assert auto_layout(big, "gpu") == "stacked"
+    just_under = {"layers": {"w": jax.ShapeDtypeStruct((3, PER_LAYER_MIN_BYTES // 4 - 1),
+                                                      jnp.float32)}}
+    assert auto_layout(just_under, "cpu") == "stacked"
