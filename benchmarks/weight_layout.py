@@ -4,13 +4,14 @@
                                        [--new-tokens 64] [--batch 1] [--budget 256]
                                        [--methods full,rocketkv] [--quick]
 
-`generate --weight-layout per-layer` unrolls the layer loop over one array per layer, so
-XLA:CPU's matmuls read each layer's weights in place instead of a copy of a slice of the
-stacked arrays (benchmarks/weight_slicing.py); the price is compile time that grows with
-depth. For each method this runs `generate_ids` on the same prompt with both layouts: a
-first call (compile included, the persistent compilation cache off) and a second, warm
-call. It prints compile seconds, warm prefill seconds and warm decode tokens/s per layout,
-the per-layer / stacked ratios, and whether the two layouts generated the same tokens.
+`generate --weight-layout per-layer` keeps one array per layer, each matmul in a switch
+over the layers, so XLA:CPU's matmuls read each layer's weights in place instead of a copy
+of a slice of the stacked arrays (benchmarks/weight_slicing.py); the price is a kernel per
+layer and matmul (compile time, memory mappings). For each method this runs
+`generate_ids` on the same prompt with both layouts: a first call (compile included, the
+persistent compilation cache off) and a second, warm call. It prints compile seconds, warm
+prefill seconds and warm decode tokens/s per layout, the per-layer / stacked ratios, and
+whether the two layouts generated the same tokens.
 """
 
 from __future__ import annotations

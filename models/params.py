@@ -75,7 +75,7 @@ def device_random_params(
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
     """params with "layers" as a tuple of per-layer dicts (each its own arrays) instead of
-    one dict of stacked [L, ...] arrays; the model unrolls its layer loop over them
+    one dict of stacked [L, ...] arrays; each matmul of the layer loop reads them in place
     (`models.llama.loop_layers`). The stacked arrays are not kept by this function."""
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):

@@ -33,8 +33,8 @@ class KVPlan(Protocol):
 
     def append(self, cache, k, v, position, layer):
         """k, v: [B, K, D], position: [B] -> the stacked cache (leading layer axis) with the
-        token written into layer `layer` (a traced index, or a static int where the layer
-        loop is unrolled over per-layer weights, `loop_layers`)."""
+        token written into layer `layer` (the layer loop's traced index, `loop_layers`;
+        a static int is accepted too)."""
 
     def attend(self, q, cache, query_pos, sliding_window):
         """q: [B, H, D], query_pos: [B] -> attention output [B, H, D]."""

@@ -68,7 +68,7 @@ STAGE2_MODES: tuple[str, ...] = ("auto", "on", "off")
 CHECKPOINT_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 
 # Weight layouts (`generate --weight-layout`, `models.params.unstack_layers`): one array per
-# weight over all layers (the checkpoint's), or one array per layer with the loop unrolled.
+# weight over all layers (the checkpoint's), or one array per layer (a switch per matmul).
 WEIGHT_LAYOUTS: tuple[str, ...] = ("stacked", "per-layer")
 
 # Prompt tokens per prefill chunk (`generate --prefill-chunk`, `generate_ids(prefill_chunk=)`,

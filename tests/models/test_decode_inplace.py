@@ -38,7 +38,7 @@ METHODS = [("full", {}), ("quest", {"token_budget": 256}),
 
 def compiled_step(name, kw, B, layout="stacked"):
     params = jax.tree.map(jnp.asarray, random_params(CONFIG))
-    if layout == "per-layer":  # the unrolled layer loop (models.llama.loop_layers)
+    if layout == "per-layer":  # the per-layer switch (models.llama.loop_layers)
         params = unstack_layers(params)
     plan = make_method(name, **kw).plan(CONFIG, T, 16)
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
