@@ -58,7 +58,7 @@ from rocketkv_jax.bench.tables import fmt_bytes, print_table
 from rocketkv_jax.cache import tree_bytes
 from rocketkv_jax.engine.shared_prefill import STORED_QUERY_WINDOW, RawPrefill
 from rocketkv_jax.methods.read_bytes import kv_read_bytes
-from rocketkv_jax.models.params import auto_layout, unstack_layers
+from rocketkv_jax.models.params import with_layout
 from rocketkv_jax.models.plan import compress_layers
 from rocketkv_jax.names import METHOD_NAMES as ALL_METHODS
 from rocketkv_jax.names import STAGE2_MODES, WEIGHT_LAYOUTS
@@ -85,11 +85,9 @@ def load_model(key: str, args, layout: str = "stacked") -> tuple[bd.BenchModel, 
     array per layer (`unstack_layers`: each matmul reads its layer's own array), "auto"
     deciding as generate does (`auto_layout`)."""
     bm = _load_model(key, args)
-    if layout == "auto":
-        layout = auto_layout(bm.params, jax.default_backend())
+    params, layout = with_layout(bm.params, layout, jax.default_backend())
     if layout == "per-layer":
-        bm = dataclasses.replace(bm, label=f"{bm.label}, per-layer weights",
-                                 params=unstack_layers(bm.params))
+        bm = dataclasses.replace(bm, label=f"{bm.label}, per-layer weights", params=params)
     return bm, layout
 
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
-from rocketkv_jax.models.params import auto_layout, unstack_layers
+from rocketkv_jax.models.params import with_layout
 from rocketkv_jax.names import WEIGHT_LAYOUTS
 
 
@@ -320,11 +320,8 @@ def main(argv=None) -> int:
     from rocketkv_jax.model_store import load_model
 
     model = load_model(args.model, progress=False)
-    layout = args.weight_layout  # what generate and serve run on one device
-    if layout == "auto":
-        layout = auto_layout(model.params, jax.default_backend())
-    if layout == "per-layer":
-        model = dataclasses.replace(model, params=unstack_layers(model.params))
+    params, _ = with_layout(model.params, args.weight_layout, jax.default_backend())
+    model = dataclasses.replace(model, params=params)  # as generate and serve run it
     rng = np.random.default_rng(0)
     lengths = spread(p_lo, p_hi, args.requests)
     rng.shuffle(lengths)

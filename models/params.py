@@ -112,6 +112,14 @@ def auto_layout(params: dict[str, Any], backend: str) -> str:
     return "stacked"
 
 
+def with_layout(params: dict[str, Any], layout: str, backend: str) -> tuple[dict, str]:
+    """params in `layout` ("stacked", "per-layer" or "auto": `auto_layout` on `backend`),
+    and the layout they are in."""
+    if layout == "auto":
+        layout = auto_layout(params, backend)
+    return (unstack_layers(params) if layout == "per-layer" else params), layout
+
+
 def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `unstack_layers`."""
     layers = params["layers"]

@@ -189,7 +189,7 @@ def cmd_chat(args) -> int:
     if args.system is not None:
         check_utf8(args.system, "--system", UserError)
     enable_compilation_cache()
-    model = load_model_on(args.model, None)  # per-layer weights on one device
+    model = load_model_on(args.model, None)  # in --weight-layout auto's layout
     tok, config = model.tokenizer, model.config
     ctx = config.max_position_embeddings
     capacity = args.capacity if args.capacity is not None else min(ctx, 8192)

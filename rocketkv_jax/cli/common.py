@@ -203,7 +203,7 @@ def load_model_on(model: str | None, mesh, *, layout: str = "auto", **kwargs):
     import jax
 
     from ..model_store import load_model
-    from ..models.params import auto_layout, unstack_layers
+    from ..models.params import with_layout
 
     layout = weight_layout(layout, mesh)
     shardings = None
@@ -215,11 +215,8 @@ def load_model_on(model: str | None, mesh, *, layout: str = "auto", **kwargs):
         config = read_checkpoint_config(resolve_model(model))
         shardings = sharding.param_shardings(config, mesh)
     m = load_model(model, shardings=shardings, **kwargs)
-    if layout == "auto":
-        layout = auto_layout(m.params, jax.default_backend())
-    if layout == "per-layer":
-        m = dataclasses.replace(m, params=unstack_layers(m.params))
-    return m
+    params, _ = with_layout(m.params, layout, jax.default_backend())
+    return dataclasses.replace(m, params=params)
 
 
 def mesh_from_flag(spec: str | None):

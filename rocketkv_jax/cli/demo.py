@@ -45,7 +45,7 @@ def cmd_demo(args) -> int:
     kernels = kernels_from_flag(args.kernels)
     check_cost_file()
     enable_compilation_cache()
-    model = load_model_on(args.model, None)  # per-layer weights on one device
+    model = load_model_on(args.model, None)  # in --weight-layout auto's layout
     check_context(model.config, args.context)
     print(f"[demo] prefill of a {args.context}-token needle prompt, then full KV and RocketKV "
           f"(a minute or two on a CPU)", file=sys.stderr, flush=True)

@@ -488,38 +488,33 @@ class Engine:
 
     def _next_turn(self) -> bool:
         """Wait for work and take the turn's input; False when the engine stops. On
-        several processes the leader publishes the input and followers read it."""
+        several processes the leader publishes the input and followers read it: the same
+        requests under the same ids, the same cancellations."""
         link = self._link
         if link is not None and not link.leader:
             turn = link.receive(stopped=lambda: self._closed)
-            if not turn.close:
-                self._follow(turn)
-            return not turn.close
-        with self._lock:
-            self._lock.wait_for(lambda: self._closed or self._has_work())
-            if link is None:
-                return not self._closed
-            inbox, self._inbox = self._inbox, []
-            turn = Turn(requests=tuple((r.id, r.req) for r in inbox),
-                        cancel=tuple(self._cancels), close=self._closed)
-            self._cancels = []
-        link.publish(turn)
-        with self._lock:
-            self._queue.extend(inbox)
-            self._mark_cancelled(turn.cancel)
-        return not turn.close
-
-    def _follow(self, turn: Turn) -> None:
-        """A follower takes the leader's turn input: the same requests under the same ids,
-        the same cancellations."""
-        for rid, req in turn.requests:
-            r = self._prepare(req, _ignore, rid=rid)
+            if turn.close:
+                return False
+            new = [self._prepare(req, _ignore, rid=rid) for rid, req in turn.requests]
             with self._lock:
-                self._queue.append(r)
-                self._all[rid] = r
-                self._counts["submitted"] += 1
+                self._all.update((r.id, r) for r in new)
+                self._counts["submitted"] += len(new)
+        else:
+            with self._lock:
+                self._lock.wait_for(lambda: self._closed or self._has_work())
+                if link is None:
+                    return not self._closed
+                new, self._inbox = self._inbox, []
+                turn = Turn(requests=tuple((r.id, r.req) for r in new),
+                            cancel=tuple(self._cancels), close=self._closed)
+                self._cancels = []
+            link.publish(turn)
+            if turn.close:
+                return False
         with self._lock:
+            self._queue.extend(new)
             self._mark_cancelled(turn.cancel)
+        return True
 
     def _mark_cancelled(self, ids) -> None:
         for rid in ids:

@@ -137,7 +137,12 @@ def test_auto_layout_is_per_layer_on_cpu_for_big_layers_only():
     """`--weight-layout auto`: per-layer where a layer's weights reach PER_LAYER_MIN_BYTES
     on CPU (an 8B layer: 872 MB in f32), stacked for small layers (SmolLM2: 14 MB) and on
     GPU, in either layout of the same weights."""
-    from rocketkv_jax.models.params import PER_LAYER_MIN_BYTES, auto_layout, layer_bytes
+    from rocketkv_jax.models.params import (
+        PER_LAYER_MIN_BYTES,
+        auto_layout,
+        layer_bytes,
+        with_layout,
+    )
 
     small = random_params(CONFIG)
     assert auto_layout(small, "cpu") == auto_layout(unstack_layers(small), "cpu") == "stacked"
@@ -152,3 +157,7 @@ def test_auto_layout_is_per_layer_on_cpu_for_big_layers_only():
     just_under = {"layers": {"w": jax.ShapeDtypeStruct((3, PER_LAYER_MIN_BYTES // 4 - 1),
                                                       jnp.float32)}}
     assert auto_layout(just_under, "cpu") == "stacked"
+    # with_layout: what the CLI and benchmarks load
+    assert with_layout(small, "auto", "cpu") == (small, "stacked")
+    per, layout = with_layout(small, "per-layer", "gpu")
+    assert layout == "per-layer" and len(per["layers"]) == CONFIG.num_layers
