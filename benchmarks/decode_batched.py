@@ -16,6 +16,11 @@ Per step it reports:
     (`bench.roofline.print_method_roofline`);
   - roofline = (weights + KV + metadata bytes) / measured bandwidth, and measured / roofline.
 
+The `full-aa` column (on by default; --no-aa drops it) is full KV timed against itself: the
+same compiled step on its own copy of the cache, interleaved in the first group. Its speedup
+column is the noise floor of the run: a method cell within the A/A spread of 1.0 is not
+measurably different from full KV.
+
 With --attention-baseline, one more column, `full-reference`: full KV whose decode attention
 is the materialised [B, H, 1, S] softmax (`attention="reference"`, what every dense step ran
 before the blockwise `decode_attention`), interleaved with full KV in the first group, so its
@@ -65,6 +70,8 @@ from rocketkv_jax.names import STAGE2_MODES, WEIGHT_LAYOUTS
 
 ELEM = 4  # float32 params and caches
 REFERENCE = "full-reference"  # full KV with the materialised softmax (--attention-baseline)
+AA = "full-aa"  # full KV again, on its own copy of the cache: the A/A column (noise floor)
+BESIDE_FULL = (REFERENCE, AA)  # extra columns timed in full KV's group, never a method
 SLOWER = 1.05  # target: no method's step more than 5% slower than full KV's
 # The exact top-k oracle scores every key by design (the accuracy ceiling of the sparse
 # methods, not a fast method) and so has no dense fallback: a dense step would not be the
@@ -207,6 +214,8 @@ def _run_cell(r: ModelRun, args, B: int, T: int, M: int) -> None:
     ok = {m: p for m, p in plans.items() if not isinstance(p, str)}
     if args.attention_baseline:
         ok[REFERENCE] = dataclasses.replace(ok["full"], attention="reference")
+    if args.aa:
+        ok[AA] = ok["full"]  # the same plan, so the same compiled step
     cap_struct = capture_struct(cfg, T, B)
     structs = {m: jax.eval_shape(lambda r, p=p: compress_layers(p, r.k, r.v, r.q, r.lengths),
                                  cap_struct) for m, p in ok.items()}
@@ -216,10 +225,11 @@ def _run_cell(r: ModelRun, args, B: int, T: int, M: int) -> None:
     # the caches are compressed from one row and broadcast (`broadcast_rows`)
     cap_bytes = tree_bytes(capture_struct(cfg, T, 1))
     room = int(avail * args.memory_fraction) - cap_bytes
-    groups, too_big = group_methods({m: n for m, n in sizes.items() if m != REFERENCE}, room)
-    if REFERENCE in ok:  # beside full KV in the first group, or not at all
-        fits = groups and sum(sizes[m] for m in groups[0]) + sizes[REFERENCE] <= room
-        (groups[0] if fits else too_big).append(REFERENCE)
+    groups, too_big = group_methods({m: n for m, n in sizes.items() if m not in BESIDE_FULL},
+                                    room)
+    for extra in (m for m in BESIDE_FULL if m in ok):  # beside full KV in the first group
+        fits = groups and sum(sizes[m] for m in groups[0]) + sizes[extra] <= room
+        (groups[0] if fits else too_big).append(extra)
     why = (f"does not fit beside full KV: capture {fmt_bytes(cap_bytes)} + caches > "
            f"{args.memory_fraction:g} x {fmt_bytes(avail)} available")
     if sizes["full"] > room or groups == [["full"]] and len(ok) > 1:  # nothing to compare
@@ -277,7 +287,8 @@ def finalize(results: dict) -> None:
         for s in rec["steps"]:
             s["roofline_s"] = s["step_bytes"] / bw
             s["over_roofline"] = s["median_s"] / s["roofline_s"]
-            bound = h100.get(str(s["T"]), {}).get(s["method"], {}).get(str(s["B"]), {})
+            method = "full" if s["method"] in BESIDE_FULL else s["method"]  # full KV's bytes
+            bound = h100.get(str(s["T"]), {}).get(method, {}).get(str(s["B"]), {})
             s["h100_bound"] = bound.get(str(s["M"]))
 
 
@@ -326,7 +337,7 @@ def _grid(rec, args, title, cell, with_full=False, note=None, markdown=False) ->
 def _columns(args) -> list[str]:
     """The methods of the tables: those asked, and full-reference with --attention-baseline."""
     extra = [REFERENCE] if getattr(args, "attention_baseline", False) else []
-    return [*args.methods, *extra]
+    return [*args.methods, *([AA] if getattr(args, "aa", False) else []), *extra]
 
 
 def print_model(rec, args, bw: float, markdown: bool = False) -> None:
@@ -343,7 +354,9 @@ def print_model(rec, args, bw: float, markdown: bool = False) -> None:
         "is not defined at this budget" + (
             f"\n  {REFERENCE}: full KV with the materialised softmax; 1 / its speedup = how "
             "much faster the blockwise decode attention makes full KV's step"
-            if getattr(args, "attention_baseline", False) else ""))
+            if getattr(args, "attention_baseline", False) else "") + (
+            f"\n  {AA}: full KV against itself (its own cache copy, same step): how far "
+            "from 1.00 noise alone moves a cell" if getattr(args, "aa", False) else ""))
     grid(
         f"Byte bound on this model = (weights + full KV bytes) / (weights + method bytes), "
         f"{rec['label']}, float32", lambda s: f"{s['byte_bound']:.2f}")
@@ -361,20 +374,30 @@ def print_model(rec, args, bw: float, markdown: bool = False) -> None:
 
 def targets(results: dict) -> dict:
     """The issue's targets, checked from the measurements."""
-    every = [s for r in results["models"] for s in r["steps"]
-             if s["method"] not in ("full", REFERENCE)]
+    every = [{**s, "model": r["model"]} for r in results["models"] for s in r["steps"]
+             if s["method"] not in ("full", *BESIDE_FULL)]
     steps = [s for s in every if s["method"] not in ORACLES]
     oracle = [s for s in every if s["method"] in ORACLES]
-    keys = ("B", "T", "M", "method", "speedup", "plan", "fallback")
+    keys = ("model", "B", "T", "M", "method", "speedup", "plan", "fallback")
 
     def slow(cells):
         return [{k: s[k] for k in keys}
                 for s in sorted(cells, key=lambda s: s["speedup"]) if s["speedup"] < 1 / SLOWER]
 
     worst = min(steps, key=lambda s: s["speedup"]) if steps else None
+    aa = [s["speedup"] for r in results["models"] for s in r["steps"] if s["method"] == AA]
     out = {"cells": len(steps), "slower_than_full_by_5pct": slow(steps),
            "worst": worst and {k: worst[k] for k in ("B", "T", "M", "method", "speedup")},
            "oracle_cells": len(oracle), "oracle_slower_than_full_by_5pct": slow(oracle)}
+    if aa:  # the noise floor: full KV against itself, per cell
+        out["aa"] = {"cells": len(aa), "min": min(aa), "max": max(aa),
+                     "outside_5pct": sum(not 1 / SLOWER <= x <= SLOWER for x in aa)}
+        cell_aa = {(r["model"], s["B"], s["T"], s["M"]): s["speedup"]
+                   for r in results["models"] for s in r["steps"] if s["method"] == AA}
+        for s in out["slower_than_full_by_5pct"]:
+            key = (s["model"], s["B"], s["T"], s["M"])
+            if key in cell_aa:
+                s["aa"] = cell_aa[key]
     for r in results["models"]:
         if r["model"] != "llama8b-shape":
             continue
@@ -398,8 +421,13 @@ def print_targets(t: dict) -> None:
           f"slower than full KV by more than {SLOWER - 1:.0%} (speedup < {1 / SLOWER:.3f})")
     for s in t["slower_than_full_by_5pct"]:
         why = f", dense by {s['fallback']}" if s["fallback"] else ""
-        print(f"  B={s['B']} T={s['T']} M={s['M']} {s['method']}: {s['speedup']:.2f} "
-              f"({s['plan']}{why})")
+        aa = f"; A/A in this cell {s['aa']:.2f}" if "aa" in s else ""
+        print(f"  {s.get('model', '')} B={s['B']} T={s['T']} M={s['M']} {s['method']}: "
+              f"{s['speedup']:.2f} ({s['plan']}{why}{aa})")
+    if "aa" in t:
+        a = t["aa"]
+        print(f"A/A (full KV against itself): {a['min']:.2f}-{a['max']:.2f} over {a['cells']} "
+              f"cells, {a['outside_5pct']} outside 1.00 +- {SLOWER - 1:.0%}")
     if t.get("oracle_cells"):
         oracle = t["oracle_slower_than_full_by_5pct"]
         print(f"The exact top-k oracle (scores every key; no fallback by design, not in the "
@@ -498,6 +526,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    "layers; see benchmarks/weight_slicing.py) or auto (what generate and "
                    "serve choose: per-layer on CPU for layers of 128 MiB or more) "
                    "(default: auto)")
+    p.add_argument("--aa", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"time {AA}: full KV against itself in the same run, the noise floor "
+                   "of the speedups (default: on)")
     p.add_argument("--attention-baseline", action="store_true",
                    help=f"also time {REFERENCE}: full KV with the materialised softmax decode "
                    "attention, interleaved with full KV (old vs new in one run)")

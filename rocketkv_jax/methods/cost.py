@@ -14,15 +14,17 @@ that runs (`CostConstants`):
 
     dense   = S * 2D * e                                       K and V of every slot
     stage 2 = ceil(S / p) * R * e * c.metadata_factor          one bound per page, R channels
-              (p = 1: S * R * e * c.key_channel_factor)        R channels of each key row
+              (p = 1: S * row(R))                              R channels of each key row
             + S * (G * c.score_bytes + c.rank_bytes)           approximate scores, top-k
             + k * (2D * e * c.gather_factor + INDEX_BYTES)     the chosen tokens
     quest   = ceil(S / p) * 2D * e                             page max and min, streamed
             + ceil(S / p) * (G * c.score_bytes + c.rank_bytes) page bounds, top-k of pages
             + n * p * (2D * e + INDEX_BYTES)                   the chosen pages: runs of p
                                                                slots, read near-sequentially
-    sparq   = S * R * e * c.key_channel_factor + S * D * e     R key channels, mean(V)
+    sparq   = S * row(R) + S * D * e                           R key channels, mean(V)
             + S * (G * c.score_bytes + c.rank_bytes) + k * (2D * e * c.gather_factor + 4)
+    row(R)  = max(R * e * c.key_channel_factor,                R channels of a key row: at
+                  min(R, ceil(D * e / line)) * line)           least the lines they touch
 
 The constants depend on the backend (`constants_for`): the jnp references and the Pallas
 kernels move the same data at very different costs. Where `rocketkv bench --calibrate` has
@@ -49,6 +51,10 @@ from .cost_file import CostConstants, CostFileError, calibrated_constants
 # errs towards dense.
 KV_ELEMENT_BYTES = 2
 INDEX_BYTES = 4  # int32 slot index, written by top-k and read by the gather
+# Memory is read in whole lines: R channels of a row-major key row touch up to R of its
+# lines, however few bytes they hold. 64 bytes is a CPU cache line; a GPU reads 32-byte
+# sectors, so there the floor errs towards dense.
+LINE_BYTES = 64
 
 
 REFERENCE_CONSTANTS = CostConstants(score_bytes=4, rank_bytes=24, gather_factor=3.0,
@@ -109,6 +115,13 @@ def _selection(slots: float, group: int, c: CostConstants) -> float:
     return slots * (group * c.score_bytes + c.rank_bytes)
 
 
+def key_channel_bytes(top_r: int, head_dim: int, c: CostConstants) -> float:
+    """R channels of one row-major key row: their bytes at the backend's rate, and never
+    less than the memory lines they lie on (R scattered channels touch up to R lines)."""
+    lines = min(top_r, math.ceil(head_dim * KV_ELEMENT_BYTES / LINE_BYTES))
+    return max(top_r * KV_ELEMENT_BYTES * c.key_channel_factor, lines * LINE_BYTES)
+
+
 def _gather(tokens: float, head_dim: int, factor: float) -> float:
     return tokens * (2 * head_dim * KV_ELEMENT_BYTES * factor + INDEX_BYTES)
 
@@ -116,9 +129,10 @@ def _gather(tokens: float, head_dim: int, factor: float) -> float:
 def stage2_bytes(slots: float, head_dim: int, group: int, page_size: int, top_r: int,
                  k_top: int, c: CostConstants = REFERENCE_CONSTANTS) -> float:
     """Hybrid / RocketKV stage 2 (page_size 1 scores the keys themselves)."""
-    pages = math.ceil(slots / page_size)
-    factor = c.key_channel_factor if page_size == 1 else c.metadata_factor
-    metadata = pages * top_r * KV_ELEMENT_BYTES * factor
+    if page_size == 1:
+        metadata = slots * key_channel_bytes(top_r, head_dim, c)
+    else:
+        metadata = math.ceil(slots / page_size) * top_r * KV_ELEMENT_BYTES * c.metadata_factor
     return metadata + _selection(slots, group, c) + _gather(min(k_top, slots), head_dim,
                                                             c.gather_factor)
 
@@ -134,7 +148,7 @@ def quest_bytes(slots: float, head_dim: int, group: int, page_size: int,
 def sparq_bytes(slots: float, head_dim: int, group: int, top_r: int, k_top: int,
                 c: CostConstants = REFERENCE_CONSTANTS) -> float:
     """SparQ as implemented here: mean(V) is recomputed over every slot each step."""
-    channels = slots * top_r * KV_ELEMENT_BYTES * c.key_channel_factor
+    channels = slots * key_channel_bytes(top_r, head_dim, c)
     mean_v = slots * head_dim * KV_ELEMENT_BYTES
     return (channels + mean_v + _selection(slots, group, c)
             + _gather(min(k_top, slots), head_dim, c.gather_factor))

@@ -52,13 +52,14 @@ def test_quick_prints_a_speedup_for_every_cell(quick):
     assert code == 0
     methods, batches, contexts, budgets = _quick_grid()
     header, *rows = _table(stdout, "Decode step speedup vs full KV")
-    assert header == ["B", "T", "M", "full", "ms", *methods[1:]]  # "full ms" splits in two
+    # "full ms" splits in two; the A/A column (full KV against itself) is on by default
+    assert header == ["B", "T", "M", "full", "ms", *methods[1:], db.AA]
     assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
         (B, T, M) for B in batches for T in contexts for M in budgets]
     for r in rows:
         assert all(float(x) > 0 for x in r[3:])
     header, *rows = _table(stdout, "Measured / roofline")
-    assert header[5:] == methods  # this one has full's own column
+    assert header[5:] == [*methods, db.AA]  # this one has full's own column
     assert "Targets:" in stdout and "wall time" in stdout
 
 
@@ -68,7 +69,7 @@ def test_every_step_is_recorded_with_its_interleaved_full(quick):
     (rec,) = res["models"]
     cells = {(s["B"], s["T"], s["M"], s["method"]): s for s in rec["steps"]}
     assert set(cells) == {(B, T, M, m) for B in batches for T in contexts for M in budgets
-                          for m in methods}
+                          for m in [*methods, db.AA]}
     for s in rec["steps"]:
         assert "full" in s["group_methods"] and s["method"] in s["group_methods"]
         assert len(s["times_s"]) == db.QUICK["iters"]
@@ -141,19 +142,52 @@ def test_report_finishes_a_partial_run(quick, tmp_path):
     assert f"{res['bandwidth'][0]['best_GBps']:.1f} GB/s" in out
 
 
+def test_aa_times_full_against_itself_beside_full(quick):
+    """The A/A column: the same step as full KV on its own cache copy, in full's group; its
+    spread is reported with the targets and stays out of the method cells."""
+    _, stdout, res, _ = quick
+    (rec,) = res["models"]
+    full = {(s["B"], s["T"], s["M"]): s for s in rec["steps"] if s["method"] == "full"}
+    aa = [s for s in rec["steps"] if s["method"] == db.AA]
+    assert len(aa) == len(full)
+    for s in aa:
+        f = full[s["B"], s["T"], s["M"]]
+        assert s["group"] == 0 and s["plan"] == f["plan"] == "DensePlan"
+        assert s["kv_read_bytes"] == f["kv_read_bytes"] and s["byte_bound"] == pytest.approx(1)
+        assert s["speedup"] == pytest.approx(f["median_s"] / s["median_s"])
+    t = res["targets"]
+    assert t["aa"]["cells"] == len(aa)
+    assert t["aa"]["min"] == pytest.approx(min(s["speedup"] for s in aa))
+    assert t["cells"] == len(rec["steps"]) - 2 * len(aa)  # neither full nor A/A is a method
+    assert "A/A (full KV against itself)" in stdout
+
+
+def test_no_aa_drops_the_column(tmp_path):
+    out = tmp_path / "no-aa.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert db.main(["--quick", "--batches", "1", "--methods", "rocketkv", "--no-aa",
+                        "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {s["method"] for s in res["models"][0]["steps"]} == {"full", "rocketkv"}
+    assert "aa" not in res["targets"]
+
+
 def test_targets_count_slow_cells_and_keep_the_oracle_apart():
     def step(method, speedup, B=8, T=32768, M=256):
         return {"B": B, "T": T, "M": M, "method": method, "speedup": speedup, "plan": "P",
                 "fallback": "", "byte_bound": 3.0, "over_roofline": 1.5}
 
     steps = [step("full", 1.0), step("rocketkv", 2.7), step("quest", 0.96),
-             step("sparq", 0.94, M=2048), step("topk", 0.80, M=2048)]
+             step("sparq", 0.94, M=2048), step("topk", 0.80, M=2048),
+             step(db.AA, 0.97, M=2048), step(db.AA, 1.02)]
     per_layer = [step("full", 1.0), step("rocketkv", 2.1)]
     t = db.targets({"models": [{"model": "llama8b-shape", "steps": steps},
                                {"model": "llama8b-shape", "layout": "per-layer",
                                 "steps": per_layer}]})
     assert t["cells"] == 4 and t["oracle_cells"] == 1
     assert [(s["method"], s["M"]) for s in t["slower_than_full_by_5pct"]] == [("sparq", 2048)]
+    assert t["slower_than_full_by_5pct"][0]["aa"] == 0.97  # the noise of its own cell
+    assert t["aa"] == {"cells": 2, "min": 0.97, "max": 1.02, "outside_5pct": 0}
     assert [s["method"] for s in t["oracle_slower_than_full_by_5pct"]] == ["topk"]
     assert t["worst"]["method"] == "sparq"
     r = t["rocketkv_by_layout"]["stacked"]
