@@ -60,6 +60,11 @@ KERNELS_HELP = (  # `--kernels` of generate, chat, eval and bench
 # (`methods/cost.py`) says it reads less than dense attention over the method's cache,
 # "on" / "off" force it.
 STAGE2_MODES: tuple[str, ...] = ("auto", "on", "off")
+# eval measures each method's own selection, so its sparse stage 2 always runs. The "auto"
+# of generate and serve attends densely where selection costs more (methods/cost.py):
+# more accurate, but at a short context it turns hybrid or sparq into full KV and
+# rocketkv into its stage 1, and a table of that would not compare the methods.
+EVAL_STAGE2 = "on"
 
 # The model's prefill attention also takes "dense" (`models.llama.prefill_chunk`): the
 # materialised [B, H, T, S] softmax kept as the baseline of benchmarks and tests.

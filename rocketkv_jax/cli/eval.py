@@ -20,6 +20,7 @@ from ..eval.ruler import RULER_TASK_NAMES
 from ..eval.runner import EVAL_METHOD_NAMES, FULL_METHOD
 from ..eval.suites import SUITE_NAMES
 from ..eval.tasks import TASK_NAMES
+from ..names import EVAL_STAGE2, STAGE2_MODES
 from .common import add_command, add_kernels_arg, check_cost_file, flag, kernels_from_flag
 
 COUNT = flag(checks.count)  # an integer >= 1
@@ -202,6 +203,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--skip-layers", type=flag(checks.skip_layers), default=0, metavar="N",
                         help="keep the first N layers dense in the methods that take it (quest, "
                         "snapkv, snapkv++, hybrid, rocketkv); the others run as usual")
+    parser.add_argument("--stage2", choices=STAGE2_MODES, default=EVAL_STAGE2,
+                        help="stage 2 of hybrid, rocketkv, quest and sparq: 'on' (default) "
+                        "always runs their sparse selection, so each row measures its method; "
+                        "'auto' attends densely where selection would cost more than dense "
+                        "attention, as generate and serve do (more accurate, and at short "
+                        "contexts the same as full KV or as stage 1 alone); 'off' always "
+                        "attends densely. Recorded in the results file")
     parser.set_defaults(func=cmd_eval)
     return parser
 
@@ -309,6 +317,7 @@ def eval_config(args, *, max_context_length: int | None = None) -> EvalConfig:
         ruler_template=args.ruler_template or RULER_DEFAULT_TEMPLATE,
         kernels=args.kernels,
         skip_layers=args.skip_layers,
+        stage2=args.stage2,
         multi_turn=turns,
         force=args.force,
     )
@@ -366,7 +375,8 @@ def run_multiturn_command(config: EvalConfig, model, *, engine_identity=None,
                              out_dir=config.out,
                              max_new_tokens=config.max_new_tokens or ANSWER_TOKENS,
                              progress=config.progress, kernels=config.kernels,
-                             skip_layers=config.skip_layers, engine_identity=engine_identity,
+                             skip_layers=config.skip_layers, stage2=config.stage2,
+                             engine_identity=engine_identity,
                              info=info, force=config.force)
     except (TaskError, ResultsFileError) as e:
         return _error(str(e))
@@ -425,18 +435,18 @@ def cmd_eval(args) -> int:
         return _error(str(e))
     check_methods_fit(model.config, config.methods, config.budgets, config.contexts,
                       config.max_new_tokens or 16, kernels=config.kernels,
-                      skip_layers=config.skip_layers)
+                      skip_layers=config.skip_layers, stage2=config.stage2)
     if config.multi_turn is not None:
         identity = engine_identity(model, METHODS, kernels=config.kernels,
                                    skip_layers=config.skip_layers,
-                                   prefill_chunk=DEFAULT_PREFILL_CHUNK)
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK, stage2=config.stage2)
         enable_compilation_cache()
         return run_multiturn_command(config, model, engine_identity=identity, info=info)
     gen, forced, greedy = engine_functions(model, kernels=config.kernels,
                                            skip_layers=config.skip_layers,
-                                           batch_size=config.batch_size)
+                                           batch_size=config.batch_size, stage2=config.stage2)
     identity = engine_identity(model, EVAL_METHOD_NAMES, kernels=config.kernels,
-                               skip_layers=config.skip_layers)
+                               skip_layers=config.skip_layers, stage2=config.stage2)
     return run_eval_command(args, gen, model.tokenizer, forced, greedy,
                             max_context_length=model.config.max_position_embeddings,
                             tokenizer_dir=model.path, engine_identity=identity, info=info)

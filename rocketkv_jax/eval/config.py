@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..names import DEFAULT_KERNELS, METHOD_NAMES
+from ..names import DEFAULT_KERNELS, EVAL_STAGE2, METHOD_NAMES
 from .ruler import DEFAULT_TEMPLATE as RULER_DEFAULT_TEMPLATE
 from .ruler import RULER_TASK_NAMES
 from .tasks import TASK_NAMES
@@ -69,5 +69,6 @@ class EvalConfig:
     ruler_template: str = RULER_DEFAULT_TEMPLATE
     kernels: str = DEFAULT_KERNELS
     skip_layers: int = 0
+    stage2: str = EVAL_STAGE2
     multi_turn: int | None = None  # questions per conversation; None: single-turn eval
     force: bool = False

@@ -14,30 +14,33 @@ from ..engine.generate import generate_ids
 from ..engine.shared_prefill import SharedPrefill, forced_decode_logprobs
 from ..methods import make_method, sweep_settings
 from ..model_store import Model, model_identity
-from ..names import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK
+from ..names import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK, EVAL_STAGE2
 
 # Method fields that come from the run's flags (recorded once, at the identity's top).
 RUN_SETTINGS = ("token_budget", "kernels", "skip_layers")
 
 
 def eval_method(name: str, budget: int | None, *, kernels: str = DEFAULT_KERNELS,
-                skip_layers: int = 0):
+                skip_layers: int = 0, stage2: str = EVAL_STAGE2):
     """The method eval runs for `name` at `budget` (`full` ignores it): `kernels` goes to
-    every method, `skip_layers` to those that have it (`sweep_settings`)."""
+    every method, `skip_layers` and `stage2` to those that have them (`sweep_settings`)."""
     return make_method(name, budget, **sweep_settings(name, kernels=kernels,
-                                                      skip_layers=skip_layers or None))
+                                                      skip_layers=skip_layers or None,
+                                                      stage2=stage2))
 
 
 def check_methods_fit(config, methods: Iterable[str], budgets: Iterable[int],
                       contexts: Iterable[int], max_new_tokens: int, *,
-                      kernels: str = DEFAULT_KERNELS, skip_layers: int = 0) -> None:
+                      kernels: str = DEFAULT_KERNELS, skip_layers: int = 0,
+                      stage2: str = EVAL_STAGE2) -> None:
     """Plan every (method, budget, context) of a grid on the model's config, so that a
     setting the model cannot take (e.g. skip_layers >= its layers) is refused before a
     run creates anything; raises the method's MethodConfigError (a ValueError)."""
     budgets, contexts = list(budgets), list(contexts)
     for name in methods:
         for budget in budgets:
-            method = eval_method(name, budget, kernels=kernels, skip_layers=skip_layers)
+            method = eval_method(name, budget, kernels=kernels, skip_layers=skip_layers,
+                                 stage2=stage2)
             for context in contexts:
                 method.plan(config, max(1, context - max_new_tokens), max_new_tokens)
 
@@ -50,11 +53,12 @@ def method_settings(method) -> dict[str, Any]:
 
 
 def engine_identity(model: Model, methods: Iterable[str], *, kernels: str = DEFAULT_KERNELS,
-                    skip_layers: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
-                    ) -> dict[str, Any]:
+                    skip_layers: int = 0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                    stage2: str = EVAL_STAGE2) -> dict[str, Any]:
     """Everything of the engine that decides eval's outputs: the model (`model_identity`),
     the device platform, the kernel backend that runs (`auto` resolved), skip_layers, the
-    prefill chunk, greedy decoding, and the settings of every method in `methods` (pass
+    prefill chunk, greedy decoding, and the settings of every method in `methods` (stage2
+    among them; pass
     every method the command can run, not only this grid's, so that adding methods to a
     grid keeps the identity)."""
     import jax
@@ -69,18 +73,20 @@ def engine_identity(model: Model, methods: Iterable[str], *, kernels: str = DEFA
         "prefill_chunk": prefill_chunk,
         "decoding": "greedy",
         "methods": {name: method_settings(eval_method(name, 1024, kernels=kernels,
-                                                      skip_layers=skip_layers))
+                                                      skip_layers=skip_layers, stage2=stage2))
                     for name in methods},
     }
 
 
 def engine_functions(
-    model: Model, *, kernels: str = DEFAULT_KERNELS, batch_size: int = 8, skip_layers: int = 0
+    model: Model, *, kernels: str = DEFAULT_KERNELS, batch_size: int = 8, skip_layers: int = 0,
+    stage2: str = EVAL_STAGE2,
 ) -> tuple[Callable, Callable, Callable]:
     """(generate_fn, forced_logprobs_fn, greedy_tokens_fn) over `model`, greedy decoding.
     kernels: the backend of the prefill attention and of every method's sparse attention
     ("auto": the Pallas kernels on a GPU, the jnp references elsewhere).
     skip_layers: leading layers kept dense by the methods that have the setting.
+    stage2: the stage-2 mode of the methods that have one (EVAL_STAGE2: always sparse).
 
     Prompts are raw text (no chat template); generation stops at the model's EOS ids.
     The dense prefill of the last batch is kept (`SharedPrefill`), because the runner sends
@@ -90,7 +96,8 @@ def engine_functions(
     stop = tok.stop_ids(config.eos_token_ids)
 
     def method_for(name: str, budget: int | None):
-        return eval_method(name, budget, kernels=kernels, skip_layers=skip_layers)
+        return eval_method(name, budget, kernels=kernels, skip_layers=skip_layers,
+                           stage2=stage2)
 
     last: dict[tuple, SharedPrefill] = {}
 

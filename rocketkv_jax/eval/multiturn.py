@@ -43,6 +43,7 @@ from rocketkv_jax.eval.tasks import (
 from rocketkv_jax.names import (
     DEFAULT_KERNELS,
     DEFAULT_PREFILL_CHUNK,
+    EVAL_STAGE2,
     METHOD_NAMES,
     MULTI_TURN_METHOD_NAMES,
 )
@@ -177,12 +178,12 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
                   budgets: Sequence[int], contexts: Sequence[int], samples: int, seed: int,
                   num_turns: int, out_dir: Path, max_new_tokens: int = ANSWER_TOKENS,
                   prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, progress: bool = True,
-                  kernels: str = DEFAULT_KERNELS, skip_layers: int = 0,
+                  kernels: str = DEFAULT_KERNELS, skip_layers: int = 0, stage2: str = EVAL_STAGE2,
                   engine_identity: Mapping[str, Any] | None = None,
                   info: Mapping[str, Any] | None = None, force: bool = False) -> Path:
     """The grid, appended to <out_dir>/multiturn.jsonl (finished conversations skipped).
     `full` runs once per context (it has no budget); the methods are built as eval builds
-    them (`engine.eval_method`: `kernels`, `skip_layers`), and `kernels` also runs the
+    them (`engine.eval_method`: `kernels`, `skip_layers`, `stage2`), and `kernels` also runs the
     conversations' prefill attention. The file's header records
     `multiturn_identity(engine_identity, ...)`; another identity there is refused
     (`force` starts over). Every pending sample is built before any file is created.
@@ -222,7 +223,7 @@ def run_multiturn(params, config, tokenizer, *, methods: Sequence[str],
                         continue
                     if conv is None:
                         method = eval_method(name, budget, kernels=kernels,
-                                             skip_layers=skip_layers)
+                                             skip_layers=skip_layers, stage2=stage2)
                         conv = Conversation(params, config, method, capacity=context,
                                             prefill_chunk=prefill_chunk, kernels=kernels)
                     turns = run_conversation(conv, tokenizer, s, max_new_tokens=max_new_tokens)

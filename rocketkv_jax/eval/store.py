@@ -52,6 +52,7 @@ FLAGS = {
     "fidelity_tokens": "--fidelity-tokens",
     "turns": "--multi-turn",
 }
+SUFFIX_FLAGS = {"stage2": "--stage2"}  # methods.<name>.stage2
 SHOWN_DIFFERENCES = 6  # a refusal lists this many differences, then counts the rest
 
 
@@ -213,7 +214,8 @@ def _flag(name: str) -> str:
         flag = FLAGS.get(".".join(parts[:n]))
         if flag is not None:
             return f"{name} ({flag})"
-    return name
+    flag = SUFFIX_FLAGS.get(parts[-1])
+    return f"{name} ({flag})" if flag else name
 
 
 def describe_differences(differences: Sequence[tuple[str, Any, Any]]) -> str:

@@ -79,6 +79,7 @@ def _refused(capsys, code, *expected):
     ((), "a16", "model.dtype (--model): float32 in the file, bfloat16 now"),
     (("--skip-layers", "1"), "a", "skip_layers (--skip-layers): 0 in the file, 1 now"),
     (("--kernels", "interpret"), "a", "kernels (--kernels): reference in the file, interpret now"),
+    (("--stage2", "auto"), "a", ".stage2 (--stage2): on in the file, auto now"),
     (("--seed", "1"), "a", "seed (--seed): 0 in the file, 1 now"),
     (("--max-new-tokens", "5"), "a", "(--max-new-tokens): "),
 ])
@@ -206,6 +207,7 @@ def test_bad_counts_are_refused_as_they_are_parsed(ckpts, tmp_path, capsys, flag
     (("--seed", "1"), "seed (--seed): 0 in the file, 1 now"),
     (("--kernels", "interpret"), "kernels (--kernels): reference in the file, interpret now"),
     (("--skip-layers", "1"), "skip_layers (--skip-layers): 0 in the file, 1 now"),
+    (("--stage2", "auto"), ".stage2 (--stage2): on in the file, auto now"),
     (("--max-new-tokens", "5"), "max_new_tokens (--max-new-tokens): 4 in the file, 5 now"),
 ])
 def test_multi_turn_resume_of_another_configuration_is_refused(ckpts, multi_run, tmp_path,
@@ -256,7 +258,7 @@ def test_flags_that_do_not_apply_to_multi_turn_are_refused(ckpts, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_multi_turn_methods_take_kernels_and_skip_layers(ckpts, tmp_path, monkeypatch):
+def test_multi_turn_methods_take_kernels_skip_layers_and_stage2(ckpts, tmp_path, monkeypatch):
     built = []
 
     class Recorder:
@@ -269,3 +271,34 @@ def test_multi_turn_methods_take_kernels_and_skip_layers(ckpts, tmp_path, monkey
                  "interpret", "--skip-layers", "1")
     assert code == 130
     assert built[0].kernels == "interpret" and built[0].skip_layers == 1
+    assert built[0].stage2 == "on"  # eval's default: the method's own selection
+    code = _eval(ckpts, tmp_path / "out2", *MULTI, "--methods", "rocketkv-mt", "--stage2",
+                 "auto")
+    assert code == 130 and built[1].stage2 == "auto"
+
+
+def test_eval_runs_each_methods_sparse_selection_unless_told(ckpts, tmp_path, monkeypatch):
+    """Where generate's cost model would attend densely (a short context, a budget near
+    it), eval still runs the method's selection: its rows measure the methods."""
+    from rocketkv_jax.eval import model_fns
+    from rocketkv_jax.methods import DensePlan, TwoStagePlan, make_method
+    from rocketkv_jax.methods.cost import SPARSE_MARGIN
+
+    assert SPARSE_MARGIN < 1
+    auto = make_method("rocketkv", 64).plan(CFG, 256, 16)
+    on = model_fns.eval_method("rocketkv", 64).plan(CFG, 256, 16)
+    assert isinstance(auto, TwoStagePlan) and auto.fallback == "cost"  # generate's path
+    assert not on.stage2_dense and on.fallback == ""
+    sparq = model_fns.eval_method("sparq", 64).plan(CFG, 256, 16)
+    assert not isinstance(sparq, DensePlan)
+    assert isinstance(model_fns.eval_method("sparq", 64, stage2="auto").plan(CFG, 256, 16),
+                      DensePlan)
+    seen = []
+    real = model_fns.eval_method
+    monkeypatch.setattr(model_fns, "eval_method", lambda *a, **k: seen.append(k["stage2"]) or
+                        real(*a, **k))
+    assert _eval(ckpts, tmp_path / "on", *SINGLE) == 0
+    assert _eval(ckpts, tmp_path / "auto", *SINGLE, "--stage2", "auto") == 0
+    assert set(seen) == {"on", "auto"}
+    header = json.loads((tmp_path / "on" / "results.jsonl").read_text().splitlines()[0])
+    assert header["identity"]["methods"]["rocketkv"]["stage2"] == "on"
