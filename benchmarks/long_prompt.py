@@ -15,6 +15,11 @@ method / full (< 1: faster), measured in the same run. "CPU s" is this process's
 for the call (all threads): on a machine shared with other jobs it moves less than the
 wall time, so its ratio is the steadier comparison; it holds the compile unless
 `--warmup` rounds ran first.
+
+Each method's decode step is also set against its own byte roofline: (the weights one step
+reads + the KV bytes its plan reads at the mean cached length, `methods.read_bytes`) / this
+CPU's memory bandwidth, measured at the start of the run (best of a numpy copy and a jitted
+read, `bench.measure.measure_bandwidth`). "step / roofline" = 1 is a step at bandwidth.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rocketkv_jax import checks
+from rocketkv_jax.bench.measure import measure_bandwidth
 from rocketkv_jax.cli.common import flag
 from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
@@ -48,6 +54,7 @@ class Row:
     compile_s: float
     kv_cache_bytes: int
     cpu_s: float = 0.0  # this process's CPU seconds for the call (all threads)
+    step_bytes: int = 0  # weights + KV read by the mean decode step (the roofline's bytes)
     answer: str = ""
     found: bool | None = None
 
@@ -92,6 +99,18 @@ def build_prompt(args):
     return m.params, m.config, ids, sample.answers, m.tokenizer, note
 
 
+def step_bytes(params, config, method, prompt_len: int, new_tokens: int) -> int:
+    """Bytes the mean decode step reads: every weight matrix (one embedding row) and the KV
+    its plan reads with prompt + half the new tokens cached, in the params' dtype."""
+    from rocketkv_jax.bench.roofline import llama_weight_bytes, model_dims
+    from rocketkv_jax.methods.read_bytes import kv_read_bytes
+
+    elem = jax.tree.leaves(params)[0].dtype.itemsize
+    plan = method.plan(config, prompt_len, new_tokens)
+    return (llama_weight_bytes(model_dims(config), elem)
+            + kv_read_bytes(plan, prompt_len + new_tokens // 2, config, elem))
+
+
 def run_method(params, config, ids, name, args, tokenizer, answers) -> Row:
     method = make_method(name, args.budget)
     bar = tqdm(desc=f"{name} prefill", unit="chunk", leave=False, file=sys.stderr)
@@ -108,7 +127,8 @@ def run_method(params, config, ids, name, args, tokenizer, answers) -> Row:
     bar.close()
     s = out.stats
     row = Row(name, len(ids), s.prefill_s, s.decode_s, s.decode_tokens_per_s, s.compile_s,
-              s.kv_cache_bytes, cpu_s=cpu)
+              s.kv_cache_bytes, cpu_s=cpu,
+              step_bytes=step_bytes(params, config, method, len(ids), args.new_tokens))
     if tokenizer is not None:
         row.answer = tokenizer.decode(list(out.tokens[0])).strip()
         row.found = all(a.lower() in row.answer.lower() for a in answers)
@@ -154,6 +174,8 @@ def main(argv=None) -> int:
             ap.error(str(e))
 
     params, config, ids, answers, tokenizer, note = build_prompt(args)
+    bandwidth = measure_bandwidth(2**30, 5)
+    bw = bandwidth["best_GBps"] * 1e9
     t0 = time.perf_counter()
     runs: dict[str, list[Row]] = {name: [] for name in methods}
     for i in range(args.warmup + args.repeat):  # interleaved, so load drifts hit every method
@@ -167,10 +189,11 @@ def main(argv=None) -> int:
           f"prefill chunk {args.chunk}; median of {args.repeat} interleaved round(s) after "
           f"{args.warmup} warm-up; "
           f"jax {jax.__version__} on {platform.machine()}, "
-          f"{os.cpu_count()} cores; wall {wall:.0f} s")
+          f"{os.cpu_count()} cores; memory bandwidth {bw / 1e9:.1f} GB/s (best of a copy and "
+          f"a read of 1 GiB); wall {wall:.0f} s")
     ref = next((r for r in rows if r.method == "full"), None)
     head = "| method | prefill s | prefill tok/s | decode tok/s | end to end s | vs full |"
-    head += " CPU s | CPU vs full | KV cache | compile s |"
+    head += " CPU s | CPU vs full | KV cache | compile s | step ms | step / roofline |"
     head += " needle |" if tokenizer is not None else ""
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -179,7 +202,9 @@ def main(argv=None) -> int:
         cpu_ratio = f"{r.cpu_s / ref.cpu_s:.2f}" if ref is not None and ref.cpu_s else "-"
         line = (f"| {r.method} | {r.prefill_s:.1f} | {r.prompt_tokens / r.prefill_s:.0f} | "
                 f"{r.decode_tok_s:.1f} | {r.total_s:.1f} | {ratio} | {r.cpu_s:.0f} | "
-                f"{cpu_ratio} | {r.kv_cache_bytes / 2**20:.0f} MiB | {r.compile_s:.1f} |")
+                f"{cpu_ratio} | {r.kv_cache_bytes / 2**20:.0f} MiB | {r.compile_s:.1f} | "
+                f"{r.decode_s / args.new_tokens * 1e3:.1f} | "
+                f"{r.decode_s / args.new_tokens / (r.step_bytes / bw):.2f} |")
         if tokenizer is not None:
             line += f" {'found' if r.found else 'missed'} |"
         print(line, flush=True)
@@ -188,7 +213,7 @@ def main(argv=None) -> int:
             print(f"# {r.method} answered: {r.answer[:120]!r}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"note": note, "args": vars(args),
+            json.dump({"note": note, "args": vars(args), "bandwidth": bandwidth,
                        "runs": {name: [dataclasses.asdict(r) | {"total_s": r.total_s}
                                        for r in rs] for name, rs in runs.items()}},
                       f, indent=1)
