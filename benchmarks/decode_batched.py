@@ -374,11 +374,12 @@ def print_model(rec, args, bw: float, markdown: bool = False) -> None:
 
 def targets(results: dict) -> dict:
     """The issue's targets, checked from the measurements."""
-    every = [{**s, "model": r["model"]} for r in results["models"] for s in r["steps"]
+    every = [{**s, "model": r["model"], "layout": r.get("layout", "stacked")}
+             for r in results["models"] for s in r["steps"]
              if s["method"] not in ("full", *BESIDE_FULL)]
     steps = [s for s in every if s["method"] not in ORACLES]
     oracle = [s for s in every if s["method"] in ORACLES]
-    keys = ("model", "B", "T", "M", "method", "speedup", "plan", "fallback")
+    keys = ("model", "layout", "B", "T", "M", "method", "speedup", "plan", "fallback")
 
     def slow(cells):
         return [{k: s[k] for k in keys}
@@ -392,10 +393,11 @@ def targets(results: dict) -> dict:
     if aa:  # the noise floor: full KV against itself, per cell
         out["aa"] = {"cells": len(aa), "min": min(aa), "max": max(aa),
                      "outside_5pct": sum(not 1 / SLOWER <= x <= SLOWER for x in aa)}
-        cell_aa = {(r["model"], s["B"], s["T"], s["M"]): s["speedup"]
+        # keyed by layout too: `--layout stacked,per-layer` runs one model twice
+        cell_aa = {(r["model"], r.get("layout", "stacked"), s["B"], s["T"], s["M"]): s["speedup"]
                    for r in results["models"] for s in r["steps"] if s["method"] == AA}
         for s in out["slower_than_full_by_5pct"]:
-            key = (s["model"], s["B"], s["T"], s["M"])
+            key = (s["model"], s["layout"], s["B"], s["T"], s["M"])
             if key in cell_aa:
                 s["aa"] = cell_aa[key]
     for r in results["models"]:
