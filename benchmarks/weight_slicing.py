@@ -8,7 +8,7 @@ The decoders keep each weight as one array over all layers and loop over the lay
 `lax.fori_loop`, indexing `w[i]` (models/llama.py). XLA:CPU cannot hand a slice at a
 traced offset to its matmul: it copies the slice into a fresh buffer first (a
 `dynamic-slice` loop fusion before the dot), so the weights cross memory three times
-(read, write, read) instead of once. This script times `x @ w[i]` over the layers four
+(read, write, read) instead of once. This script times `x @ w[i]` over the layers five
 ways on the same weights, [batch, hidden] @ [hidden, ffn] (Llama-3.1-8B's MLP shape by
 default, float32):
 
@@ -19,10 +19,12 @@ default, float32):
   switch        lax.fori_loop over one array per layer, each matmul in a lax.switch
                 with a branch per layer: the form models.llama.loop_layers runs
                 per-layer weights in (no slicing, and no unrolling)
+  numpy         numpy's matmul (its BLAS) on one array per layer: whether another
+                library's matmul reads these weights faster at this batch
 
-and counts the weight-sized copy fusions in each compiled program. Each row prints the
-median step time, the weight bytes / time (GB/s, weights read once) and the ratio to the
-"separate" row, for each batch size given. The same run measures this CPU's memory
+and counts the weight-sized copy fusions in each compiled program (none for numpy). Each
+row prints the median step time, the weight bytes / time (GB/s, weights read once) and
+the ratio to the "separate" row, for each batch size given. The same run measures this CPU's memory
 bandwidth (as benchmarks/decode_batched.py does) and prints what share of it the
 "separate" matmul reaches: the ceiling a decode step's weight reads can get to with
 XLA:CPU's matmul, whatever the layout.
@@ -73,6 +75,23 @@ def _switch(ws, x):
     return jax.lax.fori_loop(0, len(ws), body, jnp.zeros((x.shape[0], x.shape[1])))
 
 
+def _numpy(ws, x):
+    h = np.zeros((x.shape[0], x.shape[1]), np.float32)
+    for w in ws:
+        h = h + (x @ w)[:, : h.shape[1]]
+    return h
+
+
+def _time(fn, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[dict]:
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((layers, hidden, ffn), dtype=np.float32) * 0.01)
@@ -83,16 +102,14 @@ def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[
     for name, fn, arg in (("traced index", _traced, w), ("static index", _static, w),
                           ("switch", _switch, ws), ("separate", _separate, ws)):
         compiled = jax.jit(fn).lower(arg, x).compile()
-        compiled(arg, x).block_until_ready()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            compiled(arg, x).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
+        med = _time(lambda c=compiled, a=arg: c(a, x).block_until_ready(), iters)
         rows.append({"way": name, "median_s": med, "GBps": weight_bytes / med / 1e9,
                      "copies": copy_fusions(compiled.as_text(), (hidden, ffn))})
     base = rows[-1]["median_s"]
+    w_np, x_np = [np.asarray(a) for a in ws], np.asarray(x)
+    med = _time(lambda: _numpy(w_np, x_np), iters)
+    rows.append({"way": "numpy", "median_s": med, "GBps": weight_bytes / med / 1e9,
+                 "copies": 0})
     for r in rows:
         r["vs_separate"] = r["median_s"] / base
     return rows
@@ -133,7 +150,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"{r['way']:<14} {r['median_s'] * 1e3:9.1f} {r['GBps']:7.2f} "
                   f"{r['copies']:7d} {r['vs_separate']:11.2f}")
-        sep = rows[-1]["GBps"]
+        sep = next(r["GBps"] for r in rows if r["way"] == "separate")
         print(f"one array per layer reads at {sep / bw:.0%} of the memory bandwidth: a step "
               f"whose bytes are these weights runs at >= {bw / sep:.2f}x its byte roofline")
     return 0

@@ -1,4 +1,4 @@
-"""benchmarks/weight_slicing.py: the four ways of reading per-layer weights compute the
+"""benchmarks/weight_slicing.py: the ways of reading per-layer weights compute the
 same product (numpy), and XLA:CPU's compiled programs copy a traced-index slice of the
 stacked weights before the matmul and nothing when each layer has its own array, unrolled
 or in a loop through the per-layer switch (what docs/benchmarks.md's explanation of the
@@ -41,13 +41,22 @@ def test_a_traced_slice_is_copied_and_separate_arrays_are_not(batch):
     assert " conditional(" in jax.jit(ws._switch).lower([w[0], w[1]], x).compile().as_text()
 
 
-def test_quick_run_prints_four_rows(capsys):
+def test_quick_run_prints_five_rows(capsys):
     assert ws.main(["--quick"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()
-            if line.startswith(("traced", "static", "switch", "separate"))]
-    assert [r[0] for r in rows] == ["traced", "static", "switch", "separate"]
-    assert float(rows[-1][-1]) == 1.0  # the baseline row
+            if line.startswith(("traced", "static", "switch", "separate", "numpy"))]
+    assert [r[0] for r in rows] == ["traced", "static", "switch", "separate", "numpy"]
+    assert float(rows[3][-1]) == 1.0  # the baseline row
+
+
+def test_numpy_way_agrees_with_the_jitted_ones():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 24, 40), dtype=np.float32)
+    x = rng.standard_normal((3, 24), dtype=np.float32)
+    np.testing.assert_allclose(ws._numpy(list(w), x),
+                               np.asarray(ws._separate([jnp.asarray(a) for a in w],
+                                                       jnp.asarray(x))), rtol=1e-5, atol=1e-5)
 
 
 def test_batches_each_get_a_table_and_the_bandwidth_share(capsys):
