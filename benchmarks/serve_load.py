@@ -46,7 +46,7 @@ import numpy as np
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
 from rocketkv_jax.models.params import with_layout
-from rocketkv_jax.names import WEIGHT_LAYOUTS
+from rocketkv_jax.names import STAGE2_MODES, WEIGHT_LAYOUTS
 
 
 def span(text: str, name: str) -> tuple[int, int]:
@@ -80,15 +80,17 @@ def make_prompts(model, lengths):
 
 
 # ------------------------------------------------------------------ static batching
-def run_static(model, prompts, new_tokens, clients, method, budget):
+def run_static(model, prompts, new_tokens, clients, method, budget, stage2="auto"):
     from rocketkv_jax.engine.generate import generate_ids
     from rocketkv_jax.methods import make_method
+    from rocketkv_jax.methods.registry import sweep_settings
 
     t0, produced = time.perf_counter(), 0
     for i in range(0, len(prompts), clients):
         batch = [ids for _, ids in prompts[i:i + clients]]
         n = max(new_tokens[i:i + clients])
-        out = generate_ids(model.params, model.config, batch, make_method(method, budget),
+        kv = make_method(method, budget, **sweep_settings(method, stage2=stage2))
+        out = generate_ids(model.params, model.config, batch, kv,
                            max_new_tokens=n, stop_ids=[], prefill_chunk=256)
         # a static batch runs to its longest request; each request keeps its own count
         produced += sum(min(len(t), k) for t, k in zip(out.tokens, new_tokens[i:i + clients],
@@ -111,7 +113,8 @@ class Server:
                "--port", str(self.port), "--slots", str(args.slots),
                "--prefill-chunk", str(args.prefill_chunk), "--mixed-chunk",
                str(args.mixed_chunk), "--max-stall", str(args.max_stall), "--max-queue", "256",
-               "--prefix-cache", str(args.prefix_cache), "--weight-layout", args.weight_layout]
+               "--prefix-cache", str(args.prefix_cache), "--weight-layout", args.weight_layout,
+               "--stage2", args.stage2]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 600
@@ -300,6 +303,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-layout", default="auto", choices=("auto", *WEIGHT_LAYOUTS),
                     help="the weights' layout for the server and the static batches, as "
                     "generate and serve take it (default: auto)")
+    ap.add_argument("--stage2", default="auto", choices=STAGE2_MODES,
+                    help="stage 2 of rocketkv in the server and the static batches, as "
+                    "generate and serve take it (default: auto)")
     ap.add_argument("--leak-requests", type=int, default=500)
     ap.add_argument("--phases", default="static,serve,prefill,leak")
     ap.add_argument("--out", default=None)
@@ -331,7 +337,8 @@ def main(argv=None) -> int:
               "args": vars(args), "prompt_tokens": [len(ids) for _, ids in prompts],
               "new_tokens": new_tokens}
     if "static" in phases:
-        result["static"] = [run_static(model, prompts, new_tokens, args.clients, m, b)
+        result["static"] = [run_static(model, prompts, new_tokens, args.clients, m, b,
+                                       args.stage2)
                             for m, b in (("rocketkv", 256), ("full", None))]
         print(json.dumps(result["static"], indent=1), flush=True)
     if "serve" in phases or "prefill" in phases:

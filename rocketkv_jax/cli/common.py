@@ -132,6 +132,11 @@ def add_method_args(p, *, default: str = "rocketkv",
         help="keep the first N layers dense and unevicted (quest, snapkv, snapkv++, hybrid, "
         "rocketkv; Quest's code and some official RocketKV configs use 2)")
     add_kernels_arg(p)
+    add_stage2_arg(p)
+
+
+def add_stage2_arg(p) -> None:
+    """`--stage2` of generate, chat and serve."""
     p.add_argument(
         "--stage2", default="auto", choices=STAGE2_MODES,
         help="sparse selection of hybrid, rocketkv, quest and sparq: auto runs it only where "

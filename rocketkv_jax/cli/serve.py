@@ -12,6 +12,7 @@ from .common import (
     UserError,
     add_command,
     add_kernels_arg,
+    add_stage2_arg,
     add_weight_layout_arg,
     flag,
     load_model_on,
@@ -115,6 +116,7 @@ def add_parser(sub):
                    "or auto (SLURM, Open MPI, Cloud TPU). Process 0 serves HTTP; the others "
                    "run the same turns and exit when it stops (docs/serving.md)")
     add_kernels_arg(s)
+    add_stage2_arg(s)
     add_weight_layout_arg(s)
     s.set_defaults(func=cmd_serve)
     return s
@@ -163,7 +165,7 @@ def cmd_serve(args) -> int:
     engine = Engine(model.params, model.config, slots=args.slots, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, mixed_chunk=args.mixed_chunk,
                     max_stall=args.max_stall or None,
-                    kernels=kernels, mesh=mesh, link=link,
+                    kernels=kernels, stage2=args.stage2, mesh=mesh, link=link,
                     kv_memory_bytes=int(args.kv_memory * gib),
                     prefix_cache_bytes=int(args.prefix_cache * gib))
     if link is not None and not link.leader:

@@ -61,9 +61,9 @@ from .. import sharding as shd
 from ..cache import tree_bytes
 from ..kernels.backend import prefill_backend
 from ..methods.base import MethodConfigError
-from ..methods.registry import make_method
+from ..methods.registry import make_method, sweep_settings
 from ..models.config import ModelConfig
-from ..names import DEFAULT_KERNELS
+from ..names import DEFAULT_KERNELS, STAGE2_MODES
 from ..sampling import Sampling, prng_key
 from . import serve_programs as sp
 from .compile import hashable, hashable_structs, params_struct
@@ -202,7 +202,9 @@ class Engine:
     longer than a plain decode turn a turn with a mixed chunk may take (the chunk adapts,
     see above; None: always mixed_chunk tokens); kv_memory_bytes: the
     pools' caches plus the prefill in flight; prefix_cache_bytes: full-KV prefixes kept
-    for reuse (0: none); kernels: the kernel backend (names.KERNEL_BACKENDS);
+    for reuse (0: none); kernels: the kernel backend (names.KERNEL_BACKENDS); stage2:
+    the stage-2 mode (names.STAGE2_MODES) of every request whose method has one
+    (hybrid, rocketkv, quest, sparq; "auto": sparse where the cost model says it pays);
     fault_hook(stage, request_id): called at "prefill" and "decode" of each request
     (tests inject failures with it); link: this process's end of the turns when a
     `jax.distributed` run serves on several processes (`turns.TurnLink`; a mesh is then
@@ -214,7 +216,8 @@ class Engine:
                  prefill_chunk: int = 256, mixed_chunk: int = 16,
                  max_stall: float | None = 1.75, kv_memory_bytes: int = 4 * GiB,
                  prefix_cache_bytes: int = 1 * GiB, kernels: str = DEFAULT_KERNELS,
-                 mesh=None, fault_hook: Callable[[str, str], None] | None = None,
+                 stage2: str = "auto", mesh=None,
+                 fault_hook: Callable[[str, str], None] | None = None,
                  link: TurnLink | None = None):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
@@ -238,6 +241,9 @@ class Engine:
         self.prefix_limit = checks.integer(prefix_cache_bytes, "prefix_cache_bytes", low=0,
                                            high=1 << 62)
         self.kernels = kernels
+        if stage2 not in STAGE2_MODES:
+            raise ValueError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {stage2!r}")
+        self.stage2 = stage2
         self.prefill_kernels = prefill_backend(kernels)
         self.mesh = mesh
         self._rows_step = 1  # pools grow in multiples of the data axis
@@ -386,7 +392,8 @@ class Engine:
                 f"for reuse and compresses each request's own copy (RocketKV-MT's rule); "
                 f"ask for {request.method[:-3]!r}")
         try:
-            method = make_method(request.method, request.token_budget, kernels=self.kernels)
+            method = make_method(request.method, request.token_budget, **sweep_settings(
+                request.method, kernels=self.kernels, stage2=self.stage2))
         except MethodConfigError as e:
             raise RequestRejected(str(e)) from None
         P, N = len(request.prompt), request.max_tokens

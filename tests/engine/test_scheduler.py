@@ -274,6 +274,29 @@ def test_a_fault_in_a_mixed_turn_fails_its_request_only(smol, prompts):
         Engine(smol.params, smol.config, prefill_chunk=128, mixed_chunk=48)
 
 
+def test_stage2_reaches_the_methods_that_have_one(smol, prompts):
+    """Engine(stage2=...) is `rocketkv serve --stage2`: rocketkv's plan takes it (here
+    "off", which no cost decision gives) and answers as generate_ids with the same method;
+    full KV, which has no stage 2, still serves beside it."""
+    specs = [(prompts[0], "rocketkv", 256), (prompts[1], "full", None)]
+    want = [generate_ids(smol.params, smol.config, [p],
+                         make_method(m, b, **({"stage2": "off"} if b else {})),
+                         max_new_tokens=N).tokens[0] for p, m, b in specs]
+    engine = Engine(smol.params, smol.config, slots=2, prefill_chunk=128,
+                    prefix_cache_bytes=0, stage2="off")
+    try:
+        out = run(engine, [ServeRequest(tuple(p), N, method=m, token_budget=b)
+                           for p, m, b in specs])
+        assert [c.tokens for c in out] == want
+        plans = {pool.plan.name: pool.plan for pool in engine._pools.values()}
+        assert plans["rocketkv"].fallback == "off" and plans["rocketkv"].stage2_dense
+        assert_clean(engine)
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="stage2 must be one of auto, on, off"):
+        Engine(smol.params, smol.config, stage2="sometimes")
+
+
 def test_bad_requests_are_refused_with_what_to_fix(smol, prompts):
     engine = Engine(smol.params, smol.config, slots=1, kv_memory_bytes=64 << 20)
     ctx = smol.config.max_position_embeddings

@@ -23,6 +23,7 @@ def test_defaults():
             args.max_queue, args.prefill_chunk, args.max_body_mb) == (
         "127.0.0.1", 8000, "rocketkv", 256, 8, 64, 256, 8)
     assert (args.kv_memory, args.prefix_cache, args.api_key) == (4.0, 1.0, None)
+    assert args.stage2 == "auto"
     args = build_parser().parse_args(["serve", "--prefix-cache", "0", "--kv-memory", "1.5"])
     assert (args.prefix_cache, args.kv_memory) == (0.0, 1.5)
 
@@ -38,6 +39,7 @@ def test_defaults():
     (["--max-body-mb", "0"], "argument --max-body-mb: must be >= 1"),
     (["--token-budget", "x"], "argument --token-budget: must be an integer"),
     (["--kernels", "cuda"], "argument --kernels: invalid choice"),
+    (["--stage2", "sometimes"], "argument --stage2: invalid choice"),
 ])
 def test_bad_flags_are_one_error_line(capsys, argv, message):
     assert cli_main(["serve", *argv]) == 2
