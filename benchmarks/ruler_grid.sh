@@ -2,8 +2,10 @@
 # NVIDIA's RULER on Qwen2.5-Coder-0.5B-Instruct, resumable: full KV and every method at
 # token budgets 256 and 1024 (topk, the exact top-k oracle, included), f32.
 #
-#     sh benchmarks/ruler_grid.sh [STAGE...]     # default: 4k 8k 16k 32k, in that order
+#     sh benchmarks/ruler_grid.sh [STAGE...]     # default: peers 4k 8k 16k 32k, in that order
 #
+#   peers    4k on the ten tasks benchmarks/kvpress_ruler.py ran kvpress on, SAMPLES_SHORT
+#            samples each: the cells of the side-by-side comparison first (a part of 4k)
 #   4k, 8k   all 13 RULER tasks, SAMPLES_SHORT samples each (default 10)
 #   16k      all 13 tasks, SAMPLES_LONG samples each (default 5)
 #   32k      the eight NIAH tasks, SAMPLES_LONG samples each
@@ -35,6 +37,7 @@ MODEL=qwen2.5-coder-0.5b
 METHODS=full,rocketkv,snapkv++,hybrid,quest,snapkv,streaming,sparq,topk
 BUDGETS=256,1024
 NIAH=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery
+PEERS=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multivalue,vt,cwe,fwe,qa_1
 
 run() {  # run CONTEXT SAMPLES BATCH TASKS
     set -- eval --suite ruler --model "$MODEL" --methods "$METHODS" --budgets "$BUDGETS" \
@@ -47,12 +50,13 @@ run() {  # run CONTEXT SAMPLES BATCH TASKS
     echo "== done in $(( $(date +%s) - start )) s" >&2
 }
 
-[ $# -gt 0 ] || set -- 4k 8k 16k 32k
+[ $# -gt 0 ] || set -- peers 4k 8k 16k 32k
 for stage in "$@"; do
     case $stage in
+        peers) run 4k "$SAMPLES_SHORT" "$BATCH_SHORT" "$PEERS" ;;
         4k|8k) run "$stage" "$SAMPLES_SHORT" "$BATCH_SHORT" all ;;
         16k) run "$stage" "$SAMPLES_LONG" "$BATCH_LONG" all ;;
         32k) run "$stage" "$SAMPLES_LONG" "$BATCH_LONG" "$NIAH" ;;
-        *) echo "unknown stage $stage (4k, 8k, 16k, 32k)" >&2; exit 2 ;;
+        *) echo "unknown stage $stage (peers, 4k, 8k, 16k, 32k)" >&2; exit 2 ;;
     esac
 done

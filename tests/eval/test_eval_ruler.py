@@ -258,7 +258,7 @@ def test_grid_script_commands_are_valid_eval_command_lines():
     done = subprocess.run(["sh", str(root / "benchmarks" / "ruler_grid.sh")], env=env,
                           capture_output=True, text=True, check=True)
     lines = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
-    assert len(lines) == 4  # 4k, 8k, 16k, 32k
+    assert len(lines) == 5  # peers (4k, kvpress' tasks), 4k, 8k, 16k, 32k
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     add_eval_parser(sub)
@@ -267,10 +267,14 @@ def test_grid_script_commands_are_valid_eval_command_lines():
         assert config.suite == "ruler" and config.model == "qwen2.5-coder-0.5b"
         assert config.budgets == (256, 1024) and len(config.methods) == 9
         assert config.out == configs[0].out  # one results file for the whole grid
-    assert [c.contexts for c in configs] == [(4096,), (8192,), (16384,), (32768,)]
-    assert [c.samples for c in configs] == [12, 12, 3, 3]
-    assert all(c.tasks == RULER_TASK_NAMES for c in configs[:3])
-    assert len(configs[3].tasks) == 8 and all(t.startswith("niah") for t in configs[3].tasks)
+    assert [c.contexts for c in configs] == [(4096,), (4096,), (8192,), (16384,), (32768,)]
+    assert [c.samples for c in configs] == [12, 12, 12, 3, 3]
+    # the tasks of docs/eval/ruler-qwen/kvpress.md: kvpress_ruler.py's default (RULER's
+    # first five) and the five more it was run on
+    assert configs[0].tasks == (*RULER_TASK_NAMES[:5], "niah_multivalue", "vt", "cwe", "fwe",
+                                "qa_1")
+    assert all(c.tasks == RULER_TASK_NAMES for c in configs[1:4])
+    assert len(configs[4].tasks) == 8 and all(t.startswith("niah") for t in configs[4].tasks)
 
 
 def test_cli_suite_ruler_with_fidelity(word_tokenizer, tmp_path):
