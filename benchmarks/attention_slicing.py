@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
 from rocketkv_jax.bench.measure import measure_bandwidth
 from rocketkv_jax.models.layers import NEG_INF, decode_attention
@@ -128,14 +129,6 @@ def measure(shape: tuple[int, int, int, int], batch: int, context: int, iters: i
     return rows
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        return []
-    return values if values and min(values) >= 1 else []
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,23 +138,24 @@ def main(argv=None) -> int:
                    "head_dim 64) (default: llama8b)")
     p.add_argument("--batch", default="8", help="comma list of batch sizes (default: 8)")
     p.add_argument("--context", default="8192",
-                   help="comma list of cache lengths S (default: 8192)")
+                   help="comma list of cache lengths S, e.g. 8k,32k (default: 8192)")
     p.add_argument("--iters", type=int, default=7, help="timed calls after one warm-up")
     p.add_argument("--bandwidth-mb", type=int, default=1024,
                    help="bandwidth benchmark buffer in MiB (default: 1024)")
     p.add_argument("--quick", action="store_true",
                    help="smollm2 shape with 2 layers, context 256, 3 iters")
     a = p.parse_args(argv)
-    batches, contexts = _ints(a.batch), _ints(a.context)
-    if not batches:
-        p.error(f"--batch takes a comma list of batch sizes >= 1, got {a.batch!r}")
-    if not contexts:
-        p.error(f"--context takes a comma list of lengths >= 1, got {a.context!r}")
+    try:
+        batches = checks.token_counts(a.batch, "--batch")
+        contexts = checks.token_counts(a.context, "--context")
+    except ValueError as e:
+        p.error(str(e))
     if a.iters < 1 or a.bandwidth_mb < 1:
         p.error("--iters and --bandwidth-mb must be >= 1")
+    shape = SHAPES[a.shape]
     if a.quick:
         a.shape, contexts, a.iters, a.bandwidth_mb = "smollm2", [256], 3, 16
-    shape = SHAPES[a.shape] if not a.quick else (2, *SHAPES["smollm2"][1:])
+        shape = (2, *SHAPES["smollm2"][1:])
     L, K, G, D = shape
     print(machine_line())
     bw = measure_bandwidth(a.bandwidth_mb * 2**20, 3)["best_GBps"]

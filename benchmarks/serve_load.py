@@ -85,11 +85,11 @@ def run_static(model, prompts, new_tokens, clients, method, budget, stage2="auto
     from rocketkv_jax.methods import make_method
     from rocketkv_jax.methods.registry import sweep_settings
 
+    kv = make_method(method, budget, **sweep_settings(method, stage2=stage2))
     t0, produced = time.perf_counter(), 0
     for i in range(0, len(prompts), clients):
         batch = [ids for _, ids in prompts[i:i + clients]]
         n = max(new_tokens[i:i + clients])
-        kv = make_method(method, budget, **sweep_settings(method, stage2=stage2))
         out = generate_ids(model.params, model.config, batch, kv,
                            max_new_tokens=n, stop_ids=[], prefill_chunk=256)
         # a static batch runs to its longest request; each request keeps its own count

@@ -61,9 +61,10 @@ from .. import sharding as shd
 from ..cache import tree_bytes
 from ..kernels.backend import prefill_backend
 from ..methods.base import MethodConfigError
+from ..methods.cost import check_stage2
 from ..methods.registry import make_method, sweep_settings
 from ..models.config import ModelConfig
-from ..names import DEFAULT_KERNELS, STAGE2_MODES
+from ..names import DEFAULT_KERNELS
 from ..sampling import Sampling, prng_key
 from . import serve_programs as sp
 from .compile import hashable, hashable_structs, params_struct
@@ -241,8 +242,7 @@ class Engine:
         self.prefix_limit = checks.integer(prefix_cache_bytes, "prefix_cache_bytes", low=0,
                                            high=1 << 62)
         self.kernels = kernels
-        if stage2 not in STAGE2_MODES:
-            raise ValueError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {stage2!r}")
+        check_stage2("Engine", stage2)
         self.stage2 = stage2
         self.prefill_kernels = prefill_backend(kernels)
         self.mesh = mesh

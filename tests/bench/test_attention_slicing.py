@@ -70,8 +70,12 @@ def test_quick_run_prints_the_four_rows(capsys):
     assert rows == ["blockwise", "whole", "blockwise", "whole"]
 
 
-@pytest.mark.parametrize("flag", [["--batch", "8,x"], ["--context", "0"]])
-def test_bad_lists_are_refused(flag, capsys):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("flag, message", [
+    (["--batch", "8,x"], "--batch 'x' is not a whole number"),
+    (["--context", "0"], "--context must be positive, got '0'"),
+])
+def test_bad_lists_are_refused(flag, message, capsys):
+    with pytest.raises(SystemExit) as e:
         at.main(["--quick", *flag])
-    assert "takes a comma list" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -293,7 +293,7 @@ def test_stage2_reaches_the_methods_that_have_one(smol, prompts):
         assert_clean(engine)
     finally:
         engine.close()
-    with pytest.raises(ValueError, match="stage2 must be one of auto, on, off"):
+    with pytest.raises(ValueError, match="Engine: stage2 must be one of 'auto', 'on', 'off'"):
         Engine(smol.params, smol.config, stage2="sometimes")
 
 
