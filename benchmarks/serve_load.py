@@ -7,6 +7,8 @@ Phases (`--phases`, all by default):
 
   static    the same prompts through `generate_ids` in batches of --clients (static
             batching: every batch waits for its longest request), rocketkv and full;
+            with each method's prefill / decode / compile seconds and the bound they
+            put on rocketkv against full KV (`static_bound`);
   serve     a `rocketkv serve` subprocess on a free localhost port; --clients streaming
             clients (OpenAI's completions API over server-sent events) take the requests
             from one list until it is empty, once with rocketkv and once with full KV
@@ -87,6 +89,7 @@ def run_static(model, prompts, new_tokens, clients, method, budget, stage2="auto
 
     kv = make_method(method, budget, **sweep_settings(method, stage2=stage2))
     t0, produced = time.perf_counter(), 0
+    parts = {"prefill_s": 0.0, "decode_s": 0.0, "compile_s": 0.0}
     for i in range(0, len(prompts), clients):
         batch = [ids for _, ids in prompts[i:i + clients]]
         n = max(new_tokens[i:i + clients])
@@ -95,8 +98,26 @@ def run_static(model, prompts, new_tokens, clients, method, budget, stage2="auto
         # a static batch runs to its longest request; each request keeps its own count
         produced += sum(min(len(t), k) for t, k in zip(out.tokens, new_tokens[i:i + clients],
                                                         strict=True))
+        for name in parts:
+            parts[name] += getattr(out.stats, name)
     wall = time.perf_counter() - t0
-    return {"method": method, "wall_s": wall, "tokens": produced, "tok_per_s": produced / wall}
+    return {"method": method, "wall_s": wall, "tokens": produced, "tok_per_s": produced / wall,
+            **parts}
+
+
+def static_bound(static: list[dict]) -> dict:
+    """What the static batches say about rocketkv against full KV: the ratio of their
+    throughputs, each method's share of its wall time spent in prefill, and the ratio's
+    ceiling: full KV's wall time over rocketkv's without its decode steps (rocketkv
+    decoding in no time; its prefill is the same work as full KV's)."""
+    s = {r["method"]: r for r in static}
+    rkv, full = s["rocketkv"], s["full"]
+    return {"static_rocketkv_vs_full": rkv["tok_per_s"] / full["tok_per_s"],
+            "prefill_share_rocketkv": rkv["prefill_s"] / rkv["wall_s"],
+            "prefill_share_full": full["prefill_s"] / full["wall_s"],
+            "static_ceiling_rocketkv_vs_full":
+                full["wall_s"] / (rkv["wall_s"] - rkv["decode_s"])
+                * rkv["tokens"] / full["tokens"]}
 
 
 # ------------------------------------------------------------------ the server
@@ -341,6 +362,8 @@ def main(argv=None) -> int:
                                        args.stage2)
                             for m, b in (("rocketkv", 256), ("full", None))]
         print(json.dumps(result["static"], indent=1), flush=True)
+        result["static_bound"] = static_bound(result["static"])
+        print(json.dumps(result["static_bound"], indent=1), flush=True)
     if "serve" in phases or "prefill" in phases:
         server = Server(args)
         try:

@@ -20,3 +20,16 @@ def test_bad_flags_are_refused_before_loading(argv, message, capsys):
         sl.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_static_bound_is_full_kvs_time_over_rocketkvs_without_decode():
+    # rocketkv: 30 s prefill + 10 s decode + 2 s compile; full KV: 30 s + 40 s + 2 s
+    rows = [{"method": "rocketkv", "wall_s": 42.0, "tokens": 100, "tok_per_s": 100 / 42,
+             "prefill_s": 30.0, "decode_s": 10.0, "compile_s": 2.0},
+            {"method": "full", "wall_s": 72.0, "tokens": 100, "tok_per_s": 100 / 72,
+             "prefill_s": 30.0, "decode_s": 40.0, "compile_s": 2.0}]
+    bound = sl.static_bound(rows)
+    assert bound["static_rocketkv_vs_full"] == pytest.approx(72 / 42)
+    assert bound["prefill_share_rocketkv"] == pytest.approx(30 / 42)
+    assert bound["prefill_share_full"] == pytest.approx(30 / 72)
+    assert bound["static_ceiling_rocketkv_vs_full"] == pytest.approx(72 / 32)
