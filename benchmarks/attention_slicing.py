@@ -2,7 +2,8 @@
 in one run.
 
     python benchmarks/attention_slicing.py [--shape llama8b|smollm2] [--batch 8[,1,...]]
-                                           [--context 8192[,...]] [--iters 7] [--quick]
+                                           [--context 8192[,...]] [--blocks 256,1024,...]
+                                           [--iters 7] [--quick]
 
 Full KV's decode step, and every dense fallback, attends one query per head over the
 whole cache of each layer. The decoders keep the cache as one [layers, B, K, S, D] array
@@ -41,7 +42,7 @@ import numpy as np
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
 from rocketkv_jax.bench.measure import measure_bandwidth
-from rocketkv_jax.models.layers import NEG_INF, decode_attention
+from rocketkv_jax.models.layers import NEG_INF, decode_attention, decode_block_size
 
 # (layers, KV heads, query heads per KV head, head_dim): the models' attention shapes; the
 # Llama-3.1-8B shape keeps 2 of its 32 layers, as benchmarks/decode_batched.py does
@@ -100,8 +101,16 @@ def block_copies(hlo: str, B: int, K: int, D: int) -> int:
                if "kind=kLoop" in line and (m := shape.search(line)) and m[1] in slicing)
 
 
+def ways(blocks: list[int]) -> dict:
+    """WAYS, and "blockwise, stacked" at each of `blocks` slots per block."""
+    extra = {f"blockwise, stacked, {b}": (_stacked(
+        lambda q, k, v, m, i, b=b: decode_attention(q, k, v, m, block=b, layer=i)), True)
+        for b in blocks}
+    return {**WAYS, **extra}
+
+
 def measure(shape: tuple[int, int, int, int], batch: int, context: int, iters: int,
-            bandwidth: float) -> list[dict]:
+            bandwidth: float, blocks: list[int] = ()) -> list[dict]:
     L, K, G, D = shape
     rng = np.random.default_rng(0)
     k = jnp.asarray(rng.standard_normal((L, batch, K, context, D), dtype=np.float32))
@@ -111,7 +120,7 @@ def measure(shape: tuple[int, int, int, int], batch: int, context: int, iters: i
     ks, vs = [k[i] for i in range(L)], [v[i] for i in range(L)]  # own buffers
     cache_bytes = 2 * k.size * 4
     rows, first = [], None
-    for name, (fn, stacked) in WAYS.items():
+    for name, (fn, stacked) in ways(list(blocks)).items():
         args = (q, k, v, visible) if stacked else (q, ks, vs, visible)
         compiled = jax.jit(fn).lower(*args).compile()
         out = np.asarray(compiled(*args))
@@ -139,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="8", help="comma list of batch sizes (default: 8)")
     p.add_argument("--context", default="8192",
                    help="comma list of cache lengths S, e.g. 8k,32k (default: 8192)")
+    p.add_argument("--blocks", default="",
+                   help="comma list of block sizes (slots): one more blockwise, stacked row "
+                   "per size (default: none; the first row uses decode_block_size's)")
     p.add_argument("--iters", type=int, default=7, help="timed calls after one warm-up")
     p.add_argument("--bandwidth-mb", type=int, default=1024,
                    help="bandwidth benchmark buffer in MiB (default: 1024)")
@@ -148,6 +160,7 @@ def main(argv=None) -> int:
     try:
         batches = checks.token_counts(a.batch, "--batch")
         contexts = checks.token_counts(a.context, "--context")
+        blocks = checks.token_counts(a.blocks, "--blocks") if a.blocks else []
     except ValueError as e:
         p.error(str(e))
     if a.iters < 1 or a.bandwidth_mb < 1:
@@ -165,10 +178,10 @@ def main(argv=None) -> int:
         for S in contexts:
             print(f"\n{a.shape} shape: {L} layers, q [{batch}, {K * G}, {D}] over k, v "
                   f"[{batch}, {K}, {S}, {D}] per layer, float32, median of {a.iters} calls")
-            print(f"{'way':<20} {'ms':>9} {'GB/s':>7} {'x roofline':>11} {'copies':>7} "
-                  f"{'max diff':>9}")
-            for r in measure(shape, batch, S, a.iters, bw):
-                print(f"{r['way']:<20} {r['median_s'] * 1e3:9.1f} {r['GBps']:7.2f} "
+            print(f"{'way':<26} {'ms':>9} {'GB/s':>7} {'x roofline':>11} {'copies':>7} "
+                  f"{'max diff':>9}  (block {decode_block_size(batch, K, D)} slots)")
+            for r in measure(shape, batch, S, a.iters, bw, blocks):
+                print(f"{r['way']:<26} {r['median_s'] * 1e3:9.1f} {r['GBps']:7.2f} "
                       f"{r['roofline']:11.2f} {r['copies']:7d} {r['max_diff']:9.1e}")
     return 0
 

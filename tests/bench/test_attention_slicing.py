@@ -40,7 +40,7 @@ def test_the_four_ways_agree_with_numpy(B, K, G, S):
     visible = rng.random((B, K, S)) < 0.7
     visible[..., 0] = True
     want = _numpy_layers(q, k, v, visible)
-    for name, (fn, stacked) in at.WAYS.items():
+    for name, (fn, stacked) in at.ways([16, 40]).items():  # 16 leaves a partial last block
         kv = (jnp.asarray(k), jnp.asarray(v)) if stacked else (list(k), list(v))
         got = fn(jnp.asarray(q), *kv, jnp.asarray(visible))
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5, err_msg=name)
@@ -70,8 +70,18 @@ def test_quick_run_prints_the_four_rows(capsys):
     assert rows == ["blockwise", "whole", "blockwise", "whole"]
 
 
+def test_blocks_add_one_blockwise_row_per_size(capsys):
+    assert at.main(["--quick", "--blocks", "16,64"]) == 0
+    out = capsys.readouterr().out
+    rows = [line[:26].strip() for line in out.splitlines()
+            if line.startswith(("blockwise,", "whole,"))]
+    assert rows[4:] == ["blockwise, stacked, 16", "blockwise, stacked, 64"]
+    assert "(block 512 slots)" in out  # decode_block_size at batch 8, 3 KV heads, D 64
+
+
 @pytest.mark.parametrize("flag, message", [
     (["--batch", "8,x"], "--batch 'x' is not a whole number"),
+    (["--blocks", "0"], "--blocks must be positive, got '0'"),
     (["--context", "0"], "--context must be positive, got '0'"),
 ])
 def test_bad_lists_are_refused(flag, message, capsys):
