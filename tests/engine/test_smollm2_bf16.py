@@ -16,13 +16,15 @@ from rocketkv_jax.model_store import load_model
 from rocketkv_jax.models.params import cast_params
 
 STEPS = 10
-# bf16 moved this prompt's logits by up to 0.1 (JAX 0.12.0.1 and 0.12.1): the first step's
-# top two are 0.06 apart in f32, and 0.12.1's bf16 swaps them, so a bare greedy comparison
-# tests the rounding of one near tie. Steps whose f32 gap is wider must agree.
-TIE_MARGIN = 0.5
+# bf16 moves this prompt's logits by 0.2-0.7 at most over the vocabulary, and how it
+# rounds differs between jaxlib releases and CPUs: the first step's f32 top two are 0.06
+# apart, and JAX 0.12.1's bf16 swaps them where 0.12.0.1's does not, so a bare greedy
+# comparison tests the rounding of near ties. Steps whose f32 gap is wider must agree
+# (4 of the 10 here, with gaps of 1.8-3.6).
+TIE_MARGIN = 1.0
 # KL(f32 || bf16) per step: at most 3e-3 over essay prompts (docs/benchmarks.md, "bf16
-# against f32"), 7e-3 on this one (rocketkv, JAX 0.12.1); the bound leaves 4x to that.
-MAX_KL = 3e-2
+# against f32"), 7e-3 on this one (rocketkv, JAX 0.12.1); the bound leaves 7x to that.
+MAX_KL = 5e-2
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,6 @@ def test_bf16_next_token_distributions_equal_f32_teacher_forced(smol, method):
     assert kl.max() < MAX_KL, kl
     top2 = np.sort(want, -1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > TIE_MARGIN
-    assert clear.sum() >= 3, top2  # 5 of the 10 steps here: the check below is not empty
+    assert clear.sum() >= 3, top2  # so that the check below is not empty
     assert (got.argmax(-1) == want.argmax(-1))[clear].all(), (
         smol.tokenizer.decode(got.argmax(-1)), smol.tokenizer.decode(greedy))
