@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.engine.generate import make_decode_step, make_prefill
+from rocketkv_jax.engine.generate import generate_ids
+from rocketkv_jax.engine.shared_prefill import forced_decode_logprobs
 from rocketkv_jax.eval.tasks import default_essays_dir, normalize_essay
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.model_store import load_model
@@ -32,26 +33,6 @@ def smol(smollm2_checkpoint):
     return load_model(smollm2_checkpoint)
 
 
-def step_logits(config, params, kv, prompt, forced=None):
-    """[STEPS, V] float64 logits: the prompt's last, then one per fed token: `forced`'s, or
-    the argmax of the step before where `forced` is None (greedy)."""
-    plan = kv.plan(config, len(prompt), STEPS)
-    prefill, step = make_prefill(config, plan), make_decode_step(config, plan)
-    lengths = jnp.asarray([len(prompt)], jnp.int32)
-    logits, cache = prefill(params, jnp.asarray([prompt], jnp.int32), lengths)
-    out = [logits[0]]
-    for i in range(STEPS - 1):
-        tok = int(jnp.argmax(out[-1])) if forced is None else forced[i]
-        logits, cache = step(params, jnp.asarray([tok], jnp.int32), lengths + i, cache)
-        out.append(logits[0])
-    return np.asarray(jnp.stack(out), np.float64)
-
-
-def log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 @pytest.mark.parametrize("method", ["full", "rocketkv"])
 def test_bf16_next_token_distributions_equal_f32_teacher_forced(smol, method):
     bf16 = cast_params(smol.params, jnp.bfloat16)
@@ -60,16 +41,17 @@ def test_bf16_next_token_distributions_equal_f32_teacher_forced(smol, method):
     prompt = smol.tokenizer.encode(essay, add_special_tokens=False)[:600]
     kv = make_method(method, 128)  # rocketkv keeps 128 of the 600 prompt tokens
 
-    # f32 decodes greedily; bf16 is fed f32's tokens, so both predict from the same history
-    want = step_logits(smol.config, smol.params, kv, prompt)
-    greedy = want.argmax(-1)
-    got = step_logits(smol.config, bf16, kv, prompt, forced=greedy[:-1])
+    # f32 decodes greedily; both dtypes are then fed those tokens (teacher forcing), so
+    # every step predicts from the same history
+    greedy = generate_ids(smol.params, smol.config, [prompt], kv, max_new_tokens=STEPS,
+                          stop_ids=[]).tokens[0]
+    want, got = (np.asarray(forced_decode_logprobs(params, smol.config, prompt, greedy, kv),
+                            np.float64) for params in (smol.params, bf16))  # log-probs
     assert want.shape == got.shape == (STEPS, smol.config.vocab_size)
 
-    lp, lq = log_softmax(want), log_softmax(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    kl = (np.exp(want) * (want - got)).sum(-1)
     assert kl.max() < MAX_KL, kl
-    top2 = np.sort(want, -1)[:, -2:]
+    top2 = np.sort(want, -1)[:, -2:]  # log-probs: the same gaps as the logits
     clear = top2[:, 1] - top2[:, 0] > TIE_MARGIN
     assert clear.sum() >= 3, top2  # so that the check below is not empty
     assert (got.argmax(-1) == want.argmax(-1))[clear].all(), (
