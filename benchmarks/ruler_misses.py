@@ -5,7 +5,8 @@ the prompt does not hold, or no value at all.
     python benchmarks/ruler_misses.py [--out docs/eval/ruler-qwen] [--json FILE]
 
 Reads `<out>/results.jsonl` and the RULER prompts that `rocketkv eval --suite ruler`
-cached in `<out>/ruler-data` (matched to each record by its `prompt_sha1`). Values are
+cached in `<out>/ruler-data` (`eval.ruler`'s <task>/<settings>/validation.jsonl, matched to
+each record by its `prompt_sha1`). Values are
 what RULER's NIAH needles hold: numbers of 4 or more digits and UUIDs. For a miss, the
 values in its answer that are not expected are looked up in its prompt:
 
@@ -21,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import re
 import sys
 from pathlib import Path
 
+from rocketkv_jax.eval.store import ResultsFileError, read_records
+from rocketkv_jax.eval.tasks import prompt_sha1
+
 VALUE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\d{4,}")
 KINDS = ("distractor", "not in prompt", "no value", "no prompt")
-
-
-def prompt_sha1(text: str) -> str:
-    """The eval's prompt hash (`eval.tasks.TaskSample.prompt_sha1`)."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def cached_prompts(ruler_data: Path) -> dict[str, str]:
@@ -81,8 +79,10 @@ def main(argv=None) -> int:
     results = args.out / "results.jsonl"
     if not results.is_file():
         ap.error(f"no results file at {results}")
-    with results.open(encoding="utf-8") as f:
-        records = [r for r in map(json.loads, filter(str.strip, f)) if "task" in r]
+    try:
+        records = [r for r in read_records(results) if "task" in r]
+    except ResultsFileError as e:
+        ap.error(str(e))
     counts = misses(records, cached_prompts(args.out / "ruler-data"))
     print(f"| method | budget | task | misses | {' | '.join(KINDS)} |")
     print("|---|---|---|---:|" + "---:|" * len(KINDS))

@@ -115,7 +115,12 @@ class TaskSample:
     @property
     def prompt_sha1(self) -> str:
         """Short content hash of the prompt, used to detect stale results on resume."""
-        return hashlib.sha1(self.prompt.encode("utf-8")).hexdigest()[:16]
+        return prompt_sha1(self.prompt)
+
+
+def prompt_sha1(prompt: str) -> str:
+    """The short content hash that results records carry as `prompt_sha1`."""
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- corpus

@@ -68,3 +68,12 @@ def test_a_missing_results_file_is_an_error(tmp_path, capsys):
         rm.main(["--out", str(tmp_path)])
     assert e.value.code == 2
     assert "no results file at" in capsys.readouterr().err
+
+
+def test_a_damaged_results_file_is_one_error_naming_the_line(out, capsys):
+    with (out / "results.jsonl").open("a") as f:
+        f.write('{"method": "rocketkv", "out\n{"task": "niah_single_1"}\n')
+    with pytest.raises(SystemExit) as e:
+        rm.main(["--out", str(out)])
+    assert e.value.code == 2
+    assert "results.jsonl:9: damaged line" in capsys.readouterr().err
