@@ -34,6 +34,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,7 @@ def block_copies(hlo: str, B: int, K: int, D: int) -> int:
                if "kind=kLoop" in line and (m := shape.search(line)) and m[1] in slicing)
 
 
-def ways(blocks: list[int]) -> dict:
+def ways(blocks: Sequence[int] = ()) -> dict:
     """WAYS, and "blockwise, stacked" at each of `blocks` slots per block."""
     extra = {f"blockwise, stacked, {b}": (_stacked(
         lambda q, k, v, m, i, b=b: decode_attention(q, k, v, m, block=b, layer=i)), True)
@@ -110,7 +111,7 @@ def ways(blocks: list[int]) -> dict:
 
 
 def measure(shape: tuple[int, int, int, int], batch: int, context: int, iters: int,
-            bandwidth: float, blocks: list[int] = ()) -> list[dict]:
+            bandwidth: float, blocks: Sequence[int] = ()) -> list[dict]:
     L, K, G, D = shape
     rng = np.random.default_rng(0)
     k = jnp.asarray(rng.standard_normal((L, batch, K, context, D), dtype=np.float32))
@@ -120,7 +121,7 @@ def measure(shape: tuple[int, int, int, int], batch: int, context: int, iters: i
     ks, vs = [k[i] for i in range(L)], [v[i] for i in range(L)]  # own buffers
     cache_bytes = 2 * k.size * 4
     rows, first = [], None
-    for name, (fn, stacked) in ways(list(blocks)).items():
+    for name, (fn, stacked) in ways(blocks).items():
         args = (q, k, v, visible) if stacked else (q, ks, vs, visible)
         compiled = jax.jit(fn).lower(*args).compile()
         out = np.asarray(compiled(*args))
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     try:
         batches = checks.token_counts(a.batch, "--batch")
         contexts = checks.token_counts(a.context, "--context")
-        blocks = checks.token_counts(a.blocks, "--blocks") if a.blocks else []
+        blocks = checks.token_counts(a.blocks, "--blocks") if a.blocks else ()
     except ValueError as e:
         p.error(str(e))
     if a.iters < 1 or a.bandwidth_mb < 1:
