@@ -29,7 +29,8 @@ import numpy as np
 
 from rocketkv_jax.bench.peer_hf import load_smollm2
 from rocketkv_jax.convert import embedded_smollm2_gguf
-from rocketkv_jax.engine.generate import make_decode_step, make_prefill
+from rocketkv_jax.engine.generate import generate_ids
+from rocketkv_jax.engine.shared_prefill import forced_decode_logprobs
 from rocketkv_jax.eval.tasks import default_essays_dir, normalize_essay
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.model_store import load_model
@@ -51,20 +52,17 @@ def essay_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return prompts
 
 
-def our_logits(config, params, method, prompt, forced, steps):
-    """[steps, V] float32 logits of our model: the prompt's last, then one per forced
-    token (forced[i] fed at position len(prompt) + i)."""
-    T = len(prompt)
-    plan = method.plan(config, T, steps + 1)
-    prefill, step = make_prefill(config, plan), make_decode_step(config, plan)
-    lengths = jnp.asarray([T], jnp.int32)
-    logits, cache = prefill(params, jnp.asarray([prompt], jnp.int32), lengths)
-    out = [logits[0]]
-    for i in range(steps - 1):
-        tok = forced[i] if forced is not None else int(jnp.argmax(out[-1]))
-        logits, cache = step(params, jnp.asarray([tok], jnp.int32), lengths + i, cache)
-        out.append(logits[0])
-    return np.asarray(jnp.stack(out), np.float64)
+def greedy(config, params, method, prompt, steps) -> list[int]:
+    """`steps` greedy tokens after `prompt` (stop tokens ignored)."""
+    return [int(t) for t in generate_ids(params, config, [prompt], method,
+                                         max_new_tokens=steps, stop_ids=[]).tokens[0]]
+
+
+def our_logprobs(config, params, method, prompt, forced):
+    """[len(forced), V] next-token log-probabilities of our model, teacher-forced
+    (`engine.shared_prefill.forced_decode_logprobs`)."""
+    return np.asarray(forced_decode_logprobs(params, config, prompt, forced, method),
+                      np.float64)
 
 
 def hf_logits(model, prompt, forced, steps):
@@ -82,7 +80,8 @@ def log_softmax(x):
 
 
 def compare(ref, other) -> dict:
-    """KL(ref || other) per step and argmax agreement of two [steps, V] logit arrays."""
+    """KL(ref || other) per step and argmax agreement of two [steps, V] arrays of logits
+    or log-probabilities."""
     lp, lq = log_softmax(ref), log_softmax(other)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     return {"kl": kl.tolist(), "agree": (ref.argmax(-1) == other.argmax(-1)).tolist()}
@@ -120,10 +119,8 @@ def main(argv=None) -> int:
         hf["bfloat16"] = load_smollm2(embedded_smollm2_gguf()).to(torch.bfloat16)
     cells: dict[str, list[dict]] = {}
     for n, prompt in enumerate(prompts):
-        forced = [int(t) for t in our_logits(config, params["float32"], methods["full"],
-                                             prompt, None, args.steps).argmax(-1)]
-        runs = {(m, dt): our_logits(config, params[dt], methods[m], prompt, forced,
-                                    args.steps)
+        forced = greedy(config, params["float32"], methods["full"], prompt, args.steps)
+        runs = {(m, dt): our_logprobs(config, params[dt], methods[m], prompt, forced)
                 for m in methods for dt in params}
         for m in methods:
             cells.setdefault(f"ours {m}: bf16 vs f32", []).append(
