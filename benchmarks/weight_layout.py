@@ -1,6 +1,7 @@
 """End-to-end `generate` with stacked and per-layer weights, measured in one run.
 
-    python benchmarks/weight_layout.py [--model smollm2|llama8b-shape|tiny] [--context 7936]
+    python benchmarks/weight_layout.py [--model smollm2|qwen2.5-coder-0.5b|llama8b-shape|tiny]
+                                       [--context 7936]
                                        [--new-tokens 64] [--batch 1] [--budget 256]
                                        [--methods full,rocketkv] [--quick]
 
@@ -27,8 +28,12 @@ from rocketkv_jax.bench.config import parse_methods  # noqa: E402
 from rocketkv_jax.bench.grid import machine_line  # noqa: E402
 from rocketkv_jax.engine.generate import generate_ids  # noqa: E402
 from rocketkv_jax.methods import make_method  # noqa: E402
+from rocketkv_jax.model_store import NAMED_MODELS  # noqa: E402
 from rocketkv_jax.models.params import unstack_layers  # noqa: E402
 from rocketkv_jax.names import WEIGHT_LAYOUTS  # noqa: E402
+
+# named models with real weights beside the embedded SmolLM2 (`rocketkv models`)
+REAL_MODELS = tuple(name for name in NAMED_MODELS if name != "smollm2")
 
 
 def measure(bm: bd.BenchModel, method: str, budget: int, T: int, N: int, B: int) -> dict:
@@ -49,7 +54,9 @@ def measure(bm: bd.BenchModel, method: str, budget: int, T: int, N: int, B: int)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "llama8b-shape", "tiny"))
+    p.add_argument("--model", default="smollm2", choices=("smollm2", *REAL_MODELS, "llama8b-shape",
+                                                          "tiny"),
+                   help="a benchmark model, or a named model's real weights (default: smollm2)")
     p.add_argument("--context", type=int, default=7936, help="prompt tokens (default: 7936)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt (default: 1)")
@@ -63,7 +70,8 @@ def main(argv=None) -> int:
         if getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     methods = parse_methods(a.methods)
-    bm = bd.load_bench_model(a.model)
+    bm = (bd.load_bench_model("smollm2", model_path=a.model) if a.model in REAL_MODELS
+          else bd.load_bench_model(a.model))
     if a.context + a.new_tokens - 1 > bm.config.max_position_embeddings:
         p.error(f"--context {a.context} + --new-tokens {a.new_tokens} needs "
                 f"{a.context + a.new_tokens - 1} positions; {bm.label} has "

@@ -2,7 +2,8 @@
 [layers, ...] parameters, measured in one run.
 
     python benchmarks/weight_slicing.py [--layers 2] [--hidden 4096] [--ffn 14336]
-                                        [--batch 8[,1,...]] [--iters 9] [--quick]
+                                        [--batch 8[,1,...]] [--dtype float32|bfloat16]
+                                        [--iters 9] [--quick]
 
 The decoders keep each weight as one array over all layers and loop over the layers with
 `lax.fori_loop`, indexing `w[i]` (models/llama.py). XLA:CPU cannot hand a slice at a
@@ -10,7 +11,8 @@ traced offset to its matmul: it copies the slice into a fresh buffer first (a
 `dynamic-slice` loop fusion before the dot), so the weights cross memory three times
 (read, write, read) instead of once. This script times `x @ w[i]` over the layers five
 ways on the same weights, [batch, hidden] @ [hidden, ffn] (Llama-3.1-8B's MLP shape by
-default, float32):
+default, float32 or `--dtype bfloat16`). Every way multiplies with `models.layers.linear`
+as the decoders do (bf16 operands, f32 accumulation and result):
 
   traced index  lax.fori_loop over the stacked array, as the decoders do
   static index  a Python loop over w[0], w[1], ... of the stacked array
@@ -20,7 +22,8 @@ default, float32):
                 with a branch per layer: the form models.llama.loop_layers runs
                 per-layer weights in (no slicing, and no unrolling)
   numpy         numpy's matmul (its BLAS) on one array per layer: whether another
-                library's matmul reads these weights faster at this batch
+                library's matmul reads these weights faster at this batch (float32
+                only: numpy has no bf16 matmul of its own)
 
 and counts the weight-sized copy fusions in each compiled program (none for numpy). Each
 row prints the median step time, the weight bytes / time (GB/s, weights read once) and
@@ -49,7 +52,7 @@ from rocketkv_jax.models import layers
 
 def _traced(w, x):
     def body(i, h):
-        return h + (x @ w[i])[:, : h.shape[1]]
+        return h + layers.linear(x, w[i])[:, : h.shape[1]]
 
     return jax.lax.fori_loop(0, w.shape[0], body, jnp.zeros((x.shape[0], x.shape[1])))
 
@@ -57,14 +60,14 @@ def _traced(w, x):
 def _static(w, x):
     h = jnp.zeros((x.shape[0], x.shape[1]))
     for i in range(w.shape[0]):
-        h = h + (x @ w[i])[:, : h.shape[1]]
+        h = h + layers.linear(x, w[i])[:, : h.shape[1]]
     return h
 
 
 def _separate(ws, x):
     h = jnp.zeros((x.shape[0], x.shape[1]))
     for w in ws:
-        h = h + (x @ w)[:, : h.shape[1]]
+        h = h + layers.linear(x, w)[:, : h.shape[1]]
     return h
 
 
@@ -92,12 +95,14 @@ def _time(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[dict]:
+def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int,
+            dtype: str = "float32") -> list[dict]:
     rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.standard_normal((layers, hidden, ffn), dtype=np.float32) * 0.01)
+    w = jnp.asarray(rng.standard_normal((layers, hidden, ffn), dtype=np.float32) * 0.01,
+                    dtype)
     ws = [jnp.asarray(np.asarray(w[i])) for i in range(layers)]  # own buffers
-    x = jnp.ones((batch, hidden), jnp.float32)
-    weight_bytes = layers * hidden * ffn * 4
+    x = jnp.ones((batch, hidden), dtype)
+    weight_bytes = w.size * w.dtype.itemsize
     rows = []
     for name, fn, arg in (("traced index", _traced, w), ("static index", _static, w),
                           ("switch", _switch, ws), ("separate", _separate, ws)):
@@ -106,10 +111,11 @@ def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int) -> list[
         rows.append({"way": name, "median_s": med, "GBps": weight_bytes / med / 1e9,
                      "copies": copy_fusions(compiled.as_text(), (hidden, ffn))})
     base = rows[-1]["median_s"]
-    w_np, x_np = [np.asarray(a) for a in ws], np.asarray(x)
-    med = _time(lambda: _numpy(w_np, x_np), iters)
-    rows.append({"way": "numpy", "median_s": med, "GBps": weight_bytes / med / 1e9,
-                 "copies": 0})
+    if dtype == "float32":
+        w_np, x_np = [np.asarray(a) for a in ws], np.asarray(x)
+        med = _time(lambda: _numpy(w_np, x_np), iters)
+        rows.append({"way": "numpy", "median_s": med, "GBps": weight_bytes / med / 1e9,
+                     "copies": 0})
     for r in rows:
         r["vs_separate"] = r["median_s"] / base
     return rows
@@ -122,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ffn", type=int, default=14336)
     p.add_argument("--batch", default="8", help="comma list of batch sizes (default: 8)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the weights' and inputs' dtype (default: float32)")
     p.add_argument("--bandwidth-mb", type=int, default=1024,
                    help="bandwidth benchmark buffer in MiB (default: 1024)")
     p.add_argument("--iters", type=int, default=9, help="timed calls after one warm-up")
@@ -144,9 +152,9 @@ def main(argv=None) -> int:
           f"{a.bandwidth_mb} MiB, as benchmarks/decode_batched.py measures it)")
     for batch in batches:
         print(f"\nx [{batch}, {a.hidden}] @ w[i] [{a.hidden}, {a.ffn}] over {a.layers} layers, "
-              f"float32, median of {a.iters} calls")
+              f"{a.dtype}, median of {a.iters} calls")
         print(f"{'way':<14} {'ms':>9} {'GB/s':>7} {'copies':>7} {'x separate':>11}")
-        rows = measure(a.layers, a.hidden, a.ffn, batch, a.iters)
+        rows = measure(a.layers, a.hidden, a.ffn, batch, a.iters, a.dtype)
         for r in rows:
             print(f"{r['way']:<14} {r['median_s'] * 1e3:9.1f} {r['GBps']:7.2f} "
                   f"{r['copies']:7d} {r['vs_separate']:11.2f}")

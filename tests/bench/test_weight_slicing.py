@@ -72,3 +72,23 @@ def test_bad_batch_is_refused(capsys):
     with pytest.raises(SystemExit):
         ws.main(["--quick", "--batch", "8,x"])
     assert "--batch takes a comma list" in capsys.readouterr().err
+
+
+def test_bf16_ways_agree_with_numpy_on_the_rounded_inputs():
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((2, 32, 48), dtype=np.float32), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, 32), dtype=np.float32), jnp.bfloat16)
+    w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    want = sum(x64 @ w64[i] for i in range(2))[:, :32]  # f32 accumulation of bf16 operands
+    for got in (ws._traced(w, x), ws._switch([w[0], w[1]], x), ws._separate([w[0], w[1]], x)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_run_has_no_numpy_row(capsys):
+    assert ws.main(["--quick", "--dtype", "bfloat16", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16, median" in out
+    rows = [line.split()[0] for line in out.splitlines()
+            if line.startswith(("traced", "static", "switch", "separate", "numpy"))]
+    assert rows == ["traced", "static", "switch", "separate"]
