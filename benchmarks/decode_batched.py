@@ -526,7 +526,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    "stacked (one array per weight over all layers, sliced in the layer loop), "
                    "per-layer (one array per layer, each matmul in a switch over the "
                    "layers; see benchmarks/weight_slicing.py) or auto (what generate and "
-                   "serve choose: per-layer on CPU for layers of 128 MiB or more) "
+                   "serve choose: per-layer on CPU for layers of 24 MiB or more) "
                    "(default: auto)")
     p.add_argument("--aa", action=argparse.BooleanOptionalAction, default=True,
                    help=f"time {AA}: full KV against itself in the same run, the noise floor "

@@ -88,11 +88,13 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # One layer's weight bytes from which `auto_layout` keeps weights per layer on CPU.
-# Measured (docs/benchmarks.md, per-layer weights): a SmolLM2 layer (14 MB in f32) decodes
-# only 1.05-1.12x faster per layer, while an 8B layer (872 MB) decodes 1.2-4.9x faster;
-# every per-layer matmul is a kernel of its own, which costs compile time and about 4.5x
-# the memory mappings per program (a process may hold vm.max_map_count of them).
-PER_LAYER_MIN_BYTES = 128 * 2**20
+# Measured (docs/benchmarks.md, per-layer weights): per-layer decode steps are 1.2-4.9x
+# faster for an 8B layer (872 MB in f32) and 1.5-2.0x for a Qwen2.5-0.5B layer (60 MB in
+# f32, 30 MB in bf16: 1.15-3.1x there), but only 1.05-1.12x at batch 1 and up to 9% slower
+# at batch 8 for a SmolLM2 layer (14 MB in f32); every per-layer matmul is a kernel of its
+# own, which costs compile time and about 4.5x the memory mappings per program (a process
+# may hold vm.max_map_count of them).
+PER_LAYER_MIN_BYTES = 24 * 2**20
 
 
 def layer_bytes(params: dict[str, Any]) -> int:

@@ -95,7 +95,7 @@ def add_weight_layout_arg(p) -> None:
         "layer, so on CPU each matmul reads its layer's weights in place instead of a "
         "copied slice (faster decode, a little longer to compile; one device only; numbers "
         "in docs/benchmarks.md); auto: per-layer on a CPU where a layer's weights take "
-        "128 MiB or more (an 8B model), else stacked (default: auto)")
+        "24 MiB or more (Qwen2.5-0.5B and larger; not SmolLM2), else stacked (default: auto)")
 
 
 def kernels_from_flag(kernels: str) -> str:
