@@ -149,34 +149,61 @@ def decode_attention(
         acc = acc * scale[..., None] + jnp.einsum("bksg,bksd->bkgd", p, vb)
         return m_new, den, acc
 
-    def take(a, start, size):  # slots [start, start + size) of the layer's cache
-        if layer is None:
-            return jax.lax.dynamic_slice_in_dim(a, start, size, axis=2)
-        at = (layer, 0, 0, start, 0)
-        return jax.lax.dynamic_slice(a, at, (1, B, K, size, D))[0]
-
-    def blocks(start, size):
-        return (_widen(take(k_bits, start, size), k.dtype),
-                _widen(take(v_bits, start, size), v.dtype),
-                jax.lax.dynamic_slice_in_dim(visible, start, size, axis=2))
-
-    def step(j, carry):
-        return update(carry, *blocks(j * block, block))
-
-    # a bf16 cache is sliced as its uint16 bits and widened inside the loop: sliced as
-    # bf16, XLA moves the f32 cast before the slice and out of the loop, which converts the
-    # whole cache into a new f32 buffer every step
-    k_bits, v_bits = as_bits(k), as_bits(v)
     carry = (jnp.full((B, K, G), NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
              jnp.zeros((B, K, G, D), jnp.float32))
-    n = S // block
-    carry = jax.lax.fori_loop(0, n, step, carry)
-    if S % block:
-        t = n * block
-        carry = update(carry, *blocks(t, S - t))
+    carry = fold_cache_blocks(update, carry, (k, v), visible, block, layer)
     _, den, acc = carry
     out = jnp.where(den[..., None] > 0, acc / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
     return out.reshape(B, H, D).astype(q.dtype)
+
+
+def fold_cache_blocks(update, carry, caches, visible: jax.Array, block: int,
+                      layer: jax.Array | int | None = None):
+    """`carry` folded by update(carry, *blocks, visible_block) over the slots of `caches`,
+    `block` slots at a time (the last S % block slots as one more block of their own size,
+    so nothing is padded). caches: arrays [B, K, S, D], or with `layer` stacked arrays
+    [L, B, K, S, D] read at that layer where they lie (slicing the layer out first would
+    copy it on XLA:CPU); each block reaches `update` as float32. visible: [B, K, S]."""
+    B, K, S, D = caches[0].shape[-4:]
+    # a bf16 cache is sliced as its uint16 bits and widened inside the loop: sliced as
+    # bf16, XLA moves the f32 cast before the slice and out of the loop, which converts the
+    # whole cache into a new f32 buffer every step
+    bits = [as_bits(a) for a in caches]
+
+    def take(a, start, size):  # slots [start, start + size) of the layer's cache
+        if layer is None:
+            return jax.lax.dynamic_slice_in_dim(a, start, size, axis=2)
+        return jax.lax.dynamic_slice(a, (layer, 0, 0, start, 0), (1, B, K, size, D))[0]
+
+    def blocks(start, size):
+        widened = (_widen(take(b, start, size), a.dtype)
+                   for a, b in zip(caches, bits, strict=True))
+        return *widened, jax.lax.dynamic_slice_in_dim(visible, start, size, axis=2)
+
+    n = S // block
+    carry = jax.lax.fori_loop(0, n, lambda j, c: update(c, *blocks(j * block, block)), carry)
+    if S % block:
+        carry = update(carry, *blocks(n * block, S - n * block))
+    return carry
+
+
+def masked_mean(v: jax.Array, visible: jax.Array, block: int | None = None,
+                layer: jax.Array | int | None = None) -> jax.Array:
+    """The mean of the visible slots' values, read once and blockwise as `decode_attention`
+    reads them: v [B, K, S, D] (or stacked [L, B, K, S, D] at `layer`), visible [B, K, S]
+    -> [B, K, D] float32, zeros where no slot is visible. (XLA:CPU compiles the one-shot
+    `where(visible, v, 0).sum(axis=2)` into a masked f32 copy of v, written and then read
+    again.)"""
+    B, K, S, D = v.shape[-4:]
+    block = min(block or decode_block_size(B, K, D), S)
+
+    def update(total, vb, mb):
+        return total + jnp.where(mb[..., None], vb, 0.0).sum(axis=2)
+
+    total = fold_cache_blocks(update, jnp.zeros((B, K, D), jnp.float32), (v,), visible, block,
+                              layer)
+    count = jnp.maximum(visible.sum(axis=-1), 1)[..., None]  # [B, K, 1]
+    return total / count
 
 
 @functools.cache

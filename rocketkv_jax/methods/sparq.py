@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, visible_slots
 from ..kernels.backend import resolve_backend
+from ..models.layers import masked_mean
 from .base import (
     DensePlan,
     KeepsEveryToken,
@@ -51,8 +52,11 @@ def sparq_attend(
     top_r: int,
     k_top: int,
     kernels: str = "auto",
+    v_mean: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """SparQ decode attention. q [B, H, D]; visible [B, K, C] bool.
+    """SparQ decode attention. q [B, H, D]; visible [B, K, C] bool; v_mean: mean(V) over
+    the visible slots [B, K, D] float32 where the caller has read it (`attend_stacked`),
+    else it is read from `cache.v` (`masked_mean`).
 
     Returns (out [B, H, D] in q's dtype, indices [B, K, k_top] int32 (-1 = none),
     alpha [B, K, G] float32).
@@ -66,9 +70,8 @@ def sparq_attend(
     mass = jnp.take_along_axis(s_hat, jnp.maximum(idx, 0)[:, :, None, :], axis=-1)
     alpha = jnp.where(chosen, mass, 0.0).sum(-1)  # [B, K, G]
     attn = group_queries(attend_selected(q, cache, idx, kernels=kernels), K)  # [B, K, G, D]
-    v = jnp.where(visible[..., None], cache.v.astype(jnp.float32), 0.0)  # [B, K, C, D]
-    count = jnp.maximum(visible.sum(-1), 1)[..., None]  # [B, K, 1]
-    v_mean = v.sum(axis=2) / count  # [B, K, D]
+    if v_mean is None:
+        v_mean = masked_mean(cache.v, visible)  # [B, K, D]
     a = alpha[..., None]  # [B, K, G, 1]
     out = a * attn.astype(jnp.float32) + (1.0 - a) * v_mean[:, :, None, :]  # [B, K, G, D]
     return out.reshape(B, H, D).astype(q.dtype), idx, alpha
@@ -102,6 +105,17 @@ class SparQPlan(SelectsSlots, KeepsEveryToken):
         out, _, _ = sparq_attend(
             q, cache, visible, top_r=self.top_r, k_top=self.k_top, kernels=self.kernels
         )
+        return out
+
+    def attend_stacked(self, q, stack: KVCache, layer, query_pos, sliding_window) -> jax.Array:
+        """`attend` on layer `layer` of the stacked cache. mean(V) reads the layer's values
+        where they lie (`masked_mean`); the selection and the gather read the layer's slice,
+        which XLA fuses into them."""
+        cache = jax.tree.map(lambda a: a[layer], stack)
+        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
+        out, _, _ = sparq_attend(
+            q, cache, visible, top_r=self.top_r, k_top=self.k_top, kernels=self.kernels,
+            v_mean=masked_mean(stack.v, visible, layer=layer))
         return out
 
     def read_tokens(self, context: int) -> int:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.cache import page_bounds, visible_slots
+from rocketkv_jax.cache import KVCache, page_bounds, visible_slots
 from rocketkv_jax.methods import (
     QuestPlan,
     SparQPlan,
@@ -30,6 +30,7 @@ from rocketkv_jax.methods.stage2 import hybrid_select, select_channels
 from rocketkv_jax.methods.topk import topk_select
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import window_queries
+from rocketkv_jax.models.plan import attend_layer
 
 D = 16
 K = 2
@@ -421,3 +422,39 @@ def test_select_contract_and_shared_attend(key):
     else:
         shared = jitted(attend_selected, kernels=plan.kernels)(q, cache, jnp.asarray(idx))
         np.testing.assert_array_equal(out, np.asarray(shared))
+
+
+@pytest.mark.parametrize("key,dtype", [("sparq", jnp.float32), ("sparq-r6", jnp.bfloat16),
+                                       ("hybrid", jnp.float32)])
+def test_attend_on_a_stacked_cache_equals_attend_on_the_layer(key, dtype):
+    """`attend_layer` on layer i of a stacked cache (a traced index, what the decode step
+    runs) gives what `attend` gives on layer i's own cache; SparQ reads mean(V) from the
+    stack where it lies (`attend_stacked`)."""
+    G, window = 3, 20
+    plan = make_plan(key, G)
+    lengths = np.array([T, T - 21])
+    layers = [build(plan, 40 + i, G, T, lengths, 5, dtype) for i in range(3)]
+    stack = jax.tree.map(lambda *a: jnp.stack(a), *[c for c, *_ in layers])
+    q, qpos = layers[0][1], layers[0][2]
+    stacked = jax.jit(lambda s, i: attend_layer(plan, q, s, i, qpos, window))
+    for i, (cache, *_) in enumerate(layers):
+        want = np.asarray(attend(plan, q, cache, qpos, window).astype(jnp.float32))
+        got = np.asarray(stacked(stack, jnp.int32(i)).astype(jnp.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_sparq_step_writes_no_masked_copy_of_the_values():
+    """SparQ's mean(V) reads the layer's values blockwise (`masked_mean`): the compiled
+    attention computes no f32 array of a whole layer's cache shape (the one-shot
+    where(visible, v, 0).sum() wrote one, then read it again)."""
+    plan = make_method("sparq", 16, stage2="on").plan(config(4), 4000, 96)
+    assert isinstance(plan, SparQPlan)
+    B, C, L = 2, plan.capacity, 2
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    stack = KVCache(f32((L, B, K, C, D)), f32((L, B, K, C, D)), i32((L, B, K, C)),
+                    i32((L, B)), f32((L, B, K, 0, D)), f32((L, B, K, 0, D)))
+    hlo = jax.jit(lambda s, i, q, p: attend_layer(plan, q, s, i, p, None)).lower(
+        stack, i32(()), f32((B, K * 4, D)), i32((B,))).compile().as_text()
+    whole = f"f32[{B},{K},{C},{D}]"
+    assert not [line for line in hlo.splitlines() if f"= {whole}" in line and " fusion(" in line]

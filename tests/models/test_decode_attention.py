@@ -16,7 +16,7 @@ from rocketkv_jax.methods.dense import (
     dense_decode_attention_reference,
     dense_decode_attention_stacked,
 )
-from rocketkv_jax.models.layers import decode_attention, decode_block_size
+from rocketkv_jax.models.layers import decode_attention, decode_block_size, masked_mean
 
 
 def numpy_decode(q, k, v, visible):
@@ -138,3 +138,30 @@ def test_stacked_cache_read_at_a_traced_layer(dtype):
         np.testing.assert_array_equal(
             np.asarray(decode_attention(q, stack.k, stack.v, visible, 16, layer=i)),
             np.asarray(same))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("S,block,window", [(37, 8, None), (64, 16, 30), (29, None, None)])
+def test_masked_mean_matches_numpy(dtype, S, block, window):
+    """masked_mean: the mean of each KV head's visible values (float64 numpy on the values
+    the dtype holds), zeros for a row with nothing visible, on a plain cache and read at a
+    traced layer of a stacked one."""
+    rng = np.random.default_rng(5)
+    tol = 1e-5  # f32 sums of values the dtype holds exactly
+    B, K, D, L = 3, 2, 16, 2
+    cases = [make_case(rng, B, K, 2, S, D, dtype, window) for _ in range(L)]
+    stack_v = jnp.stack([c[3].v for c in cases])
+    at_layer = jax.jit(lambda v, vis, i: masked_mean(v, vis, block, layer=i))
+    for i, (_, _, v, cache, visible) in enumerate(cases):
+        vis = np.asarray(visible)
+        want = np.zeros((B, K, D))
+        for b in range(B):
+            for kh in range(K):
+                if vis[b, kh].any():
+                    want[b, kh] = v[b, kh][vis[b, kh]].mean(axis=0)
+        assert not vis[0].any() and not want[0].any()  # make_case's row 0 sees nothing
+        got = masked_mean(cache.v, visible, block)
+        assert got.dtype == jnp.float32 and got.shape == (B, K, D)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(at_layer(stack_v, visible, jnp.int32(i))), want,
+                                   rtol=tol, atol=tol)
