@@ -10,7 +10,8 @@ Graham essays, asked with the chat template), so the table also says whether eac
 still finds the needle. For `llama8b-shape` (random weights, few layers of the
 Llama-3.1-8B shape) the prompt is random ids. Each method runs one `generate_ids` call of
 exactly `--new-tokens` tokens (no stop ids) with the chunked prefill; the time end to end is
-prefill + decode (compile time is reported apart, it is paid once per shape). The ratio is
+prefill + decode (compile time is reported apart, it is paid once per shape). The weights
+run in the layout `rocketkv generate` picks (`--weight-layout`, default auto). The ratio is
 method / full (< 1: faster), measured in the same run. "CPU s" is this process's CPU time
 for the call (all threads): on a machine shared with other jobs it moves less than the
 wall time, so its ratio is the steadier comparison; it holds the compile unless
@@ -41,7 +42,8 @@ from rocketkv_jax.bench.measure import measure_bandwidth
 from rocketkv_jax.cli.common import flag
 from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
-from rocketkv_jax.names import DEFAULT_PREFILL_CHUNK
+from rocketkv_jax.models.params import with_layout
+from rocketkv_jax.names import DEFAULT_PREFILL_CHUNK, WEIGHT_LAYOUTS
 
 
 @dataclasses.dataclass
@@ -160,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=0,
                     help="untimed rounds first (they compile, so the CPU s column of the "
                          "timed rounds holds no compile)")
+    ap.add_argument("--weight-layout", default="auto", choices=("auto", *WEIGHT_LAYOUTS),
+                    help="the weights' layout, as `rocketkv generate --weight-layout` (auto: "
+                         "per-layer on a CPU for large layers, `models.params.auto_layout`)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
@@ -174,6 +179,8 @@ def main(argv=None) -> int:
             ap.error(str(e))
 
     params, config, ids, answers, tokenizer, note = build_prompt(args)
+    params, layout = with_layout(params, args.weight_layout, jax.default_backend())
+    note += f"; {layout} weights"
     bandwidth = measure_bandwidth(2**30, 5)
     bw = bandwidth["best_GBps"] * 1e9
     t0 = time.perf_counter()

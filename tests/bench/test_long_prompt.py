@@ -42,6 +42,7 @@ def test_the_table_sets_each_step_against_its_roofline(tmp_path):
                         "--context", "512", "--new-tokens", "8", "--budget", "64",
                         "--methods", "full,rocketkv", "--json", str(out)])
     assert code == 0
+    assert "; per-layer weights;" in buf.getvalue()  # auto: an 8B layer on CPU
     res = json.loads(out.read_text())
     bw = res["bandwidth"]["best_GBps"] * 1e9
     rows = [line.split("|")[1:-1] for line in buf.getvalue().splitlines()
