@@ -47,14 +47,8 @@ def channel_signs(q: jax.Array, channels: jax.Array) -> tuple[jax.Array, jax.Arr
     return q_sel * sign_sel[:, :, None, :], sign_sel > 0
 
 
-def check_attention_args(q, k, v, indices, layer=None):
-    """Raise ValueError unless the arguments of `sparse_decode_attention` fit together
-    (with `layer`, k and v are every layer's [L, B, K, C, D])."""
-    if layer is not None:
-        if k.ndim != 5 or v.ndim != 5:
-            raise ValueError(f"with a layer index k and v must be [L, B, K, C, D], got "
-                             f"{k.shape} and {v.shape}")
-        k, v = k[0], v[0]  # shapes only
+def check_attention_args(q, k, v, indices):
+    """Raise ValueError unless the arguments of `sparse_decode_attention` fit together."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, K, G, D], got shape {q.shape}")
     b, kv, _, d = q.shape

@@ -51,7 +51,6 @@ def sparse_decode_attention_reference(
     indices: jax.Array,
     *,
     sm_scale: float | None = None,
-    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """Pure-jnp sparse decode attention, the contract `sparse_decode_attention_pallas` is
     pinned to.
@@ -60,25 +59,17 @@ def sparse_decode_attention_reference(
       q: [B, K, G, D] decode queries; k, v: [B, K, C, D] cache (any float dtype).
       indices: [B, K, M] int32 token slots; entries outside [0, C) mean "no token".
       sm_scale: logit scale, default 1/sqrt(D).
-      layer: k, v are every layer's [L, B, K, C, D] and the selected rows of this layer are
-        gathered from them where they lie (slicing the layer out first would copy all of
-        it on XLA:CPU).
 
     Returns:
       [B, K, G, D] in q's dtype; rows with no valid index are 0.
     """
-    check_attention_args(q, k, v, indices, layer)
-    capacity, head_dim = k.shape[-2], k.shape[-1]
+    check_attention_args(q, k, v, indices)
+    capacity, head_dim = k.shape[2], k.shape[3]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     ok = (indices >= 0) & (indices < capacity)  # [B, K, M]
-    rows = jnp.where(ok, indices, 0)  # [B, K, M]
-    if layer is None:
-        k_sel, v_sel = (jnp.take_along_axis(a, rows[..., None], axis=2) for a in (k, v))
-    else:  # one gather from the stack, at [layer, b, h, rows[b, h]]
-        b = jnp.arange(rows.shape[0])[:, None, None]
-        h = jnp.arange(rows.shape[1])[None, :, None]
-        k_sel, v_sel = k[layer, b, h, rows], v[layer, b, h, rows]
-    k_sel, v_sel = k_sel.astype(jnp.float32), v_sel.astype(jnp.float32)  # [B, K, M, D]
+    rows = jnp.where(ok, indices, 0)[..., None]  # [B, K, M, 1]
+    k_sel = jnp.take_along_axis(k, rows, axis=2).astype(jnp.float32)  # [B, K, M, D]
+    v_sel = jnp.take_along_axis(v, rows, axis=2).astype(jnp.float32)  # [B, K, M, D]
     logits = jnp.einsum(
         "bkgd,bkmd->bkgm", q.astype(jnp.float32), k_sel, precision=lax.Precision.HIGHEST
     ) * sm_scale  # [B, K, G, M]
@@ -275,7 +266,6 @@ def sparse_decode_attention_pallas(
     num_warps: int = 8,
     num_stages: int = 2,
     interpret: bool = False,
-    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """Exact softmax attention of each KV head's G query heads over its selected tokens.
 
@@ -292,14 +282,11 @@ def sparse_decode_attention_pallas(
         tensors of the gathers cost registers; with 4 warps Triton 3.9 for sm_90 needs 216
         registers per thread (bf16) and spills (f32), with 8 warps 138 / 122 and no spills.
       interpret: run in the Pallas interpreter (any device) instead of lowering to Triton.
-      layer: k, v are every layer's [L, B, K, C, D]; the kernel reads this layer's.
 
     Returns:
       [B, K, G, D] in q's dtype (softmax and accumulation in f32); rows with no valid index
       are 0.
     """
-    if layer is not None:  # the kernel reads one layer's [B, K, C, D]
-        k, v = (lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in (k, v))
     check_attention_args(q, k, v, indices)
     if block_k < _MIN_DOT or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of 2 >= {_MIN_DOT}, got {block_k}")
@@ -333,12 +320,10 @@ def sparse_decode_attention(
     num_warps: int = 8,
     num_stages: int = 2,
     kernels: str = "auto",
-    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """`sparse_decode_attention_pallas`, `sparse_decode_attention_mosaic` or
     `sparse_decode_attention_reference`, whichever `kernels` names (`backend.choose`); the
-    tiling and launch parameters go to the Triton kernel only (num_splits to both). layer:
-    k, v are every layer's [L, B, K, C, D] and this layer's rows are read."""
+    tiling and launch parameters go to the Triton kernel only (num_splits to both)."""
     kernel = functools.partial(
         sparse_decode_attention_pallas, block_k=block_k, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages,
@@ -346,4 +331,4 @@ def sparse_decode_attention(
     mosaic = functools.partial(sparse_decode_attention_mosaic, num_splits=num_splits)
     run = backend_lib.choose(kernels, pallas=kernel, reference=sparse_decode_attention_reference,
                              mosaic=mosaic)
-    return run(q, k, v, indices, sm_scale=sm_scale, layer=layer)
+    return run(q, k, v, indices, sm_scale=sm_scale)

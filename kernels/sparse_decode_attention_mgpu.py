@@ -316,11 +316,9 @@ def sparse_decode_attention_mosaic(
     num_splits: int = 16,
     num_stages: int | None = None,
     interpret=False,
-    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """Exact softmax attention of each KV head's G query heads over its selected tokens
-    (Mosaic GPU, Hopper). Same arguments and result as `sparse_decode_attention_pallas`
-    (layer: k, v are every layer's [L, B, K, C, D]; the kernel reads this layer's).
+    (Mosaic GPU, Hopper). Same arguments and result as `sparse_decode_attention_pallas`.
 
     Args:
       q: [B, K, G, D] decode queries; k, v: [B, K, C, D] cache; G <= 64, D a multiple of 64;
@@ -339,8 +337,6 @@ def sparse_decode_attention_mosaic(
     Returns:
       [B, K, G, D] in q's dtype; rows with no valid index are 0.
     """
-    if layer is not None:  # the kernel reads one layer's [B, K, C, D]
-        k, v = (lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in (k, v))
     check_attention_args(q, k, v, indices)
     if k.dtype != v.dtype:
         raise ValueError(f"k and v must share a dtype, got {k.dtype} and {v.dtype}")

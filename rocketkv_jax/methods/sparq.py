@@ -52,12 +52,11 @@ def sparq_attend(
     top_r: int,
     k_top: int,
     kernels: str = "auto",
-    stack: KVCache | None = None,
-    layer: jax.Array | int | None = None,
+    v_mean: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """SparQ decode attention. q [B, H, D]; visible [B, K, C] bool. With `stack` and
-    `layer`, `cache` is that layer of the stacked cache `stack`, and the exact attention
-    and mean(V) read the stack where it lies (`attend_stacked`).
+    """SparQ decode attention. q [B, H, D]; visible [B, K, C] bool; v_mean: mean(V) over
+    the visible slots [B, K, D] float32 where the caller has read it (`attend_stacked`),
+    else it is read from `cache.v` (`masked_mean`).
 
     Returns (out [B, H, D] in q's dtype, indices [B, K, k_top] int32 (-1 = none),
     alpha [B, K, G] float32).
@@ -70,10 +69,9 @@ def sparq_attend(
     chosen = (idx >= 0)[:, :, None, :]  # [B, K, 1, k_top]
     mass = jnp.take_along_axis(s_hat, jnp.maximum(idx, 0)[:, :, None, :], axis=-1)
     alpha = jnp.where(chosen, mass, 0.0).sum(-1)  # [B, K, G]
-    source = cache if stack is None else stack
-    attn = group_queries(attend_selected(q, source, idx, kernels=kernels, layer=layer),
-                         K)  # [B, K, G, D]
-    v_mean = masked_mean(source.v, visible, layer=layer)  # [B, K, D]
+    attn = group_queries(attend_selected(q, cache, idx, kernels=kernels), K)  # [B, K, G, D]
+    if v_mean is None:
+        v_mean = masked_mean(cache.v, visible)  # [B, K, D]
     a = alpha[..., None]  # [B, K, G, 1]
     out = a * attn.astype(jnp.float32) + (1.0 - a) * v_mean[:, :, None, :]  # [B, K, G, D]
     return out.reshape(B, H, D).astype(q.dtype), idx, alpha
@@ -110,13 +108,14 @@ class SparQPlan(SelectsSlots, KeepsEveryToken):
         return out
 
     def attend_stacked(self, q, stack: KVCache, layer, query_pos, sliding_window) -> jax.Array:
-        """`attend` on layer `layer` of the stacked cache: the channel scores read the
-        layer's keys, and the exact attention and mean(V) read the stack where it lies (on
-        XLA:CPU a slice of the layer's values would be a copy of all of them)."""
+        """`attend` on layer `layer` of the stacked cache. mean(V) reads the layer's values
+        where they lie (`masked_mean`); the selection and the gather read the layer's slice,
+        which XLA fuses into them."""
         cache = jax.tree.map(lambda a: a[layer], stack)
         visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
-        out, _, _ = sparq_attend(q, cache, visible, top_r=self.top_r, k_top=self.k_top,
-                                 kernels=self.kernels, stack=stack, layer=layer)
+        out, _, _ = sparq_attend(
+            q, cache, visible, top_r=self.top_r, k_top=self.k_top, kernels=self.kernels,
+            v_mean=masked_mean(stack.v, visible, layer=layer))
         return out
 
     def read_tokens(self, context: int) -> int:

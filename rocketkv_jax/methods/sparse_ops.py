@@ -59,17 +59,15 @@ def approx_scores(
 
 
 def sparse_decode_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, *, kernels: str = "auto",
-    layer: jax.Array | int | None = None,
+    q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, *, kernels: str = "auto"
 ) -> jax.Array:
     """Exact attention of each group's queries on its selected slots.
 
-    q [B, K, G, D]; k, v [B, K, C, D] (with `layer`, every layer's [L, B, K, C, D], read at
-    that layer where they lie); indices [B, K, M] int32 slot indices, -1 = none.
+    q [B, K, G, D]; k, v [B, K, C, D]; indices [B, K, M] int32 slot indices, -1 = none.
     Returns [B, K, G, D] in q's dtype; a head with no selected slot gets zeros.
     """
     check_kernels("sparse_decode_attention", kernels)
-    return kernel_lib.sparse_decode_attention(q, k, v, indices, kernels=kernels, layer=layer)
+    return kernel_lib.sparse_decode_attention(q, k, v, indices, kernels=kernels)
 
 
 def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -79,15 +77,13 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
 
 
 def attend_selected(
-    q: jax.Array, cache: KVCache, indices: jax.Array, *, kernels: str = "auto",
-    layer: jax.Array | int | None = None,
+    q: jax.Array, cache: KVCache, indices: jax.Array, *, kernels: str = "auto"
 ) -> jax.Array:
     """The gather-and-attend of every sparse method: exact attention of each query head on
     the slots its KV head selected. q [B, H, D]; indices [B, K, M] int32, -1 = none ->
-    [B, H, D] in q's dtype (zeros for a head with no selected slot). With `layer`, `cache`
-    is the stacked cache and the selected rows of that layer are read where they lie."""
-    qg = group_queries(q, cache.k.shape[-3])  # [B, K, G, D]
-    out = sparse_decode_attention(qg, cache.k, cache.v, indices, kernels=kernels, layer=layer)
+    [B, H, D] in q's dtype (zeros for a head with no selected slot)."""
+    qg = group_queries(q, cache.k.shape[1])  # [B, K, G, D]
+    out = sparse_decode_attention(qg, cache.k, cache.v, indices, kernels=kernels)
     return out.reshape(q.shape)  # [B, H, D]
 
 
@@ -106,13 +102,3 @@ class SelectsSlots:
         visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
         indices = self.select(q, cache, visible)  # [B, K, M]
         return attend_selected(q, cache, indices, kernels=self.kernels)
-
-    def attend_stacked(self, q, stack: KVCache, layer, query_pos, sliding_window) -> jax.Array:
-        """`attend` on layer `layer` of the stacked cache. The selection reads the layer's
-        slice (only the fields it uses: page metadata, or the keys where it scores them),
-        and the gather reads the chosen rows of the stack where they lie: on XLA:CPU a slice
-        of the layer's keys and values would be a copy of all of them."""
-        cache = jax.tree.map(lambda a: a[layer], stack)
-        visible = visible_slots(cache, query_pos, sliding_window)  # [B, K, C]
-        indices = self.select(q, cache, visible)  # [B, K, M]
-        return attend_selected(q, stack, indices, kernels=self.kernels, layer=layer)

@@ -225,11 +225,12 @@ class TwoStagePlan(SelectsSlots, AppendsTokens):
         return super().attend(q, cache, query_pos, sliding_window)
 
     def attend_stacked(self, q, stack: KVCache, layer, query_pos, sliding_window) -> jax.Array:
-        """`attend` on layer `layer` of the stacked cache, read where it lies: densely where
-        stage 2 falls back, else the selected rows (`SelectsSlots.attend_stacked`)."""
+        """`attend` on layer `layer` of the stacked cache: the dense fallback reads it where
+        it lies; stage 2 gathers from this layer's slice."""
         if self.stage2_dense:
             return dense_decode_attention_stacked(q, stack, layer, query_pos, sliding_window)
-        return super().attend_stacked(q, stack, layer, query_pos, sliding_window)
+        cache = jax.tree.map(lambda a: a[layer], stack)
+        return self.attend(q, cache, query_pos, sliding_window)
 
     def read_tokens(self, context: int) -> int:
         """Tokens' worth (2 * D elements each) read per step per KV head: R of D channels

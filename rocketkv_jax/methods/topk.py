@@ -101,14 +101,6 @@ class TopKPlan(SelectsSlots, KeepsEveryToken):
             return per_head_attention(q, cache, idx, self.kernels)
         return super().attend(q, cache, query_pos, sliding_window)
 
-    def attend_stacked(self, q, stack: KVCache, layer, query_pos, sliding_window) -> jax.Array:
-        """`attend` on layer `layer` of the stacked cache: the shared in-place gather, or
-        per_head's own attention on the layer's slice."""
-        if self.per_head:
-            cache = jax.tree.map(lambda a: a[layer], stack)
-            return self.attend(q, cache, query_pos, sliding_window)
-        return super().attend_stacked(q, stack, layer, query_pos, sliding_window)
-
     def read_tokens(self, context: int) -> int:
         """Every key (half a token's worth each) plus the values of the k_top tokens
         (per_head: of each query head's k_top, counted once per KV head, a lower bound)."""

@@ -208,22 +208,3 @@ def test_every_backend_name_matches_reference():
     for backend in ("reference", "auto", "interpret", *(("triton",) if on_gpu else ())):
         out = sparse_decode_attention(q, k, v, indices, block_k=32, kernels=backend)
         assert_outputs_close(out, ref, jnp.float32)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_stacked_cache_read_at_a_traced_layer(dtype):
-    """With `layer`, k and v are every layer's [L, B, K, C, D]: each backend gives what the
-    reference gives on that layer's own cache (the numpy loop), under jit with a traced
-    layer index; a 4-d cache with a layer index is refused."""
-    case = CASES[2]
-    layers = [make_inputs(case, dtype, seed=s) for s in range(3)]
-    q, indices = layers[0][0], layers[0][3]
-    k, v = jnp.stack([x[1] for x in layers]), jnp.stack([x[2] for x in layers])
-    for backend in ("reference", "interpret"):
-        run = jax.jit(lambda k, v, i, b=backend: sparse_decode_attention(
-            q, k, v, indices, block_k=16, num_splits=4, kernels=b, layer=i))
-        for i, (_, k_i, v_i, _) in enumerate(layers):
-            assert_outputs_close(run(k, v, jnp.int32(i)),
-                                 numpy_sparse_attention(q, k_i, v_i, indices), dtype)
-    with pytest.raises(ValueError, match=r"\[L, B, K, C, D\]"):
-        sparse_decode_attention_reference(q, k[0], v[0], indices, layer=0)
