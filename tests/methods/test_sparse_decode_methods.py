@@ -1,6 +1,7 @@
 """Decode-time sparse methods (hybrid / rocketkv stage 2, quest, sparq, topk) pinned to
 numpy loops written from docs/algorithm.md, not to the jnp code."""
 
+import dataclasses
 import functools
 import math
 
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rocketkv_jax.cache import KVCache, page_bounds, visible_slots
+from rocketkv_jax.cache import page_bounds, visible_slots
+from rocketkv_jax.engine.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods import (
     QuestPlan,
     SparQPlan,
@@ -30,6 +32,7 @@ from rocketkv_jax.methods.stage2 import hybrid_select, select_channels
 from rocketkv_jax.methods.topk import topk_select
 from rocketkv_jax.models.config import ModelConfig
 from rocketkv_jax.models.llama import window_queries
+from rocketkv_jax.models.params import random_params
 from rocketkv_jax.models.plan import attend_layer
 
 D = 16
@@ -444,17 +447,17 @@ def test_attend_on_a_stacked_cache_equals_attend_on_the_layer(key, dtype):
 
 
 def test_sparq_step_writes_no_masked_copy_of_the_values():
-    """SparQ's mean(V) reads the layer's values blockwise (`masked_mean`): the compiled
-    attention computes no f32 array of a whole layer's cache shape (the one-shot
-    where(visible, v, 0).sum() wrote one, then read it again)."""
-    plan = make_method("sparq", 16, stage2="on").plan(config(4), 4000, 96)
+    """SparQ's mean(V) reads each layer's values blockwise (`masked_mean`): the compiled
+    decode step computes no f32 array of a whole layer's cache shape (the one-shot
+    where(visible, v, 0).sum() wrote one every step, then read it again)."""
+    cfg = dataclasses.replace(config(4), num_layers=2)
+    plan = make_method("sparq", 16, stage2="on").plan(cfg, 4000, 96)
     assert isinstance(plan, SparQPlan)
-    B, C, L = 2, plan.capacity, 2
-    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-    stack = KVCache(f32((L, B, K, C, D)), f32((L, B, K, C, D)), i32((L, B, K, C)),
-                    i32((L, B)), f32((L, B, K, 0, D)), f32((L, B, K, 0, D)))
-    hlo = jax.jit(lambda s, i, q, p: attend_layer(plan, q, s, i, p, None)).lower(
-        stack, i32(()), f32((B, K * 4, D)), i32((B,))).compile().as_text()
-    whole = f"f32[{B},{K},{C},{D}]"
-    assert not [line for line in hlo.splitlines() if f"= {whole}" in line and " fusion(" in line]
+    B, C = 2, plan.capacity
+    params = random_params(cfg)
+    tokens = jax.ShapeDtypeStruct((B, 4000), jnp.int32)
+    rows = jax.ShapeDtypeStruct((B,), jnp.int32)
+    _, cache = jax.eval_shape(make_prefill(cfg, plan), params, tokens, rows)
+    hlo = make_decode_step(cfg, plan).lower(params, rows, rows, cache).compile().as_text()
+    whole = f"= f32[{B},{K},{C},{D}]"
+    assert not [line for line in hlo.splitlines() if whole in line and " fusion(" in line]
