@@ -109,7 +109,7 @@ def measure(layers: int, hidden: int, ffn: int, batch: int, iters: int,
         compiled = jax.jit(fn).lower(arg, x).compile()
         med = _time(lambda c=compiled, a=arg: c(a, x).block_until_ready(), iters)
         rows.append({"way": name, "median_s": med, "GBps": weight_bytes / med / 1e9,
-                     "copies": copy_fusions(compiled.as_text(), (hidden, ffn))})
+                     "copies": copy_fusions(compiled.as_text(), (hidden, ffn), dtype)})
     base = rows[-1]["median_s"]
     if dtype == "float32":
         w_np, x_np = [np.asarray(a) for a in ws], np.asarray(x)

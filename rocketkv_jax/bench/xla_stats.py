@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+import jax.numpy as jnp
+
 
 def memory_stats(compiled) -> dict[str, int] | None:
     """XLA's buffer assignment of a compiled program: argument, output, temp and aliased
@@ -74,8 +76,13 @@ def loop_aware_bytes(compiled) -> float | None:
     return total
 
 
-def copy_fusions(hlo: str, shape: tuple[int, int]) -> int:
-    """Loop fusions in optimized HLO text that produce a whole weight matrix of `shape`."""
-    want = f"f32[{shape[0]},{shape[1]}]"
+# HLO's names of the element types a weight may have
+HLO_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def copy_fusions(hlo: str, shape: tuple[int, int], dtype="float32") -> int:
+    """Loop fusions in optimized HLO text that produce a whole weight matrix of `shape`
+    and `dtype` (a numpy/JAX dtype or its name)."""
+    want = f"{HLO_TYPES[jnp.dtype(dtype).name]}[{shape[0]},{shape[1]}]"
     return sum(1 for line in hlo.splitlines()
                if "kind=kLoop" in line and f"= {want}" in line)

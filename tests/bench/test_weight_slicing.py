@@ -92,3 +92,15 @@ def test_bf16_run_has_no_numpy_row(capsys):
     rows = [line.split()[0] for line in out.splitlines()
             if line.startswith(("traced", "static", "switch", "separate", "numpy"))]
     assert rows == ["traced", "static", "switch", "separate"]
+
+
+def test_bf16_traced_slice_is_counted_as_a_copy():
+    """The copies column counts copy fusions of the weights' own dtype: a bf16 traced-index
+    slice is a bf16 copy (an f32-only count read 0 there)."""
+    w = jnp.ones((2, 64, 96), jnp.bfloat16)
+    x = jnp.ones((1, 64), jnp.bfloat16)
+    traced = jax.jit(ws._traced).lower(w, x).compile().as_text()
+    assert copy_fusions(traced, (64, 96), jnp.bfloat16) >= 1
+    assert copy_fusions(traced, (64, 96)) == 0  # no f32 copy: the count is per dtype
+    switch = jax.jit(ws._switch).lower([w[0], w[1]], x).compile().as_text()
+    assert copy_fusions(switch, (64, 96), jnp.bfloat16) == 0
