@@ -122,6 +122,11 @@ def with_layout(params: dict[str, Any], layout: str, backend: str) -> tuple[dict
     return (unstack_layers(params) if layout == "per-layer" else params), layout
 
 
+def layout_of(params: dict[str, Any]) -> str:
+    """The layout `params` are in: "per-layer" or "stacked"."""
+    return "per-layer" if isinstance(params["layers"], (tuple, list)) else "stacked"
+
+
 def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `unstack_layers`."""
     layers = params["layers"]

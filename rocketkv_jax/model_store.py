@@ -321,6 +321,27 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
     return Model(params, config, tokenizer, ckpt)
 
 
+def _stacked_leaves(params) -> list[tuple[str, tuple[int, ...], list]]:
+    """(path, shape, arrays) of every parameter in path order, as the stacked layout
+    names and shapes it: a stacked leaf is one array; per-layer weights give each stacked
+    path their layers' arrays, in layer order."""
+    import jax
+
+    layers = params.get("layers")
+    out = []
+    if isinstance(layers, (tuple, list)):
+        rest = {k: v for k, v in params.items() if k != "layers"}
+        paths, _ = jax.tree_util.tree_flatten_with_path(layers[0])
+        per_layer = [jax.tree.leaves(layer) for layer in layers]
+        out += [("['layers']" + jax.tree_util.keystr(path), (len(layers), *leaf.shape),
+                 [leaves[i] for leaves in per_layer]) for i, (path, leaf) in enumerate(paths)]
+    else:
+        rest = params
+    leaves, _ = jax.tree_util.tree_flatten_with_path(rest)
+    out += [(jax.tree_util.keystr(path), tuple(leaf.shape), [leaf]) for path, leaf in leaves]
+    return sorted(out, key=lambda kv: kv[0])
+
+
 def model_identity(model: Model) -> dict[str, Any]:
     """What a loaded model's outputs depend on, by content: its config, its parameters'
     dtype, and SHA-256 digests of its weights and its tokenizer files.
@@ -329,21 +350,25 @@ def model_identity(model: Model) -> dict[str, Any]:
     order. It is computed from the loaded arrays, not from the checkpoint's files: orbax
     writes random file names and timestamps, so two conversions of the same weights have
     different files but the same digest, while a fine-tune that shares the tokenizer
-    does not. On CPU the arrays are hashed in place (no copy); elsewhere one array at a
-    time is copied to the host. Cost: docs/eval-files.md.
+    does not. Per-layer weights (`models.params.unstack_layers`) hash as the stacked
+    arrays they equal, so the weight layout (speed, not outputs) keeps the digest. On CPU
+    the arrays are hashed in place (no copy); elsewhere one array at a time is copied to
+    the host. Cost: docs/eval-files.md.
     """
     import jax
     import numpy as np
 
     host = jax.devices("cpu")[0]
     weights = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(model.params)
     dtypes = set()
-    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        array = np.asarray(jax.device_put(leaf, host) if isinstance(leaf, jax.Array) else leaf)
-        dtypes.add(str(array.dtype))
-        weights.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
-        weights.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+    for key, shape, parts in _stacked_leaves(model.params):
+        arrays = [np.asarray(jax.device_put(a, host) if isinstance(a, jax.Array) else a)
+                  for a in parts]
+        dtype = arrays[0].dtype
+        dtypes.add(str(dtype))
+        weights.update(f"{key} {dtype} {shape}\n".encode())
+        for array in arrays:  # a stacked array's bytes are its layers' bytes in order
+            weights.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
     return {
         "config": {k: v for k, v in model.config.to_dict().items()
                    if k != "rocketkv_config_version"},

@@ -86,7 +86,7 @@ def add_kernels_arg(p) -> None:
 
 
 def add_weight_layout_arg(p) -> None:
-    """`--weight-layout` of generate and serve (`weight_layout`)."""
+    """`--weight-layout` of generate, serve and eval (`weight_layout`)."""
     from ..names import WEIGHT_LAYOUTS
 
     p.add_argument(

@@ -21,7 +21,15 @@ from ..eval.runner import EVAL_METHOD_NAMES, FULL_METHOD
 from ..eval.suites import SUITE_NAMES
 from ..eval.tasks import TASK_NAMES
 from ..names import EVAL_STAGE2, STAGE2_MODES
-from .common import add_command, add_kernels_arg, check_cost_file, flag, kernels_from_flag
+from .common import (
+    add_command,
+    add_kernels_arg,
+    add_weight_layout_arg,
+    check_cost_file,
+    flag,
+    kernels_from_flag,
+    load_model_on,
+)
 
 COUNT = flag(checks.count)  # an integer >= 1
 
@@ -200,6 +208,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "and budget has reached",
     )
     add_kernels_arg(parser)
+    add_weight_layout_arg(parser)
     parser.add_argument("--skip-layers", type=flag(checks.skip_layers), default=0, metavar="N",
                         help="keep the first N layers dense in the methods that take it (quest, "
                         "snapkv, snapkv++, hybrid, rocketkv); the others run as usual")
@@ -421,14 +430,16 @@ def cmd_eval(args) -> int:
     from ..engine.compile import enable_compilation_cache
     from ..eval.model_fns import check_methods_fit, engine_functions, engine_identity
     from ..eval.multiturn import METHODS
-    from ..model_store import load_model
+    from ..models.params import layout_of
     from ..names import DEFAULT_PREFILL_CHUNK
 
     kernels_from_flag(args.kernels)  # before any model is loaded
     check_cost_file()
     eval_config(args)  # fail on bad flags before loading the model
-    model = load_model(args.model)
-    info = {"model": str(model.path)}
+    model = load_model_on(args.model, None, layout=args.weight_layout)
+    # The layout changes speed, not outputs (tests/eval/test_weight_layout_outputs.py), so
+    # it is recorded but not compared on resume.
+    info = {"model": str(model.path), "weight_layout": layout_of(model.params)}
     try:
         config = eval_config(args, max_context_length=model.config.max_position_embeddings)
     except EvalArgumentError as e:

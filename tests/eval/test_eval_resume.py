@@ -106,6 +106,23 @@ def test_identical_resume_runs_nothing(ckpts, single_run, tmp_path, monkeypatch)
     assert (out / "results.jsonl").read_bytes() == before
 
 
+def test_weight_layout_is_recorded_not_compared(ckpts, single_run, tmp_path):
+    """Per-layer weights change speed, not outputs: a per-layer run writes the stacked
+    run's records, its header records the layout, and it may resume a stacked file."""
+    fresh = tmp_path / "per-layer"
+    assert _eval(ckpts, fresh, *SINGLE, "--weight-layout", "per-layer") == 0
+    stacked_lines = (single_run / "results.jsonl").read_text().splitlines()
+    fresh_lines = (fresh / "results.jsonl").read_text().splitlines()
+    assert fresh_lines[1:] == stacked_lines[1:]
+    headers = [json.loads(lines[0]) for lines in (stacked_lines, fresh_lines)]
+    assert headers[0]["identity"] == headers[1]["identity"]
+    assert [h["info"]["weight_layout"] for h in headers] == ["stacked", "per-layer"]
+    out = _copy(single_run, tmp_path)
+    assert _eval(ckpts, out, *SINGLE, "--samples", "2", "--weight-layout", "per-layer") == 0
+    assert {(r["method"], r["sample"]) for r in read_records(out / "results.jsonl")} == {
+        ("full", 0), ("rocketkv", 0), ("full", 1), ("rocketkv", 1)}
+
+
 def test_grown_grid_runs_only_its_new_cells(ckpts, single_run, tmp_path):
     out = _copy(single_run, tmp_path)
     before = (out / "results.jsonl").read_bytes()

@@ -1,7 +1,11 @@
 """The results file store (eval/store.py) and the model identity it records."""
 
+import dataclasses
+import hashlib
 import json
 
+import jax
+import numpy as np
 import pytest
 from tiny_checkpoint import make_tiny_checkpoint, tiny_checkpoint_config, tiny_params
 
@@ -13,6 +17,7 @@ from rocketkv_jax.eval.store import (
     read_results,
 )
 from rocketkv_jax.model_store import load_model, model_identity
+from rocketkv_jax.models.params import unstack_layers
 
 IDENTITY = {"model": {"weights_sha256": "a" * 64, "dtype": "float32"}, "seed": 0,
             "max_new_tokens": {"qa": 16, "vt": 40}}
@@ -119,3 +124,24 @@ def test_model_identity_is_the_weights_not_the_files(tmp_path):
     assert {k: v for k, v in other.items() if k != "weights_sha256"} == {
         k: v for k, v in a.items() if k != "weights_sha256"}  # same config, tokenizer, dtype
     assert a["dtype"] == "float32" and a["config"]["num_layers"] == 2
+
+
+def test_model_identity_keeps_its_digest_in_either_weight_layout(tmp_path):
+    """Per-layer weights hash as the stacked arrays they equal (the layout changes speed,
+    not outputs), and the digest is the documented one: path, dtype, shape and bytes of
+    each stacked array, in path order."""
+    model = load_model(make_tiny_checkpoint(tmp_path / "a", tiny_checkpoint_config()))
+    stacked = model_identity(model)
+    per_layer = dataclasses.replace(model, params=unstack_layers(model.params))
+    assert model_identity(per_layer) == stacked
+    digest = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(model.params)
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
+        digest.update(array.tobytes())
+    assert stacked["weights_sha256"] == digest.hexdigest()
+    layers = per_layer.params["layers"]
+    swapped = dataclasses.replace(model, params={**per_layer.params,
+                                                 "layers": (layers[1], layers[0])})
+    assert model_identity(swapped)["weights_sha256"] != stacked["weights_sha256"]
