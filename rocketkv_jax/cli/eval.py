@@ -447,11 +447,13 @@ def cmd_eval(args) -> int:
     check_methods_fit(model.config, config.methods, config.budgets, config.contexts,
                       config.max_new_tokens or 16, kernels=config.kernels,
                       skip_layers=config.skip_layers, stage2=config.stage2)
+    # A grid compiles two programs per (method, budget) and context; a resumed or next
+    # stage of a long run finds them in JAX's persistent cache.
+    enable_compilation_cache()
     if config.multi_turn is not None:
         identity = engine_identity(model, METHODS, kernels=config.kernels,
                                    skip_layers=config.skip_layers,
                                    prefill_chunk=DEFAULT_PREFILL_CHUNK, stage2=config.stage2)
-        enable_compilation_cache()
         return run_multiturn_command(config, model, engine_identity=identity, info=info)
     gen, forced, greedy = engine_functions(model, kernels=config.kernels,
                                            skip_layers=config.skip_layers,
