@@ -1,0 +1,115 @@
+"""What one sample of an eval grid costs at each batch size, measured on eval's own path.
+
+    python benchmarks/eval_cost.py [--model qwen2.5-coder-0.5b] [--context 4k]
+                                   [--batches 4,8] [--methods full,rocketkv,...]
+                                   [--budgets 256,1024] [--steps 16] [--answer-tokens 128]
+                                   [--json FILE]
+
+`rocketkv eval` prefills each batch of prompts once (`SharedPrefill`) and decodes every
+(method, budget) from it, so a sample costs one prompt's prefill plus, per cell, its share
+of a batched decode. On a CPU a decode step of a small model reads mostly weights, which a
+bigger batch shares, while a prefill costs the same per prompt at any batch. For each
+batch size this times, on one repeated deterministic prompt of the model's own tokens:
+the prefill (seconds per prompt), and the warm decode step of every cell (the first
+generate compiles, the second is timed; no stop tokens, so every step runs). It prints
+them and the estimated seconds per sample of a grid whose every answer runs
+--answer-tokens steps, and the ratio of each batch to the first. The weights are in
+`--weight-layout auto`'s layout, as eval loads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("ROCKETKV_JAX_COMPILE_CACHE", "off")
+
+from rocketkv_jax.bench.grid import machine_line  # noqa: E402
+from rocketkv_jax.checks import token_count  # noqa: E402
+from rocketkv_jax.cli.common import load_model_on  # noqa: E402
+from rocketkv_jax.engine.shared_prefill import SharedPrefill  # noqa: E402
+from rocketkv_jax.eval.model_fns import eval_method  # noqa: E402
+from rocketkv_jax.models.params import layout_of  # noqa: E402
+
+GRID_METHODS = "full,rocketkv,snapkv++,hybrid,quest,snapkv,streaming,sparq,topk"
+
+
+def cells(methods: list[str], budgets: list[int]) -> list[tuple[str, int | None]]:
+    """(method, budget) of a grid: full once, every other method at every budget."""
+    return [("full", None)] * ("full" in methods) + [
+        (m, b) for m in methods if m != "full" for b in budgets]
+
+
+def measure_batch(model, ids: list[int], batch: int, grid, steps: int) -> dict:
+    shared = SharedPrefill(model.params, model.config, [ids] * batch, max_new_tokens=steps)
+    rows = {}
+    for method, budget in grid:
+        kv = eval_method(method, budget)
+        shared.generate(kv, stop_ids=[])  # compiles
+        stats = shared.generate(kv, stop_ids=[]).stats
+        rows[f"{method}@{budget}" if budget else method] = stats.decode_s / (steps - 1)
+        print(f"  batch {batch}: {method} {budget or ''} step {rows[list(rows)[-1]] * 1e3:.1f} ms",
+              file=sys.stderr, flush=True)
+    return {"prefill_s_per_prompt": shared.prefill_s / batch, "step_s": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b",
+                   help="a named model or checkpoint directory (default: qwen2.5-coder-0.5b)")
+    p.add_argument("--context", default="4k", help="prompt tokens, e.g. 4k or 4000 (default: 4k)")
+    p.add_argument("--batches", default="4,8", help="batch sizes (default: 4,8)")
+    p.add_argument("--methods", default=GRID_METHODS, help=f"default: {GRID_METHODS}")
+    p.add_argument("--budgets", default="256,1024", help="token budgets (default: 256,1024)")
+    p.add_argument("--steps", type=int, default=16,
+                   help="decode steps timed per cell (default: 16)")
+    p.add_argument("--answer-tokens", type=int, default=128,
+                   help="decode steps per answer in the estimate (RULER's NIAH: 128)")
+    p.add_argument("--json", help="also write the numbers here")
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.steps < 2 or min(batches) < 1:
+        p.error("--steps must be at least 2 and every batch at least 1")
+    context = token_count(args.context, "--context")
+    T = context - args.answer_tokens  # the prompt, as eval sizes one for `context`
+    if T < 1:
+        p.error(f"--context {context} leaves no prompt before {args.answer_tokens} answer tokens")
+    model = load_model_on(args.model, None)
+    if context > model.config.max_position_embeddings:
+        p.error(f"--context {context} is beyond the model's window "
+                f"({model.config.max_position_embeddings} tokens)")
+    grid = cells(args.methods.split(","), [int(b) for b in args.budgets.split(",")])
+    # deterministic; the cost does not depend on the text
+    ids = [(1000 + i) % model.config.vocab_size for i in range(T)]
+    print(machine_line())
+    print(f"{args.model} ({layout_of(model.params)} weights), prompt {T} tokens, "
+          f"{len(grid)} cells, {args.steps} timed steps each; estimate: {args.answer_tokens} "
+          f"steps per answer")
+    out = {"model": args.model, "machine": machine_line(), "prompt_tokens": T,
+           "steps": args.steps, "answer_tokens": args.answer_tokens, "batches": {}}
+    for batch in batches:
+        out["batches"][batch] = measure_batch(model, ids, batch, grid, args.steps)
+    print(f"{'batch':>5} {'prefill s/prompt':>16} {'decode s/sample':>15} {'s/sample':>9} "
+          f"{'vs first':>8}")
+    first = None
+    for batch, r in out["batches"].items():
+        decode = sum(r["step_s"].values()) * args.answer_tokens / batch
+        total = r["prefill_s_per_prompt"] + decode
+        first = first or total
+        r["decode_s_per_sample"], r["s_per_sample"] = decode, total
+        print(f"{batch:>5} {r['prefill_s_per_prompt']:>16.1f} {decode:>15.1f} {total:>9.1f} "
+              f"{first / total:>7.2f}x")
+    print("step ms per cell: " + "; ".join(
+        f"{cell} " + "/".join(f"{r['step_s'][cell] * 1e3:.0f}" for r in out["batches"].values())
+        for cell in next(iter(out["batches"].values()))["step_s"]) + f" (batch {args.batches})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
