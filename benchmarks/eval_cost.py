@@ -12,9 +12,10 @@ bigger batch shares, while a prefill costs the same per prompt at any batch. For
 batch size this times, on one repeated deterministic prompt of the model's own tokens:
 the prefill (seconds per prompt), and the warm decode step of every cell (the first
 generate compiles, the second is timed; no stop tokens, so every step runs). It prints
-them and the estimated seconds per sample of a grid whose every answer runs
---answer-tokens steps, and the ratio of each batch to the first. The weights are in
-`--weight-layout auto`'s layout, as eval loads them.
+them, XLA's memory analysis of the prefill program (`--memory-only`: that alone), the
+estimated seconds per sample of a grid whose every answer runs --answer-tokens steps,
+and the ratio of each batch to the first. The weights are in `--weight-layout auto`'s
+layout, as eval loads them. Batches are padded to powers of two, as eval pads them.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ os.environ.setdefault("ROCKETKV_JAX_COMPILE_CACHE", "off")
 from rocketkv_jax.bench.grid import machine_line  # noqa: E402
 from rocketkv_jax.checks import token_count  # noqa: E402
 from rocketkv_jax.cli.common import load_model_on  # noqa: E402
-from rocketkv_jax.engine.shared_prefill import SharedPrefill  # noqa: E402
+from rocketkv_jax.engine.compile import params_struct  # noqa: E402
+from rocketkv_jax.engine.requests import batch_bucket, prompt_bucket  # noqa: E402
+from rocketkv_jax.engine.shared_prefill import SharedPrefill, raw_prefill_program  # noqa: E402
 from rocketkv_jax.eval.model_fns import eval_method  # noqa: E402
 from rocketkv_jax.models.params import layout_of  # noqa: E402
+from rocketkv_jax.names import DEFAULT_PREFILL_CHUNK  # noqa: E402
 
 GRID_METHODS = "full,rocketkv,snapkv++,hybrid,quest,snapkv,streaming,sparq,topk"
 
@@ -40,6 +44,18 @@ def cells(methods: list[str], budgets: list[int]) -> list[tuple[str, int | None]
     """(method, budget) of a grid: full once, every other method at every budget."""
     return [("full", None)] * ("full" in methods) + [
         (m, b) for m in methods if m != "full" for b in budgets]
+
+
+def prefill_memory(model, batch: int, T: int) -> dict:
+    """XLA's memory analysis of eval's prefill program for `batch` prompts padded to T
+    (and the batch to its power of two): its temporaries and its outputs (every layer's
+    k, v and the stored queries), in MiB. A grid holds the outputs while it decodes, plus
+    one method's cache at a time."""
+    program, _ = raw_prefill_program(model.config, batch_bucket(batch), T,
+                                     params_struct(model.params))
+    stats = program.memory_analysis()
+    return {"temp_mib": stats.temp_size_in_bytes / 2**20,
+            "output_mib": stats.output_size_in_bytes / 2**20}
 
 
 def measure_batch(model, ids: list[int], batch: int, grid, steps: int) -> dict:
@@ -68,6 +84,9 @@ def main(argv=None) -> int:
                    help="decode steps timed per cell (default: 16)")
     p.add_argument("--answer-tokens", type=int, default=128,
                    help="decode steps per answer in the estimate (RULER's NIAH: 128)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="compile the prefill program per batch and print XLA's memory "
+                   "analysis only (no prefill, no decode)")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -90,8 +109,17 @@ def main(argv=None) -> int:
           f"steps per answer")
     out = {"model": args.model, "machine": machine_line(), "prompt_tokens": T,
            "steps": args.steps, "answer_tokens": args.answer_tokens, "batches": {}}
+    bucket = prompt_bucket(T, model.config.max_position_embeddings - args.steps,
+                           DEFAULT_PREFILL_CHUNK)
     for batch in batches:
-        out["batches"][batch] = measure_batch(model, ids, batch, grid, args.steps)
+        memory = prefill_memory(model, batch, bucket)
+        print(f"batch {batch}: prefill program (prompts padded to {bucket}) temporaries "
+              f"{memory['temp_mib']:.2f} MiB, outputs {memory['output_mib']:.2f} MiB")
+        if not args.memory_only:
+            out["batches"][batch] = {"prefill_memory": memory,
+                                     **measure_batch(model, ids, batch, grid, args.steps)}
+    if args.memory_only:
+        return 0
     print(f"{'batch':>5} {'prefill s/prompt':>16} {'decode s/sample':>15} {'s/sample':>9} "
           f"{'vs first':>8}")
     first = None

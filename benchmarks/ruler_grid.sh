@@ -19,7 +19,9 @@
 #
 #   SAMPLES_SHORT=10  SAMPLES_LONG=5   samples per (task, context)
 #   KERNELS=reference stage-2 kernels (auto on a GPU; see rocketkv generate --help)
-#   BATCH_SHORT=4  BATCH_LONG=2        prompts per generate call (4k/8k, 16k/32k)
+#   BATCH_SHORT=8  BATCH_LONG=2        prompts per generate call (4k/8k, 16k/32k): a
+#                                      bigger batch shares each decode step's weight reads,
+#                                      and costs memory; how 8 was chosen: docs/eval.md
 #   OUT=docs/eval/ruler-qwen           results directory
 #   ROCKETKV=rocketkv                  the CLI to run (e.g. "python -m rocketkv_jax.cli")
 #
@@ -29,7 +31,7 @@ set -eu
 SAMPLES_SHORT=${SAMPLES_SHORT:-10}
 SAMPLES_LONG=${SAMPLES_LONG:-5}
 KERNELS=${KERNELS:-reference}
-BATCH_SHORT=${BATCH_SHORT:-4}
+BATCH_SHORT=${BATCH_SHORT:-8}
 BATCH_LONG=${BATCH_LONG:-2}
 OUT=${OUT:-docs/eval/ruler-qwen}
 ROCKETKV=${ROCKETKV:-rocketkv}

@@ -54,3 +54,13 @@ def test_bad_flags(ckpt, argv, message, capsys):
     with pytest.raises(SystemExit):
         ec.main(["--model", str(ckpt), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_memory_only_prints_the_prefill_program_per_batch(ckpt, capsys):
+    assert ec.main(["--model", str(ckpt), "--context", "200", "--batches", "1,3",
+                    "--answer-tokens", "20", "--memory-only"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "prefill program" in x]
+    assert [x.split(":")[0] for x in lines] == ["batch 1", "batch 3"]
+    # the outputs hold k and v of every layer for each padded row (3 -> 4 rows)
+    out = [float(x.split("outputs ")[1].split()[0]) for x in lines]
+    assert out[1] > 3.5 * out[0]
