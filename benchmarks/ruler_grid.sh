@@ -19,9 +19,9 @@
 #
 #   SAMPLES_SHORT=10  SAMPLES_LONG=5   samples per (task, context)
 #   KERNELS=reference stage-2 kernels (auto on a GPU; see rocketkv generate --help)
-#   BATCH_SHORT=8  BATCH_LONG=2        prompts per generate call (4k/8k, 16k/32k): a
+#   BATCH_SHORT=8  BATCH_LONG=4        prompts per generate call (4k/8k, 16k/32k): a
 #                                      bigger batch shares each decode step's weight reads,
-#                                      and costs memory; how 8 was chosen: docs/eval.md
+#                                      and costs memory; how they were chosen: docs/eval.md
 #   OUT=docs/eval/ruler-qwen           results directory
 #   ROCKETKV=rocketkv                  the CLI to run (e.g. "python -m rocketkv_jax.cli")
 #
@@ -32,7 +32,7 @@ SAMPLES_SHORT=${SAMPLES_SHORT:-10}
 SAMPLES_LONG=${SAMPLES_LONG:-5}
 KERNELS=${KERNELS:-reference}
 BATCH_SHORT=${BATCH_SHORT:-8}
-BATCH_LONG=${BATCH_LONG:-2}
+BATCH_LONG=${BATCH_LONG:-4}
 OUT=${OUT:-docs/eval/ruler-qwen}
 ROCKETKV=${ROCKETKV:-rocketkv}
 MODEL=qwen2.5-coder-0.5b
