@@ -34,25 +34,23 @@ from rocketkv_jax.engine.compile import params_struct  # noqa: E402
 from rocketkv_jax.engine.requests import batch_bucket, prompt_bucket  # noqa: E402
 from rocketkv_jax.engine.shared_prefill import SharedPrefill, raw_prefill_program  # noqa: E402
 from rocketkv_jax.eval.model_fns import eval_method  # noqa: E402
+from rocketkv_jax.eval.runner import method_budget_grid  # noqa: E402
+from rocketkv_jax.kernels.backend import prefill_backend  # noqa: E402
 from rocketkv_jax.models.params import layout_of  # noqa: E402
-from rocketkv_jax.names import DEFAULT_PREFILL_CHUNK  # noqa: E402
+from rocketkv_jax.names import DEFAULT_KERNELS, DEFAULT_PREFILL_CHUNK  # noqa: E402
 
 GRID_METHODS = "full,rocketkv,snapkv++,hybrid,quest,snapkv,streaming,sparq,topk"
-
-
-def cells(methods: list[str], budgets: list[int]) -> list[tuple[str, int | None]]:
-    """(method, budget) of a grid: full once, every other method at every budget."""
-    return [("full", None)] * ("full" in methods) + [
-        (m, b) for m in methods if m != "full" for b in budgets]
 
 
 def prefill_memory(model, batch: int, T: int) -> dict:
     """XLA's memory analysis of eval's prefill program for `batch` prompts padded to T
     (and the batch to its power of two): its temporaries and its outputs (every layer's
     k, v and the stored queries), in MiB. A grid holds the outputs while it decodes, plus
-    one method's cache at a time."""
+    one method's cache at a time. The arguments are SharedPrefill's, so that its prefill
+    finds this program compiled."""
     program, _ = raw_prefill_program(model.config, batch_bucket(batch), T,
-                                     params_struct(model.params))
+                                     params_struct(model.params), DEFAULT_PREFILL_CHUNK,
+                                     prefill_backend(DEFAULT_KERNELS))
     stats = program.memory_analysis()
     return {"temp_mib": stats.temp_size_in_bytes / 2**20,
             "output_mib": stats.output_size_in_bytes / 2**20}
@@ -65,8 +63,8 @@ def measure_batch(model, ids: list[int], batch: int, grid, steps: int) -> dict:
         kv = eval_method(method, budget)
         shared.generate(kv, stop_ids=[])  # compiles
         stats = shared.generate(kv, stop_ids=[]).stats
-        rows[f"{method}@{budget}" if budget else method] = stats.decode_s / (steps - 1)
-        print(f"  batch {batch}: {method} {budget or ''} step {rows[list(rows)[-1]] * 1e3:.1f} ms",
+        step_s = rows[f"{method}@{budget}" if budget else method] = stats.decode_s / (steps - 1)
+        print(f"  batch {batch}: {method} {budget or ''} step {step_s * 1e3:.1f} ms",
               file=sys.stderr, flush=True)
     return {"prefill_s_per_prompt": shared.prefill_s / batch, "step_s": rows}
 
@@ -100,14 +98,16 @@ def main(argv=None) -> int:
     if context > model.config.max_position_embeddings:
         p.error(f"--context {context} is beyond the model's window "
                 f"({model.config.max_position_embeddings} tokens)")
-    grid = cells(args.methods.split(","), [int(b) for b in args.budgets.split(",")])
+    grid = method_budget_grid(args.methods.split(","), [int(b) for b in args.budgets.split(",")],
+                              include_full=False)
     # deterministic; the cost does not depend on the text
     ids = [(1000 + i) % model.config.vocab_size for i in range(T)]
-    print(machine_line())
+    machine = machine_line()
+    print(machine)
     print(f"{args.model} ({layout_of(model.params)} weights), prompt {T} tokens, "
           f"{len(grid)} cells, {args.steps} timed steps each; estimate: {args.answer_tokens} "
           f"steps per answer")
-    out = {"model": args.model, "machine": machine_line(), "prompt_tokens": T,
+    out = {"model": args.model, "machine": machine, "prompt_tokens": T,
            "steps": args.steps, "answer_tokens": args.answer_tokens, "batches": {}}
     bucket = prompt_bucket(T, model.config.max_position_embeddings - args.steps,
                            DEFAULT_PREFILL_CHUNK)

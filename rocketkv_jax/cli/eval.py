@@ -437,8 +437,8 @@ def cmd_eval(args) -> int:
     check_cost_file()
     eval_config(args)  # fail on bad flags before loading the model
     model = load_model_on(args.model, None, layout=args.weight_layout)
-    # The layout changes speed, not outputs (tests/eval/test_weight_layout_outputs.py), so
-    # it is recorded but not compared on resume.
+    # The layout changes speed, not outputs (test_eval_resume.py,
+    # test_weight_layout_is_recorded_not_compared), so it is recorded but not compared.
     info = {"model": str(model.path), "weight_layout": layout_of(model.params)}
     try:
         config = eval_config(args, max_context_length=model.config.max_position_embeddings)
