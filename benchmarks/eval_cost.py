@@ -87,7 +87,12 @@ def main(argv=None) -> int:
                    "analysis only (no prefill, no decode)")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        p.error(f"--batches and --budgets take whole numbers, got {args.batches!r} and "
+                f"{args.budgets!r}")
     if args.steps < 2 or min(batches) < 1:
         p.error("--steps must be at least 2 and every batch at least 1")
     context = token_count(args.context, "--context")
@@ -98,8 +103,7 @@ def main(argv=None) -> int:
     if context > model.config.max_position_embeddings:
         p.error(f"--context {context} is beyond the model's window "
                 f"({model.config.max_position_embeddings} tokens)")
-    grid = method_budget_grid(args.methods.split(","), [int(b) for b in args.budgets.split(",")],
-                              include_full=False)
+    grid = method_budget_grid(args.methods.split(","), budgets, include_full=False)
     # deterministic; the cost does not depend on the text
     ids = [(1000 + i) % model.config.vocab_size for i in range(T)]
     machine = machine_line()

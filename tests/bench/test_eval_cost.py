@@ -50,6 +50,7 @@ def test_estimate_per_sample_from_the_timed_steps(ckpt, tmp_path, capsys):
     (["--context", "100", "--answer-tokens", "100"], "leaves no prompt"),
     (["--context", "1k"], "beyond the model's window (256 tokens)"),
     (["--steps", "1"], "--steps must be at least 2"),
+    (["--batches", "4,x"], "--batches and --budgets take whole numbers"),
 ])
 def test_bad_flags(ckpt, argv, message, capsys):
     with pytest.raises(SystemExit):
