@@ -7,8 +7,9 @@ and the plot draws it as a dashed horizontal line, as in the RocketKV paper's fi
 A cell with fewer records than the fullest cell of its table is marked with `*`.
 
 RULER runs (`--suite ruler` records) also show each cell's standard error of the mean
-and its record count, `mean ± se (n)`, give a table per context length with per-task
-tables under it, and a plot of accuracy vs context length at budgets 256 and 1024.
+and its record count, `mean ± se (n)`, give a table per context length with each
+method's difference from full KV paired by prompt and per-task tables under it, and a
+plot of accuracy vs context length at budgets 256 and 1024.
 """
 
 from __future__ import annotations
@@ -59,22 +60,22 @@ def mean_cells(records: Iterable[Record], value: Callable[[Record], float | None
 def standard_errors(
     records: Iterable[Record], value: Callable[[Record], float | None]
 ) -> dict[tuple[str, int | None], float | None]:
-    """(method, budget) -> standard error of the cell's mean, sample std (n - 1) / sqrt(n);
-    None for a single record."""
+    """(method, budget) -> standard error of the cell's mean (`standard_error`)."""
     groups: dict[tuple[str, int | None], list[float]] = {}
     for record in records:
         v = value(record)
         if v is not None:
             groups.setdefault((record["method"], record["budget"]), []).append(float(v))
-    out: dict[tuple[str, int | None], float | None] = {}
-    for key, vs in groups.items():
-        n = len(vs)
-        if n < 2:
-            out[key] = None
-            continue
-        mean = sum(vs) / n
-        out[key] = (sum((x - mean) ** 2 for x in vs) / (n - 1)) ** 0.5 / n**0.5
-    return out
+    return {key: standard_error(vs) for key, vs in groups.items()}
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of the mean, sample std (n - 1) / sqrt(n); None below 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return (sum((x - mean) ** 2 for x in values) / (n - 1)) ** 0.5 / n**0.5
 
 
 def markdown_table(
@@ -151,6 +152,46 @@ def complete_samples(records: Sequence[Record]) -> tuple[list[Record], int, int]
     return kept, len(complete), len(have)
 
 
+def paired_with_full(records: Iterable[Record]) -> dict[tuple[str, int | None], list[float]]:
+    """(method, budget) -> score minus full KV's score (points of %), one per prompt that
+    both have: same context length, task, sample, seed and depth. Differences on the same
+    prompts cancel the prompts' own difficulty, so their standard error is the one that
+    says whether a method loses against full KV."""
+    def prompt(r: Record) -> tuple:
+        return (r["context_length"], r["task"], r["sample"], r.get("seed"), r.get("depth"))
+
+    records = list(records)
+    full = {prompt(r): score_percent(r) for r in records if r["method"] == FULL_METHOD}
+    out: dict[tuple[str, int | None], list[float]] = {}
+    for r in records:
+        score, ref = score_percent(r), full.get(prompt(r))
+        if r["method"] != FULL_METHOD and score is not None and ref is not None:
+            out.setdefault((r["method"], r["budget"]), []).append(score - ref)
+    return out
+
+
+def paired_table(differences: Mapping[tuple[str, int | None], Sequence[float]]) -> str:
+    """Rows = methods, columns = budgets; a cell reads `mean ± se (worse / better)`: the
+    mean paired difference, its standard error (sample std (n - 1) / sqrt(n)), and how
+    many prompts scored lower / higher than with full KV."""
+    budgets = sorted({b for _, b in differences if b is not None})
+    lines = ["| method | " + " | ".join(str(b) for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+
+    def cell(ds: Sequence[float] | None) -> str:
+        if not ds:
+            return "–"
+        se = standard_error(ds)
+        spread = "" if se is None else f" ± {se:.1f}"
+        worse, better = sum(d < 0 for d in ds), sum(d > 0 for d in ds)
+        return f"{sum(ds) / len(ds):+.1f}{spread} ({worse} / {better})"
+
+    for method in method_order(m for m, _ in differences):
+        lines.append(f"| {method} | " + " | ".join(cell(differences.get((method, b)))
+                                                  for b in budgets) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def ruler_accuracy_section(records: Sequence[Record]) -> str:
     """Per context length: methods x budgets (mean over tasks), then one table per task;
     every cell `mean ± se (n)` in %. Only samples that every method and budget of their
@@ -173,6 +214,11 @@ def ruler_accuracy_section(records: Sequence[Record]) -> str:
     for context in sorted({r["context_length"] for r in records}):
         subset = [r for r in records if r["context_length"] == context]
         parts += [f"\n### Context length {context} tokens (mean over tasks)\n", table(subset)]
+        differences = paired_with_full(subset)
+        if differences:
+            parts += [f"\nAgainst full KV at {context} tokens, paired by prompt: mean of "
+                      "(method - full KV) in points ± its standard error (prompts worse / "
+                      "better):\n", paired_table(differences)]
         for task in sorted({r["task"] for r in subset}):
             per_task = [r for r in subset if r["task"] == task]
             parts += [f"\n#### {task} at {context} tokens\n", table(per_task)]

@@ -1,5 +1,6 @@
 """RULER reports: `mean ± standard error (n)` cells worked by hand, tables per context
-with per-task tables, and the accuracy-vs-context plot; quick-suite tables unchanged."""
+with per-task tables, differences from full KV paired by prompt, and the
+accuracy-vs-context plot; quick-suite tables unchanged."""
 
 import json
 
@@ -57,6 +58,24 @@ def test_ruler_tables_per_context_and_task():
     assert "| full KV | 100.0 (1) |" in ctx8k and "| rocketkv | 0.0 (1) |" in ctx8k
     quick = render_markdown([dict(r, suite="quick") for r in RECORDS])
     assert "±" not in quick and "| full KV | 80.0 |" in quick  # quick suite: plain means
+
+
+def test_differences_from_full_kv_paired_by_prompt_by_hand():
+    """rocketkv@256 - full at 4k, prompt by prompt: 20-100, 20-0, 20-100, 60-100 =
+    -80, +20, -80, -40: mean -45, deviations -35, 65, -35, 5, sample variance
+    6700 / 3, se sqrt(2233.3) / 2 = 23.6; three prompts worse, one better. The
+    unpaired cells' standard errors (25 and 10) would say nothing about this."""
+    text = render_markdown(RECORDS)
+    ctx4k = text.split("### Context length 4096 tokens")[1].split("####")[0]
+    paired = ctx4k.split("Against full KV at 4096 tokens, paired by prompt")[1]
+    assert "| rocketkv | -45.0 ± 23.6 (3 / 1) |" in paired
+    assert "full KV |" not in paired  # full KV against itself is not a row
+    ctx8k = text.split("### Context length 8192 tokens")[1]
+    assert "| rocketkv | -100.0 (1 / 0) |" in ctx8k  # one prompt: no standard error
+    shuffled = render_markdown(RECORDS[::-1])  # pairs by prompt, not by record order
+    assert "| rocketkv | -45.0 ± 23.6 (3 / 1) |" in shuffled
+    without_full = [r for r in RECORDS if r["method"] != "full"]
+    assert "paired by prompt" not in render_markdown(without_full)
 
 
 def test_write_report_adds_context_plot(tmp_path):
