@@ -63,8 +63,7 @@ def test_ruler_tables_per_context_and_task():
 def test_differences_from_full_kv_paired_by_prompt_by_hand():
     """rocketkv@256 - full at 4k, prompt by prompt: 20-100, 20-0, 20-100, 60-100 =
     -80, +20, -80, -40: mean -45, deviations -35, 65, -35, 5, sample variance
-    6700 / 3, se sqrt(2233.3) / 2 = 23.6; three prompts worse, one better. The
-    unpaired cells' standard errors (25 and 10) would say nothing about this."""
+    6700 / 3, se sqrt(2233.3) / 2 = 23.6; three prompts worse, one better."""
     text = render_markdown(RECORDS)
     ctx4k = text.split("### Context length 4096 tokens")[1].split("####")[0]
     paired = ctx4k.split("Against full KV at 4096 tokens, paired by prompt")[1]
