@@ -136,6 +136,12 @@ def is_ruler(records: Iterable[Record]) -> bool:
     return any(r.get("suite") == "ruler" for r in records)
 
 
+def prompt_key(record: Record) -> tuple:
+    """What identifies a record's prompt: context length, task, sample, seed and depth."""
+    return (record["context_length"], record["task"], record["sample"], record.get("seed"),
+            record.get("depth"))
+
+
 def complete_samples(records: Sequence[Record]) -> tuple[list[Record], int, int]:
     """The records of samples that every (method, budget) cell of their context has, so
     that every cell of a table averages the same prompts: (records kept, samples kept,
@@ -146,25 +152,22 @@ def complete_samples(records: Sequence[Record]) -> tuple[list[Record], int, int]
     for r in records:
         cell = (r["method"], r["budget"])
         cells.setdefault(r["context_length"], set()).add(cell)
-        have.setdefault((r["context_length"], r["task"], r["sample"]), set()).add(cell)
+        have.setdefault(prompt_key(r), set()).add(cell)
     complete = {key for key, got in have.items() if got >= cells[key[0]]}
-    kept = [r for r in records if (r["context_length"], r["task"], r["sample"]) in complete]
+    kept = [r for r in records if prompt_key(r) in complete]
     return kept, len(complete), len(have)
 
 
 def paired_with_full(records: Iterable[Record]) -> dict[tuple[str, int | None], list[float]]:
     """(method, budget) -> score minus full KV's score (points of %), one per prompt that
-    both have: same context length, task, sample, seed and depth. Differences on the same
-    prompts cancel the prompts' own difficulty, so their standard error is the one that
-    says whether a method loses against full KV."""
-    def prompt(r: Record) -> tuple:
-        return (r["context_length"], r["task"], r["sample"], r.get("seed"), r.get("depth"))
-
+    both have (`prompt_key`). Differences on the same prompts cancel the prompts' own
+    difficulty, so their standard error is the one that says whether a method loses
+    against full KV."""
     records = list(records)
-    full = {prompt(r): score_percent(r) for r in records if r["method"] == FULL_METHOD}
+    full = {prompt_key(r): score_percent(r) for r in records if r["method"] == FULL_METHOD}
     out: dict[tuple[str, int | None], list[float]] = {}
     for r in records:
-        score, ref = score_percent(r), full.get(prompt(r))
+        score, ref = score_percent(r), full.get(prompt_key(r))
         if r["method"] != FULL_METHOD and score is not None and ref is not None:
             out.setdefault((r["method"], r["budget"]), []).append(score - ref)
     return out
