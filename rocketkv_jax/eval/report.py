@@ -196,7 +196,8 @@ def paired_table(differences: Mapping[tuple[str, int | None], Sequence[float]]) 
 
 
 def ruler_accuracy_section(records: Sequence[Record]) -> str:
-    """Per context length: methods x budgets (mean over tasks), then one table per task;
+    """Per context length: methods x budgets (mean over its tasks, counted in the heading,
+    since a stage still running has only some of them), then one table per task;
     every cell `mean ± se (n)` in %. Only samples that every method and budget of their
     context has are counted (`complete_samples`); the section says how many."""
 
@@ -216,13 +217,16 @@ def ruler_accuracy_section(records: Sequence[Record]) -> str:
     ]
     for context in sorted({r["context_length"] for r in records}):
         subset = [r for r in records if r["context_length"] == context]
-        parts += [f"\n### Context length {context} tokens (mean over tasks)\n", table(subset)]
+        tasks = sorted({r["task"] for r in subset})
+        counted = f"{len(tasks)} task" + ("s" if len(tasks) > 1 else "")
+        parts += [f"\n### Context length {context} tokens (mean over {counted})\n",
+                  table(subset)]
         differences = paired_with_full(subset)
         if differences:
             parts += [f"\nAgainst full KV at {context} tokens, paired by prompt: mean of "
                       "(method - full KV) in points ± its standard error (prompts worse / "
                       "better):\n", paired_table(differences)]
-        for task in sorted({r["task"] for r in subset}):
+        for task in tasks:
             per_task = [r for r in subset if r["task"] == task]
             parts += [f"\n#### {task} at {context} tokens\n", table(per_task)]
     return "\n".join(parts)
