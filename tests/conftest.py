@@ -26,29 +26,18 @@ os.environ["ROCKETKV_JAX_COMPILE_CACHE"] = "off"
 # the calibration set the variable themselves.
 os.environ["ROCKETKV_JAX_COST_FILE"] = "off"
 
-def drop_compiled_programs() -> None:
-    """Release every compiled XLA program this process holds (ours and jax.jit's).
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the programs it compiled (`drop_compiled_programs`).
 
     XLA:CPU maps each executable's machine code into memory regions of its own. A pytest
     process that kept every program it compiled reached the kernel's limit on a process's
     mappings (vm.max_map_count, 65530) about 800 tests in: the next compile failed, and
     jaxlib crashed with a segfault while raising that failure (a core dump held 65,410
     mappings)."""
-    import gc
-
-    import jax
-
-    from rocketkv_jax.engine.compile import clear_caches
-
-    clear_caches()
-    jax.clear_caches()
-    gc.collect()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """After each test module, drop the programs it compiled (`drop_compiled_programs`)."""
     yield
+    from rocketkv_jax.engine.compile import drop_compiled_programs
+
     drop_compiled_programs()
 
 

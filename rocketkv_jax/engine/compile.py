@@ -4,7 +4,9 @@ A program is a jitted function lowered and compiled ahead of time for abstract a
 (`compile_program`), once per shape: the functions that build programs are cached with
 `program_cache`, which registers each cache so that `clear_caches` forgets every compiled
 program of the package (AOT-compiled executables, which `jax.clear_caches()` does not
-reach). No program holds a host callback, so JAX's persistent compilation cache
+reach). A long-lived process that keeps meeting new shapes (an eval grid, a server) drops
+them all before it nears the kernel's limit on memory maps (`drop_programs_if_maps_high`).
+No program holds a host callback, so JAX's persistent compilation cache
 (`enable_compilation_cache`) keeps all of them across processes.
 
 Cache keys must be hashable: params and states enter them as shape structs
@@ -14,6 +16,8 @@ Cache keys must be hashable: params and states enter them as shape structs
 from __future__ import annotations
 
 import functools
+import gc
+import logging
 import os
 import sys
 import time
@@ -23,6 +27,13 @@ import jax
 from ..kernels.backend import triton_lowering
 
 _PROGRAM_CACHES: list = []
+logger = logging.getLogger(__name__)
+
+# Linux's account of this process's memory maps and the most it may hold.
+MAPS_FILE = "/proc/self/maps"
+MAP_LIMIT_FILE = "/proc/sys/vm/max_map_count"
+# Drop every compiled program once the process holds this fraction of its map limit.
+MAPS_HIGH = 0.5
 
 
 def program_cache(maxsize: int):
@@ -44,9 +55,54 @@ def clear_caches() -> None:
         cached.cache_clear()
 
 
+def drop_compiled_programs() -> None:
+    """Release every compiled XLA program this process holds: the package's
+    (`clear_caches`) and jax.jit's (`jax.clear_caches`). Programs a caller still holds
+    stay valid; the next request for a dropped one compiles it again (or loads it from
+    JAX's persistent cache)."""
+    clear_caches()
+    jax.clear_caches()
+    gc.collect()
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """(memory maps this process holds, the most the kernel allows it: vm.max_map_count),
+    or None where the system does not say (no /proc: not Linux)."""
+    try:
+        with open(MAPS_FILE, "rb") as f:
+            held = f.read().count(b"\n")
+        with open(MAP_LIMIT_FILE) as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return held, limit
+
+
+def drop_programs_if_maps_high(high: float | None = None) -> bool:
+    """`drop_compiled_programs` when this process holds more than `high` (default
+    MAPS_HIGH) of its memory-map limit; returns whether it did.
+
+    XLA:CPU maps each executable's machine code into regions of its own (tens to hundreds
+    per program), and the program caches are bounded by count, not by maps: a grid or a
+    server that keeps meeting new shapes reaches vm.max_map_count (65,530 by default),
+    after which the next compile fails in LLVM ("Cannot allocate memory") and jaxlib
+    crashes while raising it, with most of the RAM free."""
+    maps = memory_maps()
+    high = MAPS_HIGH if high is None else high
+    if maps is None or maps[0] <= high * maps[1]:
+        return False
+    drop_compiled_programs()
+    logger.info("dropped the compiled programs: the process held %d of its %d memory maps "
+                "(vm.max_map_count); %d after", maps[0], maps[1], (memory_maps() or maps)[0])
+    return True
+
+
 def compile_program(name: str, fn, args, *, out_shardings=None, donate_argnums=()):
     """jit + lower + compile `fn` for abstract `args`: (compiled, seconds). Every program
-    of the engine is compiled here (the sharding tests wrap it to read each one's HLO)."""
+    of the engine is compiled here (the sharding tests wrap it to read each one's HLO),
+    after dropping the compiled programs if the process's memory maps run high
+    (`drop_programs_if_maps_high`)."""
+    drop_programs_if_maps_high()
     fn.__name__ = name
     t0 = time.perf_counter()
     with triton_lowering():
