@@ -61,6 +61,7 @@ from rocketkv_jax.bench.roofline import (
 )
 from rocketkv_jax.bench.tables import fmt_bytes, print_table
 from rocketkv_jax.cache import tree_bytes
+from rocketkv_jax.engine.compile import drop_compiled_programs
 from rocketkv_jax.engine.shared_prefill import STORED_QUERY_WINDOW, RawPrefill
 from rocketkv_jax.methods.read_bytes import kv_read_bytes
 from rocketkv_jax.models.params import with_layout
@@ -199,8 +200,7 @@ def run_grid(args, results: dict) -> None:
                         _run_cell(r, args, B, T, M)
                         _save(results, args)
     del runs
-    bd.clear_compress_cache()
-    jax.clear_caches()
+    drop_compiled_programs()
     bd.release_memory()
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..engine.compile import drop_compiled_programs
 from ..kernels import approx_scores, prefill_attention, sparse_decode_attention
 from ..methods.read_bytes import kv_read_bytes
 from ..models.plan import compress_layers
@@ -195,8 +196,7 @@ def part_decode(check, rec: dict) -> None:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: record, next cell
             check.add_row(rec, {"T": T, "B": B, "method": "-",
                                 "path": f"{type(e).__name__}: {str(e)[:300]}"})
-        measure.clear_compress_cache()
-        jax.clear_caches()
+        drop_compiled_programs()
 
 
 def _decode_cell(check, rec, cfg, params, T, B, N, budgets, kernels, weights, bw_peak):

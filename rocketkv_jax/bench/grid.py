@@ -48,7 +48,7 @@ def plan_methods(model_config, methods, budget, T, N, stage2: str = "auto",
 
 def run_model(bm, config, bar, rec: dict, save=None) -> dict:
     """The decode grid of one model, filling `rec` (see --json); `save()` after each group."""
-    import jax
+    from ..engine.compile import drop_compiled_programs
 
     cfg, B, N = bm.config, config.batch, config.new_tokens
     elem = 4  # float32 params and caches
@@ -112,8 +112,7 @@ def run_model(bm, config, bar, rec: dict, save=None) -> dict:
             if save is not None:
                 save()
         del cap, compiled
-        measure.clear_compress_cache()
-        jax.clear_caches()
+        drop_compiled_programs()
         measure.release_memory()
     return rec
 

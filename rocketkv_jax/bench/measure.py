@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..engine import programs
-from ..engine.compile import clear_caches, hashable_structs, params_struct
+from ..engine.compile import hashable_structs, params_struct
 from ..engine.decode import LoopSettings
 from ..engine.generate import GREEDY, make_decode_step
 from ..engine.shared_prefill import (
@@ -198,11 +198,6 @@ def compress_cache(plan, raw: RawPrefill):
     t0 = time.perf_counter()
     cache = jax.block_until_ready(fn(raw))
     return cache, time.perf_counter() - t0
-
-
-def clear_compress_cache() -> None:
-    """Forget the compiled programs (compressions of each plan among them)."""
-    clear_caches()
 
 
 # ------------------------------------------------------------------------ decode step
