@@ -107,9 +107,9 @@ def _parse(line: bytes, path: Path, number: int) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
         raise ResultsFileError(
-            f"{path}:{number}: damaged line ({reason}); only the last line may be partial "
-            "after a kill. Fix or delete that line, or use a new output directory; the file "
-            "was left as it is"
+            f"{path}:{number}: damaged line ({reason}); a killed run leaves at most an "
+            "unterminated last line, which is dropped by itself, so this is not one. Fix or "
+            "delete that line, or use a new output directory; the file was left as it is"
         ) from None
     if not isinstance(record, dict):
         raise ResultsFileError(
