@@ -27,23 +27,11 @@ import re
 import sys
 from pathlib import Path
 
+from rocketkv_jax.eval.ruler import cached_prompts
 from rocketkv_jax.eval.store import ResultsFileError, read_records
-from rocketkv_jax.eval.tasks import prompt_sha1
 
 VALUE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\d{4,}")
 KINDS = ("distractor", "not in prompt", "no value", "no prompt")
-
-
-def cached_prompts(ruler_data: Path) -> dict[str, str]:
-    """prompt_sha1 -> prompt over every cached RULER task file."""
-    prompts = {}
-    for path in sorted(ruler_data.glob("*/*/validation.jsonl")):
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    text = json.loads(line)["input"]
-                    prompts[prompt_sha1(text)] = text
-    return prompts
 
 
 def classify(output: str, expected: list[str], prompt: str | None) -> str:

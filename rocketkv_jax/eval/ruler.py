@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from rocketkv_jax.eval.scoring import postprocess_prediction
 from rocketkv_jax.eval.store import package_versions
-from rocketkv_jax.eval.tasks import TaskError, TaskSample
+from rocketkv_jax.eval.tasks import TaskError, TaskSample, prompt_sha1
 
 RULER_PACKAGE = "nvidia-long-context-eval==26.3"
 # The distributions whose code makes RULER's prompts (recorded in a run's identity).
@@ -393,6 +393,19 @@ class RulerSuite:
 
     def score(self, task: str, prediction: str, references: Sequence[str]) -> float:
         return ruler_score(task, prediction, references)
+
+
+def cached_prompts(cache_dir: str | os.PathLike) -> dict[str, str]:
+    """prompt_sha1 -> prompt over every RULER prompt file a run cached in `cache_dir` (its
+    <task>/<settings>/validation.jsonl), so a record can be matched to its prompt."""
+    prompts = {}
+    for path in sorted(Path(cache_dir).glob("*/*/validation.jsonl")):
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    text = json.loads(line)["input"]
+                    prompts[prompt_sha1(text)] = text
+    return prompts
 
 
 def ruler_score(task: str, prediction: str, references: Sequence[str]) -> float:

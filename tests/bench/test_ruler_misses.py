@@ -9,6 +9,8 @@ import json
 import pytest
 from benchmark_scripts import load_script
 
+from rocketkv_jax.eval.ruler import cached_prompts
+
 rm = load_script("ruler_misses")
 
 PROMPT = ("One of the special magic numbers for wry-excellence is: 8121922. "
@@ -41,7 +43,7 @@ def out(tmp_path):
 
 
 def test_misses_are_sorted_by_what_the_answer_holds(out):
-    prompts = rm.cached_prompts(out / "ruler-data")
+    prompts = cached_prompts(out / "ruler-data")
     assert list(prompts.values()) == [PROMPT]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     counts = rm.misses([r for r in records if "task" in r], prompts)
