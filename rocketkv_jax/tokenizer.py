@@ -215,6 +215,13 @@ class Tokenizer:
         check_utf8(text, "the text to encode", TokenizerError)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def char_spans(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int]]:
+        """(start, end) character offsets in `text` of each token of `encode(text)`, in
+        order; a special token added by the tokenizer spans (0, 0)."""
+        check_utf8(text, "the text to encode", TokenizerError)
+        encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return [(int(a), int(b)) for a, b in encoding.offsets]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         ids = list(ids)
         for i in ids:

@@ -198,6 +198,17 @@ def test_tokenizer_refuses_what_is_not_text(ckpt):
     with pytest.raises(TokenizerError, match="must be a path"):
         Tokenizer(5)
     assert tok.decode(tok.encode("w1 w2")) == "w1 w2"
+    with pytest.raises(TokenizerError, match="not UTF-8 text"):
+        tok.char_spans("w1 \udcff")
+
+
+def test_char_spans_locate_each_token_in_the_text(ckpt):
+    tok = Tokenizer(ckpt)
+    text = "w3 w10  w7 w12"
+    ids, spans = tok.encode(text, add_special_tokens=False), tok.char_spans(text, False)
+    assert len(spans) == len(ids) == 4
+    assert [tok.decode([i]) for i in ids] == [text[a:b] for a, b in spans]
+    assert spans[2][0] == text.index("w7")
 
 
 def test_positions_are_counted_in_lines():
