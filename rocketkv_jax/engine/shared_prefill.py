@@ -40,6 +40,7 @@ from .generate import (
     method_stats,
 )
 from .requests import (
+    GenerateError,
     check_prefill_chunk,
     check_request,
     check_token_ids,
@@ -180,6 +181,41 @@ class SharedPrefill:
         t0 = time.perf_counter()
         run = run_decode(decode, self.params, start(*args), self.raw.lengths, self.n)
         return finish_stats(run, stats, t0)
+
+    def compressed(self, method):
+        """(plan, cache): `method`'s plan for this batch and the cache it compresses from
+        this prefill (leading layer axis; what its decode starts from)."""
+        plan = method.plan(self.config, self.tokens.shape[1], self.max_new_tokens)
+        raw_s = hashable(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      self.raw))
+        program, _ = compress_program(plan, raw_s)
+        return plan, program(self.raw)
+
+    def forced_logprobs(self, method, forced) -> np.ndarray:
+        """Teacher forcing from this prefill: [n_prompts, n, V] float32 log-probabilities,
+        where [b, i] is `method`'s next-token distribution for prompt b after forced[b, :i]
+        (i = 0: from the prefill's logits). forced: [n_prompts, n] token ids, n at most
+        max_new_tokens. What `forced_decode_logprobs` gives for each row, from one prefill."""
+        forced = np.asarray(forced)
+        if forced.ndim != 2 or forced.shape[0] != self.n:
+            raise GenerateError(f"forced tokens must be [{self.n}, n], one row a prompt; "
+                                f"got shape {forced.shape}")
+        if not 1 <= forced.shape[1] <= self.max_new_tokens:
+            raise GenerateError(f"1 to {self.max_new_tokens} forced tokens a prompt (this "
+                                f"prefill's max_new_tokens); got {forced.shape[1]}")
+        for row in forced:
+            check_token_ids(row, self.config.vocab_size, "forced tokens")
+        plan, cache = self.compressed(method)
+        step = make_decode_step(self.config, plan)
+        B = self.tokens.shape[0]
+        tokens = np.full((B, forced.shape[1]), self.pad_id, np.int32)
+        tokens[: self.n] = forced
+        rows = [jax.nn.log_softmax(self.logits, axis=-1)]
+        for i in range(forced.shape[1] - 1):
+            logits, cache = step(self.params, jnp.asarray(tokens[:, i]),
+                                 self.raw.lengths + i, cache)
+            rows.append(jax.nn.log_softmax(logits, axis=-1))
+        return np.asarray(jnp.stack(rows, axis=1)[: self.n], np.float32)
 
 
 def forced_decode_logprobs(

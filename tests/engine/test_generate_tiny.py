@@ -142,3 +142,49 @@ def test_shared_prefill_generates_what_generate_ids_does(method):
     got = shared.generate(m, stop_ids=[]).tokens
     want = generate_ids(PARAMS, CFG, prompts, m, max_new_tokens=6, stop_ids=[]).tokens
     assert got == want
+
+
+def test_shared_prefill_forced_logprobs_equal_a_cacheless_forward():
+    from rocketkv_jax.engine.shared_prefill import SharedPrefill
+
+    prompts = _prompts([33, 20], seed=5)
+    forced = np.random.default_rng(1).integers(3, CFG.vocab_size, (2, 5))
+    got = SharedPrefill(PARAMS, CFG, prompts, max_new_tokens=6).forced_logprobs(Full(), forced)
+    assert got.shape == (2, 5, CFG.vocab_size)
+    for b, prompt in enumerate(prompts):
+        seq = prompt + forced[b].tolist()
+        logits, _ = forward_prefill(PARAMS, CFG, jnp.asarray([seq]), jnp.asarray([len(seq)]),
+                                    Full().plan(CFG, len(seq), 0))
+        want = np.asarray(logits[0, len(prompt) - 1 : len(seq) - 1], np.float64)
+        want -= np.log(np.exp(want - want.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            + want.max(-1, keepdims=True)
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["rocketkv", "snapkv++", "hybrid", "quest"])
+def test_shared_prefill_forced_logprobs_equal_forced_decode_logprobs(method):
+    from rocketkv_jax.engine.shared_prefill import SharedPrefill, forced_decode_logprobs
+    from rocketkv_jax.methods import make_method
+
+    m = make_method(method, 40, **({} if method == "snapkv++" else {"stage2": "on"}))
+    prompt = _prompts([70], seed=9)[0]
+    forced = np.random.default_rng(2).integers(3, CFG.vocab_size, (1, 6))
+    shared = SharedPrefill(PARAMS, CFG, [prompt], max_new_tokens=6)
+    got = shared.forced_logprobs(m, forced)[0]
+    want = forced_decode_logprobs(PARAMS, CFG, prompt, forced[0].tolist(), m)
+    # the same padded length as `want`'s, so the same plan
+    assert shared.tokens.shape[1] == length_bucket(70, limit=CFG.max_position_embeddings - 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    assert np.abs(got - shared.forced_logprobs(make_method("full"), forced)[0]).max() > 1e-3
+
+
+def test_shared_prefill_forced_tokens_are_checked():
+    from rocketkv_jax.engine.shared_prefill import SharedPrefill
+
+    shared = SharedPrefill(PARAMS, CFG, _prompts([9, 12]), max_new_tokens=4)
+    with pytest.raises(GenerateError, match=r"must be \[2, n\]"):
+        shared.forced_logprobs(Full(), [[5, 6]])
+    with pytest.raises(GenerateError, match="1 to 4 forced tokens"):
+        shared.forced_logprobs(Full(), np.full((2, 5), 5))
+    with pytest.raises(GenerateError, match="outside the model's vocabulary"):
+        shared.forced_logprobs(Full(), [[5, 97], [5, 6]])
