@@ -14,7 +14,7 @@ once, and for full KV and each method at each budget reports:
            it is the answer the run recorded (the run decoded it in a batch of prompts)
   KL       KL(full KV || method) of the next-token distributions, teacher-forced on full
            KV's answer: its mean and max over the answer's steps, and the first step where
-           the method's most likely token is not full KV's
+           the method's most likely token is not full KV's (0-based)
   kept     the prompt tokens the method's cache keeps after compression, and of the tokens
            that spell the expected answer in the prompt (its needle) the fraction that each
            layer's KV heads keep: the least and the mean over layers x KV heads; then, per
@@ -203,6 +203,7 @@ def anatomy(args) -> dict:
                        needle_kept_least=float(share.min()),
                        needle_kept_mean=float(share.mean()))
             per_token = kept.mean(axis=(0, 1))
+            row["needle_kept_per_token"] = [round(float(x), 4) for x in per_token]
             lost[(label, budget)] = [(needle[i], tok.decode([ids[needle[i]]]),
                                       float(per_token[i])) for i in np.argsort(per_token)[:4]
                                      if per_token[i] < 1.0]
@@ -222,12 +223,15 @@ def _fmt(value, spec):
 def print_report(args, full_record, n_tokens, needle, prefill_s, rows, lost) -> None:
     span = f"tokens {needle[0]}-{needle[-1]}" if needle else "not found in the prompt"
     print(f"# {args.task}, sample {args.sample}, {args.context}-token context\n")
+    print(f"`python benchmarks/ruler_anatomy.py --task {args.task} --context {args.context} "
+          f"--sample {args.sample} --budgets {','.join(map(str, args.budgets))} "
+          f"--out {args.out} --model {args.model}`\n")
     print(f"{machine_line()}\n")
     print(f"Prompt: {n_tokens} tokens, prefilled once in {prefill_s:.0f} s. Expected: "
           f"{', '.join(map(str, full_record['expected']))} ({len(needle)} needle tokens, "
           f"{span}).\n")
     print("| method | budget | answer | score | as recorded | mean KL | max KL | "
-          "first step off | prompt kept | needle kept (least / mean) |")
+          "first step off (0-based) | prompt kept | needle kept (least / mean) |")
     print("|---|---:|---|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
         answer = r["answer"].strip().replace("|", "\\|").replace("\n", " ")

@@ -99,6 +99,7 @@ def test_one_sample_taken_apart(run, capsys):
         "prompt_kept"]
     assert all(r["mean_kl"] > 0 for k, r in rows.items() if k[0] not in ("full KV", "topk"))
     assert report["needle_tokens"] == [90, 91, 92]
+    assert full["needle_kept_per_token"] == [1.0, 1.0, 1.0]
     assert "| full KV | - |" in printed.out and "| hybrid | 40 |" in printed.out
 
 
