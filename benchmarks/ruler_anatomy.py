@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from rocketkv_jax import checks
@@ -44,8 +45,10 @@ from rocketkv_jax.eval.fidelity import kl_per_step, normalize_logprobs
 from rocketkv_jax.eval.model_fns import eval_method, method_settings
 from rocketkv_jax.eval.ruler import cached_prompts, ruler_score
 from rocketkv_jax.eval.store import ResultsFileError, read_results
-from rocketkv_jax.model_store import load_model, model_identity
+from rocketkv_jax.model_store import ModelNotFoundError, load_model, model_identity
+from rocketkv_jax.models.config import ConfigError
 from rocketkv_jax.models.params import with_layout
+from rocketkv_jax.tokenizer import TokenizerError
 
 # (label, method name, stage2 mode); None keeps the mode eval ran
 METHODS = (
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
                     help="the run's model, a name or a checkpoint (default: qwen2.5-coder-0.5b)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)
+    if args.json and not args.json.parent.is_dir():  # found now, not after the prefill
+        ap.error(f"--json: no directory {args.json.parent}")
     try:
         report = anatomy(args)
     except AnatomyError as e:
@@ -144,12 +149,13 @@ def anatomy(args) -> dict:
     if prompt is None:
         raise AnatomyError(f"the prompt of this sample is not in {args.out / 'ruler-data'}; "
                            "rerun the eval's command there to generate it again")
-    model = load_model(args.model, progress=False)
+    try:
+        model = load_model(args.model, progress=False)
+    except (ModelNotFoundError, ConfigError, TokenizerError) as e:
+        raise AnatomyError(str(e)) from None
     if model_identity(model) != identity["model"]:
         raise AnatomyError(f"{args.model} is not the model of {args.out} (its config, dtype, "
                            "weights or tokenizer differ from the results file's header)")
-    import jax
-
     params, _ = with_layout(model.params, "auto", jax.default_backend())
     tok, config = model.tokenizer, model.config
     ids = tok.encode(prompt)
@@ -186,7 +192,7 @@ def anatomy(args) -> dict:
          records.get((name, budget)) if stage2 is None else None)
         for budget in args.budgets for label, name, stage2 in METHODS]
     for label, m, budget, record in cells:
-        tokens, text = (forced, full_text) if m is full else answer(m)
+        text = full_text if m is full else answer(m)[1]
         lp = normalize_logprobs(shared.forced_logprobs(m, [forced])[0], len(forced), label)
         kl = kl_per_step(reference, lp)
         _, cache = shared.compressed(m)

@@ -113,3 +113,8 @@ def test_bad_input_is_one_error(run, capsys, tmp_path):
     code = ra.main(["--task", TASK, "--context", "256", "--sample", "0",
                     "--out", str(tmp_path)])
     assert code == 2 and "no results file at" in capsys.readouterr().err
+    code, printed = _anatomy(run, capsys, "--model", str(tmp_path / "nowhere"))
+    assert code == 2 and printed.err.startswith("error: ") and "nowhere" in printed.err
+    with pytest.raises(SystemExit) as e:
+        _anatomy(run, capsys, "--json", str(tmp_path / "no-dir" / "a.json"))
+    assert e.value.code == 2 and "--json: no directory" in capsys.readouterr().err
