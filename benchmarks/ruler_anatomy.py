@@ -40,6 +40,7 @@ import numpy as np
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
 from rocketkv_jax.cache import KVCache
+from rocketkv_jax.convert.checkpoint import ConversionError
 from rocketkv_jax.engine.shared_prefill import SharedPrefill
 from rocketkv_jax.eval.fidelity import kl_per_step, normalize_logprobs
 from rocketkv_jax.eval.model_fns import eval_method, method_settings
@@ -151,7 +152,7 @@ def anatomy(args) -> dict:
                            "rerun the eval's command there to generate it again")
     try:
         model = load_model(args.model, progress=False)
-    except (ModelNotFoundError, ConfigError, TokenizerError) as e:
+    except (ModelNotFoundError, ConversionError, ConfigError, TokenizerError) as e:
         raise AnatomyError(str(e)) from None
     if model_identity(model) != identity["model"]:
         raise AnatomyError(f"{args.model} is not the model of {args.out} (its config, dtype, "

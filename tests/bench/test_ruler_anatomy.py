@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,10 @@ def test_bad_input_is_one_error(run, capsys, tmp_path):
     assert code == 2 and "no results file at" in capsys.readouterr().err
     code, printed = _anatomy(run, capsys, "--model", str(tmp_path / "nowhere"))
     assert code == 2 and printed.err.startswith("error: ") and "nowhere" in printed.err
+    shutil.rmtree(other / "params")  # a checkpoint directory without its weights
+    code, printed = _anatomy(run, capsys, "--model", str(other))
+    assert code == 2 and printed.err.startswith("error: ")
+    assert "not a converted checkpoint" in printed.err
     with pytest.raises(SystemExit) as e:
         _anatomy(run, capsys, "--json", str(tmp_path / "no-dir" / "a.json"))
     assert e.value.code == 2 and "--json: no directory" in capsys.readouterr().err
