@@ -33,6 +33,7 @@ import numpy as np
 
 from rocketkv_jax.bench.config import token_counts
 from rocketkv_jax.bench.measure import broadcast_rows
+from rocketkv_jax.bench.script import model_load_errors_exit
 from rocketkv_jax.engine.generate import make_decode_step, make_prefill
 from rocketkv_jax.methods import make_method
 from rocketkv_jax.model_store import load_model
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = ap.parse_args(argv)
 
-    model = load_model(args.model, progress=False)
+    with model_load_errors_exit():
+        model = load_model(args.model, progress=False)
     base = model.params if args.layout == "stacked" else unstack_layers(model.params)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     params = {dt: cast_params(base, jnp.dtype(dt)) for dt in dtypes}

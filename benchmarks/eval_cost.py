@@ -28,6 +28,7 @@ import sys
 os.environ.setdefault("ROCKETKV_JAX_COMPILE_CACHE", "off")
 
 from rocketkv_jax.bench.grid import machine_line  # noqa: E402
+from rocketkv_jax.bench.script import model_load_errors_exit  # noqa: E402
 from rocketkv_jax.checks import token_count  # noqa: E402
 from rocketkv_jax.cli.common import load_model_on  # noqa: E402
 from rocketkv_jax.engine.compile import params_struct  # noqa: E402
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     T = context - args.answer_tokens  # the prompt, as eval sizes one for `context`
     if T < 1:
         p.error(f"--context {context} leaves no prompt before {args.answer_tokens} answer tokens")
-    model = load_model_on(args.model, None)
+    with model_load_errors_exit():
+        model = load_model_on(args.model, None)
     if context > model.config.max_position_embeddings:
         p.error(f"--context {context} is beyond the model's window "
                 f"({model.config.max_position_embeddings} tokens)")

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from rocketkv_jax import checks
 from rocketkv_jax.bench.measure import measure_bandwidth
+from rocketkv_jax.bench.script import model_load_errors_exit
 from rocketkv_jax.cli.common import flag
 from rocketkv_jax.engine.generate import generate_ids
 from rocketkv_jax.methods import make_method
@@ -82,7 +83,8 @@ def build_prompt(args):
     from rocketkv_jax.eval.tasks import make_sample
     from rocketkv_jax.model_store import load_model
 
-    m = load_model(None if args.model == "smollm2" else args.model)
+    with model_load_errors_exit():
+        m = load_model(None if args.model == "smollm2" else args.model)
     if T > m.config.max_position_embeddings:
         raise SystemExit(f"error: --context {args.context} is {T} tokens, past the model's "
                          f"context of {m.config.max_position_embeddings}; give at most that")

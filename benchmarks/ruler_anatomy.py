@@ -40,16 +40,13 @@ import numpy as np
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
 from rocketkv_jax.cache import KVCache
-from rocketkv_jax.convert.checkpoint import ConversionError
 from rocketkv_jax.engine.shared_prefill import SharedPrefill
 from rocketkv_jax.eval.fidelity import kl_per_step, normalize_logprobs
 from rocketkv_jax.eval.model_fns import eval_method, method_settings
 from rocketkv_jax.eval.ruler import cached_prompts, ruler_score
 from rocketkv_jax.eval.store import ResultsFileError, read_results
-from rocketkv_jax.model_store import ModelNotFoundError, load_model, model_identity
-from rocketkv_jax.models.config import ConfigError
+from rocketkv_jax.model_store import load_errors, load_model, model_identity
 from rocketkv_jax.models.params import with_layout
-from rocketkv_jax.tokenizer import TokenizerError
 
 # (label, method name, stage2 mode); None keeps the mode eval ran
 METHODS = (
@@ -152,7 +149,7 @@ def anatomy(args) -> dict:
                            "rerun the eval's command there to generate it again")
     try:
         model = load_model(args.model, progress=False)
-    except (ModelNotFoundError, ConversionError, ConfigError, TokenizerError) as e:
+    except load_errors() as e:
         raise AnatomyError(str(e)) from None
     if model_identity(model) != identity["model"]:
         raise AnatomyError(f"{args.model} is not the model of {args.out} (its config, dtype, "

@@ -47,6 +47,7 @@ import numpy as np
 
 from rocketkv_jax import checks
 from rocketkv_jax.bench.grid import machine_line
+from rocketkv_jax.bench.script import model_load_errors_exit
 from rocketkv_jax.models.params import with_layout
 from rocketkv_jax.names import STAGE2_MODES, WEIGHT_LAYOUTS
 
@@ -346,7 +347,8 @@ def main(argv=None) -> int:
 
     from rocketkv_jax.model_store import load_model
 
-    model = load_model(args.model, progress=False)
+    with model_load_errors_exit():
+        model = load_model(args.model, progress=False)
     params, _ = with_layout(model.params, args.weight_layout, jax.default_backend())
     model = dataclasses.replace(model, params=params)  # as generate and serve run it
     rng = np.random.default_rng(0)

@@ -79,6 +79,17 @@ class ModelNotFoundError(FileNotFoundError):
     """A model path that is not a converted checkpoint."""
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """What `load_model` raises for a model that cannot load (not found, a damaged
+    checkpoint, a bad config or tokenizer): each message says what to do, so a command
+    prints it as one error line. Imported late, as `load_model` does."""
+    from .convert.checkpoint import ConversionError
+    from .models.config import ConfigError
+    from .tokenizer import TokenizerError
+
+    return ModelNotFoundError, ConversionError, ConfigError, TokenizerError
+
+
 @dataclasses.dataclass
 class Model:
     params: Any

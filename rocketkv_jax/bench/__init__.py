@@ -12,4 +12,5 @@ measuring code the scripts in benchmarks/ share.
 - `calibrate.py`: `rocketkv bench --calibrate`, the cost model's constants for this device.
 - `gpu_parts.py`, `gpu_report.py`: the parts and the record of `benchmarks/gpu_check.py`.
 - `xla_stats.py`: XLA's memory and cost statistics of a compiled program.
+- `script.py`: what the scripts share for their command line (a --model that cannot load).
 """
