@@ -8,8 +8,9 @@ A cell with fewer records than the fullest cell of its table is marked with `*`.
 
 RULER runs (`--suite ruler` records) also show each cell's standard error of the mean
 and its record count, `mean ± se (n)`, give a table per context length with each
-method's difference from full KV paired by prompt and per-task tables under it, and a
-plot of accuracy vs context length at budgets 256 and 1024.
+method's difference from full KV paired by prompt, rocketkv's from each of its stages
+run alone (same budget), and per-task tables under it, and a plot of accuracy vs context
+length at budgets 256 and 1024.
 """
 
 from __future__ import annotations
@@ -158,27 +159,50 @@ def complete_samples(records: Sequence[Record]) -> tuple[list[Record], int, int]
     return kept, len(complete), len(have)
 
 
-def paired_with_full(records: Iterable[Record]) -> dict[tuple[str, int | None], list[float]]:
-    """(method, budget) -> score minus full KV's score (points of %), one per prompt that
-    both have (`prompt_key`). Differences on the same prompts cancel the prompts' own
-    difficulty, so their standard error is the one that says whether a method loses
-    against full KV."""
+# RocketKV's two stages, each run alone as a method of its own
+ROCKETKV_STAGES = ("snapkv++", "hybrid")
+
+
+def paired_with(records: Iterable[Record], reference: str = FULL_METHOD
+                ) -> dict[tuple[str, int | None], list[float]]:
+    """(method, budget) -> score minus `reference`'s score (points of %), one per prompt
+    that both have (`prompt_key`), at the same budget where the reference has one (full
+    KV has none). Differences on the same prompts cancel the prompts' own difficulty, so
+    their standard error is the one that says whether a method loses against the
+    reference."""
     records = list(records)
-    full = {prompt_key(r): score_percent(r) for r in records if r["method"] == FULL_METHOD}
+    ref_scores = {(prompt_key(r), r["budget"]): score_percent(r) for r in records
+                  if r["method"] == reference}
     out: dict[tuple[str, int | None], list[float]] = {}
     for r in records:
-        score, ref = score_percent(r), full.get(prompt_key(r))
-        if r["method"] != FULL_METHOD and score is not None and ref is not None:
+        budget = None if reference == FULL_METHOD else r["budget"]
+        score, ref = score_percent(r), ref_scores.get((prompt_key(r), budget))
+        if r["method"] != reference and score is not None and ref is not None:
             out.setdefault((r["method"], r["budget"]), []).append(score - ref)
     return out
 
 
-def paired_table(differences: Mapping[tuple[str, int | None], Sequence[float]]) -> str:
-    """Rows = methods, columns = budgets; a cell reads `mean ± se (worse / better)`: the
-    mean paired difference, its standard error (sample std (n - 1) / sqrt(n)), and how
-    many prompts scored lower / higher than with full KV."""
+def rocketkv_against_its_stages(records: Iterable[Record]
+                                ) -> dict[tuple[str, int | None], list[float]]:
+    """(stage, budget) -> rocketkv's score minus that stage's alone (`ROCKETKV_STAGES`),
+    paired by prompt at the same budget: whether the two stages together beat each."""
+    records = list(records)
+    out = {}
+    for stage in ROCKETKV_STAGES:
+        for (method, budget), ds in paired_with(records, reference=stage).items():
+            if method == "rocketkv":
+                out[(stage, budget)] = ds
+    return out
+
+
+def paired_table(differences: Mapping[tuple[str, int | None], Sequence[float]],
+                 row_label: str = "method") -> str:
+    """Rows = methods (headed `row_label`), columns = budgets; a cell reads
+    `mean ± se (worse / better)`: the mean paired difference, its standard error (sample
+    std (n - 1) / sqrt(n)), and how many prompts scored lower / higher than the
+    reference."""
     budgets = sorted({b for _, b in differences if b is not None})
-    lines = ["| method | " + " | ".join(str(b) for b in budgets) + " |",
+    lines = [f"| {row_label} | " + " | ".join(str(b) for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
 
     def cell(ds: Sequence[float] | None) -> str:
@@ -221,11 +245,17 @@ def ruler_accuracy_section(records: Sequence[Record]) -> str:
         counted = f"{len(tasks)} task" + ("s" if len(tasks) > 1 else "")
         parts += [f"\n### Context length {context} tokens (mean over {counted})\n",
                   table(subset)]
-        differences = paired_with_full(subset)
+        differences = paired_with(subset)
         if differences:
             parts += [f"\nAgainst full KV at {context} tokens, paired by prompt: mean of "
                       "(method - full KV) in points ± its standard error (prompts worse / "
                       "better):\n", paired_table(differences)]
+        stages = rocketkv_against_its_stages(subset)
+        if stages:
+            parts += [f"\nrocketkv against each of its stages alone at {context} tokens, "
+                      "paired by prompt at the same budget: mean of (rocketkv - stage) in "
+                      "points ± its standard error (prompts where rocketkv is worse / "
+                      "better):\n", paired_table(stages, row_label="stage alone")]
         for task in tasks:
             per_task = [r for r in subset if r["task"] == task]
             parts += [f"\n#### {task} at {context} tokens\n", table(per_task)]

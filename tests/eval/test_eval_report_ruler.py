@@ -80,6 +80,28 @@ def test_differences_from_full_kv_paired_by_prompt_by_hand():
     assert "paired by prompt" not in render_markdown(without_full)
 
 
+def test_rocketkv_against_its_stages_paired_at_the_same_budget_by_hand():
+    """rocketkv@256 - snapkv++@256 at 4k, prompt by prompt: 20-0, 20-20, 20-60, 60-60 =
+    +20, 0, -40, 0: mean -5, deviations 25, 5, -35, 5, sample variance 1900 / 3, se
+    sqrt(633.3) / 2 = 12.6; one prompt worse, one better. hybrid ran only at 1024, where
+    rocketkv did not: no pair, so no row (a budget is never paired with another)."""
+    prompts = [("niah_single_1", 0), ("niah_single_1", 1), ("vt", 0), ("vt", 1)]
+    stages = [_rec("snapkv++", 256, s, 4096, t, i)
+              for s, (t, i) in zip((0.0, 0.2, 0.6, 0.6), prompts, strict=True)]
+    stages += [_rec("hybrid", 1024, 1.0, 4096, t, i) for t, i in prompts]
+    ctx4k = render_markdown(RECORDS + stages).split("### Context length 4096 tokens")[1]
+    section = ctx4k.split("rocketkv against each of its stages alone at 4096 tokens")[1]
+    section = section.split("####")[0]
+    assert "| snapkv++ | -5.0 ± 12.6 (1 / 1) |" in section
+    assert "| stage alone | 256 |" in section
+    assert "| hybrid |" not in section and "| rocketkv |" not in section
+    # against full KV, snapkv++ is a row of its own: 0-100, 20-0, 60-100, 60-100 =
+    # -100, +20, -40, -40: mean -40, deviations -60, 60, 0, 0, se sqrt(7200 / 3) / 2
+    paired = ctx4k.split("Against full KV at 4096 tokens")[1].split("rocketkv against")[0]
+    assert "| snapkv++ | -40.0 ± 24.5 (3 / 1) |" in paired
+    assert "rocketkv against each" not in render_markdown(RECORDS)  # no stage ran alone
+
+
 def test_write_report_adds_context_plot(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     paths = write_report(tmp_path)
