@@ -82,7 +82,9 @@ class ModelNotFoundError(FileNotFoundError):
 def load_errors() -> tuple[type[Exception], ...]:
     """What `load_model` raises for a model that cannot load (not found, a damaged
     checkpoint, a bad config or tokenizer): each message says what to do, so a command
-    prints it as one error line. Imported late, as `load_model` does."""
+    prints it as one error line (for a damaged model of the user cache, `load_model` says
+    which and how to rebuild it).
+    Imported late, so that importing this module does not import convert/."""
     from .convert.checkpoint import ConversionError
     from .models.config import ConfigError
     from .tokenizer import TokenizerError
@@ -292,9 +294,7 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
     """Load a converted checkpoint, a named model (`NAMED_MODELS`, e.g.
     "qwen2.5-coder-0.5b") or, with no argument, the embedded SmolLM2, with its tokenizer.
     reconvert: convert a named model into the user cache again (a damaged entry)."""
-    from .convert.checkpoint import ConversionError, load_checkpoint
-    from .models.config import ConfigError
-    from .tokenizer import TokenizerError
+    from .convert.checkpoint import load_checkpoint
 
     ckpt = resolve_model(path, progress, reconvert=reconvert)
     if not ckpt.exists():
@@ -320,7 +320,7 @@ def load_model(path: str | Path | None = None, *, shardings=None, progress: bool
     try:
         params, config = load_checkpoint(ckpt, shardings=shardings, check_weights=check_weights)
         tokenizer = Tokenizer(ckpt)
-    except (ConversionError, ConfigError, TokenizerError) as e:
+    except load_errors() as e:
         name = _cached_model_name(ckpt)
         if name is None:
             raise
